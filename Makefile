@@ -1,0 +1,51 @@
+# kappa-etl: every target bootstraps its own virtual environment (.venv) on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help run test test-unit test-integration test-pg15 lint format typecheck check clean reset
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create or refresh the virtual environment
+
+run: $(STAMP) ## Bring up the local stack (PostgreSQL, broker, simulator, Dagster UI and daemon)
+	$(BIN)/kappa up $(ARGS)
+
+reset: $(STAMP) ## Bring up the local stack from empty local state
+	$(BIN)/kappa up --reset $(ARGS)
+
+test: $(STAMP) ## Run the test suite (unit + integration against a real broker, PostgreSQL and Dagster)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## Run only the fast unit tests
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-pg15: $(STAMP) ## Run the integration tests against the PostgreSQL server at 127.0.0.1:5432
+	KAPPA_TEST_PG_URL=$${KAPPA_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres} \
+		$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: $(STAMP) ## Lint and check formatting
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## Format the code
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP) ## Type-check the package and the code location
+	$(BIN)/mypy
+
+check: lint typecheck test ## Everything CI runs
+
+clean: ## Remove the virtual environment and local state
+	rm -rf $(VENV) .kappa .pytest_cache .mypy_cache .ruff_cache

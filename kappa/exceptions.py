@@ -1,0 +1,55 @@
+"""Typed errors. Each carries the coordinates an operator needs to act on it."""
+
+from __future__ import annotations
+
+
+class KappaError(Exception):
+    """Base class of every error raised by kappa-etl."""
+
+
+class ConfigurationError(KappaError):
+    """A setting is missing, malformed or points at something that does not answer.
+
+    The message always starts with the name of the setting.
+    """
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting = setting
+        self.problem = problem
+        super().__init__(f"{setting}: {problem}")
+
+
+class LogResetError(KappaError):
+    """The event store holds less than the ledger says was loaded, or the topic was recreated.
+
+    Raised instead of skipping or re-loading anything: the operator decides.
+    """
+
+    def __init__(self, asset: str, topic: str, partition: int, detail: str) -> None:
+        self.asset = asset
+        self.topic = topic
+        self.partition = partition
+        super().__init__(
+            f"{asset}: {topic}[{partition}] {detail} Nothing was skipped or re-loaded and no EDW "
+            f"rows were touched; {asset} stops here until an operator acts "
+            f"(see 'Reprocessing' and 'kappa ledger' in the README)."
+        )
+
+
+class OffsetOutOfRangeError(KappaError):
+    """A batch asked for positions the log no longer (or not yet) holds."""
+
+    def __init__(self, topic: str, partition: int, start: int, end: int, detail: str) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.start = start
+        self.end = end
+        super().__init__(f"{topic}[{partition}] offsets [{start}, {end}): {detail}")
+
+
+class BatchSupersededError(KappaError):
+    """Another run committed this shard's positions first; this batch's work is discarded."""
+
+
+class EventStoreTimeoutError(KappaError):
+    """The event store did not answer within the configured timeout."""

@@ -1,0 +1,262 @@
+"""Settings from the environment, validated once, at load time.
+
+Every setting is an environment variable with a default that works for the local stack.
+A bad value fails here with a :class:`~kappa.exceptions.ConfigurationError` whose message
+starts with the variable's name, never later from deep inside a client library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from kappa.exceptions import ConfigurationError
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+LOCAL_PG_PORT = 55432
+LOCAL_BROKER_PORT = 19092
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One documented environment variable (the README's configuration table is built from these)."""
+
+    name: str
+    default: str
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("KAPPA_HOME", ".kappa", "Local state: embedded PostgreSQL data, DAGSTER_HOME, logs."),
+    Setting(
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "",
+        "Kafka-API brokers (Redpanda in production). Empty: `kappa up` starts a local broker.",
+    ),
+    Setting(
+        "KAPPA_EDW_URL",
+        "",
+        "PostgreSQL URL of the EDW (facts, ledger, dead letters). Empty: the embedded server.",
+    ),
+    Setting(
+        "KAPPA_DAGSTER_PG_URL",
+        "",
+        "PostgreSQL URL for Dagster's run, event-log and schedule storage. Empty: the embedded server.",
+    ),
+    Setting("KAPPA_PG_PORT", str(LOCAL_PG_PORT), "Port of the embedded PostgreSQL (127.0.0.1)."),
+    Setting("KAPPA_BROKER_PORT", str(LOCAL_BROKER_PORT), "Port of the local broker (127.0.0.1)."),
+    Setting("KAPPA_EDW_SCHEMA", "edw", "Schema of the EDW tables."),
+    Setting("KAPPA_META_SCHEMA", "kappa", "Schema of the ledger and dead-letter tables."),
+    Setting("KAPPA_TOPIC_ORDERS", "orders", "Topic of `order_placed` events."),
+    Setting("KAPPA_TOPIC_PAYMENTS", "payments", "Topic of `payment_attempted` events."),
+    Setting("KAPPA_TOPIC_PARTITIONS", "4", "Partitions per topic when `kappa up` creates topics."),
+    Setting("KAPPA_BATCH_MAX_RECORDS", "50000", "Upper bound of one batch, per topic partition."),
+    Setting("KAPPA_RUN_MAX_RECORDS", "200000", "Upper bound of one run, over all its partitions."),
+    Setting("KAPPA_SENSOR_INTERVAL_S", "5", "Seconds between sensor ticks."),
+    Setting("KAPPA_KAFKA_TIMEOUT_S", "5", "Timeout of each broker call, in seconds."),
+    Setting("KAPPA_RUN_RETRIES", "3", "Automatic retries of a failed micro-batch run."),
+    Setting("KAPPA_MAX_CONCURRENT_RUNS", "4", "Runs the Dagster run queue lets run at once."),
+    Setting("KAPPA_UI_PORT", "3000", "Port of the Dagster webserver (bound to 127.0.0.1)."),
+    Setting("KAPPA_SIM_RATE", "50", "Simulated events per second (orders and payments together)."),
+    Setting("KAPPA_SIM_SEED", "42", "Seed of the event simulator (same seed, same events)."),
+    Setting("KAPPA_SIM_CUSTOMERS", "500", "Number of simulated customers."),
+    Setting("KAPPA_SIM_DUPLICATE_RATE", "0.02", "Share of simulated events sent twice."),
+    Setting("KAPPA_SIM_LATE_RATE", "0.05", "Share of simulated events with an out-of-order event time."),
+    Setting("KAPPA_SIM_INVALID_RATE", "0.005", "Share of simulated messages that are malformed."),
+)
+
+_DEFAULTS = {s.name: s.default for s in SETTINGS}
+
+
+def _raw(env: Mapping[str, str], name: str) -> str:
+    return env.get(name, _DEFAULTS[name]).strip()
+
+
+def _int(env: Mapping[str, str], name: str, *, minimum: int, maximum: int) -> int:
+    raw = _raw(env, name)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(name, f"expected a whole number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigurationError(name, f"{value} is outside [{minimum}, {maximum}]")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, *, minimum: float, maximum: float) -> float:
+    raw = _raw(env, name)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(name, f"expected a number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigurationError(name, f"{value} is outside [{minimum}, {maximum}]")
+    return value
+
+
+def identifier(name: str, raw: str) -> str:
+    """Validate a SQL identifier from configuration (lower-case, no quoting needed)."""
+    if not _IDENTIFIER.match(raw):
+        raise ConfigurationError(
+            name, f"{raw!r} is not a valid identifier (lower-case letters, digits, '_', max 63)"
+        )
+    return raw
+
+
+def topic_name(name: str, raw: str) -> str:
+    """Validate a Kafka topic name from configuration."""
+    if not _TOPIC.match(raw):
+        raise ConfigurationError(name, f"{raw!r} is not a legal topic name ([A-Za-z0-9._-], 1..249)")
+    return raw
+
+
+def postgres_url(name: str, raw: str) -> str:
+    """Validate a PostgreSQL URL and normalise it to a libpq URL (``postgresql://``)."""
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigurationError(
+            name, "not a database URL (expected postgresql://user[:password]@host[:port]/database)"
+        ) from None
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise ConfigurationError(name, f"expected a postgresql:// URL, got {url.drivername}://")
+    if not url.database:
+        raise ConfigurationError(name, "the URL names no database")
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def redact(url: str) -> str:
+    """The URL with its password masked, for logs and messages."""
+    try:
+        parsed: URL = make_url(url)
+    except ArgumentError:
+        return "<unparseable URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+def bootstrap_servers(name: str, raw: str) -> str:
+    """Validate a comma-separated list of host:port."""
+    for server in raw.split(","):
+        host, sep, port = server.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(name, f"{server.strip()!r} is not host:port")
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one deployment."""
+
+    home: Path
+    kafka_bootstrap_servers: str | None
+    edw_url: str | None
+    dagster_pg_url: str | None
+    pg_port: int
+    broker_port: int
+    edw_schema: str
+    meta_schema: str
+    topic_orders: str
+    topic_payments: str
+    topic_partitions: int
+    batch_max_records: int
+    run_max_records: int
+    sensor_interval_s: int
+    kafka_timeout_s: float
+    run_retries: int
+    max_concurrent_runs: int
+    ui_port: int
+    sim_rate: float
+    sim_seed: int
+    sim_customers: int
+    sim_duplicate_rate: float
+    sim_late_rate: float
+    sim_invalid_rate: float
+    env: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        kafka = _raw(env, "KAFKA_BOOTSTRAP_SERVERS")
+        edw = _raw(env, "KAPPA_EDW_URL")
+        dagster_pg = _raw(env, "KAPPA_DAGSTER_PG_URL")
+        orders = topic_name("KAPPA_TOPIC_ORDERS", _raw(env, "KAPPA_TOPIC_ORDERS"))
+        payments = topic_name("KAPPA_TOPIC_PAYMENTS", _raw(env, "KAPPA_TOPIC_PAYMENTS"))
+        if orders == payments:
+            raise ConfigurationError(
+                "KAPPA_TOPIC_PAYMENTS", f"must differ from KAPPA_TOPIC_ORDERS ({orders!r})"
+            )
+        edw_schema = identifier("KAPPA_EDW_SCHEMA", _raw(env, "KAPPA_EDW_SCHEMA"))
+        meta_schema = identifier("KAPPA_META_SCHEMA", _raw(env, "KAPPA_META_SCHEMA"))
+        if edw_schema == meta_schema:
+            raise ConfigurationError("KAPPA_META_SCHEMA", "must differ from KAPPA_EDW_SCHEMA")
+        batch_max = _int(env, "KAPPA_BATCH_MAX_RECORDS", minimum=1, maximum=10_000_000)
+        run_max = _int(env, "KAPPA_RUN_MAX_RECORDS", minimum=1, maximum=100_000_000)
+        if run_max < batch_max:
+            raise ConfigurationError(
+                "KAPPA_RUN_MAX_RECORDS", f"{run_max} is below KAPPA_BATCH_MAX_RECORDS ({batch_max})"
+            )
+        return cls(
+            home=Path(_raw(env, "KAPPA_HOME") or ".kappa").resolve(),
+            kafka_bootstrap_servers=bootstrap_servers("KAFKA_BOOTSTRAP_SERVERS", kafka)
+            if kafka
+            else None,
+            edw_url=postgres_url("KAPPA_EDW_URL", edw) if edw else None,
+            dagster_pg_url=postgres_url("KAPPA_DAGSTER_PG_URL", dagster_pg) if dagster_pg else None,
+            pg_port=_int(env, "KAPPA_PG_PORT", minimum=1, maximum=65535),
+            broker_port=_int(env, "KAPPA_BROKER_PORT", minimum=1, maximum=65535),
+            edw_schema=edw_schema,
+            meta_schema=meta_schema,
+            topic_orders=orders,
+            topic_payments=payments,
+            topic_partitions=_int(env, "KAPPA_TOPIC_PARTITIONS", minimum=1, maximum=1024),
+            batch_max_records=batch_max,
+            run_max_records=run_max,
+            sensor_interval_s=_int(env, "KAPPA_SENSOR_INTERVAL_S", minimum=1, maximum=3600),
+            kafka_timeout_s=_float(env, "KAPPA_KAFKA_TIMEOUT_S", minimum=0.1, maximum=300),
+            run_retries=_int(env, "KAPPA_RUN_RETRIES", minimum=0, maximum=100),
+            max_concurrent_runs=_int(env, "KAPPA_MAX_CONCURRENT_RUNS", minimum=1, maximum=256),
+            ui_port=_int(env, "KAPPA_UI_PORT", minimum=1, maximum=65535),
+            sim_rate=_float(env, "KAPPA_SIM_RATE", minimum=0.0, maximum=1_000_000),
+            sim_seed=_int(env, "KAPPA_SIM_SEED", minimum=0, maximum=2**63 - 1),
+            sim_customers=_int(env, "KAPPA_SIM_CUSTOMERS", minimum=1, maximum=10_000_000),
+            sim_duplicate_rate=_float(env, "KAPPA_SIM_DUPLICATE_RATE", minimum=0.0, maximum=1.0),
+            sim_late_rate=_float(env, "KAPPA_SIM_LATE_RATE", minimum=0.0, maximum=1.0),
+            sim_invalid_rate=_float(env, "KAPPA_SIM_INVALID_RATE", minimum=0.0, maximum=1.0),
+            env=env,
+        )
+
+    @property
+    def local_pg_base_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.pg_port}"
+
+    @property
+    def local_broker(self) -> str:
+        return f"127.0.0.1:{self.broker_port}"
+
+    @property
+    def resolved_edw_url(self) -> str:
+        return self.edw_url or f"{self.local_pg_base_url}/kappa_edw"
+
+    @property
+    def resolved_dagster_pg_url(self) -> str:
+        return self.dagster_pg_url or f"{self.local_pg_base_url}/kappa_dagster"
+
+    @property
+    def resolved_bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap_servers or self.local_broker
+
+    @property
+    def uses_embedded_postgres(self) -> bool:
+        return self.edw_url is None or self.dagster_pg_url is None
+
+    @property
+    def uses_local_broker(self) -> bool:
+        return self.kafka_bootstrap_servers is None
