@@ -1,0 +1,1 @@
+"""What data exists: event-store topics, the EDW facts loaded from them."""

@@ -1,0 +1,269 @@
+"""The persistent event store, read through the Kafka API with kafka-python.
+
+Positions are tracked by the project (the ledger), never by consumer groups: partitions are
+assigned explicitly and read from an explicit offset, so there are no group joins, no
+committed offsets and no ``auto_offset_reset`` jumping over lost data (it is ``none``: an
+offset the log no longer holds is an error).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import errors as kafka_errors
+
+from kappa.exceptions import (
+    ConfigurationError,
+    EventStoreTimeoutError,
+    KappaError,
+    OffsetOutOfRangeError,
+)
+
+NO_TIMESTAMP = -1
+
+
+class UnknownTopicError(KappaError):
+    """The topic does not exist on the event store."""
+
+    def __init__(self, topic: str, bootstrap_servers: str) -> None:
+        self.topic = topic
+        super().__init__(f"topic {topic!r} does not exist on {bootstrap_servers}")
+
+
+@dataclass(frozen=True)
+class LogBounds:
+    """The positions a topic partition holds: ``start`` (first retained) to ``end`` (exclusive)."""
+
+    start: int
+    end: int
+
+
+@dataclass
+class RawBatch:
+    """The records of one topic partition with offsets in ``[start, end)``, as read.
+
+    Offsets are sparse (transaction markers, compaction): ``len(offsets)`` may be less than
+    ``end - start``, never more.
+    """
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+    offsets: list[int] = field(default_factory=list)
+    timestamps: list[int] = field(default_factory=list)
+    keys: list[bytes | None] = field(default_factory=list)
+    values: list[bytes | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+class EventStore:
+    """A small, synchronous client for what the pipeline needs from a Kafka-API log.
+
+    Every call is bounded by ``timeout_s``. ``setting`` names the configuration that points
+    here, so connection failures say which setting to fix.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        timeout_s: float = 5.0,
+        setting: str = "KAFKA_BOOTSTRAP_SERVERS",
+        client_id: str = "kappa-etl",
+        max_partition_fetch_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.timeout_s = timeout_s
+        self.setting = setting
+        timeout_ms = max(int(timeout_s * 1000), 200)
+        try:
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=bootstrap_servers.split(","),
+                client_id=client_id,
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="none",
+                isolation_level="read_committed",
+                request_timeout_ms=timeout_ms + 500,
+                bootstrap_timeout_ms=timeout_ms,
+                fetch_max_wait_ms=100,
+                fetch_max_bytes=64 * 1024 * 1024,
+                max_partition_fetch_bytes=max_partition_fetch_bytes,
+                connections_max_idle_ms=max(540_000, timeout_ms * 4),
+            )
+        except kafka_errors.NoBrokersAvailable:
+            raise ConfigurationError(
+                setting, f"no broker answered at {bootstrap_servers} within {timeout_s:g} s"
+            ) from None
+        self._admin: Any = None
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+        if self._admin is not None:
+            self._admin.close()
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def partitions(self, topic: str) -> list[int]:
+        """The partition ids of ``topic``; :class:`UnknownTopicError` when it does not exist."""
+        parts = self._consumer.partitions_for_topic(topic)
+        if not parts:
+            # A fresh metadata request: the cached view may predate the topic's creation.
+            self._consumer.topics()
+            parts = self._consumer.partitions_for_topic(topic)
+        if not parts:
+            raise UnknownTopicError(topic, self.bootstrap_servers)
+        return sorted(parts)
+
+    def topic_id(self, topic: str) -> str | None:
+        """The broker's id of the topic (changes when the topic is recreated), if it has one."""
+        if self._admin is None:
+            try:
+                self._admin = KafkaAdminClient(
+                    bootstrap_servers=self.bootstrap_servers.split(","),
+                    client_id="kappa-etl-admin",
+                    request_timeout_ms=max(int(self.timeout_s * 1000), 200),
+                )
+            except kafka_errors.NoBrokersAvailable:
+                raise ConfigurationError(
+                    self.setting, f"no broker answered at {self.bootstrap_servers}"
+                ) from None
+        try:
+            described = self._admin.describe_topics([topic])
+        except kafka_errors.UnknownTopicOrPartitionError:
+            raise UnknownTopicError(topic, self.bootstrap_servers) from None
+        for entry in described:
+            if entry.get("name") == topic:
+                if entry.get("error_code"):
+                    raise UnknownTopicError(topic, self.bootstrap_servers)
+                raw = entry.get("topic_id")
+                text = str(raw) if raw else ""
+                return None if not text or set(text) <= {"0", "-"} else text
+        raise UnknownTopicError(topic, self.bootstrap_servers)
+
+    def log_bounds(self, topic: str, partitions: Iterable[int]) -> dict[int, LogBounds]:
+        """First retained offset and end offset (last stable offset) of each partition.
+
+        The end comes from ListOffsets and is confirmed by the high watermark of a bounded
+        fetch at that position. Some Kafka-API brokers (the local Tansu build among them)
+        answer ListOffsets with the base offset of the last record batch plus one, which
+        under-reports the end whenever producers batch; the fetch response's high watermark
+        is right on every broker, and on a broker whose ListOffsets is right the probe
+        returns no records.
+        """
+        tps = [TopicPartition(topic, p) for p in partitions]
+        timeout_ms = int(self.timeout_s * 1000)
+        try:
+            starts = self._consumer.beginning_offsets(tps, timeout_ms=timeout_ms)
+            listed = self._consumer.end_offsets(tps, timeout_ms=timeout_ms)
+        except kafka_errors.KafkaTimeoutError:
+            raise EventStoreTimeoutError(
+                f"{topic}: the broker at {self.bootstrap_servers} did not report offsets "
+                f"within {self.timeout_s:g} s"
+            ) from None
+        ends = self._probe_high_watermarks({tp: listed[tp] for tp in tps})
+        return {tp.partition: LogBounds(start=starts[tp], end=ends[tp]) for tp in tps}
+
+    def _probe_high_watermarks(self, positions: dict[TopicPartition, int]) -> dict[Any, int]:
+        consumer = self._consumer
+        consumer.assign(list(positions))
+        for tp, offset in positions.items():
+            consumer.seek(tp, offset)
+        ends: dict[Any, int] = dict(positions)
+        pending = set(positions)
+        deadline = time.monotonic() + self.timeout_s
+        while pending and time.monotonic() < deadline:
+            consumer.poll(timeout_ms=100, max_records=1, update_offsets=False)
+            for tp in list(pending):
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    ends[tp] = max(ends[tp], hw)
+                    pending.discard(tp)
+        consumer.assign([])
+        return ends
+
+    def offsets_for_times(
+        self, topic: str, partitions: Iterable[int], ts_ms: int
+    ) -> dict[int, int]:
+        """Earliest offset whose timestamp is >= ``ts_ms``, or the log end when there is none.
+
+        Some brokers answer "none" as offset 0 with timestamp -1; that is read as "none" too.
+        """
+        tps = [TopicPartition(topic, p) for p in partitions]
+        found = self._consumer.offsets_for_times(
+            {tp: ts_ms for tp in tps}, timeout_ms=int(self.timeout_s * 1000)
+        )
+        bounds = self.log_bounds(topic, [tp.partition for tp in tps])
+        result: dict[int, int] = {}
+        for tp in tps:
+            hit = found.get(tp)
+            if hit is None or hit.timestamp == NO_TIMESTAMP:
+                result[tp.partition] = bounds[tp.partition].end
+            else:
+                result[tp.partition] = hit.offset
+        return result
+
+    # -- data -------------------------------------------------------------------------------
+
+    def fetch(self, topic: str, partition: int, start: int, end: int) -> RawBatch:
+        """Read every record with an offset in ``[start, end)``.
+
+        Raises :class:`OffsetOutOfRangeError` when the log no longer holds ``start`` and
+        :class:`EventStoreTimeoutError` when the records do not arrive within the timeout
+        (measured from the last progress, so a large batch is not cut short).
+        """
+        batch = RawBatch(topic=topic, partition=partition, start=start, end=end)
+        if end <= start:
+            return batch
+        tp = TopicPartition(topic, partition)
+        consumer = self._consumer
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        position = start
+        last_progress = time.monotonic()
+        try:
+            while position < end:
+                records = consumer.poll(timeout_ms=200, max_records=50_000).get(tp, [])
+                for record in records:
+                    if record.offset >= end:
+                        break
+                    batch.offsets.append(record.offset)
+                    batch.timestamps.append(record.timestamp)
+                    batch.keys.append(record.key)
+                    batch.values.append(record.value)
+                new_position = consumer.position(tp, timeout_ms=int(self.timeout_s * 1000))
+                if new_position is not None and new_position > position:
+                    position = new_position
+                    last_progress = time.monotonic()
+                elif time.monotonic() - last_progress > self.timeout_s:
+                    raise EventStoreTimeoutError(
+                        f"{topic}[{partition}]: no records arrived past offset {position} within "
+                        f"{self.timeout_s:g} s while reading [{start}, {end}) "
+                        f"(high watermark {consumer.highwater(tp)})"
+                    )
+        except kafka_errors.OffsetOutOfRangeError:
+            raise OffsetOutOfRangeError(
+                topic, partition, start, end, "the log no longer holds these offsets"
+            ) from None
+        finally:
+            consumer.assign([])
+        return batch

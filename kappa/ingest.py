@@ -1,0 +1,204 @@
+"""Micro-batch ingestion of topic partitions into the EDW, without Dagster.
+
+The sensor plans offset ranges with :func:`plan_ranges`; a run executes each range with
+:func:`run_batch`. Both consult the ledger, which is the only truth about where a shard's
+next batch starts: a requested range is a hint that the ledger trims or extends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import psycopg
+
+from kappa.contracts import EventContract
+from kappa.decode import decode_batch, describe_reason
+from kappa.event_store import EventStore, LogBounds
+from kappa.exceptions import LogResetError
+from kappa.warehouse import BatchRecord, LedgerHead, Schemas, commit_batch, read_head
+
+
+@dataclass(frozen=True)
+class TopicIngest:
+    """One topic loaded into one EDW asset: configuration, not code per topic."""
+
+    asset: str
+    topic: str
+    contract: EventContract
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class OffsetRange:
+    """Offsets ``[start, end)`` of one topic partition, as planned by the sensor."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+    @property
+    def shard(self) -> str:
+        return f"{self.topic}[{self.partition}]"
+
+
+@dataclass
+class BatchOutcome:
+    """What one batch did, for materialisation metadata and logs."""
+
+    asset: str
+    topic: str
+    partition: int
+    start: int
+    end: int
+    status: str
+    received: int = 0
+    loaded: int = 0
+    dead_lettered: int = 0
+    deduplicated: int = 0
+    lag_after: int = 0
+    seconds: float = 0.0
+    dead_letter_reasons: Counter[str] = field(default_factory=Counter)
+
+
+def check_continuity(
+    asset: str, topic: str, partition: int, head: LedgerHead | None, bounds: LogBounds, epoch: str
+) -> None:
+    """Raise :class:`LogResetError` when the log cannot continue where the ledger ends.
+
+    That is: the topic was recreated (its id changed), the log ends before the ledger
+    (reset or truncated), or the log starts after the ledger (expired by retention before
+    it was loaded). Each case would otherwise skip or re-load data silently.
+    """
+    if head is None:
+        return
+    if head.epoch and epoch and head.epoch != epoch:
+        raise LogResetError(
+            asset,
+            topic,
+            partition,
+            f"was recreated: the ledger loaded offsets up to {head.end} of topic id {head.epoch}, "
+            f"the broker now serves topic id {epoch} (log {bounds.start}..{bounds.end}).",
+        )
+    if head.end > bounds.end:
+        raise LogResetError(
+            asset,
+            topic,
+            partition,
+            f"holds less than was loaded: the ledger has loaded offsets up to {head.end}, "
+            f"the log now ends at {bounds.end}. The broker lost or reset this partition "
+            "(a local broker keeps nothing across restarts).",
+        )
+    if head.end < bounds.start:
+        raise LogResetError(
+            asset,
+            topic,
+            partition,
+            f"expired offsets [{head.end}, {bounds.start}) before they were loaded: the log "
+            f"now starts at {bounds.start} (retention).",
+        )
+
+
+def plan_ranges(
+    topic: str,
+    heads: Mapping[int, LedgerHead],
+    bounds: Mapping[int, LogBounds],
+    *,
+    busy: frozenset[int] = frozenset(),
+    max_batch: int,
+    max_run: int,
+) -> list[OffsetRange]:
+    """The next range of each partition that has new offsets and no batch in flight.
+
+    A range starts where the ledger ends (or at the log start before the first batch) and
+    takes everything up to the log end, capped at ``max_batch``: small when caught up,
+    as large as allowed when lagging. The run total stays within ``max_run``; the most
+    lagging partitions are served first.
+    """
+    candidates: list[OffsetRange] = []
+    for partition in sorted(bounds):
+        if partition in busy:
+            continue
+        head = heads.get(partition)
+        start = head.end if head is not None else bounds[partition].start
+        end = min(bounds[partition].end, start + max_batch)
+        if end > start:
+            candidates.append(OffsetRange(topic, partition, start, end))
+    candidates.sort(key=lambda r: (-(r.end - r.start), r.partition))
+    planned: list[OffsetRange] = []
+    budget = max_run
+    for rng in candidates:
+        if budget <= 0:
+            break
+        size = min(rng.end - rng.start, budget)
+        planned.append(OffsetRange(rng.topic, rng.partition, rng.start, rng.start + size))
+        budget -= size
+    return sorted(planned, key=lambda r: r.partition)
+
+
+def run_batch(
+    store: EventStore,
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    spec: TopicIngest,
+    requested: OffsetRange,
+    *,
+    run_id: str,
+    max_batch: int,
+    partition_key: str | None = None,
+) -> BatchOutcome:
+    """Load one topic partition's next batch, bounded by ``requested.end``, exactly once."""
+    started = time.monotonic()
+    topic, partition = requested.topic, requested.partition
+    bounds = store.log_bounds(topic, [partition])[partition]
+    epoch = store.topic_id(topic) or ""
+    head = read_head(conn, schemas, spec.asset, topic, partition)
+    check_continuity(spec.asset, topic, partition, head, bounds, epoch)
+    start = head.end if head is not None else bounds.start
+    end = min(requested.end, start + max_batch, bounds.end)
+    if end <= start:
+        return BatchOutcome(
+            spec.asset,
+            topic,
+            partition,
+            start,
+            start,
+            status="already loaded",
+            lag_after=bounds.end - start,
+            seconds=time.monotonic() - started,
+        )
+    raw = store.fetch(topic, partition, start, end)
+    decoded = decode_batch(raw, spec.contract)
+    record = BatchRecord(
+        asset=spec.asset,
+        source=topic,
+        shard=partition,
+        epoch=epoch,
+        start=start,
+        end=end,
+        run_id=run_id,
+        partition_key=partition_key,
+        received=0,
+        loaded=0,
+        dead_lettered=0,
+        deduplicated=0,
+    )
+    final = commit_batch(conn, schemas, spec.contract, record, decoded)
+    return BatchOutcome(
+        asset=spec.asset,
+        topic=topic,
+        partition=partition,
+        start=start,
+        end=end,
+        status="committed",
+        received=final.received,
+        loaded=final.loaded,
+        dead_lettered=final.dead_lettered,
+        deduplicated=final.deduplicated,
+        lag_after=bounds.end - end,
+        seconds=time.monotonic() - started,
+        dead_letter_reasons=Counter(describe_reason(r) for r in decoded.dead_letters["reason"]),
+    )

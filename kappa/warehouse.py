@@ -1,0 +1,339 @@
+"""The EDW in PostgreSQL: schema, the batch ledger, and the exactly-once batch commit.
+
+A batch's output rows, its dead letters and its ledger row commit in one transaction,
+guarded by the ledger head of its shard (``SELECT ... FOR UPDATE``): a batch commits only if
+the ledger ends exactly where the batch starts, so no two batches can cover the same
+positions and a retried or duplicated run changes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from kappa.contracts import EventContract, fact_columns
+from kappa.decode import DecodedBatch
+from kappa.exceptions import BatchSupersededError, ConfigurationError, LogResetError
+from kappa.settings import redact
+
+
+@dataclass(frozen=True)
+class Schemas:
+    """Where the EDW tables (``edw``) and the machinery tables (``meta``) live."""
+
+    edw: str = "edw"
+    meta: str = "kappa"
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    """Where a shard's ledger ends: the next batch starts at ``end``."""
+
+    asset: str
+    source: str
+    shard: int
+    epoch: str
+    end: int
+    batches: int
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """The coordinates and counts of one committed batch (one ledger row)."""
+
+    asset: str
+    source: str
+    shard: int
+    epoch: str
+    start: int
+    end: int
+    run_id: str
+    partition_key: str | None
+    received: int
+    loaded: int
+    dead_lettered: int
+    deduplicated: int
+
+
+@contextmanager
+def connect(url: str, *, setting: str = "KAPPA_EDW_URL") -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the EDW: every write goes through an explicit
+    ``conn.transaction()``. A refused or malformed URL names ``setting``."""
+    try:
+        conn = psycopg.connect(
+            url, connect_timeout=10, application_name="kappa-etl", autocommit=True
+        )
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ConfigurationError(setting, f"cannot connect to {redact(url)}: {reason}") from None
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(setting, f"not a usable PostgreSQL URL: {exc}") from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _fact_ddl(schemas: Schemas, contract: EventContract) -> sql.Composed:
+    columns = sql.SQL(",\n  ").join(
+        sql.SQL("{} {} NOT NULL").format(sql.Identifier(name), sql.SQL(sql_type))
+        for name, sql_type in fact_columns(contract)
+    )
+    table = sql.Identifier(schemas.edw, contract.table)
+    return sql.SQL(
+        """
+CREATE TABLE IF NOT EXISTS {table} (
+  {columns},
+  PRIMARY KEY (event_id)
+);
+CREATE INDEX IF NOT EXISTS {position_index} ON {table} (topic, kafka_partition, kafka_offset);
+CREATE INDEX IF NOT EXISTS {time_index} ON {table} (event_time);
+"""
+    ).format(
+        table=table,
+        columns=columns,
+        position_index=sql.Identifier(f"{contract.table}_position_idx"),
+        time_index=sql.Identifier(f"{contract.table}_event_time_idx"),
+    )
+
+
+_META_DDL = """
+CREATE TABLE IF NOT EXISTS {meta}.ledger_head (
+  asset text NOT NULL,
+  source text NOT NULL,
+  shard integer NOT NULL,
+  epoch text NOT NULL DEFAULT '',
+  end_position bigint NOT NULL,
+  batches bigint NOT NULL DEFAULT 0,
+  updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  PRIMARY KEY (asset, source, shard)
+);
+CREATE TABLE IF NOT EXISTS {meta}.batch_ledger (
+  batch_id bigserial PRIMARY KEY,
+  asset text NOT NULL,
+  source text NOT NULL,
+  shard integer NOT NULL,
+  epoch text NOT NULL DEFAULT '',
+  start_position bigint NOT NULL,
+  end_position bigint NOT NULL,
+  run_id text NOT NULL,
+  partition_key text,
+  received integer NOT NULL,
+  loaded integer NOT NULL,
+  dead_lettered integer NOT NULL,
+  deduplicated integer NOT NULL,
+  committed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  CHECK (end_position > start_position),
+  CHECK (received = loaded + dead_lettered + deduplicated),
+  UNIQUE (asset, source, shard, epoch, start_position)
+);
+CREATE TABLE IF NOT EXISTS {meta}.dead_letter (
+  dead_letter_id bigserial PRIMARY KEY,
+  asset text NOT NULL,
+  source text NOT NULL,
+  shard integer NOT NULL,
+  epoch text NOT NULL DEFAULT '',
+  position bigint NOT NULL,
+  broker_time timestamptz,
+  raw_key bytea,
+  raw_value bytea,
+  reason text NOT NULL,
+  run_id text NOT NULL,
+  dead_lettered_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  UNIQUE (asset, source, shard, epoch, position)
+);
+"""
+
+
+def ensure_schema(
+    conn: psycopg.Connection, schemas: Schemas, contracts: Sequence[EventContract]
+) -> None:
+    """Create schemas and tables that do not exist yet; running it again changes nothing."""
+    with conn.transaction():
+        # Serialise concurrent bootstraps (stack start, tests in parallel) on one lock.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('kappa-etl:ensure_schema'))")
+        for schema in (schemas.edw, schemas.meta):
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL(_META_DDL).format(meta=sql.Identifier(schemas.meta)))  # type: ignore[arg-type]
+        for contract in contracts:
+            conn.execute(_fact_ddl(schemas, contract))
+
+
+def read_head(
+    conn: psycopg.Connection, schemas: Schemas, asset: str, source: str, shard: int
+) -> LedgerHead | None:
+    """The ledger head of one shard, or None before its first batch."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT epoch, end_position, batches FROM {}.ledger_head "
+            "WHERE asset = %s AND source = %s AND shard = %s"
+        ).format(sql.Identifier(schemas.meta)),
+        (asset, source, shard),
+    ).fetchone()
+    if row is None:
+        return None
+    return LedgerHead(asset, source, shard, epoch=row[0], end=row[1], batches=row[2])
+
+
+def read_heads(
+    conn: psycopg.Connection, schemas: Schemas, asset: str, source: str
+) -> dict[int, LedgerHead]:
+    """The ledger heads of every shard of ``source`` for ``asset``."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT shard, epoch, end_position, batches FROM {}.ledger_head "
+            "WHERE asset = %s AND source = %s"
+        ).format(sql.Identifier(schemas.meta)),
+        (asset, source),
+    ).fetchall()
+    return {r[0]: LedgerHead(asset, source, r[0], epoch=r[1], end=r[2], batches=r[3]) for r in rows}
+
+
+def _lock_head(conn: psycopg.Connection, schemas: Schemas, record: BatchRecord) -> LedgerHead:
+    meta = sql.Identifier(schemas.meta)
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.ledger_head (asset, source, shard, epoch, end_position) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        ).format(meta),
+        (record.asset, record.source, record.shard, record.epoch, record.start),
+    )
+    row = conn.execute(
+        sql.SQL(
+            "SELECT epoch, end_position, batches FROM {}.ledger_head "
+            "WHERE asset = %s AND source = %s AND shard = %s FOR UPDATE"
+        ).format(meta),
+        (record.asset, record.source, record.shard),
+    ).fetchone()
+    assert row is not None
+    return LedgerHead(record.asset, record.source, record.shard, row[0], row[1], row[2])
+
+
+def _copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataFrame) -> None:
+    if frame.empty:
+        return
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, header=False, date_format="%Y-%m-%dT%H:%M:%S.%f%z")
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in frame.columns)
+    with conn.cursor().copy(
+        sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(table, columns)
+    ) as copy:
+        copy.write(buffer.getvalue())
+
+
+def commit_batch(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    contract: EventContract,
+    record: BatchRecord,
+    decoded: DecodedBatch,
+) -> BatchRecord:
+    """Load one decoded batch and its ledger row in one transaction.
+
+    Returns the record with the final counts (``deduplicated`` includes events already in
+    the EDW from earlier batches). Raises :class:`BatchSupersededError` if the ledger no
+    longer ends where the batch starts, and :class:`LogResetError` if the ledger belongs to
+    another incarnation of the topic; in both cases nothing is written.
+    """
+    meta = sql.Identifier(schemas.meta)
+    fact = sql.Identifier(schemas.edw, contract.table)
+    with conn.transaction():
+        head = _lock_head(conn, schemas, record)
+        if head.epoch != record.epoch:
+            raise LogResetError(
+                record.asset,
+                record.source,
+                record.shard,
+                f"was recreated: the ledger was written for topic id {head.epoch or '-'} "
+                f"up to offset {head.end}, the log now has topic id {record.epoch or '-'}.",
+            )
+        if head.end != record.start:
+            raise BatchSupersededError(
+                f"{record.asset}: {record.source}[{record.shard}] ledger ends at {head.end}, "
+                f"batch starts at {record.start}; another run committed first"
+            )
+        stage = sql.Identifier(f"stage_{contract.table}")
+        conn.execute(
+            sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
+                stage, fact
+            )
+        )
+        _copy_frame(conn, stage, decoded.rows)
+        loaded = conn.execute(
+            sql.SQL(
+                "INSERT INTO {fact} SELECT * FROM {stage} ORDER BY kafka_offset "
+                "ON CONFLICT (event_id) DO NOTHING"
+            ).format(fact=fact, stage=stage)
+        ).rowcount
+        dead = decoded.dead_letters
+        if not dead.empty:
+            with conn.cursor().copy(
+                sql.SQL(
+                    "COPY {}.dead_letter (asset, source, shard, epoch, position, broker_time, "
+                    "raw_key, raw_value, reason, run_id) FROM STDIN"
+                ).format(meta)
+            ) as copy:
+                for offset, broker_time, key, value, reason in dead.itertuples(index=False):
+                    copy.write_row(
+                        (
+                            record.asset,
+                            record.source,
+                            record.shard,
+                            record.epoch,
+                            int(offset),
+                            broker_time.to_pydatetime(),
+                            key,
+                            value,
+                            reason,
+                            record.run_id,
+                        )
+                    )
+        final = BatchRecord(
+            asset=record.asset,
+            source=record.source,
+            shard=record.shard,
+            epoch=record.epoch,
+            start=record.start,
+            end=record.end,
+            run_id=record.run_id,
+            partition_key=record.partition_key,
+            received=decoded.received,
+            loaded=loaded,
+            dead_lettered=len(dead),
+            deduplicated=decoded.received - loaded - len(dead),
+        )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.batch_ledger (asset, source, shard, epoch, start_position, "
+                "end_position, run_id, partition_key, received, loaded, dead_lettered, deduplicated) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            ).format(meta),
+            (
+                final.asset,
+                final.source,
+                final.shard,
+                final.epoch,
+                final.start,
+                final.end,
+                final.run_id,
+                final.partition_key,
+                final.received,
+                final.loaded,
+                final.dead_lettered,
+                final.deduplicated,
+            ),
+        )
+        conn.execute(
+            sql.SQL(
+                "UPDATE {}.ledger_head SET end_position = %s, batches = batches + 1, "
+                "updated_at = clock_timestamp() WHERE asset = %s AND source = %s AND shard = %s"
+            ).format(meta),
+            (final.end, final.asset, final.source, final.shard),
+        )
+    return final

@@ -1,0 +1,1 @@
+"""Composition: the one Definitions object of the code location."""
