@@ -69,7 +69,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_SIM_SEED", "42", "Seed of the event simulator (same seed, same events)."),
     Setting("KAPPA_SIM_CUSTOMERS", "500", "Number of simulated customers."),
     Setting("KAPPA_SIM_DUPLICATE_RATE", "0.02", "Share of simulated events sent twice."),
-    Setting("KAPPA_SIM_LATE_RATE", "0.05", "Share of simulated events with an out-of-order event time."),
+    Setting(
+        "KAPPA_SIM_LATE_RATE", "0.05", "Share of simulated events with an out-of-order event time."
+    ),
     Setting("KAPPA_SIM_INVALID_RATE", "0.005", "Share of simulated messages that are malformed."),
 )
 
@@ -114,7 +116,9 @@ def identifier(name: str, raw: str) -> str:
 def topic_name(name: str, raw: str) -> str:
     """Validate a Kafka topic name from configuration."""
     if not _TOPIC.match(raw):
-        raise ConfigurationError(name, f"{raw!r} is not a legal topic name ([A-Za-z0-9._-], 1..249)")
+        raise ConfigurationError(
+            name, f"{raw!r} is not a legal topic name ([A-Za-z0-9._-], 1..249)"
+        )
     return raw
 
 
