@@ -26,6 +26,18 @@ from kappa.exceptions import (
 
 NO_TIMESTAMP = -1
 
+#: What kafka-python raises when no broker answers: 3.x times out bootstrapping, older
+#: releases raised NoBrokersAvailable.
+_UNREACHABLE: tuple[type[Exception], ...] = tuple(
+    error
+    for error in (
+        getattr(kafka_errors, "NoBrokersAvailable", None),
+        kafka_errors.KafkaTimeoutError,
+        kafka_errors.KafkaConnectionError,
+    )
+    if error is not None
+)
+
 
 class UnknownTopicError(KappaError):
     """The topic does not exist on the event store."""
@@ -99,7 +111,7 @@ class EventStore:
                 max_partition_fetch_bytes=max_partition_fetch_bytes,
                 connections_max_idle_ms=max(540_000, timeout_ms * 4),
             )
-        except kafka_errors.NoBrokersAvailable:
+        except _UNREACHABLE:
             raise ConfigurationError(
                 setting, f"no broker answered at {bootstrap_servers} within {timeout_s:g} s"
             ) from None
@@ -143,7 +155,7 @@ class EventStore:
                     client_id="kappa-etl-admin",
                     request_timeout_ms=max(int(self.timeout_s * 1000), 200),
                 )
-            except kafka_errors.NoBrokersAvailable:
+            except _UNREACHABLE:
                 raise ConfigurationError(
                     self.setting, f"no broker answered at {self.bootstrap_servers}"
                 ) from None

@@ -160,7 +160,7 @@ def ensure_schema(
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('kappa-etl:ensure_schema'))")
         for schema in (schemas.edw, schemas.meta):
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL(_META_DDL).format(meta=sql.Identifier(schemas.meta)))  # type: ignore[arg-type]
+        conn.execute(sql.SQL(_META_DDL).format(meta=sql.Identifier(schemas.meta)))
         for contract in contracts:
             conn.execute(_fact_ddl(schemas, contract))
 

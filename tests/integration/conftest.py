@@ -1,0 +1,30 @@
+import dagster as dg
+import pytest
+
+from tests.integration.harness import Pipeline
+
+
+@pytest.fixture
+def pipeline_env(broker, database_url, topic_factory, monkeypatch) -> dict[str, str]:
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": broker,
+        "KAPPA_EDW_URL": database_url,
+        "KAPPA_TOPIC_ORDERS": topic_factory("orders", 4),
+        "KAPPA_TOPIC_PAYMENTS": topic_factory("payments", 2),
+        "KAPPA_BATCH_MAX_RECORDS": "500",
+        "KAPPA_RUN_MAX_RECORDS": "1200",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+@pytest.fixture
+def pipeline(pipeline_env, instance) -> Pipeline:
+    return Pipeline(env=pipeline_env, instance=instance)

@@ -1,0 +1,118 @@
+"""A deployment of the code location against the test broker and a fresh database.
+
+Sensors are evaluated and runs executed through Dagster (``build_sensor_context`` and the
+asset job on a real instance); nothing of the pipeline is faked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import islice
+
+import dagster as dg
+from kafka import KafkaProducer
+
+from kappa import simulator
+from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
+from kappa.settings import Settings
+from kappa.warehouse import Schemas, connect, ensure_schema
+from pipelines.definitions import build_definitions
+
+
+@dataclass
+class Pipeline:
+    env: dict[str, str]
+    instance: dg.DagsterInstance
+    settings: Settings = field(init=False)
+    defs: dg.Definitions = field(init=False)
+    cursors: dict[str, str | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.settings = Settings.from_env(self.env)
+        self.defs = build_definitions(self.settings)
+        with connect(self.edw_url) as conn:
+            ensure_schema(conn, self.schemas, [ORDER_PLACED, PAYMENT_ATTEMPTED])
+
+    @property
+    def edw_url(self) -> str:
+        return self.env["KAPPA_EDW_URL"]
+
+    @property
+    def schemas(self) -> Schemas:
+        return Schemas(self.settings.edw_schema, self.settings.meta_schema)
+
+    # -- sources ----------------------------------------------------------------------------
+
+    def simulate(
+        self, count: int, *, seed: int = 7, **rates: float
+    ) -> list[simulator.SimulatedMessage]:
+        """Produce ``count`` simulated messages to the deployment's topics; returns them."""
+        config = simulator.SimulatorConfig(
+            topic_orders=self.settings.topic_orders,
+            topic_payments=self.settings.topic_payments,
+            customers=rates.pop("customers", 40),
+            seed=seed,
+            duplicate_rate=rates.pop("duplicate_rate", 0.05),
+            late_rate=rates.pop("late_rate", 0.05),
+            invalid_rate=rates.pop("invalid_rate", 0.03),
+        )
+        messages = list(
+            islice(simulator.generate(config, start=datetime.now(UTC), rate=1000.0), count)
+        )
+        self.produce(messages)
+        return messages
+
+    def produce(self, messages: Iterable[simulator.SimulatedMessage]) -> None:
+        producer = KafkaProducer(bootstrap_servers=self.env["KAFKA_BOOTSTRAP_SERVERS"], acks="all")
+        try:
+            simulator.produce(messages, producer)
+        finally:
+            producer.close()
+
+    # -- Dagster ----------------------------------------------------------------------------
+
+    def tick(self, asset: str) -> dg.SensorResult:
+        sensor = self.defs.get_sensor_def(f"{asset}_sensor")
+        with dg.build_sensor_context(
+            instance=self.instance, cursor=self.cursors.get(asset), resources=self.defs.resources
+        ) as context:
+            result = sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        self.cursors[asset] = result.cursor
+        return result
+
+    def execute(
+        self, request: dg.RunRequest, *, raise_on_error: bool = True
+    ) -> dg.ExecuteInProcessResult:
+        job = self.defs.resolve_implicit_global_asset_job_def()
+        return job.execute_in_process(
+            run_config=request.run_config,
+            instance=self.instance,
+            tags=request.tags,
+            asset_selection=request.asset_selection,
+            raise_on_error=raise_on_error,
+        )
+
+    def drain(self, asset: str, *, max_ticks: int = 200) -> list[dg.ExecuteInProcessResult]:
+        """Tick and run until the sensor has nothing left to request."""
+        results = []
+        for _ in range(max_ticks):
+            result = self.tick(asset)
+            if not result.run_requests:
+                return results
+            for request in result.run_requests:
+                results.append(self.execute(request))
+        raise AssertionError(f"{asset} still had work after {max_ticks} ticks")
+
+    # -- EDW --------------------------------------------------------------------------------
+
+    def query(self, statement: str, params: tuple = ()) -> list[tuple]:
+        with connect(self.edw_url) as conn:
+            return conn.execute(statement, params).fetchall()  # type: ignore[arg-type]
+
+
+def expected_event_ids(messages: Iterable[simulator.SimulatedMessage], topic: str) -> set[str]:
+    """Distinct valid events of ``topic``, straight from the producer's ground truth."""
+    return {m.event_id for m in messages if m.topic == topic and m.kind == "valid" and m.event_id}

@@ -1,0 +1,191 @@
+"""The spine against the real broker, real PostgreSQL and a real Dagster instance."""
+
+from collections import Counter
+
+import dagster as dg
+import pytest
+from dagster._core.test_utils import create_run_for_test
+
+from kappa.exceptions import ConfigurationError
+from tests.integration.harness import Pipeline, expected_event_ids
+
+pytestmark = pytest.mark.integration
+
+
+def ledger_by_shard(pipeline: Pipeline, asset: str) -> dict[int, list[tuple[int, int]]]:
+    rows = pipeline.query(
+        "SELECT shard, start_position, end_position FROM kappa.batch_ledger "
+        "WHERE asset = %s ORDER BY shard, start_position",
+        (asset,),
+    )
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for shard, start, end in rows:
+        spans.setdefault(shard, []).append((start, end))
+    return spans
+
+
+def log_ends(pipeline: Pipeline, topic: str) -> dict[int, int]:
+    from kappa.event_store import EventStore
+
+    with EventStore(pipeline.env["KAFKA_BOOTSTRAP_SERVERS"]) as store:
+        return {p: b.end for p, b in store.log_bounds(topic, store.partitions(topic)).items()}
+
+
+@pytest.mark.parametrize(
+    ("asset", "topic_key"),
+    [("fact_order", "KAPPA_TOPIC_ORDERS"), ("fact_payment", "KAPPA_TOPIC_PAYMENTS")],
+)
+def test_produced_events_end_as_exactly_the_valid_distinct_events(
+    pipeline: Pipeline, asset, topic_key
+):
+    topic = pipeline.env[topic_key]
+    messages = pipeline.simulate(3000, duplicate_rate=0.06, invalid_rate=0.04)
+    produced = Counter(m.kind for m in messages if m.topic == topic)
+    assert produced["duplicate"] > 10 and produced["invalid"] > 10, produced
+
+    runs = pipeline.drain(asset)
+    assert len(runs) >= 2, "batches are bounded: the backlog takes several runs"
+
+    loaded = {r[0] for r in pipeline.query(f"SELECT event_id::text FROM edw.{asset}")}
+    assert loaded == expected_event_ids(messages, topic)
+    [(dead,)] = pipeline.query("SELECT count(*) FROM kappa.dead_letter WHERE asset = %s", (asset,))
+    assert dead == produced["invalid"]
+
+    ends = log_ends(pipeline, topic)
+    spans = ledger_by_shard(pipeline, asset)
+    assert set(spans) == set(ends)
+    for shard, shard_spans in spans.items():
+        position = 0
+        for start, end in shard_spans:
+            assert start == position, f"gap or overlap in {topic}[{shard}] at {start}"
+            position = end
+        assert position == ends[shard]
+
+    [(received, loaded_n, dead_n, dedup_n)] = pipeline.query(
+        "SELECT sum(received), sum(loaded), sum(dead_lettered), sum(deduplicated) "
+        "FROM kappa.batch_ledger WHERE asset = %s",
+        (asset,),
+    )
+    assert received == sum(produced.values())
+    assert (loaded_n, dead_n, dedup_n) == (len(loaded), produced["invalid"], produced["duplicate"])
+
+    materialization = runs[0].asset_materializations_for_node(asset)[0]
+    for key in (
+        "rows_loaded",
+        "rows_dead_lettered",
+        "rows_deduplicated",
+        "lag_after_batch",
+        "offset_ranges",
+        "ranges",
+    ):
+        assert key in materialization.metadata
+
+
+def test_a_tick_evaluated_twice_asks_for_the_same_run(pipeline: Pipeline):
+    """The daemon re-evaluates a tick after a crash before the cursor was saved: the run key
+    repeats, so Dagster launches the batch once."""
+    pipeline.simulate(200)
+    pipeline.tick("fact_order")  # an earlier tick: the stored cursor now has a generation
+    pipeline.simulate(200)
+    stored = pipeline.cursors["fact_order"]
+    keys = []
+    for _ in range(2):
+        pipeline.cursors["fact_order"] = stored
+        keys.append([r.run_key for r in pipeline.tick("fact_order").run_requests])
+    assert keys[0] and keys[0] == keys[1]
+
+
+def test_partitions_with_a_batch_in_flight_are_skipped(pipeline: Pipeline):
+    pipeline.simulate(400)
+    [request] = pipeline.tick("fact_order").run_requests
+    in_flight = request.tags["kappa/partitions"].split(",")
+    create_run_for_test(
+        pipeline.instance,
+        job_name="__ASSET_JOB",
+        tags=request.tags,
+        status=dg.DagsterRunStatus.STARTED,
+    )
+
+    result = pipeline.tick("fact_order")
+    assert not result.run_requests
+    topic = pipeline.env["KAPPA_TOPIC_ORDERS"]
+    assert result.skip_reason is not None
+    assert result.skip_reason.skip_message.startswith("batch in flight for ")
+    for partition in in_flight:
+        assert f"{topic}[{partition}]" in result.skip_reason.skip_message
+
+
+def test_a_run_repeated_or_retried_changes_nothing(pipeline: Pipeline):
+    pipeline.simulate(600)
+    [request] = pipeline.tick("fact_order").run_requests
+    pipeline.execute(request)
+    before = pipeline.query("SELECT * FROM edw.fact_order ORDER BY event_id")
+    ledger_before = pipeline.query(
+        "SELECT batch_id, start_position, end_position FROM kappa.batch_ledger"
+    )
+
+    repeated = pipeline.execute(request)
+    assert repeated.success
+    metadata = repeated.asset_materializations_for_node("fact_order")[0].metadata
+    assert metadata["rows_loaded"].value == 0
+    assert pipeline.query("SELECT * FROM edw.fact_order ORDER BY event_id") == before
+    assert (
+        pipeline.query("SELECT batch_id, start_position, end_position FROM kappa.batch_ledger")
+        == ledger_before
+    )
+
+
+def test_a_manual_materialisation_plans_its_own_batch(pipeline: Pipeline):
+    messages = pipeline.simulate(300)
+    job = pipeline.defs.resolve_implicit_global_asset_job_def()
+    while True:
+        result = job.execute_in_process(
+            instance=pipeline.instance, asset_selection=[dg.AssetKey("fact_order")]
+        )
+        if (
+            result.asset_materializations_for_node("fact_order")[0].metadata["rows_received"].value
+            == 0
+        ):
+            break
+    loaded = {r[0] for r in pipeline.query("SELECT event_id::text FROM edw.fact_order")}
+    assert loaded == expected_event_ids(messages, pipeline.env["KAPPA_TOPIC_ORDERS"])
+
+
+def test_an_unknown_topic_names_its_setting(pipeline_env, instance, monkeypatch):
+    monkeypatch.setenv("KAPPA_TOPIC_ORDERS", "no_such_topic_here")
+    pipeline = Pipeline(
+        env={**pipeline_env, "KAPPA_TOPIC_ORDERS": "no_such_topic_here"}, instance=instance
+    )
+    with pytest.raises(
+        ConfigurationError, match="^KAPPA_TOPIC_ORDERS: topic 'no_such_topic_here' does not exist"
+    ):
+        pipeline.tick("fact_order")
+
+
+def test_an_unreachable_broker_names_its_setting(pipeline_env, instance, monkeypatch):
+    from kappa.localstack import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", address)
+    monkeypatch.setenv("KAPPA_KAFKA_TIMEOUT_S", "1")
+    pipeline = Pipeline(
+        env={**pipeline_env, "KAFKA_BOOTSTRAP_SERVERS": address, "KAPPA_KAFKA_TIMEOUT_S": "1"},
+        instance=instance,
+    )
+    with pytest.raises(
+        ConfigurationError, match=f"^KAFKA_BOOTSTRAP_SERVERS: no broker answered at {address}"
+    ):
+        pipeline.tick("fact_order")
+
+
+def test_a_bad_database_url_names_its_setting(pipeline: Pipeline, monkeypatch):
+    from kappa.localstack import free_port
+
+    monkeypatch.setenv("KAPPA_EDW_URL", f"postgresql://etl:hunter2@127.0.0.1:{free_port()}/edw")
+    pipeline.simulate(10)
+    with pytest.raises(ConfigurationError) as caught:
+        pipeline.tick("fact_order")
+    assert str(caught.value).startswith(
+        "KAPPA_EDW_URL: cannot connect to postgresql://etl:***@127.0.0.1:"
+    )
+    assert "hunter2" not in str(caught.value)
