@@ -1,6 +1,7 @@
 """Assets fed by the event store: the topics (source assets) and the facts loaded from them."""
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import dagster as dg
 
@@ -11,6 +12,8 @@ from resources.event_store import EventStoreResource
 from resources.warehouse import WarehouseResource
 
 OWNERS = ["team:data-platform"]
+#: Partitions of one run loaded at the same time (each with its own consumer and connection).
+PARALLEL_PARTITIONS = 4
 
 
 class OffsetRangeConfig(dg.Config):
@@ -104,31 +107,39 @@ def build_fact_asset(spec: TopicIngest, *, max_batch: int, max_run: int) -> dg.A
         warehouse: WarehouseResource,
     ) -> dg.MaterializeResult:
         schemas = warehouse.schemas
-        outcomes: list[BatchOutcome] = []
-        failures: list[str] = []
-        with event_store.open() as store, warehouse.connect() as conn:
-            if config.ranges:
-                ranges = [OffsetRange(r.topic, r.partition, r.start, r.end) for r in config.ranges]
-            else:
-                partitions = store.partitions(spec.topic)
+        if config.ranges:
+            ranges = [OffsetRange(r.topic, r.partition, r.start, r.end) for r in config.ranges]
+        else:
+            with event_store.open() as store, warehouse.connect() as conn:
                 ranges = plan_ranges(
                     spec.topic,
                     read_heads(conn, schemas, spec.asset, spec.topic),
-                    store.log_bounds(spec.topic, partitions),
+                    store.log_bounds(spec.topic, store.partitions(spec.topic)),
                     max_batch=max_batch,
                     max_run=max_run,
                 )
-            for requested in ranges:
+
+        def load(requested: OffsetRange) -> BatchOutcome:
+            # Each partition has its own consumer and connection: partitions load in parallel.
+            with event_store.open() as store, warehouse.connect() as conn:
+                return run_batch(
+                    store,
+                    conn,
+                    schemas,
+                    spec,
+                    requested,
+                    run_id=context.run_id,
+                    max_batch=max_batch,
+                )
+
+        outcomes: list[BatchOutcome] = []
+        failures: list[str] = []
+        with ThreadPoolExecutor(max_workers=max(1, min(len(ranges), PARALLEL_PARTITIONS))) as pool:
+            futures = {pool.submit(load, requested): requested for requested in ranges}
+            for future in as_completed(futures):
+                requested = futures[future]
                 try:
-                    outcome = run_batch(
-                        store,
-                        conn,
-                        schemas,
-                        spec,
-                        requested,
-                        run_id=context.run_id,
-                        max_batch=max_batch,
-                    )
+                    outcome = future.result()
                 except BatchSupersededError as exc:
                     context.log.warning(str(exc))
                     continue
@@ -142,6 +153,7 @@ def build_fact_asset(spec: TopicIngest, *, max_batch: int, max_run: int) -> dg.A
                     f"{outcome.loaded} loaded, {outcome.dead_lettered} dead-lettered, "
                     f"{outcome.deduplicated} deduplicated, lag {outcome.lag_after}"
                 )
+        outcomes.sort(key=lambda o: o.partition)
         if failures:
             raise dg.Failure(
                 description="\n".join(failures),

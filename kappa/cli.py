@@ -1,0 +1,347 @@
+"""The ``kappa`` command: bring up the local stack, check a deployment, run the simulator.
+
+``kappa up`` starts what is not given by configuration (an embedded PostgreSQL unless
+database URLs are set, a local broker unless ``KAFKA_BOOTSTRAP_SERVERS`` is set), makes
+databases, schemas, tables and topics idempotently, writes the Dagster instance config, and
+supervises the simulator, the Dagster daemon and the webserver until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
+from kappa.event_store import EventStore, UnknownTopicError
+from kappa.exceptions import ConfigurationError, KappaError, LogResetError
+from kappa.ingest import check_continuity
+from kappa.settings import Settings, redact
+from kappa.warehouse import Schemas, connect, ensure_schema, read_heads
+
+T = TypeVar("T")
+
+#: What the code location loads (``asset name``, setting of its topic); checked by ``up``.
+TOPIC_ASSETS = (("fact_order", "KAPPA_TOPIC_ORDERS"), ("fact_payment", "KAPPA_TOPIC_PAYMENTS"))
+
+
+def _repo_root() -> Path:
+    """The folder with ``workspace.yaml``: the source tree (editable install) or the cwd."""
+    for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (candidate / "workspace.yaml").exists():
+            return candidate
+    raise ConfigurationError("workspace.yaml", "not found next to the kappa package nor in the cwd")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+@contextmanager
+def _step(title: str) -> Iterator[None]:
+    started = time.monotonic()
+    print(f"  • {title} ...", end="", flush=True)
+    try:
+        yield
+    except BaseException:
+        print(" failed", flush=True)
+        raise
+    print(f" ok ({time.monotonic() - started:.1f} s)", flush=True)
+
+
+def _topics(settings: Settings) -> dict[str, str]:
+    return {
+        "KAPPA_TOPIC_ORDERS": settings.topic_orders,
+        "KAPPA_TOPIC_PAYMENTS": settings.topic_payments,
+    }
+
+
+def prepare(settings: Settings, *, create_topics: bool) -> None:
+    """Databases' schemas and tables, and topics: idempotent, safe to run on every start."""
+    from kappa.localstack import ensure_topics
+
+    if create_topics:
+        with _step(f"topics {', '.join(_topics(settings).values())}"):
+            ensure_topics(
+                settings.resolved_bootstrap_servers,
+                {topic: settings.topic_partitions for topic in _topics(settings).values()},
+                timeout_s=settings.kafka_timeout_s,
+            )
+    with (
+        _step(f"EDW schemas {settings.edw_schema}, {settings.meta_schema}"),
+        connect(settings.resolved_edw_url) as conn,
+    ):
+        ensure_schema(
+            conn,
+            Schemas(settings.edw_schema, settings.meta_schema),
+            [ORDER_PLACED, PAYMENT_ATTEMPTED],
+        )
+
+
+def ledger_problems(settings: Settings) -> list[str]:
+    """Why an asset cannot continue where its ledger ends (a lost or reset log), in words."""
+    problems: list[str] = []
+    schemas = Schemas(settings.edw_schema, settings.meta_schema)
+    with (
+        EventStore(
+            settings.resolved_bootstrap_servers, timeout_s=settings.kafka_timeout_s
+        ) as store,
+        connect(settings.resolved_edw_url) as conn,
+    ):
+        for asset, setting in TOPIC_ASSETS:
+            topic = _topics(settings)[setting]
+            try:
+                partitions = store.partitions(topic)
+            except UnknownTopicError as exc:
+                problems.append(str(ConfigurationError(setting, str(exc))))
+                continue
+            bounds = store.log_bounds(topic, partitions)
+            epoch = store.topic_id(topic) or ""
+            heads = read_heads(conn, schemas, asset, topic)
+            for partition in partitions:
+                try:
+                    check_continuity(
+                        asset, topic, partition, heads.get(partition), bounds[partition], epoch
+                    )
+                except LogResetError as exc:
+                    problems.append(str(exc))
+    return problems
+
+
+def _wait_http(url: str, *, timeout_s: float, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise KappaError(f"the process serving {url} exited while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise KappaError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
+    """Run the local stack until Ctrl-C (or until one of its processes dies)."""
+    from kappa.localstack import (
+        EmbeddedPostgres,
+        LocalBroker,
+        Supervisor,
+        check_postgres,
+        dagster_environment,
+        ensure_database,
+        write_dagster_yaml,
+    )
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # SIGTERM while starting unwinds like Ctrl-C, so everything started so far is stopped.
+    signal.signal(signal.SIGTERM, interrupted)
+    home = settings.home
+    root = _repo_root()
+    if reset and home.exists():
+        _say(f"Resetting local state: removing {home}")
+        shutil.rmtree(home)
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    _say("Starting the kappa-etl local stack")
+
+    with ExitStack() as stack:
+        # Stop what we started, in reverse order, however we leave (Ctrl-C included).
+        if settings.uses_embedded_postgres:
+            postgres = EmbeddedPostgres(
+                home / "pg", settings.pg_port, log_path=logs / "postgres.log"
+            )
+            with _step(f"embedded PostgreSQL on 127.0.0.1:{settings.pg_port}"):
+                postgres.start()
+            stack.callback(postgres.stop)
+            with _step("databases kappa_edw, kappa_dagster"):
+                if settings.edw_url is None:
+                    ensure_database(postgres.base_url, "kappa_edw", setting="KAPPA_EDW_URL")
+                if settings.dagster_pg_url is None:
+                    ensure_database(
+                        postgres.base_url, "kappa_dagster", setting="KAPPA_DAGSTER_PG_URL"
+                    )
+        with _step("database connections"):
+            check_postgres("KAPPA_EDW_URL", settings.resolved_edw_url)
+            check_postgres("KAPPA_DAGSTER_PG_URL", settings.resolved_dagster_pg_url)
+        if settings.uses_local_broker:
+            broker = LocalBroker(settings.broker_port, logs / "broker.log")
+            with _step(f"local broker (Tansu, memory storage) on {broker.bootstrap_servers}"):
+                broker.start()
+            stack.callback(broker.stop)
+        prepare(settings, create_topics=True)
+        dagster_home = home / "dagster"
+        with _step(f"Dagster instance config in {dagster_home}"):
+            write_dagster_yaml(dagster_home, settings)
+
+        problems = ledger_problems(settings)
+        env = {
+            **settings.env,
+            "KAFKA_BOOTSTRAP_SERVERS": settings.resolved_bootstrap_servers,
+            "KAPPA_EDW_URL": settings.resolved_edw_url,
+            **dagster_environment(settings, dagster_home),
+        }
+        supervisor = Supervisor()
+        stack.callback(supervisor.stop_all)
+        workspace = str(root / "workspace.yaml")
+        if simulate:
+            with _step(f"event simulator ({settings.sim_rate:g} events/s)"):
+                supervisor.start(
+                    "simulator",
+                    [sys.executable, "-m", "kappa.cli", "simulate"],
+                    env=env,
+                    log_path=logs / "simulator.log",
+                    cwd=root,
+                )
+        with _step("Dagster daemon"):
+            supervisor.start(
+                "daemon",
+                [str(bin_dir / "dagster-daemon"), "run", "-w", workspace],
+                env=env,
+                log_path=logs / "dagster-daemon.log",
+                cwd=root,
+            )
+        ui = f"http://127.0.0.1:{settings.ui_port}"
+        with _step(f"Dagster webserver on {ui}"):
+            supervisor.start(
+                "webserver",
+                [
+                    str(bin_dir / "dagster-webserver"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(settings.ui_port),
+                    "-w",
+                    workspace,
+                ],
+                env=env,
+                log_path=logs / "dagster-webserver.log",
+                cwd=root,
+            )
+            _wait_http(
+                f"{ui}/server_info", timeout_s=180, alive=lambda: supervisor.exited() is None
+            )
+
+        _say("")
+        _say("kappa-etl is running")
+        _say(f"  Dagster UI      {ui}  (assets: {ui}/assets, sensors: {ui}/overview/automation)")
+        _say(
+            f"  broker          {settings.resolved_bootstrap_servers}"
+            + ("  (local, memory storage)" if settings.uses_local_broker else "")
+        )
+        _say(
+            f"  EDW             {redact(settings.resolved_edw_url)}  (schemas {settings.edw_schema}, {settings.meta_schema})"
+        )
+        _say(f"  Dagster storage {redact(settings.resolved_dagster_pg_url)}")
+        _say(f"  topics          {settings.topic_orders}, {settings.topic_payments}")
+        _say(f"  running         {', '.join(supervisor.names)}")
+        _say(f"  logs            {logs}")
+        for problem in problems:
+            _say(f"\n  ! {problem}")
+        if problems and settings.uses_local_broker:
+            _say(
+                "  ! The local broker keeps nothing across restarts while PostgreSQL keeps the ledger:"
+                " start from empty local state with `make reset` (kappa up --reset)."
+            )
+        _say("\nPress Ctrl-C to stop.")
+        outcome = supervisor.wait()
+        _say(f"\nStopping ({outcome.describe()}) ...")
+    _say("Stopped.")
+    return 1 if outcome.reason == "child_exited" else 0
+
+
+def check(settings: Settings) -> int:
+    """Preflight: can this deployment reach its databases, broker and topics?"""
+    from kappa.localstack import check_postgres
+
+    failures = 0
+
+    def run(title: str, probe: Callable[[], object]) -> None:
+        nonlocal failures
+        try:
+            probe()
+        except KappaError as exc:
+            failures += 1
+            _say(f"  ✗ {title}: {exc}")
+        else:
+            _say(f"  ✓ {title}")
+
+    run("KAPPA_EDW_URL", lambda: check_postgres("KAPPA_EDW_URL", settings.resolved_edw_url))
+    run(
+        "KAPPA_DAGSTER_PG_URL",
+        lambda: check_postgres("KAPPA_DAGSTER_PG_URL", settings.resolved_dagster_pg_url),
+    )
+
+    def topics() -> None:
+        with EventStore(
+            settings.resolved_bootstrap_servers, timeout_s=settings.kafka_timeout_s
+        ) as store:
+            for setting, topic in _topics(settings).items():
+                try:
+                    store.partitions(topic)
+                except UnknownTopicError as exc:
+                    raise ConfigurationError(setting, str(exc)) from None
+
+    run("KAFKA_BOOTSTRAP_SERVERS and topics", topics)
+    return 1 if failures else 0
+
+
+def simulate(settings: Settings) -> int:
+    """Run the event simulator until SIGINT/SIGTERM."""
+    from kappa import simulator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    simulator.run(settings, stop=stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kappa", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    up_parser = commands.add_parser("up", help="bring up the local stack and the Dagster UI")
+    up_parser.add_argument(
+        "--reset", action="store_true", help="start from empty local state (KAPPA_HOME)"
+    )
+    up_parser.add_argument(
+        "--no-simulator", action="store_true", help="do not start the event simulator"
+    )
+    commands.add_parser("init", help="create schemas, tables and topics (idempotent)")
+    commands.add_parser("check", help="check that databases, broker and topics answer")
+    commands.add_parser("simulate", help="produce simulated events at KAPPA_SIM_RATE")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.command == "up":
+            return up(settings, reset=args.reset, simulate=not args.no_simulator)
+        if args.command == "init":
+            prepare(settings, create_topics=True)
+            return 0
+        if args.command == "check":
+            return check(settings)
+        return simulate(settings)
+    except KappaError as exc:
+        print(f"\nkappa: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
