@@ -26,7 +26,7 @@ from kappa.event_store import EventStore, UnknownTopicError
 from kappa.exceptions import ConfigurationError, KappaError, LogResetError
 from kappa.ingest import check_continuity
 from kappa.settings import Settings, redact
-from kappa.warehouse import Schemas, connect, ensure_schema, read_heads
+from kappa.warehouse import Schemas, connect, ensure_schema, read_heads, reset_for_replay
 
 T = TypeVar("T")
 
@@ -300,6 +300,29 @@ def check(settings: Settings) -> int:
     return 1 if failures else 0
 
 
+def replay(settings: Settings, asset: str, *, confirmed: bool) -> int:
+    """Reload ``asset`` from the beginning of its log: forget its rows, dead letters and ledger."""
+    contracts = {"fact_order": ORDER_PLACED, "fact_payment": PAYMENT_ATTEMPTED}
+    if asset not in contracts:
+        raise KappaError(f"unknown asset {asset!r}; replayable: {', '.join(contracts)}")
+    if not confirmed:
+        _say(
+            f"This deletes every row of {asset}, its dead letters and its ledger in "
+            f"{redact(settings.resolved_edw_url)}; its sensor then reloads it from the start "
+            "of the log. Run again with --yes to do it."
+        )
+        return 1
+    schemas = Schemas(settings.edw_schema, settings.meta_schema)
+    with connect(settings.resolved_edw_url) as conn:
+        removed = reset_for_replay(conn, schemas, contracts[asset], asset)
+    _say(
+        f"{asset}: removed {removed.rows} rows, {removed.dead_letters} dead letters and "
+        f"{removed.batches} ledger batches in one transaction; the next sensor tick reloads "
+        "it from the start of the log."
+    )
+    return 0
+
+
 def simulate(settings: Settings) -> int:
     """Run the event simulator until SIGINT/SIGTERM."""
     from kappa import simulator
@@ -325,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("init", help="create schemas, tables and topics (idempotent)")
     commands.add_parser("check", help="check that databases, broker and topics answer")
     commands.add_parser("simulate", help="produce simulated events at KAPPA_SIM_RATE")
+    replay_parser = commands.add_parser("replay", help="reload an asset from the start of its log")
+    replay_parser.add_argument("asset", help="fact_order or fact_payment")
+    replay_parser.add_argument(
+        "--yes", action="store_true", help="confirm: the asset's rows are deleted"
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -335,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check":
             return check(settings)
+        if args.command == "replay":
+            return replay(settings, args.asset, confirmed=args.yes)
         return simulate(settings)
     except KappaError as exc:
         print(f"\nkappa: {exc}", file=sys.stderr)

@@ -32,7 +32,7 @@ class LogResetError(KappaError):
         super().__init__(
             f"{asset}: {topic}[{partition}] {detail} Nothing was skipped or re-loaded and no EDW "
             f"rows were touched; {asset} stops here until an operator acts "
-            f"(see 'Reprocessing' and 'kappa ledger' in the README)."
+            f"(to reload {asset} from the log as it is now: `kappa replay {asset}`)."
         )
 
 

@@ -337,3 +337,35 @@ def commit_batch(
             (final.end, final.asset, final.source, final.shard),
         )
     return final
+
+
+@dataclass(frozen=True)
+class ReplayReset:
+    """What :func:`reset_for_replay` removed."""
+
+    rows: int
+    dead_letters: int
+    batches: int
+
+
+def reset_for_replay(
+    conn: psycopg.Connection, schemas: Schemas, contract: EventContract, asset: str
+) -> ReplayReset:
+    """Forget everything ``asset`` loaded, in one transaction, so it reloads from the log start.
+
+    Rows, dead letters and ledger go together: the EDW is never left holding rows the ledger
+    does not account for, nor the reverse.
+    """
+    meta = sql.Identifier(schemas.meta)
+    with conn.transaction():
+        rows = conn.execute(
+            sql.SQL("DELETE FROM {}").format(sql.Identifier(schemas.edw, contract.table))
+        ).rowcount
+        dead = conn.execute(
+            sql.SQL("DELETE FROM {}.dead_letter WHERE asset = %s").format(meta), (asset,)
+        ).rowcount
+        batches = conn.execute(
+            sql.SQL("DELETE FROM {}.batch_ledger WHERE asset = %s").format(meta), (asset,)
+        ).rowcount
+        conn.execute(sql.SQL("DELETE FROM {}.ledger_head WHERE asset = %s").format(meta), (asset,))
+    return ReplayReset(rows=rows, dead_letters=dead, batches=batches)

@@ -135,7 +135,7 @@ def test_a_broker_that_lost_its_log_stops_the_asset_in_plain_words(
         broker.stop()  # the local broker keeps nothing: it comes back empty
         broker.start()
         ensure_topics(broker.bootstrap_servers, {"orders": 1, "payments": 1}, timeout_s=10)
-        pipeline.simulate(20, seed=99, invalid_rate=0.0)
+        after_reset = pipeline.simulate(20, seed=99, invalid_rate=0.0)
 
         with pytest.raises(LogResetError) as caught:
             pipeline.tick("fact_order")
@@ -143,6 +143,17 @@ def test_a_broker_that_lost_its_log_stops_the_asset_in_plain_words(
         assert message.startswith("fact_order: orders[0] ")
         assert "Nothing was skipped or re-loaded" in message
         assert "was recreated" in message or "the log now ends at" in message
+        assert "kappa replay fact_order" in message
         assert pipeline.query("SELECT * FROM edw.fact_order ORDER BY event_id") == before
+
+        # The operator's decision: reload the asset from the log as it is now.
+        from kappa import cli
+
+        assert cli.main(["replay", "fact_order"]) == 1, "without --yes nothing is deleted"
+        assert pipeline.query("SELECT * FROM edw.fact_order ORDER BY event_id") == before
+        assert cli.main(["replay", "fact_order", "--yes"]) == 0
+        pipeline.drain("fact_order")
+        loaded = {str(r[0]) for r in pipeline.query("SELECT event_id FROM edw.fact_order")}
+        assert loaded == expected_event_ids(after_reset, "orders")
     finally:
         broker.stop()
