@@ -32,7 +32,7 @@ test-unit: $(STAMP) ## Run only the fast unit tests
 
 test-pg15: $(STAMP) ## Run the integration tests against the PostgreSQL server at 127.0.0.1:5432
 	KAPPA_TEST_PG_URL=$${KAPPA_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres} \
-		$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+		$(BIN)/python -m pytest tests/integration -m "not e2e" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Lint and check formatting
 	$(BIN)/ruff check .
