@@ -20,6 +20,7 @@ from kappa.localstack import (
     EmbeddedPostgres,
     LocalBroker,
     check_postgres,
+    dagster_environment,
     ensure_database,
     ensure_topics,
     free_port,
@@ -266,7 +267,6 @@ def test_dagster_instance_loads_from_the_written_yaml(
     from dagster._core.definitions.run_request import InstigatorType
     from dagster._core.scheduler.instigation import TickStatus
 
-    monkeypatch.setenv(DAGSTER_PG_URL_ENV, database_url)
     settings = Settings.from_env(
         {
             "KAPPA_DAGSTER_PG_URL": database_url,
@@ -275,6 +275,9 @@ def test_dagster_instance_loads_from_the_written_yaml(
         }
     )
     write_dagster_yaml(tmp_path, settings)
+    monkeypatch.setenv(
+        DAGSTER_PG_URL_ENV, dagster_environment(settings, tmp_path)[DAGSTER_PG_URL_ENV]
+    )
 
     instance = DagsterInstance.from_config(str(tmp_path))
     try:
@@ -285,7 +288,7 @@ def test_dagster_instance_loads_from_the_written_yaml(
         assert queue is not None
         assert queue.max_concurrent_runs == 6
         assert queue.tag_concurrency_limits == [
-            {"key": "kappa/shard", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+            {"key": "kappa/asset", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
         ]
         assert instance.run_retries_enabled
         assert instance.run_retries_max_retries == 2
