@@ -110,7 +110,8 @@ class Pipeline:
 
     def query(self, statement: str, params: tuple = ()) -> list[tuple]:
         with connect(self.edw_url) as conn:
-            return conn.execute(statement, params).fetchall()  # type: ignore[arg-type]
+            cursor = conn.execute(statement, params)  # type: ignore[arg-type]
+            return cursor.fetchall() if cursor.description is not None else []
 
 
 def expected_event_ids(messages: Iterable[simulator.SimulatedMessage], topic: str) -> set[str]:

@@ -189,3 +189,21 @@ def test_a_bad_database_url_names_its_setting(pipeline: Pipeline, monkeypatch):
         "KAPPA_EDW_URL: cannot connect to postgresql://etl:***@127.0.0.1:"
     )
     assert "hunter2" not in str(caught.value)
+
+
+def test_a_failed_batch_is_requested_again_and_then_loads(pipeline: Pipeline):
+    """A run that fails (here: the fact table is briefly gone) does not stall its partitions."""
+    messages = pipeline.simulate(300)
+    [request] = pipeline.tick("fact_order").run_requests
+    pipeline.query("ALTER TABLE edw.fact_order RENAME TO fact_order_away")
+    failed = pipeline.execute(request, raise_on_error=False)
+    assert not failed.success
+    assert pipeline.query("SELECT count(*) FROM kappa.batch_ledger") == [(0,)]
+    pipeline.query("ALTER TABLE edw.fact_order_away RENAME TO fact_order")
+
+    [again] = pipeline.tick("fact_order").run_requests
+    assert again.run_key != request.run_key, "a reused run key would launch nothing"
+    assert again.tags["kappa/ranges"] == request.tags["kappa/ranges"]
+    pipeline.drain("fact_order")
+    loaded = {r[0] for r in pipeline.query("SELECT event_id::text FROM edw.fact_order")}
+    assert loaded == expected_event_ids(messages, pipeline.env["KAPPA_TOPIC_ORDERS"])

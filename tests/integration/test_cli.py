@@ -1,0 +1,51 @@
+"""The kappa command against real services: clear errors naming the setting, no tracebacks."""
+
+import pytest
+
+from kappa import cli
+from kappa.localstack import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_check_reports_each_setting(pipeline_env, monkeypatch, capsys):
+    monkeypatch.setenv("KAPPA_DAGSTER_PG_URL", pipeline_env["KAPPA_EDW_URL"])
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "✓ KAPPA_EDW_URL" in out and "✓ KAFKA_BOOTSTRAP_SERVERS and topics" in out
+
+    monkeypatch.setenv("KAPPA_TOPIC_PAYMENTS", "missing_topic")
+    monkeypatch.setenv("KAPPA_DAGSTER_PG_URL", f"postgresql://u:pw1234@127.0.0.1:{free_port()}/x")
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "✗ KAPPA_DAGSTER_PG_URL: KAPPA_DAGSTER_PG_URL: " in out
+    assert "KAPPA_TOPIC_PAYMENTS: topic 'missing_topic' does not exist" in out
+    assert "pw1234" not in out
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "starts"),
+    [
+        ("KAFKA_BOOTSTRAP_SERVERS", "no-port-here", "kappa: KAFKA_BOOTSTRAP_SERVERS: "),
+        ("KAPPA_EDW_URL", "mysql://x@y/z", "kappa: KAPPA_EDW_URL: "),
+        ("KAPPA_EDW_SCHEMA", "drop table;", "kappa: KAPPA_EDW_SCHEMA: "),
+    ],
+)
+def test_bad_configuration_fails_before_starting_anything(
+    monkeypatch, capsys, tmp_path, name, value, starts
+):
+    monkeypatch.setenv("KAPPA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(name, value)
+    assert cli.main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith(starts)
+    assert "Traceback" not in err
+    assert not (tmp_path / "home").exists()
+
+
+def test_an_unreachable_broker_given_to_init_names_the_setting(pipeline_env, monkeypatch, capsys):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("KAPPA_KAFKA_TIMEOUT_S", "1")
+    assert cli.main(["init"]) == 2
+    err = capsys.readouterr().err
+    assert "kappa: KAFKA_BOOTSTRAP_SERVERS: no broker answered" in err
