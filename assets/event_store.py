@@ -128,7 +128,7 @@ def build_fact_asset(spec: TopicIngest, *, max_batch: int, max_run: int) -> dg.A
                     schemas,
                     spec,
                     requested,
-                    run_id=context.run_id,
+                    run_id=context.run.run_id,
                     max_batch=max_batch,
                 )
 
