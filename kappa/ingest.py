@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from kappa import cdc
+from kappa.capture import CaptureSpec
 from kappa.contracts import EventContract
 from kappa.decode import decode_batch, describe_reason
+from kappa.dimensions import apply_changes
 from kappa.event_store import EventStore, LogBounds
 from kappa.exceptions import LogResetError
 from kappa.warehouse import BatchRecord, LedgerHead, Schemas, commit_batch, read_head
@@ -201,4 +204,79 @@ def run_batch(
         lag_after=bounds.end - end,
         seconds=time.monotonic() - started,
         dead_letter_reasons=Counter(describe_reason(r) for r in decoded.dead_letters["reason"]),
+    )
+
+
+def run_capture_batch(
+    oltp: psycopg.Connection,
+    edw: psycopg.Connection,
+    schemas: Schemas,
+    spec: CaptureSpec,
+    *,
+    requested_end: int | None,
+    run_id: str,
+    max_changes: int,
+    partition_key: str | None = None,
+) -> BatchOutcome:
+    """Apply the next committed changes of a captured table, bounded by ``requested_end``.
+
+    Positions are transaction ids: the batch starts where the ledger ends (0 before the
+    first batch) and never passes the snapshot horizon.
+    """
+    started = time.monotonic()
+    source = str(spec.change_table)
+    epoch = cdc.source_epoch(oltp, spec)
+    head = read_head(edw, schemas, spec.asset, source, 0)
+    if head is not None and head.epoch != epoch:
+        raise LogResetError(
+            spec.asset,
+            source,
+            0,
+            f"was recreated: the ledger loaded transactions up to {head.end} of change table "
+            f"{head.epoch}, the OLTP database now has {epoch}.",
+        )
+    start = head.end if head is not None else 0
+    end = cdc.plan_end(oltp, spec, start, max_changes=max_changes)
+    if requested_end is not None:
+        end = min(end, max(requested_end, start))
+    if end <= start:
+        return BatchOutcome(
+            spec.asset,
+            source,
+            0,
+            start,
+            start,
+            status="already loaded",
+            seconds=time.monotonic() - started,
+        )
+    changes = cdc.read_changes(oltp, spec, start, end)
+    record = BatchRecord(
+        asset=spec.asset,
+        source=source,
+        shard=0,
+        epoch=epoch,
+        start=start,
+        end=end,
+        run_id=run_id,
+        partition_key=partition_key,
+        received=0,
+        loaded=0,
+        dead_lettered=0,
+        deduplicated=0,
+    )
+    received, applied, dead = apply_changes(edw, schemas, spec, record, changes)
+    lag = cdc.capture_lag(oltp, spec, end)
+    return BatchOutcome(
+        asset=spec.asset,
+        topic=source,
+        partition=0,
+        start=start,
+        end=end,
+        status="committed",
+        received=received,
+        loaded=applied,
+        dead_lettered=dead,
+        deduplicated=0,
+        lag_after=lag.pending_changes,
+        seconds=time.monotonic() - started,
     )

@@ -21,6 +21,9 @@ from kappa.exceptions import ConfigurationError
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
+#: The repository root: workspace.yaml and capture.yaml live there.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 LOCAL_PG_PORT = 55432
 LOCAL_BROKER_PORT = 19092
 
@@ -51,6 +54,16 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "PostgreSQL URL for Dagster's run, event-log and schedule storage. Empty: the embedded server.",
     ),
+    Setting(
+        "KAPPA_OLTP_URL",
+        "",
+        "PostgreSQL URL of the OLTP database with the captured tables and change tables. Empty: the embedded server.",
+    ),
+    Setting(
+        "KAPPA_CAPTURE_CONFIG",
+        "capture.yaml",
+        "The captured OLTP tables (relative paths are taken from the repository root).",
+    ),
     Setting("KAPPA_PG_PORT", str(LOCAL_PG_PORT), "Port of the embedded PostgreSQL (127.0.0.1)."),
     Setting("KAPPA_BROKER_PORT", str(LOCAL_BROKER_PORT), "Port of the local broker (127.0.0.1)."),
     Setting("KAPPA_EDW_SCHEMA", "edw", "Schema of the EDW tables."),
@@ -66,13 +79,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_MAX_CONCURRENT_RUNS", "4", "Runs the Dagster run queue lets run at once."),
     Setting("KAPPA_UI_PORT", "3000", "Port of the Dagster webserver (bound to 127.0.0.1)."),
     Setting("KAPPA_SIM_RATE", "50", "Simulated events per second (orders and payments together)."),
-    Setting("KAPPA_SIM_SEED", "42", "Seed of the event simulator (same seed, same events)."),
+    Setting(
+        "KAPPA_SIM_SEED",
+        "42",
+        "Seed of the event simulator (same seed and start time, same events).",
+    ),
     Setting("KAPPA_SIM_CUSTOMERS", "500", "Number of simulated customers."),
     Setting("KAPPA_SIM_DUPLICATE_RATE", "0.02", "Share of simulated events sent twice."),
     Setting(
         "KAPPA_SIM_LATE_RATE", "0.05", "Share of simulated events with an out-of-order event time."
     ),
     Setting("KAPPA_SIM_INVALID_RATE", "0.005", "Share of simulated messages that are malformed."),
+    Setting(
+        "KAPPA_OLTP_RATE", "5", "Simulated OLTP transactions per second (customers and calls)."
+    ),
+    Setting("KAPPA_OLTP_WRITERS", "3", "Concurrent writers of the OLTP simulator."),
 )
 
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
@@ -163,6 +184,8 @@ class Settings:
     kafka_bootstrap_servers: str | None
     edw_url: str | None
     dagster_pg_url: str | None
+    oltp_url: str | None
+    capture_config: Path
     pg_port: int
     broker_port: int
     edw_schema: str
@@ -183,6 +206,8 @@ class Settings:
     sim_duplicate_rate: float
     sim_late_rate: float
     sim_invalid_rate: float
+    oltp_rate: float
+    oltp_writers: int
     env: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
@@ -191,6 +216,8 @@ class Settings:
         kafka = _raw(env, "KAFKA_BOOTSTRAP_SERVERS")
         edw = _raw(env, "KAPPA_EDW_URL")
         dagster_pg = _raw(env, "KAPPA_DAGSTER_PG_URL")
+        oltp = _raw(env, "KAPPA_OLTP_URL")
+        capture = Path(_raw(env, "KAPPA_CAPTURE_CONFIG") or "capture.yaml")
         orders = topic_name("KAPPA_TOPIC_ORDERS", _raw(env, "KAPPA_TOPIC_ORDERS"))
         payments = topic_name("KAPPA_TOPIC_PAYMENTS", _raw(env, "KAPPA_TOPIC_PAYMENTS"))
         if orders == payments:
@@ -214,6 +241,8 @@ class Settings:
             else None,
             edw_url=postgres_url("KAPPA_EDW_URL", edw) if edw else None,
             dagster_pg_url=postgres_url("KAPPA_DAGSTER_PG_URL", dagster_pg) if dagster_pg else None,
+            oltp_url=postgres_url("KAPPA_OLTP_URL", oltp) if oltp else None,
+            capture_config=capture if capture.is_absolute() else REPO_ROOT / capture,
             pg_port=_int(env, "KAPPA_PG_PORT", minimum=1, maximum=65535),
             broker_port=_int(env, "KAPPA_BROKER_PORT", minimum=1, maximum=65535),
             edw_schema=edw_schema,
@@ -234,6 +263,8 @@ class Settings:
             sim_duplicate_rate=_float(env, "KAPPA_SIM_DUPLICATE_RATE", minimum=0.0, maximum=1.0),
             sim_late_rate=_float(env, "KAPPA_SIM_LATE_RATE", minimum=0.0, maximum=1.0),
             sim_invalid_rate=_float(env, "KAPPA_SIM_INVALID_RATE", minimum=0.0, maximum=1.0),
+            oltp_rate=_float(env, "KAPPA_OLTP_RATE", minimum=0.0, maximum=100_000),
+            oltp_writers=_int(env, "KAPPA_OLTP_WRITERS", minimum=1, maximum=64),
             env=env,
         )
 
@@ -258,8 +289,12 @@ class Settings:
         return self.kafka_bootstrap_servers or self.local_broker
 
     @property
+    def resolved_oltp_url(self) -> str:
+        return self.oltp_url or f"{self.local_pg_base_url}/kappa_oltp"
+
+    @property
     def uses_embedded_postgres(self) -> bool:
-        return self.edw_url is None or self.dagster_pg_url is None
+        return self.edw_url is None or self.dagster_pg_url is None or self.oltp_url is None
 
     @property
     def uses_local_broker(self) -> bool:

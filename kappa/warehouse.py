@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import psycopg
@@ -227,22 +227,33 @@ def _copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataF
         copy.write(buffer.getvalue())
 
 
-def commit_batch(
-    conn: psycopg.Connection,
-    schemas: Schemas,
-    contract: EventContract,
-    record: BatchRecord,
-    decoded: DecodedBatch,
-) -> BatchRecord:
-    """Load one decoded batch and its ledger row in one transaction.
+@dataclass
+class BatchCounts:
+    """Counts a batch's writer fills in inside :func:`ledger_transaction`."""
 
-    Returns the record with the final counts (``deduplicated`` includes events already in
-    the EDW from earlier batches). Raises :class:`BatchSupersededError` if the ledger no
-    longer ends where the batch starts, and :class:`LogResetError` if the ledger belongs to
-    another incarnation of the topic; in both cases nothing is written.
+    received: int = 0
+    loaded: int = 0
+    dead_lettered: int = 0
+
+    @property
+    def deduplicated(self) -> int:
+        return self.received - self.loaded - self.dead_lettered
+
+
+@contextmanager
+def ledger_transaction(
+    conn: psycopg.Connection, schemas: Schemas, record: BatchRecord
+) -> Iterator[BatchCounts]:
+    """One transaction for a batch's output and its ledger row, or for nothing.
+
+    Locks the shard's ledger head; the body writes the output and fills the counts; on the
+    way out the ledger row and the new head are written in the same transaction. Raises
+    :class:`BatchSupersededError` if the ledger no longer ends where the batch starts and
+    :class:`LogResetError` if the ledger belongs to another incarnation of the source; in
+    both cases nothing is written.
     """
     meta = sql.Identifier(schemas.meta)
-    fact = sql.Identifier(schemas.edw, contract.table)
+    counts = BatchCounts()
     with conn.transaction():
         head = _lock_head(conn, schemas, record)
         if head.epoch != record.epoch:
@@ -250,64 +261,15 @@ def commit_batch(
                 record.asset,
                 record.source,
                 record.shard,
-                f"was recreated: the ledger was written for topic id {head.epoch or '-'} "
-                f"up to offset {head.end}, the log now has topic id {record.epoch or '-'}.",
+                f"was recreated: the ledger was written for source id {head.epoch or '-'} "
+                f"up to position {head.end}, the source now has id {record.epoch or '-'}.",
             )
         if head.end != record.start:
             raise BatchSupersededError(
                 f"{record.asset}: {record.source}[{record.shard}] ledger ends at {head.end}, "
                 f"batch starts at {record.start}; another run committed first"
             )
-        stage = sql.Identifier(f"stage_{contract.table}")
-        conn.execute(
-            sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
-                stage, fact
-            )
-        )
-        _copy_frame(conn, stage, decoded.rows)
-        loaded = conn.execute(
-            sql.SQL(
-                "INSERT INTO {fact} SELECT * FROM {stage} ORDER BY kafka_offset "
-                "ON CONFLICT (event_id) DO NOTHING"
-            ).format(fact=fact, stage=stage)
-        ).rowcount
-        dead = decoded.dead_letters
-        if not dead.empty:
-            with conn.cursor().copy(
-                sql.SQL(
-                    "COPY {}.dead_letter (asset, source, shard, epoch, position, broker_time, "
-                    "raw_key, raw_value, reason, run_id) FROM STDIN"
-                ).format(meta)
-            ) as copy:
-                for offset, broker_time, key, value, reason in dead.itertuples(index=False):
-                    copy.write_row(
-                        (
-                            record.asset,
-                            record.source,
-                            record.shard,
-                            record.epoch,
-                            int(offset),
-                            broker_time.to_pydatetime(),
-                            key,
-                            value,
-                            reason,
-                            record.run_id,
-                        )
-                    )
-        final = BatchRecord(
-            asset=record.asset,
-            source=record.source,
-            shard=record.shard,
-            epoch=record.epoch,
-            start=record.start,
-            end=record.end,
-            run_id=record.run_id,
-            partition_key=record.partition_key,
-            received=decoded.received,
-            loaded=loaded,
-            dead_lettered=len(dead),
-            deduplicated=decoded.received - loaded - len(dead),
-        )
+        yield counts
         conn.execute(
             sql.SQL(
                 "INSERT INTO {}.batch_ledger (asset, source, shard, epoch, start_position, "
@@ -315,18 +277,18 @@ def commit_batch(
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             ).format(meta),
             (
-                final.asset,
-                final.source,
-                final.shard,
-                final.epoch,
-                final.start,
-                final.end,
-                final.run_id,
-                final.partition_key,
-                final.received,
-                final.loaded,
-                final.dead_lettered,
-                final.deduplicated,
+                record.asset,
+                record.source,
+                record.shard,
+                record.epoch,
+                record.start,
+                record.end,
+                record.run_id,
+                record.partition_key,
+                counts.received,
+                counts.loaded,
+                counts.dead_lettered,
+                counts.deduplicated,
             ),
         )
         conn.execute(
@@ -334,9 +296,94 @@ def commit_batch(
                 "UPDATE {}.ledger_head SET end_position = %s, batches = batches + 1, "
                 "updated_at = clock_timestamp() WHERE asset = %s AND source = %s AND shard = %s"
             ).format(meta),
-            (final.end, final.asset, final.source, final.shard),
+            (record.end, record.asset, record.source, record.shard),
         )
-    return final
+
+
+def write_dead_letters(
+    conn: psycopg.Connection, schemas: Schemas, record: BatchRecord, dead: pd.DataFrame
+) -> int:
+    """COPY dead letters (``position``, ``broker_time``, ``key``, ``value``, ``reason``)."""
+    if dead.empty:
+        return 0
+    with conn.cursor().copy(
+        sql.SQL(
+            "COPY {}.dead_letter (asset, source, shard, epoch, position, broker_time, "
+            "raw_key, raw_value, reason, run_id) FROM STDIN"
+        ).format(sql.Identifier(schemas.meta))
+    ) as copy:
+        for position, broker_time, key, value, reason in dead.itertuples(index=False):
+            copy.write_row(
+                (
+                    record.asset,
+                    record.source,
+                    record.shard,
+                    record.epoch,
+                    int(position),
+                    None if pd.isna(broker_time) else broker_time.to_pydatetime(),
+                    key,
+                    value,
+                    reason,
+                    record.run_id,
+                )
+            )
+    return len(dead)
+
+
+def stage_frame(
+    conn: psycopg.Connection,
+    name: str,
+    like: sql.Composable | None,
+    frame: pd.DataFrame,
+    columns_ddl: sql.Composable | None = None,
+) -> sql.Identifier:
+    """A temporary table (dropped at commit) holding ``frame``, loaded with COPY."""
+    stage = sql.Identifier(name)
+    if like is not None:
+        conn.execute(
+            sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
+                stage, like
+            )
+        )
+    else:
+        assert columns_ddl is not None
+        conn.execute(sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(stage, columns_ddl))
+    _copy_frame(conn, stage, frame)
+    return stage
+
+
+def commit_batch(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    contract: EventContract,
+    record: BatchRecord,
+    decoded: DecodedBatch,
+) -> BatchRecord:
+    """Load one decoded batch of events with its dead letters and ledger row, exactly once.
+
+    Returns the record with the final counts (``deduplicated`` includes events already in
+    the EDW from earlier batches).
+    """
+    fact = sql.Identifier(schemas.edw, contract.table)
+    with ledger_transaction(conn, schemas, record) as counts:
+        stage = stage_frame(conn, f"stage_{contract.table}", fact, decoded.rows)
+        counts.received = decoded.received
+        counts.loaded = conn.execute(
+            sql.SQL(
+                "INSERT INTO {fact} SELECT * FROM {stage} ORDER BY kafka_offset "
+                "ON CONFLICT (event_id) DO NOTHING"
+            ).format(fact=fact, stage=stage)
+        ).rowcount
+        counts.dead_lettered = write_dead_letters(
+            conn, schemas, record, decoded.dead_letters.rename(columns={"offset": "position"})
+        )
+    return replace(
+        record,
+        received=counts.received,
+        loaded=counts.loaded,
+        dead_lettered=counts.dead_lettered,
+        deduplicated=counts.deduplicated,
+    )
 
 
 @dataclass(frozen=True)

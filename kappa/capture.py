@@ -1,0 +1,139 @@
+"""Captured OLTP tables as configuration (``capture.yaml``), validated at load time.
+
+Every identifier is checked against a strict pattern and every column type against a short
+list, so no SQL is ever built from an unchecked string; SQL is then composed with
+``psycopg.sql.Identifier``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kappa.exceptions import ConfigurationError
+from kappa.settings import identifier
+
+SETTING = "KAPPA_CAPTURE_CONFIG"
+Mode = Literal["scd2", "current"]
+
+#: Column types a captured column may have in the EDW (their JSON image is converted).
+_TYPES = re.compile(
+    r"^(text|integer|bigint|boolean|date|timestamptz|double precision"
+    r"|numeric\(\d{1,2},\s?\d{1,2}\)|char\(\d{1,3}\))$"
+)
+
+
+@dataclass(frozen=True)
+class QualifiedName:
+    """``schema.table``, both parts validated identifiers."""
+
+    schema: str
+    table: str
+
+    @classmethod
+    def parse(cls, where: str, raw: Any) -> QualifiedName:
+        if not isinstance(raw, str) or raw.count(".") != 1:
+            raise ConfigurationError(SETTING, f"{where}: expected schema.table, got {raw!r}")
+        schema, table = raw.split(".")
+        return cls(
+            identifier(f"{SETTING} {where}", schema), identifier(f"{SETTING} {where}", table)
+        )
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql_type: str
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """One captured table: where its changes are, what they become in the EDW."""
+
+    name: str
+    source: QualifiedName
+    keys: tuple[str, ...]
+    columns: tuple[Column, ...]
+    change_table: QualifiedName
+    target: str
+    mode: Mode
+
+    @property
+    def asset(self) -> str:
+        return self.target
+
+    @property
+    def value_columns(self) -> tuple[Column, ...]:
+        return tuple(c for c in self.columns if c.name not in self.keys)
+
+
+def _spec(index: int, entry: Any) -> CaptureSpec:
+    where = f"tables[{index}]"
+    if not isinstance(entry, dict):
+        raise ConfigurationError(SETTING, f"{where}: expected a mapping")
+    missing = [
+        k
+        for k in ("name", "source", "keys", "columns", "change_table", "target", "mode")
+        if k not in entry
+    ]
+    if missing:
+        raise ConfigurationError(SETTING, f"{where}: missing {', '.join(missing)}")
+    name = identifier(f"{SETTING} {where}.name", str(entry["name"]))
+    raw_columns = entry["columns"]
+    if not isinstance(raw_columns, dict) or not raw_columns:
+        raise ConfigurationError(SETTING, f"{where}.columns: expected a mapping of column: type")
+    columns = []
+    for column, sql_type in raw_columns.items():
+        identifier(f"{SETTING} {where}.columns", str(column))
+        if not isinstance(sql_type, str) or not _TYPES.match(sql_type.strip()):
+            raise ConfigurationError(
+                SETTING, f"{where}.columns.{column}: unsupported type {sql_type!r}"
+            )
+        columns.append(Column(str(column), sql_type.strip()))
+    keys = entry["keys"]
+    if not isinstance(keys, list) or not keys:
+        raise ConfigurationError(SETTING, f"{where}.keys: expected a non-empty list")
+    names = {c.name for c in columns}
+    for key in keys:
+        if key not in names:
+            raise ConfigurationError(SETTING, f"{where}.keys: {key!r} is not one of the columns")
+    mode = entry["mode"]
+    if mode not in ("scd2", "current"):
+        raise ConfigurationError(SETTING, f"{where}.mode: expected scd2 or current, got {mode!r}")
+    return CaptureSpec(
+        name=name,
+        source=QualifiedName.parse(f"{where}.source", entry["source"]),
+        keys=tuple(keys),
+        columns=tuple(columns),
+        change_table=QualifiedName.parse(f"{where}.change_table", entry["change_table"]),
+        target=identifier(f"{SETTING} {where}.target", str(entry["target"])),
+        mode=mode,
+    )
+
+
+def load_captures(path: Path) -> list[CaptureSpec]:
+    """Read and validate the capture configuration; fails naming the file and the entry."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(SETTING, f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(SETTING, f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("tables"), list):
+        raise ConfigurationError(SETTING, f"{path}: expected a top-level 'tables' list")
+    specs = [_spec(i, entry) for i, entry in enumerate(document["tables"])]
+    for attribute in ("name", "target", "change_table", "source"):
+        values = [str(getattr(s, attribute)) for s in specs]
+        duplicated = {v for v in values if values.count(v) > 1}
+        if duplicated:
+            raise ConfigurationError(
+                SETTING, f"{path}: {attribute} used twice: {', '.join(sorted(duplicated))}"
+            )
+    return specs

@@ -1,0 +1,208 @@
+"""Change data capture in the OLTP database: change tables, triggers, and gap-free reading.
+
+Triggers write each row change into the captured table's change table with the writing
+transaction's id (``xid8``). Change ids commit out of order, so reading ``id > watermark``
+loses rows of transactions still open. Here a batch covers the transaction ids
+``[start, end)`` with ``end`` at most the snapshot horizon ``pg_snapshot_xmin``: every
+transaction below it has ended, so the rows in the range are final and read in
+``(xid, change_id)`` order. A transaction left open holds the horizon back: it delays
+changes, it never drops them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from kappa.capture import SETTING, CaptureSpec
+from kappa.exceptions import ConfigurationError
+
+#: One trigger function for every captured table; the change table is the trigger's argument.
+_CAPTURE_FUNCTION = """
+CREATE OR REPLACE FUNCTION {schema}.kappa_capture() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  EXECUTE format('INSERT INTO %s (op, before, after) VALUES ($1, $2, $3)', TG_ARGV[0])
+    USING left(TG_OP, 1),
+          CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
+          CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
+  RETURN NULL;
+END
+$$;
+"""
+
+_CHANGE_TABLE = """
+CREATE TABLE IF NOT EXISTS {table} (
+  change_id bigserial PRIMARY KEY,
+  xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+  op text NOT NULL,
+  changed_at timestamptz NOT NULL DEFAULT now(),
+  before jsonb,
+  after jsonb
+);
+CREATE INDEX IF NOT EXISTS {index} ON {table} (xid, change_id);
+"""
+
+
+def install_capture(conn: psycopg.Connection, spec: CaptureSpec) -> None:
+    """Create the change table and the capture trigger (idempotent)."""
+    change_table = sql.Identifier(spec.change_table.schema, spec.change_table.table)
+    source = sql.Identifier(spec.source.schema, spec.source.table)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('kappa-etl:install_capture'))")
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (str(spec.source),)).fetchone()
+        if not exists or not exists[0]:
+            raise ConfigurationError(
+                SETTING,
+                f"captured table {spec.source} ({spec.name}) does not exist in the OLTP database",
+            )
+        schema = sql.Identifier(spec.change_table.schema)
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        conn.execute(sql.SQL(_CAPTURE_FUNCTION).format(schema=schema))
+        conn.execute(
+            sql.SQL(_CHANGE_TABLE).format(
+                table=change_table, index=sql.Identifier(f"{spec.change_table.table}_xid_idx")
+            )
+        )
+        conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE TRIGGER kappa_capture AFTER INSERT OR UPDATE OR DELETE ON {source} "
+                "FOR EACH ROW EXECUTE FUNCTION {schema}.kappa_capture({argument})"
+            ).format(
+                source=source,
+                schema=schema,
+                argument=sql.Literal(change_table.as_string(conn)),
+            )
+        )
+
+
+def horizon(conn: psycopg.Connection) -> int:
+    """The snapshot horizon: every transaction with a smaller id has committed or aborted."""
+    row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def source_epoch(conn: psycopg.Connection, spec: CaptureSpec) -> str:
+    """Identity of the change table (database and table oids): changes when it is recreated."""
+    row = conn.execute(
+        "SELECT (SELECT oid FROM pg_database WHERE datname = current_database())::text "
+        "|| ':' || to_regclass(%s)::oid::text",
+        (str(spec.change_table),),
+    ).fetchone()
+    if row is None or row[0] is None:
+        raise ConfigurationError(
+            SETTING, f"change table {spec.change_table} does not exist (run `kappa init`)"
+        )
+    return str(row[0])
+
+
+def plan_end(conn: psycopg.Connection, spec: CaptureSpec, start: int, *, max_changes: int) -> int:
+    """Where a batch starting at ``start`` ends: at most ``max_changes`` changes, whole
+    transactions only, never past the horizon. Equals ``start`` when nothing is ready."""
+    limit = horizon(conn)
+    table = sql.Identifier(spec.change_table.schema, spec.change_table.table)
+    row = conn.execute(
+        sql.SQL(
+            "SELECT xid::text::bigint FROM {} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8 "
+            "ORDER BY xid, change_id OFFSET %s LIMIT 1"
+        ).format(table),
+        (str(start), str(limit), max_changes),
+    ).fetchone()
+    if row is not None:
+        boundary = int(row[0])
+        # A transaction larger than max_changes is taken whole: batches never split one.
+        return boundary if boundary > start else boundary + 1
+    any_row = conn.execute(
+        sql.SQL(
+            "SELECT 1 FROM {} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8 LIMIT 1"
+        ).format(table),
+        (str(start), str(limit)),
+    ).fetchone()
+    return limit if any_row is not None else start
+
+
+def read_changes(conn: psycopg.Connection, spec: CaptureSpec, start: int, end: int) -> pd.DataFrame:
+    """The changes of transactions ``[start, end)`` in (xid, change_id) order.
+
+    ``change_time`` is the commit time where ``track_commit_timestamp`` is on, else the
+    writing transaction's start time. ``end`` must not pass the horizon.
+    """
+    limit = horizon(conn)
+    if end > limit:
+        raise ConfigurationError(
+            SETTING,
+            f"{spec.change_table}: batch [{start}, {end}) passes the snapshot horizon {limit}; "
+            "the OLTP database was replaced or its transaction ids went back",
+        )
+    commit_ts = conn.execute("SELECT current_setting('track_commit_timestamp') = 'on'").fetchone()
+    change_time = (
+        sql.SQL("coalesce(pg_xact_commit_timestamp(xid::xid), changed_at)")
+        if commit_ts and commit_ts[0]
+        else sql.SQL("changed_at")
+    )
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT change_id, xid::text::bigint, op, {change_time}, before::text, after::text "
+            "FROM {table} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8 ORDER BY xid, change_id"
+        ).format(
+            change_time=change_time,
+            table=sql.Identifier(spec.change_table.schema, spec.change_table.table),
+        ),
+        (str(start), str(end)),
+    ).fetchall()
+    return pd.DataFrame(rows, columns=["change_id", "xid", "op", "change_time", "before", "after"])
+
+
+@dataclass(frozen=True)
+class CaptureLag:
+    """How far the EDW is behind a change table, and who holds the horizon back."""
+
+    horizon: int
+    pending_changes: int
+    ready_changes: int
+    oldest_pending_age_s: float | None
+    holding_back: list[dict[str, object]]
+
+    def as_metadata(self) -> dict[str, object]:
+        return {
+            "horizon_xid": self.horizon,
+            "pending_changes": self.pending_changes,
+            "ready_changes": self.ready_changes,
+            "oldest_pending_change_age_s": self.oldest_pending_age_s,
+            "transactions_holding_horizon": self.holding_back,
+        }
+
+
+def capture_lag(conn: psycopg.Connection, spec: CaptureSpec, loaded_until: int) -> CaptureLag:
+    """Pending changes past the ledger, and the open transactions that delay them."""
+    limit = horizon(conn)
+    table = sql.Identifier(spec.change_table.schema, spec.change_table.table)
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE xid < %s::text::xid8), "
+            "extract(epoch FROM clock_timestamp() - min(changed_at))::float8 "
+            "FROM {} WHERE xid >= %s::text::xid8"
+        ).format(table),
+        (str(limit), str(loaded_until)),
+    ).fetchone()
+    assert row is not None
+    holders = conn.execute(
+        "SELECT pid, coalesce(application_name, ''), state, backend_xid::text, "
+        "round(extract(epoch FROM clock_timestamp() - xact_start)::numeric, 1)::float8 "
+        "FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
+        "ORDER BY xact_start LIMIT 5"
+    ).fetchall()
+    return CaptureLag(
+        horizon=limit,
+        pending_changes=int(row[0]),
+        ready_changes=int(row[1]),
+        oldest_pending_age_s=None if row[2] is None else round(float(row[2]), 1),
+        holding_back=[
+            {"pid": h[0], "application": h[1], "state": h[2], "xid": h[3], "open_for_s": h[4]}
+            for h in holders
+        ],
+    )

@@ -1,0 +1,336 @@
+"""Applying a batch of captured changes to the EDW: SCD type 2 dimensions, current-state tables.
+
+Changes are validated with pandas (unknown operation, malformed row images become dead
+letters), staged with COPY, and merged in set-based SQL inside the batch's ledger
+transaction. The results do not depend on how the changes were cut into batches:
+
+* SCD2: a version is valid from its change time, clamped so versions of one key never go
+  back in time along the (xid, change_id) order (a transaction that commits later may have
+  started earlier); it is valid until the next change of its key; a delete closes the
+  current version. The surrogate key is the change id, so a replay rebuilds the same keys.
+* current: the last change of each key wins; a delete removes the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from kappa.capture import CaptureSpec, Column
+from kappa.warehouse import (
+    BatchRecord,
+    Schemas,
+    ledger_transaction,
+    stage_frame,
+    write_dead_letters,
+)
+
+OPERATIONS = ("I", "U", "D")
+
+
+def surrogate_key(spec: CaptureSpec) -> str:
+    """``dim_customer`` → ``customer_sk``."""
+    base = spec.target.removeprefix("dim_")
+    return f"{base}_sk"
+
+
+def _columns_ddl(columns: tuple[Column, ...]) -> list[sql.Composable]:
+    return [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.sql_type)) for c in columns]
+
+
+def ensure_target(conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec) -> None:
+    """Create the target table of a capture (idempotent)."""
+    table = sql.Identifier(schemas.edw, spec.target)
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in spec.keys)
+    columns = sql.SQL(",\n  ").join(_columns_ddl(spec.columns))
+    if spec.mode == "scd2":
+        ddl = sql.SQL(
+            """
+CREATE TABLE IF NOT EXISTS {table} (
+  {sk} bigint PRIMARY KEY,
+  {columns},
+  valid_from timestamptz NOT NULL,
+  valid_to timestamptz,
+  is_current boolean NOT NULL,
+  source_xid bigint NOT NULL,
+  source_change_id bigint NOT NULL,
+  change_op char(1) NOT NULL,
+  CHECK (valid_to IS NULL OR valid_to >= valid_from)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS {current_index} ON {table} ({keys}) WHERE is_current;
+CREATE INDEX IF NOT EXISTS {history_index} ON {table} ({keys}, valid_from);
+"""
+        ).format(
+            table=table,
+            sk=sql.Identifier(surrogate_key(spec)),
+            columns=columns,
+            keys=keys,
+            current_index=sql.Identifier(f"{spec.target}_current_idx"),
+            history_index=sql.Identifier(f"{spec.target}_history_idx"),
+        )
+    else:
+        ddl = sql.SQL(
+            """
+CREATE TABLE IF NOT EXISTS {table} (
+  {columns},
+  source_xid bigint NOT NULL,
+  source_change_id bigint NOT NULL,
+  changed_at timestamptz NOT NULL,
+  PRIMARY KEY ({keys})
+);
+"""
+        ).format(table=table, columns=columns, keys=keys)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('kappa-etl:ensure_schema'))")
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schemas.edw)))
+        conn.execute(ddl)
+
+
+@dataclass
+class ValidatedChanges:
+    """Changes ready to stage (typed columns) and the ones that became dead letters."""
+
+    rows: pd.DataFrame
+    dead_letters: pd.DataFrame
+
+
+def _image(raw: object) -> dict | None:
+    if raw is None or (isinstance(raw, float) and np.isnan(raw)):
+        return None
+    try:
+        value = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _convert(column: Column, values: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Typed values and a mask of values that do not convert (nulls are not failures)."""
+    present = values.notna().to_numpy()
+    kind = column.sql_type.split("(")[0]
+    if kind in ("numeric", "integer", "bigint", "double precision"):
+        numeric = values.map(
+            lambda v: v if isinstance(v, int | float) and not isinstance(v, bool) else np.nan
+        )
+        converted = pd.to_numeric(numeric, errors="coerce")
+        if kind in ("integer", "bigint"):
+            whole = converted.isna() | (converted == converted.round())
+            converted = converted.where(whole.to_numpy())
+            return converted.astype("Int64"), present & converted.isna().to_numpy()
+        return converted, present & converted.isna().to_numpy()
+    if kind in ("timestamptz", "date"):
+        text = values.where(values.map(lambda v: isinstance(v, str)).to_numpy())
+        converted = pd.to_datetime(text, utc=True, format="ISO8601", errors="coerce")
+        if kind == "date":
+            converted = converted.dt.date
+        return converted, present & pd.isna(converted).to_numpy()
+    if kind == "boolean":
+        ok = values.map(lambda v: isinstance(v, bool)).to_numpy()
+        return values.where(ok).astype("boolean"), present & ~ok
+    ok = values.map(lambda v: isinstance(v, str)).to_numpy()
+    converted = values.where(ok).astype("string")
+    if kind == "char":
+        converted = converted.str.rstrip(" ")
+    return converted, present & ~ok
+
+
+def validate_changes(spec: CaptureSpec, changes: pd.DataFrame) -> ValidatedChanges:
+    """Check operations and row images; extract the captured columns."""
+    n = len(changes)
+    reasons = np.full(n, None, dtype=object)
+
+    def flag(mask: np.ndarray, reason: str | np.ndarray) -> None:
+        mask = mask & pd.isna(reasons)
+        if isinstance(reason, np.ndarray):
+            reasons[mask] = reason[mask]
+        else:
+            reasons[mask] = reason
+
+    ops = changes["op"].astype("string")
+    flag(
+        ~ops.isin(OPERATIONS).fillna(False).to_numpy(),
+        np.array([f"unknown operation {o!r}" for o in changes["op"]], dtype=object),
+    )
+    is_delete = (ops == "D").fillna(False).to_numpy()
+    after = [_image(v) for v in changes["after"]]
+    before = [_image(v) for v in changes["before"]]
+    images = [b if d else a for a, b, d in zip(after, before, is_delete, strict=True)]
+    flag(
+        np.array([i is None for i in images], dtype=bool) & ~is_delete,
+        "after image is missing or not a JSON object",
+    )
+    flag(
+        np.array([i is None for i in images], dtype=bool) & is_delete,
+        "before image of a delete is missing or not a JSON object",
+    )
+
+    empty: dict = {}
+    rows = pd.DataFrame(index=changes.index)
+    for column in spec.columns:
+        raw = pd.Series(
+            [(i or empty).get(column.name) for i in images], dtype=object, index=changes.index
+        )
+        has = np.array([column.name in (i or empty) for i in images], dtype=bool)
+        is_key = column.name in spec.keys
+        needed = ~is_delete | is_key
+        flag(needed & ~has, f"row image lacks column '{column.name}'")
+        converted, bad = _convert(column, raw)
+        flag(needed & has & bad, f"'{column.name}' is not a valid {column.sql_type}")
+        if is_key:
+            flag(raw.isna().to_numpy(), f"key column '{column.name}' is null")
+        rows[column.name] = converted.where(needed) if not is_key else converted
+    rows["op"] = ops
+    rows["source_xid"] = changes["xid"].astype("int64")
+    rows["source_change_id"] = changes["change_id"].astype("int64")
+    rows["change_time"] = pd.to_datetime(changes["change_time"], utc=True)
+
+    valid = pd.isna(reasons)
+    dead = changes[~valid]
+    dead_letters = pd.DataFrame(
+        {
+            "position": dead["change_id"].astype("int64").to_numpy(),
+            "broker_time": pd.to_datetime(dead["change_time"], utc=True).to_numpy(),
+            "key": [None] * len(dead),
+            "value": [
+                orjson.dumps({"op": r.op, "xid": int(r.xid), "before": r.before, "after": r.after})
+                for r in dead.itertuples(index=False)
+            ],
+            "reason": reasons[~valid],
+        }
+    )
+    dead_letters["broker_time"] = pd.to_datetime(dead_letters["broker_time"], utc=True)
+    return ValidatedChanges(rows=rows[valid].reset_index(drop=True), dead_letters=dead_letters)
+
+
+def _stage_ddl(spec: CaptureSpec) -> sql.Composable:
+    return sql.SQL(", ").join(
+        [
+            *_columns_ddl(spec.columns),
+            sql.SQL("op char(1)"),
+            sql.SQL("source_xid bigint"),
+            sql.SQL("source_change_id bigint"),
+            sql.SQL("change_time timestamptz"),
+        ]
+    )
+
+
+def _merge_scd2(
+    conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec, stage: sql.Identifier
+) -> None:
+    dim = sql.Identifier(schemas.edw, spec.target)
+    keys = [sql.Identifier(k) for k in spec.keys]
+    key_list = sql.SQL(", ").join(keys)
+    same_key = sql.SQL(" AND ").join(sql.SQL("d.{k} = f.{k}").format(k=k) for k in keys)
+    order = sql.SQL("source_xid, source_change_id")
+    conn.execute(
+        sql.SQL(
+            """
+CREATE TEMP TABLE scd_versions ON COMMIT DROP AS
+WITH bound AS (
+  SELECT {keys}, max(coalesce(valid_to, valid_from)) AS bound
+  FROM {dim} WHERE ({keys}) IN (SELECT DISTINCT {keys} FROM {stage}) GROUP BY {keys}
+)
+SELECT s.*,
+       greatest(max(s.change_time) OVER w, coalesce(b.bound, '-infinity'::timestamptz)) AS valid_from
+FROM {stage} s LEFT JOIN bound b USING ({keys})
+WINDOW w AS (PARTITION BY {keys} ORDER BY {order} ROWS UNBOUNDED PRECEDING)
+"""
+        ).format(keys=key_list, dim=dim, stage=stage, order=order)
+    )
+    conn.execute(
+        sql.SQL(
+            """
+UPDATE {dim} d SET valid_to = f.valid_from, is_current = false
+FROM (SELECT DISTINCT ON ({keys}) {keys}, valid_from FROM scd_versions ORDER BY {keys}, {order}) f
+WHERE d.is_current AND {same_key}
+"""
+        ).format(dim=dim, keys=key_list, order=order, same_key=same_key)
+    )
+    columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in spec.columns)
+    conn.execute(
+        sql.SQL(
+            """
+INSERT INTO {dim} ({sk}, {columns}, valid_from, valid_to, is_current, source_xid, source_change_id, change_op)
+SELECT source_change_id, {columns}, valid_from, next_from, next_from IS NULL, source_xid, source_change_id, op
+FROM (
+  SELECT v.*, lead(valid_from) OVER (PARTITION BY {keys} ORDER BY {order}) AS next_from
+  FROM scd_versions v
+) versions
+WHERE op <> 'D'
+ORDER BY {order}
+"""
+        ).format(
+            dim=dim,
+            sk=sql.Identifier(surrogate_key(spec)),
+            columns=columns,
+            keys=key_list,
+            order=order,
+        )
+    )
+    conn.execute("DROP TABLE scd_versions")
+
+
+def _merge_current(
+    conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec, stage: sql.Identifier
+) -> None:
+    target = sql.Identifier(schemas.edw, spec.target)
+    keys = [sql.Identifier(k) for k in spec.keys]
+    key_list = sql.SQL(", ").join(keys)
+    same_key = sql.SQL(" AND ").join(sql.SQL("t.{k} = l.{k}").format(k=k) for k in keys)
+    columns = sql.SQL(", ").join(sql.Identifier(c.name) for c in spec.columns)
+    updates = sql.SQL(", ").join(
+        sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(name))
+        for name in [c.name for c in spec.value_columns]
+        + ["source_xid", "source_change_id", "changed_at"]
+    )
+    conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE current_last ON COMMIT DROP AS SELECT DISTINCT ON ({keys}) * FROM {stage} "
+            "ORDER BY {keys}, source_xid DESC, source_change_id DESC"
+        ).format(keys=key_list, stage=stage)
+    )
+    conn.execute(
+        sql.SQL(
+            "DELETE FROM {target} t USING current_last l WHERE l.op = 'D' AND {same_key}"
+        ).format(target=target, same_key=same_key)
+    )
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {target} ({columns}, source_xid, source_change_id, changed_at) "
+            "SELECT {columns}, source_xid, source_change_id, change_time FROM current_last WHERE op <> 'D' "
+            "ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+        ).format(target=target, columns=columns, keys=key_list, updates=updates)
+    )
+    conn.execute("DROP TABLE current_last")
+
+
+def apply_changes(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    spec: CaptureSpec,
+    record: BatchRecord,
+    changes: pd.DataFrame,
+) -> tuple[int, int, int]:
+    """Apply one batch of changes with its dead letters and ledger row, exactly once.
+
+    Returns (received, applied, dead-lettered).
+    """
+    validated = validate_changes(spec, changes)
+    with ledger_transaction(conn, schemas, record) as counts:
+        stage = stage_frame(
+            conn, f"stage_{spec.name}", None, validated.rows, columns_ddl=_stage_ddl(spec)
+        )
+        if not validated.rows.empty:
+            if spec.mode == "scd2":
+                _merge_scd2(conn, schemas, spec, stage)
+            else:
+                _merge_current(conn, schemas, spec, stage)
+        counts.received = len(changes)
+        counts.loaded = len(validated.rows)
+        counts.dead_lettered = write_dead_letters(conn, schemas, record, validated.dead_letters)
+    return counts.received, counts.loaded, counts.dead_lettered
