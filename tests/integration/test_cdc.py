@@ -1,5 +1,6 @@
 """Change data capture on real PostgreSQL: gap-free reading, SCD2, exactly once."""
 
+import itertools
 import threading
 import time
 from datetime import UTC, datetime
@@ -133,7 +134,7 @@ def test_scd2_keeps_every_version_in_order_and_a_delete_closes_the_current_one(c
         ("enterprise", False),
         ("retail", True),
     ]
-    for earlier, later in zip(rows, rows[1:], strict=False):
+    for earlier, later in itertools.pairwise(rows):
         assert earlier[4] is not None and earlier[4] <= later[3], "versions never overlap"
     assert rows[-1][4] is None
     with connect(captured) as conn:
@@ -150,7 +151,6 @@ def test_concurrent_writers_each_change_lands_exactly_once(captured):
     """Writers whose transactions sleep, commit or roll back while batches run."""
     import random
 
-    stop = threading.Event()
     errors: list[BaseException] = []
 
     def write(seed: int) -> None:
@@ -207,7 +207,7 @@ def test_concurrent_writers_each_change_lands_exactly_once(captured):
         ledger = conn.execute(
             "SELECT start_position, end_position FROM kappa.batch_ledger ORDER BY start_position"
         ).fetchall()
-    for (_, end), (start, _) in zip(ledger, ledger[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(ledger):
         assert start == end, "the ledger has no gap and no overlap"
 
 
