@@ -12,6 +12,7 @@ changes, it never drops them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import psycopg
@@ -167,7 +168,7 @@ class CaptureLag:
     oldest_pending_age_s: float | None
     holding_back: list[dict[str, object]]
 
-    def as_metadata(self) -> dict[str, object]:
+    def as_metadata(self) -> dict[str, Any]:
         return {
             "horizon_xid": self.horizon,
             "pending_changes": self.pending_changes,

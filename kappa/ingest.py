@@ -207,6 +207,18 @@ def run_batch(
     )
 
 
+def check_capture_continuity(spec: CaptureSpec, head: LedgerHead | None, epoch: str) -> None:
+    """Raise :class:`LogResetError` when the change table is not the one the ledger read."""
+    if head is not None and head.epoch != epoch:
+        raise LogResetError(
+            spec.asset,
+            str(spec.change_table),
+            0,
+            f"was recreated: the ledger loaded transactions up to {head.end} of change table "
+            f"{head.epoch}, the OLTP database now has {epoch}.",
+        )
+
+
 def run_capture_batch(
     oltp: psycopg.Connection,
     edw: psycopg.Connection,
@@ -227,14 +239,7 @@ def run_capture_batch(
     source = str(spec.change_table)
     epoch = cdc.source_epoch(oltp, spec)
     head = read_head(edw, schemas, spec.asset, source, 0)
-    if head is not None and head.epoch != epoch:
-        raise LogResetError(
-            spec.asset,
-            source,
-            0,
-            f"was recreated: the ledger loaded transactions up to {head.end} of change table "
-            f"{head.epoch}, the OLTP database now has {epoch}.",
-        )
+    check_capture_continuity(spec, head, epoch)
     start = head.end if head is not None else 0
     end = cdc.plan_end(oltp, spec, start, max_changes=max_changes)
     if requested_end is not None:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.cdc import build_capture_asset, change_table_source
 from assets.event_store import build_fact_asset, topic_source
+from kappa.capture import load_captures
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.ingest import TopicIngest
 from kappa.settings import Settings
 from resources.event_store import EventStoreResource
+from resources.oltp import OltpResource
 from resources.warehouse import WarehouseResource
+from sensors.cdc import build_capture_sensor
 from sensors.event_store import build_offset_sensor
 
 
@@ -43,21 +47,28 @@ def topic_ingests(settings: Settings) -> list[tuple[TopicIngest, str]]:
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     ingests = topic_ingests(settings)
+    captures = load_captures(settings.capture_config)
     limits = {"max_batch": settings.batch_max_records, "max_run": settings.run_max_records}
+    interval = settings.sensor_interval_s
     return dg.Definitions(
         assets=[topic_source(spec) for spec, _ in ingests]
-        + [build_fact_asset(spec, **limits) for spec, _ in ingests],
+        + [build_fact_asset(spec, **limits) for spec, _ in ingests]
+        + [change_table_source(spec) for spec in captures]
+        + [build_capture_asset(spec, max_changes=settings.batch_max_records) for spec in captures],
         sensors=[
-            build_offset_sensor(
-                spec, topic_setting=setting, interval_s=settings.sensor_interval_s, **limits
-            )
+            build_offset_sensor(spec, topic_setting=setting, interval_s=interval, **limits)
             for spec, setting in ingests
+        ]
+        + [
+            build_capture_sensor(spec, interval_s=interval, max_changes=settings.batch_max_records)
+            for spec in captures
         ],
         resources={
             "event_store": EventStoreResource(
                 bootstrap_servers=dg.EnvVar("KAFKA_BOOTSTRAP_SERVERS"),
                 timeout_s=settings.kafka_timeout_s,
             ),
+            "oltp": OltpResource(url=dg.EnvVar("KAPPA_OLTP_URL")),
             "warehouse": WarehouseResource(
                 url=dg.EnvVar("KAPPA_EDW_URL"),
                 edw_schema=settings.edw_schema,

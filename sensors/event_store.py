@@ -11,65 +11,11 @@ from assets.event_store import topic_asset_key
 from kappa.cursor import OffsetCursor
 from kappa.event_store import UnknownTopicError
 from kappa.exceptions import ConfigurationError
-from kappa.ingest import OffsetRange, TopicIngest, check_continuity, plan_ranges
+from kappa.ingest import TopicIngest, check_continuity, plan_ranges
 from kappa.warehouse import read_heads
 from resources.event_store import EventStoreResource
 from resources.warehouse import WarehouseResource
-
-ASSET_TAG = "kappa/asset"
-PARTITIONS_TAG = "kappa/partitions"
-RANGES_TAG = "kappa/ranges"
-
-#: Runs that hold their partitions: queued, starting, running or being cancelled.
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
-
-
-def busy_partitions(instance: dg.DagsterInstance, asset: str) -> frozenset[int]:
-    """Partitions with a batch of ``asset`` queued or running."""
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={ASSET_TAG: asset}, statuses=IN_FLIGHT))
-    busy: set[int] = set()
-    for run in runs:
-        busy.update(int(p) for p in run.tags.get(PARTITIONS_TAG, "").split(",") if p)
-    return frozenset(busy)
-
-
-def run_request(
-    spec: TopicIngest, ranges: list[OffsetRange], cursor: OffsetCursor, epoch: str
-) -> dg.RunRequest:
-    """A micro-batch run for ``ranges``: explicit offsets in the config, shards in the tags."""
-    spans = ",".join(f"{r.partition}:{r.start}-{r.end}" for r in ranges)
-    return dg.RunRequest(
-        run_key=f"{spec.asset}/{cursor.generation}.{cursor.seq}/{epoch[:8] or '-'}/{spans}",
-        asset_selection=[dg.AssetKey(spec.asset)],
-        run_config={
-            "ops": {
-                spec.asset: {
-                    "config": {
-                        "ranges": [
-                            {
-                                "topic": r.topic,
-                                "partition": r.partition,
-                                "start": r.start,
-                                "end": r.end,
-                            }
-                            for r in ranges
-                        ]
-                    }
-                }
-            }
-        },
-        tags={
-            ASSET_TAG: spec.asset,
-            PARTITIONS_TAG: ",".join(str(r.partition) for r in ranges),
-            RANGES_TAG: f"{spec.topic}:{spans}",
-        },
-    )
+from sensors.micro_batch import RANGES_TAG, busy_partitions, micro_batch_request
 
 
 def build_offset_sensor(
@@ -145,7 +91,19 @@ def build_offset_sensor(
             return dg.SensorResult(
                 skip_reason=reason, cursor=cursor.dump(), asset_events=list(events)
             )
-        request = run_request(spec, ranges, cursor, epoch)
+        request = micro_batch_request(
+            asset=spec.asset,
+            cursor=cursor,
+            epoch=epoch,
+            source=spec.topic,
+            spans={r.partition: (r.start, r.end) for r in ranges},
+            config={
+                "ranges": [
+                    {"topic": r.topic, "partition": r.partition, "start": r.start, "end": r.end}
+                    for r in ranges
+                ]
+            },
+        )
         cursor.seq += 1
         lag = sum(b.end - (heads[p].end if p in heads else b.start) for p, b in bounds.items())
         context.log.info(f"{spec.asset}: requesting {request.tags[RANGES_TAG]} (total lag {lag})")

@@ -9,6 +9,7 @@ def pipeline_env(broker, database_url, topic_factory, monkeypatch) -> dict[str, 
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": broker,
         "KAPPA_EDW_URL": database_url,
+        "KAPPA_OLTP_URL": database_url,
         "KAPPA_TOPIC_ORDERS": topic_factory("orders", 4),
         "KAPPA_TOPIC_PAYMENTS": topic_factory("payments", 2),
         "KAPPA_BATCH_MAX_RECORDS": "500",

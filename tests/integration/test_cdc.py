@@ -15,6 +15,7 @@ from kappa.dimensions import ensure_target
 from kappa.ingest import run_capture_batch
 from kappa.settings import REPO_ROOT
 from kappa.warehouse import Schemas, connect, ensure_schema
+from tests.integration.harness import DEMO_SOURCE_DDL
 
 pytestmark = pytest.mark.integration
 
@@ -23,20 +24,11 @@ CUSTOMERS = SPECS["customers"]
 CALLS = SPECS["call_center_calls"]
 SCHEMAS = Schemas()
 
-SOURCE_DDL = """
-CREATE TABLE IF NOT EXISTS public.customers (
-  customer_id text PRIMARY KEY, name text NOT NULL, segment text NOT NULL,
-  country char(2) NOT NULL, credit_limit numeric(12,2) NOT NULL);
-CREATE TABLE IF NOT EXISTS public.call_center_calls (
-  call_id text PRIMARY KEY, customer_id text NOT NULL, reason text NOT NULL,
-  sentiment text NOT NULL, duration_s integer NOT NULL, called_at timestamptz NOT NULL);
-"""
-
 
 @pytest.fixture
 def captured(database_url):
     with connect(database_url) as conn:
-        conn.execute(SOURCE_DDL)
+        conn.execute(DEMO_SOURCE_DDL)
         ensure_schema(conn, SCHEMAS, [])
         for spec in SPECS.values():
             cdc.install_capture(conn, spec)

@@ -1,0 +1,95 @@
+"""Sensors that turn committed changes in the change tables into micro-batch runs.
+
+A tick reads the snapshot horizon and the next batch boundary from the OLTP database and
+the ledger head from the EDW; it writes nothing. The observation it records on the change
+table shows the lag, and which open transactions hold the horizon back.
+"""
+
+import dagster as dg
+
+from assets.cdc import change_table_key
+from kappa import cdc
+from kappa.capture import CaptureSpec
+from kappa.cursor import OffsetCursor
+from kappa.ingest import check_capture_continuity
+from kappa.warehouse import read_head
+from resources.oltp import OltpResource
+from resources.warehouse import WarehouseResource
+from sensors.micro_batch import RANGES_TAG, busy_partitions, micro_batch_request
+
+
+def build_capture_sensor(
+    spec: CaptureSpec, *, interval_s: int, max_changes: int
+) -> dg.SensorDefinition:
+    """The sensor that launches ``spec.asset``'s micro-batches when changes commit."""
+
+    @dg.sensor(
+        name=f"{spec.asset}_sensor",
+        description=(
+            f"Polls `{spec.change_table}` for changes of transactions below the snapshot "
+            f"horizon and requests runs of `{spec.asset}` with explicit transaction ranges "
+            f"(at most {max_changes} changes, whole transactions)."
+        ),
+        asset_selection=[dg.AssetKey(spec.asset)],
+        minimum_interval_seconds=interval_s,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def capture_sensor(
+        context: dg.SensorEvaluationContext, oltp: OltpResource, warehouse: WarehouseResource
+    ) -> dg.SensorResult:
+        cursor = OffsetCursor.parse(context.cursor)
+        source = str(spec.change_table)
+        with warehouse.connect() as edw:
+            head = read_head(edw, warehouse.schemas, spec.asset, source, 0)
+        start = head.end if head is not None else 0
+        with oltp.connect() as conn:
+            epoch = cdc.source_epoch(conn, spec)
+            check_capture_continuity(spec, head, epoch)
+            end = cdc.plan_end(conn, spec, start, max_changes=max_changes)
+            lag = cdc.capture_lag(conn, spec, start)
+
+        events = []
+        observed = {
+            "pending": lag.pending_changes,
+            "ready": lag.ready_changes,
+            "holders": len(lag.holding_back),
+        }
+        if observed != cursor.log_end:
+            events.append(
+                dg.AssetObservation(asset_key=change_table_key(spec), metadata=lag.as_metadata())
+            )
+            cursor.log_end = observed
+
+        if busy_partitions(context.instance, spec.asset):
+            return dg.SensorResult(
+                skip_reason=f"batch in flight for {source}",
+                cursor=cursor.dump(),
+                asset_events=events,
+            )
+        if end <= start:
+            waiting = ""
+            if lag.pending_changes:
+                holders = ", ".join(
+                    f"pid {h['pid']} open {h['open_for_s']} s" for h in lag.holding_back
+                )
+                waiting = f"; {lag.pending_changes} committed change(s) wait behind open transactions ({holders})"
+            return dg.SensorResult(
+                skip_reason=f"no new committed changes in {source}{waiting}",
+                cursor=cursor.dump(),
+                asset_events=events,
+            )
+        request = micro_batch_request(
+            asset=spec.asset,
+            cursor=cursor,
+            epoch=epoch,
+            source=source,
+            spans={0: (start, end)},
+            config={"end": end},
+        )
+        cursor.seq += 1
+        context.log.info(
+            f"{spec.asset}: requesting {request.tags[RANGES_TAG]} ({lag.ready_changes} changes ready)"
+        )
+        return dg.SensorResult(run_requests=[request], cursor=cursor.dump(), asset_events=events)
+
+    return capture_sensor

@@ -1,0 +1,52 @@
+"""What every micro-batch sensor shares: run tags, the in-flight check, run keys."""
+
+import dagster as dg
+
+from kappa.cursor import OffsetCursor
+
+ASSET_TAG = "kappa/asset"
+PARTITIONS_TAG = "kappa/partitions"
+RANGES_TAG = "kappa/ranges"
+
+#: Runs that hold their partitions: queued, starting, running or being cancelled.
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def busy_partitions(instance: dg.DagsterInstance, asset: str) -> frozenset[int]:
+    """Partitions (shards) with a batch of ``asset`` queued or running."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={ASSET_TAG: asset}, statuses=IN_FLIGHT))
+    busy: set[int] = set()
+    for run in runs:
+        busy.update(int(p) for p in run.tags.get(PARTITIONS_TAG, "").split(",") if p)
+    return frozenset(busy)
+
+
+def micro_batch_request(
+    *,
+    asset: str,
+    cursor: OffsetCursor,
+    epoch: str,
+    source: str,
+    spans: dict[int, tuple[int, int]],
+    config: dict,
+) -> dg.RunRequest:
+    """A run for ``asset`` over ``spans`` (shard -> [start, end)): positions in the config,
+    shards in the tags. The run key carries the cursor's generation and sequence, so a tick
+    evaluated twice asks for the same key and a key is never reused after a cursor reset."""
+    text = ",".join(f"{shard}:{start}-{end}" for shard, (start, end) in sorted(spans.items()))
+    return dg.RunRequest(
+        run_key=f"{asset}/{cursor.generation}.{cursor.seq}/{epoch[:8] or '-'}/{text}",
+        asset_selection=[dg.AssetKey(asset)],
+        run_config={"ops": {asset: {"config": config}}},
+        tags={
+            ASSET_TAG: asset,
+            PARTITIONS_TAG: ",".join(str(shard) for shard in sorted(spans)),
+            RANGES_TAG: f"{source}:{text}",
+        },
+    )
