@@ -21,7 +21,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from kappa.capture import load_captures
+from kappa.cdc import install_capture
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
+from kappa.dimensions import ensure_target
 from kappa.event_store import EventStore, UnknownTopicError
 from kappa.exceptions import ConfigurationError, KappaError, LogResetError
 from kappa.ingest import check_continuity
@@ -65,9 +68,17 @@ def _topics(settings: Settings) -> dict[str, str]:
     }
 
 
-def prepare(settings: Settings, *, create_topics: bool) -> None:
-    """Databases' schemas and tables, and topics: idempotent, safe to run on every start."""
+def prepare(settings: Settings, *, create_topics: bool, demo_sources: bool) -> None:
+    """Schemas, tables, capture triggers and topics: idempotent, safe to run on every start.
+
+    ``demo_sources`` creates the simulator's OLTP tables; against a real OLTP database the
+    captured tables exist already and only the change tables and triggers are added.
+    """
+    from kappa import oltp
     from kappa.localstack import ensure_topics
+
+    captures = load_captures(settings.capture_config)
+    schemas = Schemas(settings.edw_schema, settings.meta_schema)
 
     if create_topics:
         with _step(f"topics {', '.join(_topics(settings).values())}"):
@@ -80,11 +91,18 @@ def prepare(settings: Settings, *, create_topics: bool) -> None:
         _step(f"EDW schemas {settings.edw_schema}, {settings.meta_schema}"),
         connect(settings.resolved_edw_url) as conn,
     ):
-        ensure_schema(
-            conn,
-            Schemas(settings.edw_schema, settings.meta_schema),
-            [ORDER_PLACED, PAYMENT_ATTEMPTED],
-        )
+        ensure_schema(conn, schemas, [ORDER_PLACED, PAYMENT_ATTEMPTED])
+        for spec in captures:
+            ensure_target(conn, schemas, spec)
+    names = ", ".join(str(spec.source) for spec in captures)
+    with (
+        _step(f"change capture on {names}"),
+        connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as conn,
+    ):
+        if demo_sources:
+            oltp.ensure_source_tables(conn)
+        for spec in captures:
+            install_capture(conn, spec)
 
 
 def ledger_problems(settings: Settings) -> list[str]:
@@ -168,7 +186,9 @@ def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
             with _step(f"embedded PostgreSQL on 127.0.0.1:{settings.pg_port}"):
                 postgres.start()
             stack.callback(postgres.stop)
-            with _step("databases kappa_edw, kappa_dagster"):
+            with _step("databases kappa_edw, kappa_dagster, kappa_oltp"):
+                if settings.oltp_url is None:
+                    ensure_database(postgres.base_url, "kappa_oltp", setting="KAPPA_OLTP_URL")
                 if settings.edw_url is None:
                     ensure_database(postgres.base_url, "kappa_edw", setting="KAPPA_EDW_URL")
                 if settings.dagster_pg_url is None:
@@ -178,12 +198,13 @@ def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
         with _step("database connections"):
             check_postgres("KAPPA_EDW_URL", settings.resolved_edw_url)
             check_postgres("KAPPA_DAGSTER_PG_URL", settings.resolved_dagster_pg_url)
+            check_postgres("KAPPA_OLTP_URL", settings.resolved_oltp_url)
         if settings.uses_local_broker:
             broker = LocalBroker(settings.broker_port, logs / "broker.log")
             with _step(f"local broker (Tansu, memory storage) on {broker.bootstrap_servers}"):
                 broker.start()
             stack.callback(broker.stop)
-        prepare(settings, create_topics=True)
+        prepare(settings, create_topics=True, demo_sources=simulate)
         dagster_home = home / "dagster"
         with _step(f"Dagster instance config in {dagster_home}"):
             write_dagster_yaml(dagster_home, settings)
@@ -193,6 +214,7 @@ def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
             **settings.env,
             "KAFKA_BOOTSTRAP_SERVERS": settings.resolved_bootstrap_servers,
             "KAPPA_EDW_URL": settings.resolved_edw_url,
+            "KAPPA_OLTP_URL": settings.resolved_oltp_url,
             **dagster_environment(settings, dagster_home),
         }
         supervisor = Supervisor()
@@ -205,6 +227,16 @@ def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
                     [sys.executable, "-m", "kappa.cli", "simulate"],
                     env=env,
                     log_path=logs / "simulator.log",
+                    cwd=root,
+                )
+            with _step(
+                f"OLTP simulator ({settings.oltp_rate:g} transactions/s, {settings.oltp_writers} writers)"
+            ):
+                supervisor.start(
+                    "oltp-simulator",
+                    [sys.executable, "-m", "kappa.cli", "simulate-oltp"],
+                    env=env,
+                    log_path=logs / "oltp-simulator.log",
                     cwd=root,
                 )
         with _step("Dagster daemon"):
@@ -247,6 +279,9 @@ def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
             f"  EDW             {redact(settings.resolved_edw_url)}  (schemas {settings.edw_schema}, {settings.meta_schema})"
         )
         _say(f"  Dagster storage {redact(settings.resolved_dagster_pg_url)}")
+        _say(
+            f"  OLTP            {redact(settings.resolved_oltp_url)}  (captured: {', '.join(str(c.source) for c in load_captures(settings.capture_config))})"
+        )
         _say(f"  topics          {settings.topic_orders}, {settings.topic_payments}")
         _say(f"  running         {', '.join(supervisor.names)}")
         _say(f"  logs            {logs}")
@@ -281,6 +316,7 @@ def check(settings: Settings) -> int:
             _say(f"  ✓ {title}")
 
     run("KAPPA_EDW_URL", lambda: check_postgres("KAPPA_EDW_URL", settings.resolved_edw_url))
+    run("KAPPA_OLTP_URL", lambda: check_postgres("KAPPA_OLTP_URL", settings.resolved_oltp_url))
     run(
         "KAPPA_DAGSTER_PG_URL",
         lambda: check_postgres("KAPPA_DAGSTER_PG_URL", settings.resolved_dagster_pg_url),
@@ -302,24 +338,40 @@ def check(settings: Settings) -> int:
 
 def replay(settings: Settings, asset: str, *, confirmed: bool) -> int:
     """Reload ``asset`` from the beginning of its log: forget its rows, dead letters and ledger."""
-    contracts = {"fact_order": ORDER_PLACED, "fact_payment": PAYMENT_ATTEMPTED}
-    if asset not in contracts:
-        raise KappaError(f"unknown asset {asset!r}; replayable: {', '.join(contracts)}")
+    tables = {contract.table: contract.table for contract in (ORDER_PLACED, PAYMENT_ATTEMPTED)}
+    tables.update({spec.asset: spec.target for spec in load_captures(settings.capture_config)})
+    if asset not in tables:
+        raise KappaError(f"unknown asset {asset!r}; replayable: {', '.join(sorted(tables))}")
     if not confirmed:
         _say(
             f"This deletes every row of {asset}, its dead letters and its ledger in "
             f"{redact(settings.resolved_edw_url)}; its sensor then reloads it from the start "
-            "of the log. Run again with --yes to do it."
+            "of its log or change table. Run again with --yes to do it."
         )
         return 1
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
     with connect(settings.resolved_edw_url) as conn:
-        removed = reset_for_replay(conn, schemas, contracts[asset], asset)
+        removed = reset_for_replay(conn, schemas, tables[asset], asset)
     _say(
         f"{asset}: removed {removed.rows} rows, {removed.dead_letters} dead letters and "
         f"{removed.batches} ledger batches in one transaction; the next sensor tick reloads "
         "it from the start of the log."
     )
+    return 0
+
+
+def simulate_oltp(settings: Settings) -> int:
+    """Run the OLTP writers (customers, call-centre calls) until SIGINT/SIGTERM."""
+    from kappa import oltp
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    writers = oltp.OltpWriters(
+        settings.resolved_oltp_url, oltp.OltpConfig.from_settings(settings), rate=settings.oltp_rate
+    )
+    writers.run(stop)
     return 0
 
 
@@ -345,11 +397,19 @@ def main(argv: list[str] | None = None) -> int:
     up_parser.add_argument(
         "--no-simulator", action="store_true", help="do not start the event simulator"
     )
-    commands.add_parser("init", help="create schemas, tables and topics (idempotent)")
+    init_parser = commands.add_parser(
+        "init", help="create schemas, tables, capture triggers and topics (idempotent)"
+    )
+    init_parser.add_argument(
+        "--demo-sources", action="store_true", help="also create the simulator's OLTP tables"
+    )
     commands.add_parser("check", help="check that databases, broker and topics answer")
     commands.add_parser("simulate", help="produce simulated events at KAPPA_SIM_RATE")
+    commands.add_parser(
+        "simulate-oltp", help="write simulated OLTP transactions at KAPPA_OLTP_RATE"
+    )
     replay_parser = commands.add_parser("replay", help="reload an asset from the start of its log")
-    replay_parser.add_argument("asset", help="fact_order or fact_payment")
+    replay_parser.add_argument("asset", help="fact_order, fact_payment, dim_customer, ...")
     replay_parser.add_argument(
         "--yes", action="store_true", help="confirm: the asset's rows are deleted"
     )
@@ -359,12 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             return up(settings, reset=args.reset, simulate=not args.no_simulator)
         if args.command == "init":
-            prepare(settings, create_topics=True)
+            prepare(settings, create_topics=True, demo_sources=args.demo_sources)
             return 0
         if args.command == "check":
             return check(settings)
         if args.command == "replay":
             return replay(settings, args.asset, confirmed=args.yes)
+        if args.command == "simulate-oltp":
+            return simulate_oltp(settings)
         return simulate(settings)
     except KappaError as exc:
         print(f"\nkappa: {exc}", file=sys.stderr)

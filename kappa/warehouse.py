@@ -396,7 +396,7 @@ class ReplayReset:
 
 
 def reset_for_replay(
-    conn: psycopg.Connection, schemas: Schemas, contract: EventContract, asset: str
+    conn: psycopg.Connection, schemas: Schemas, table: str, asset: str
 ) -> ReplayReset:
     """Forget everything ``asset`` loaded, in one transaction, so it reloads from the log start.
 
@@ -406,7 +406,7 @@ def reset_for_replay(
     meta = sql.Identifier(schemas.meta)
     with conn.transaction():
         rows = conn.execute(
-            sql.SQL("DELETE FROM {}").format(sql.Identifier(schemas.edw, contract.table))
+            sql.SQL("DELETE FROM {}").format(sql.Identifier(schemas.edw, table))
         ).rowcount
         dead = conn.execute(
             sql.SQL("DELETE FROM {}.dead_letter WHERE asset = %s").format(meta), (asset,)

@@ -19,18 +19,10 @@ from kappa.capture import load_captures
 from kappa.cdc import install_capture
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.dimensions import ensure_target
+from kappa.oltp import ensure_source_tables
 from kappa.settings import Settings
 from kappa.warehouse import Schemas, connect, ensure_schema
 from pipelines.definitions import build_definitions
-
-DEMO_SOURCE_DDL = """
-CREATE TABLE IF NOT EXISTS public.customers (
-  customer_id text PRIMARY KEY, name text NOT NULL, segment text NOT NULL,
-  country char(2) NOT NULL, credit_limit numeric(12,2) NOT NULL);
-CREATE TABLE IF NOT EXISTS public.call_center_calls (
-  call_id text PRIMARY KEY, customer_id text NOT NULL, reason text NOT NULL,
-  sentiment text NOT NULL, duration_s integer NOT NULL, called_at timestamptz NOT NULL);
-"""
 
 
 @dataclass
@@ -49,7 +41,7 @@ class Pipeline:
             for spec in load_captures(self.settings.capture_config):
                 ensure_target(conn, self.schemas, spec)
         with connect(self.env["KAPPA_OLTP_URL"]) as conn:
-            conn.execute(DEMO_SOURCE_DDL)
+            ensure_source_tables(conn)
             for spec in load_captures(self.settings.capture_config):
                 install_capture(conn, spec)
 

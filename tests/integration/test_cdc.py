@@ -13,9 +13,9 @@ from kappa import cdc
 from kappa.capture import load_captures
 from kappa.dimensions import ensure_target
 from kappa.ingest import run_capture_batch
+from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.warehouse import Schemas, connect, ensure_schema
-from tests.integration.harness import DEMO_SOURCE_DDL
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ SCHEMAS = Schemas()
 @pytest.fixture
 def captured(database_url):
     with connect(database_url) as conn:
-        conn.execute(DEMO_SOURCE_DDL)
+        ensure_source_tables(conn)
         ensure_schema(conn, SCHEMAS, [])
         for spec in SPECS.values():
             cdc.install_capture(conn, spec)

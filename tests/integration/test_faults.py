@@ -120,6 +120,7 @@ def test_a_broker_that_lost_its_log_stops_the_asset_in_plain_words(
         env = {
             "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
             "KAPPA_EDW_URL": database_url,
+            "KAPPA_OLTP_URL": database_url,
             "KAPPA_TOPIC_ORDERS": "orders",
             "KAPPA_TOPIC_PAYMENTS": "payments",
         }
