@@ -150,6 +150,46 @@ def _wait_http(url: str, *, timeout_s: float, alive: Callable[[], bool]) -> None
     raise KappaError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+def settle_previous_session(dagster_home: Path, env: dict[str, str]) -> int:
+    """End the runs an earlier `kappa up` left queued or running; returns how many.
+
+    The local stack owns its Dagster storage, so at start no run can really be in flight: a
+    run still marked so died with the previous session, and the sensors would wait for it
+    forever. Queued runs are cancelled rather than launched with stale ranges; the ledger
+    decides what the next batches load.
+    """
+    import os
+
+    import dagster as dg
+
+    os.environ.update(
+        {k: v for k, v in env.items() if k in ("DAGSTER_HOME", "KAPPA_DAGSTER_PG_URL")}
+    )
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        queued = instance.get_runs(
+            filters=dg.RunsFilter(
+                statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+            )
+        )
+        running = instance.get_runs(
+            filters=dg.RunsFilter(
+                statuses=[
+                    dg.DagsterRunStatus.STARTING,
+                    dg.DagsterRunStatus.STARTED,
+                    dg.DagsterRunStatus.CANCELING,
+                ]
+            )
+        )
+        for run in queued:
+            instance.report_run_canceled(
+                run,
+                message="left queued by an earlier `kappa up`; the ledger decides what loads next",
+            )
+        for run in running:
+            instance.report_run_failed(run, message="its process ended with an earlier `kappa up`")
+    return len(queued) + len(running)
+
+
 def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
     """Run the local stack until Ctrl-C (or until one of its processes dies)."""
     from kappa.localstack import (
@@ -210,13 +250,18 @@ def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
             write_dagster_yaml(dagster_home, settings)
 
         problems = ledger_problems(settings)
-        env = {
+        env: dict[str, str] = {
             **settings.env,
             "KAFKA_BOOTSTRAP_SERVERS": settings.resolved_bootstrap_servers,
             "KAPPA_EDW_URL": settings.resolved_edw_url,
             "KAPPA_OLTP_URL": settings.resolved_oltp_url,
             **dagster_environment(settings, dagster_home),
         }
+        if settings.dagster_pg_url is None:
+            with _step("runs left over by an earlier session"):
+                settled = settle_previous_session(dagster_home, env)
+            if settled:
+                _say(f"    {settled} run(s) of an earlier session marked as ended")
         supervisor = Supervisor()
         stack.callback(supervisor.stop_all)
         workspace = str(root / "workspace.yaml")
