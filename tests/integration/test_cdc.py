@@ -285,3 +285,58 @@ def test_malformed_change_rows_are_dead_lettered_and_the_table_moves_on(captured
         "after image is missing or not a JSON object",
         "'credit_limit' is not a valid numeric(12,2)",
     ]
+
+
+def test_the_oltp_simulator_s_concurrent_writers_land_exactly_once(captured):
+    """The simulator's writers (holds, rollbacks, deletes) race the CDC batches."""
+    from kappa.oltp import OltpConfig, run_transactions
+
+    config = OltpConfig(customers=60, seed=11, writers=4, rollback_rate=0.15, max_hold_s=0.05)
+    done = threading.Event()
+    stats = []
+
+    def write() -> None:
+        try:
+            stats.append(run_transactions(captured, config, transactions=240))
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    while not done.is_set():
+        batch(captured, max_changes=40)
+        batch(captured, CALLS, max_changes=40)
+    thread.join()
+    while batch(captured, max_changes=40).status != "already loaded":
+        pass
+    while batch(captured, CALLS, max_changes=40).status != "already loaded":
+        pass
+    [run] = stats
+    assert run.rolled_back > 0 and run.committed > 0
+
+    with connect(captured) as conn:
+        committed = conn.execute(
+            "SELECT change_id FROM cdc.customers_changes WHERE op <> 'D' ORDER BY 1"
+        ).fetchall()
+        versions = conn.execute(
+            "SELECT source_change_id FROM edw.dim_customer ORDER BY 1"
+        ).fetchall()
+        assert versions == committed
+        assert (
+            conn.execute(
+                "SELECT customer_id, segment, country, credit_limit FROM edw.dim_customer WHERE is_current ORDER BY 1"
+            ).fetchall()
+            == conn.execute(
+                "SELECT customer_id, segment, country, credit_limit FROM customers ORDER BY 1"
+            ).fetchall()
+        )
+        assert (
+            conn.execute(
+                "SELECT call_id, customer_id, reason, sentiment, duration_s, called_at FROM edw.fact_call_center_call ORDER BY 1"
+            ).fetchall()
+            == conn.execute(
+                "SELECT call_id, customer_id, reason, sentiment, duration_s, called_at FROM call_center_calls ORDER BY 1"
+            ).fetchall()
+        )
+        [(dead,)] = conn.execute("SELECT count(*) FROM kappa.dead_letter").fetchall()
+        assert dead == 0
