@@ -1,14 +1,21 @@
 """Assets fed by the event store: the topics (source assets) and the facts loaded from them."""
 
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
+from dataclasses import dataclass
 
 import dagster as dg
 
+from kappa.capture import CaptureSpec
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, plan_ranges, run_batch
+from kappa.stateful import WarehouseDimensions
 from kappa.warehouse import read_heads
 from resources.event_store import EventStoreResource
+from resources.oltp import OltpResource
+from resources.state import StateCacheResource
 from resources.warehouse import WarehouseResource
 
 OWNERS = ["team:data-platform"]
@@ -88,24 +95,49 @@ def _outcomes_table(outcomes: list[BatchOutcome]) -> dg.TableMetadataValue:
     )
 
 
-def build_fact_asset(spec: TopicIngest, *, max_batch: int, max_run: int) -> dg.AssetsDefinition:
-    """The EDW fact loaded from one topic in micro-batches."""
+@dataclass(frozen=True)
+class FactServices:
+    """What a fact's stateful step reads besides its topic: the captured dimensions."""
 
-    @dg.asset(
-        name=spec.asset,
-        deps=[topic_asset_key(spec.topic)],
+    customers: CaptureSpec | None = None
+    calls: CaptureSpec | None = None
+    max_wait_s: float = 0.0
+
+
+def build_fact_asset(
+    spec: TopicIngest,
+    *,
+    max_batch: int,
+    max_run: int,
+    services: FactServices = FactServices(),
+    side_assets: tuple[dg.AssetSpec, ...] = (),
+) -> dg.AssetsDefinition:
+    """The EDW fact loaded from one topic in micro-batches (and side tables such as fraud
+    alerts, written in the same transactions)."""
+    upstream = [topic_asset_key(spec.topic)]
+    if spec.step is not None:
+        upstream += [
+            dg.AssetKey(c.asset) for c in (services.customers, services.calls) if c is not None
+        ]
+    main = dg.AssetSpec(
+        key=spec.asset,
+        deps=upstream,
         group_name="edw",
         kinds={"postgres", "pandas"},
         owners=OWNERS,
         description=spec.description,
         tags={"kappa/source": "event_store"},
     )
+
+    @dg.multi_asset(name=spec.asset, specs=[main, *side_assets], can_subset=False)
     def fact(
         context: dg.AssetExecutionContext,
         config: MicroBatchConfig,
         event_store: EventStoreResource,
         warehouse: WarehouseResource,
-    ) -> dg.MaterializeResult:
+        oltp: OltpResource,
+        state_cache: StateCacheResource,
+    ) -> Iterator[dg.MaterializeResult]:
         schemas = warehouse.schemas
         if config.ranges:
             ranges = [OffsetRange(r.topic, r.partition, r.start, r.end) for r in config.ranges]
@@ -118,10 +150,27 @@ def build_fact_asset(spec: TopicIngest, *, max_batch: int, max_run: int) -> dg.A
                     max_batch=max_batch,
                     max_run=max_run,
                 )
+        cache = state_cache.cache(schemas)
 
         def load(requested: OffsetRange) -> BatchOutcome:
-            # Each partition has its own consumer and connection: partitions load in parallel.
-            with event_store.open() as store, warehouse.connect() as conn:
+            # Each partition has its own consumer and connections: partitions load in parallel.
+            with ExitStack() as stack:
+                store = stack.enter_context(event_store.open())
+                conn = stack.enter_context(warehouse.connect())
+                dimensions = None
+                if spec.step is not None:
+                    source = (
+                        stack.enter_context(oltp.connect())
+                        if services.customers or services.calls
+                        else None
+                    )
+                    dimensions = WarehouseDimensions(
+                        conn,
+                        schemas,
+                        oltp=source,
+                        customers=services.customers,
+                        calls=services.calls,
+                    )
                 return run_batch(
                     store,
                     conn,
@@ -130,6 +179,9 @@ def build_fact_asset(spec: TopicIngest, *, max_batch: int, max_run: int) -> dg.A
                     requested,
                     run_id=context.run.run_id,
                     max_batch=max_batch,
+                    cache=cache,
+                    dimensions=dimensions,
+                    max_wait_s=services.max_wait_s,
                 )
 
         outcomes: list[BatchOutcome] = []
@@ -162,7 +214,8 @@ def build_fact_asset(spec: TopicIngest, *, max_batch: int, max_run: int) -> dg.A
         reasons: Counter[str] = Counter()
         for o in outcomes:
             reasons.update(o.dead_letter_reasons)
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
+            asset_key=spec.asset,
             metadata={
                 "ranges": _outcomes_table(outcomes),
                 "offset_ranges": ", ".join(
@@ -176,7 +229,17 @@ def build_fact_asset(spec: TopicIngest, *, max_batch: int, max_run: int) -> dg.A
                 "lag_after_batch": sum(o.lag_after for o in outcomes),
                 "batch_seconds": round(sum(o.seconds for o in outcomes), 3),
                 "dead_letter_reasons": dict(reasons),
-            }
+                "state_cache": {"keys": len(cache), "hits": cache.hits, "misses": cache.misses},
+            },
         )
+        for side in side_assets:
+            yield dg.MaterializeResult(
+                asset_key=side.key,
+                metadata={
+                    "side_rows": {
+                        o.partition: o.side_rows.get(side.key.path[-1], 0) for o in outcomes
+                    }
+                },
+            )
 
     return fact

@@ -12,6 +12,7 @@ changes, it never drops them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
@@ -40,7 +41,7 @@ CREATE TABLE IF NOT EXISTS {table} (
   change_id bigserial PRIMARY KEY,
   xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
   op text NOT NULL,
-  changed_at timestamptz NOT NULL DEFAULT now(),
+  changed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
   before jsonb,
   after jsonb
 );
@@ -87,6 +88,21 @@ def horizon(conn: psycopg.Connection) -> int:
     return int(row[0])
 
 
+def complete_until(conn: psycopg.Connection) -> datetime:
+    """A time before which every change still to come, or not yet below the horizon, lies.
+
+    Read it before the horizon: a transaction writing now started no earlier than the
+    oldest one that holds a transaction id, and one that starts writing later stamps its
+    changes later (change times are commit times or the change's own clock time).
+    """
+    row = conn.execute(
+        "SELECT least(clock_timestamp(), min(xact_start) FILTER (WHERE backend_xid IS NOT NULL "
+        "AND pid <> pg_backend_pid())) FROM pg_stat_activity"
+    ).fetchone()
+    assert row is not None
+    return row[0]
+
+
 def source_epoch(conn: psycopg.Connection, spec: CaptureSpec) -> str:
     """Identity of the change table (database and table oids): changes when it is recreated."""
     row = conn.execute(
@@ -130,7 +146,7 @@ def read_changes(conn: psycopg.Connection, spec: CaptureSpec, start: int, end: i
     """The changes of transactions ``[start, end)`` in (xid, change_id) order.
 
     ``change_time`` is the commit time where ``track_commit_timestamp`` is on, else the
-    writing transaction's start time. ``end`` must not pass the horizon.
+    clock time of the change itself. ``end`` must not pass the horizon.
     """
     limit = horizon(conn)
     if end > limit:

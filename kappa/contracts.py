@@ -45,6 +45,8 @@ class EventContract:
     max_message_bytes: int = 1024 * 1024
     max_future_skew: timedelta = timedelta(hours=1)
     max_age: timedelta = timedelta(days=365)
+    #: Columns a stateful step adds (nullable), after the decoded ones.
+    derived: tuple[tuple[str, str], ...] = ()
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -63,6 +65,15 @@ ORDER_PLACED = EventContract(
         PayloadField("channel", "text"),
     ),
     table="fact_order",
+    derived=(
+        ("customer_sk", "bigint"),
+        ("customer_segment", "text"),
+        ("customer_country", "text"),
+        ("enrichment", "text"),
+        ("customer_orders_before", "integer"),
+        ("customer_avg_amount_before", "numeric(14, 2)"),
+        ("customer_stddev_amount_before", "double precision"),
+    ),
 )
 
 PAYMENT_ATTEMPTED = EventContract(
@@ -79,6 +90,12 @@ PAYMENT_ATTEMPTED = EventContract(
         PayloadField("status", "status", allowed=("approved", "declined")),
     ),
     table="fact_payment",
+    derived=(
+        ("customer_sk", "bigint"),
+        ("customer_country", "text"),
+        ("enrichment", "text"),
+        ("fraud_score", "numeric(4, 3)"),
+    ),
 )
 
 #: Columns every fact row carries besides its payload fields, in table order.
@@ -98,7 +115,8 @@ SOURCE_COLUMNS: tuple[tuple[str, str], ...] = (
 
 
 def fact_columns(contract: EventContract) -> list[tuple[str, str]]:
-    """The fact table's columns (name, SQL type), in the order the decoder emits them."""
+    """The decoded columns of the fact table (name, SQL type), in the order the decoder
+    emits them; ``contract.derived`` follows them in the table."""
     envelope = list(ENVELOPE_COLUMNS)
     payload = [(f.name, SQL_TYPES[f.kind]) for f in contract.fields]
     return envelope[:1] + payload + envelope[1:] + list(SOURCE_COLUMNS)

@@ -21,7 +21,16 @@ from kappa.decode import decode_batch, describe_reason
 from kappa.dimensions import apply_changes
 from kappa.event_store import EventStore, LogBounds
 from kappa.exceptions import LogResetError
-from kappa.warehouse import BatchRecord, LedgerHead, Schemas, commit_batch, read_head
+from kappa.state import StateCache
+from kappa.stateful import Dimensions, StatefulStep, wait_for_dimensions
+from kappa.warehouse import (
+    BatchRecord,
+    LedgerHead,
+    Schemas,
+    commit_batch,
+    existing_event_ids,
+    read_head,
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,7 @@ class TopicIngest:
     topic: str
     contract: EventContract
     description: str = ""
+    step: StatefulStep | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class BatchOutcome:
     lag_after: int = 0
     seconds: float = 0.0
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
+    side_rows: dict[str, int] = field(default_factory=dict)
 
 
 def check_continuity(
@@ -152,8 +163,17 @@ def run_batch(
     run_id: str,
     max_batch: int,
     partition_key: str | None = None,
+    cache: StateCache | None = None,
+    dimensions: Dimensions | None = None,
+    max_wait_s: float = 0.0,
 ) -> BatchOutcome:
-    """Load one topic partition's next batch, bounded by ``requested.end``, exactly once."""
+    """Load one topic partition's next batch, bounded by ``requested.end``, exactly once.
+
+    With a stateful step, events already in the EDW are dropped before the step (state
+    never counts an event twice), the step waits up to ``max_wait_s`` for change capture
+    to cover the batch's event times, and its rows, side tables and state commit with
+    the batch.
+    """
     started = time.monotonic()
     topic, partition = requested.topic, requested.partition
     bounds = store.log_bounds(topic, [partition])[partition]
@@ -175,6 +195,21 @@ def run_batch(
         )
     raw = store.fetch(topic, partition, start, end)
     decoded = decode_batch(raw, spec.contract)
+    output = None
+    if spec.step is not None:
+        if cache is None or dimensions is None:
+            raise ValueError(f"{spec.asset} has a stateful step: pass a state cache and dimensions")
+        rows = decoded.rows
+        seen = existing_event_ids(
+            conn, schemas, spec.contract, rows["event_id"].astype(str).tolist()
+        )
+        rows = rows[~rows["event_id"].isin(seen)]
+        watermark = (
+            wait_for_dimensions(dimensions, rows["event_time"].max(), max_wait_s=max_wait_s)
+            if not rows.empty
+            else None
+        )
+        output = spec.step.apply(conn, cache, dimensions, partition, rows, watermark)
     record = BatchRecord(
         asset=spec.asset,
         source=topic,
@@ -189,7 +224,20 @@ def run_batch(
         dead_lettered=0,
         deduplicated=0,
     )
-    final = commit_batch(conn, schemas, spec.contract, record, decoded)
+    if output is None:
+        final = commit_batch(conn, schemas, spec.contract, record, decoded)
+    else:
+        final = commit_batch(
+            conn,
+            schemas,
+            spec.contract,
+            record,
+            decoded,
+            rows=output.rows,
+            side_tables=output.side_tables,
+            state=output.state,
+            cache=cache,
+        )
     return BatchOutcome(
         asset=spec.asset,
         topic=topic,
@@ -204,6 +252,9 @@ def run_batch(
         lag_after=bounds.end - end,
         seconds=time.monotonic() - started,
         dead_letter_reasons=Counter(describe_reason(r) for r in decoded.dead_letters["reason"]),
+        side_rows={
+            name: len(frame) for name, frame in (output.side_tables if output else {}).items()
+        },
     )
 
 
@@ -241,6 +292,7 @@ def run_capture_batch(
     head = read_head(edw, schemas, spec.asset, source, 0)
     check_capture_continuity(spec, head, epoch)
     start = head.end if head is not None else 0
+    complete_until = cdc.complete_until(oltp)  # before the horizon: see complete_until
     end = cdc.plan_end(oltp, spec, start, max_changes=max_changes)
     if requested_end is not None:
         end = min(end, max(requested_end, start))
@@ -268,6 +320,7 @@ def run_capture_batch(
         loaded=0,
         dead_lettered=0,
         deduplicated=0,
+        watermark=complete_until,
     )
     received, applied, dead = apply_changes(edw, schemas, spec, record, changes)
     lag = cdc.capture_lag(oltp, spec, end)

@@ -91,6 +91,36 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("KAPPA_SIM_INVALID_RATE", "0.005", "Share of simulated messages that are malformed."),
     Setting(
+        "KAPPA_ENRICH_MAX_WAIT_S",
+        "10",
+        "How long a batch of events waits for change capture to cover its event times.",
+    ),
+    Setting(
+        "KAPPA_STATE_CACHE_KEYS",
+        "200000",
+        "State keys held in memory per run (LRU over PostgreSQL).",
+    ),
+    Setting(
+        "KAPPA_FRAUD_VELOCITY_MAX",
+        "3",
+        "Fraud: payments per card allowed within the velocity window.",
+    ),
+    Setting(
+        "KAPPA_FRAUD_VELOCITY_WINDOW_S",
+        "600",
+        "Fraud: the velocity window, in seconds of event time.",
+    ),
+    Setting(
+        "KAPPA_FRAUD_AMOUNT_Z",
+        "3.0",
+        "Fraud: deviations above the customer's mean that flag an amount.",
+    ),
+    Setting(
+        "KAPPA_FRAUD_CALL_WINDOW_H",
+        "48",
+        "Fraud: a call this many hours before a foreign payment raises its score.",
+    ),
+    Setting(
         "KAPPA_OLTP_RATE", "5", "Simulated OLTP transactions per second (customers and calls)."
     ),
     Setting("KAPPA_OLTP_WRITERS", "3", "Concurrent writers of the OLTP simulator."),
@@ -208,6 +238,12 @@ class Settings:
     sim_invalid_rate: float
     oltp_rate: float
     oltp_writers: int
+    enrich_max_wait_s: float
+    state_cache_keys: int
+    fraud_velocity_max: int
+    fraud_velocity_window_s: int
+    fraud_amount_z: float
+    fraud_call_window_h: int
     env: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
@@ -265,6 +301,14 @@ class Settings:
             sim_invalid_rate=_float(env, "KAPPA_SIM_INVALID_RATE", minimum=0.0, maximum=1.0),
             oltp_rate=_float(env, "KAPPA_OLTP_RATE", minimum=0.0, maximum=100_000),
             oltp_writers=_int(env, "KAPPA_OLTP_WRITERS", minimum=1, maximum=64),
+            enrich_max_wait_s=_float(env, "KAPPA_ENRICH_MAX_WAIT_S", minimum=0.0, maximum=3600),
+            state_cache_keys=_int(env, "KAPPA_STATE_CACHE_KEYS", minimum=1, maximum=100_000_000),
+            fraud_velocity_max=_int(env, "KAPPA_FRAUD_VELOCITY_MAX", minimum=1, maximum=10_000),
+            fraud_velocity_window_s=_int(
+                env, "KAPPA_FRAUD_VELOCITY_WINDOW_S", minimum=1, maximum=31_536_000
+            ),
+            fraud_amount_z=_float(env, "KAPPA_FRAUD_AMOUNT_Z", minimum=0.1, maximum=1000),
+            fraud_call_window_h=_int(env, "KAPPA_FRAUD_CALL_WINDOW_H", minimum=1, maximum=8760),
             env=env,
         )
 

@@ -9,9 +9,11 @@ positions and a retried or duplicated run changes nothing.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import psycopg
@@ -21,6 +23,9 @@ from kappa.contracts import EventContract, fact_columns
 from kappa.decode import DecodedBatch
 from kappa.exceptions import BatchSupersededError, ConfigurationError, LogResetError
 from kappa.settings import redact
+
+if TYPE_CHECKING:
+    from kappa.state import StateCache
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class LedgerHead:
     epoch: str
     end: int
     batches: int
+    watermark: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class BatchRecord:
     loaded: int
     dead_lettered: int
     deduplicated: int
+    watermark: datetime | None = None
 
 
 @contextmanager
@@ -82,8 +89,14 @@ def connect(url: str, *, setting: str = "KAPPA_EDW_URL") -> Iterator[psycopg.Con
 
 def _fact_ddl(schemas: Schemas, contract: EventContract) -> sql.Composed:
     columns = sql.SQL(",\n  ").join(
-        sql.SQL("{} {} NOT NULL").format(sql.Identifier(name), sql.SQL(sql_type))
-        for name, sql_type in fact_columns(contract)
+        [
+            sql.SQL("{} {} NOT NULL").format(sql.Identifier(name), sql.SQL(sql_type))
+            for name, sql_type in fact_columns(contract)
+        ]
+        + [
+            sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(sql_type))
+            for name, sql_type in contract.derived
+        ]
     )
     table = sql.Identifier(schemas.edw, contract.table)
     return sql.SQL(
@@ -94,8 +107,15 @@ CREATE TABLE IF NOT EXISTS {table} (
 );
 CREATE INDEX IF NOT EXISTS {position_index} ON {table} (topic, kafka_partition, kafka_offset);
 CREATE INDEX IF NOT EXISTS {time_index} ON {table} (event_time);
+{derived}
 """
     ).format(
+        derived=sql.SQL("\n").join(
+            sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {};").format(
+                table, sql.Identifier(name), sql.SQL(sql_type)
+            )
+            for name, sql_type in contract.derived
+        ),
         table=table,
         columns=columns,
         position_index=sql.Identifier(f"{contract.table}_position_idx"),
@@ -114,6 +134,7 @@ CREATE TABLE IF NOT EXISTS {meta}.ledger_head (
   updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
   PRIMARY KEY (asset, source, shard)
 );
+ALTER TABLE {meta}.ledger_head ADD COLUMN IF NOT EXISTS watermark timestamptz;
 CREATE TABLE IF NOT EXISTS {meta}.batch_ledger (
   batch_id bigserial PRIMARY KEY,
   asset text NOT NULL,
@@ -133,6 +154,15 @@ CREATE TABLE IF NOT EXISTS {meta}.batch_ledger (
   CHECK (received = loaded + dead_lettered + deduplicated),
   UNIQUE (asset, source, shard, epoch, start_position)
 );
+ALTER TABLE {meta}.batch_ledger ADD COLUMN IF NOT EXISTS watermark timestamptz;
+CREATE TABLE IF NOT EXISTS {meta}.state (
+  store text NOT NULL,
+  shard integer NOT NULL,
+  key text NOT NULL,
+  position bigint NOT NULL,
+  value jsonb NOT NULL,
+  PRIMARY KEY (store, shard, key, position)
+);
 CREATE TABLE IF NOT EXISTS {meta}.dead_letter (
   dead_letter_id bigserial PRIMARY KEY,
   asset text NOT NULL,
@@ -151,6 +181,22 @@ CREATE TABLE IF NOT EXISTS {meta}.dead_letter (
 """
 
 
+_FRAUD_ALERT_DDL = """
+CREATE TABLE IF NOT EXISTS {table} (
+  event_id uuid NOT NULL,
+  rule text NOT NULL,
+  score numeric(4, 3) NOT NULL,
+  evidence jsonb NOT NULL,
+  customer_id text NOT NULL,
+  event_time timestamptz NOT NULL,
+  topic text NOT NULL,
+  kafka_partition integer NOT NULL,
+  kafka_offset bigint NOT NULL,
+  PRIMARY KEY (event_id, rule)
+);
+"""
+
+
 def ensure_schema(
     conn: psycopg.Connection, schemas: Schemas, contracts: Sequence[EventContract]
 ) -> None:
@@ -163,6 +209,9 @@ def ensure_schema(
         conn.execute(sql.SQL(_META_DDL).format(meta=sql.Identifier(schemas.meta)))
         for contract in contracts:
             conn.execute(_fact_ddl(schemas, contract))
+        conn.execute(
+            sql.SQL(_FRAUD_ALERT_DDL).format(table=sql.Identifier(schemas.edw, "fraud_alert"))
+        )
 
 
 def read_head(
@@ -171,14 +220,16 @@ def read_head(
     """The ledger head of one shard, or None before its first batch."""
     row = conn.execute(
         sql.SQL(
-            "SELECT epoch, end_position, batches FROM {}.ledger_head "
+            "SELECT epoch, end_position, batches, watermark FROM {}.ledger_head "
             "WHERE asset = %s AND source = %s AND shard = %s"
         ).format(sql.Identifier(schemas.meta)),
         (asset, source, shard),
     ).fetchone()
     if row is None:
         return None
-    return LedgerHead(asset, source, shard, epoch=row[0], end=row[1], batches=row[2])
+    return LedgerHead(
+        asset, source, shard, epoch=row[0], end=row[1], batches=row[2], watermark=row[3]
+    )
 
 
 def read_heads(
@@ -273,8 +324,8 @@ def ledger_transaction(
         conn.execute(
             sql.SQL(
                 "INSERT INTO {}.batch_ledger (asset, source, shard, epoch, start_position, "
-                "end_position, run_id, partition_key, received, loaded, dead_lettered, deduplicated) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                "end_position, run_id, partition_key, received, loaded, dead_lettered, deduplicated, "
+                "watermark) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             ).format(meta),
             (
                 record.asset,
@@ -289,14 +340,16 @@ def ledger_transaction(
                 counts.loaded,
                 counts.dead_lettered,
                 counts.deduplicated,
+                record.watermark,
             ),
         )
         conn.execute(
             sql.SQL(
                 "UPDATE {}.ledger_head SET end_position = %s, batches = batches + 1, "
-                "updated_at = clock_timestamp() WHERE asset = %s AND source = %s AND shard = %s"
+                "watermark = %s, updated_at = clock_timestamp() "
+                "WHERE asset = %s AND source = %s AND shard = %s"
             ).format(meta),
-            (record.end, record.asset, record.source, record.shard),
+            (record.end, record.watermark, record.asset, record.source, record.shard),
         )
 
 
@@ -352,21 +405,44 @@ def stage_frame(
     return stage
 
 
+def existing_event_ids(
+    conn: psycopg.Connection, schemas: Schemas, contract: EventContract, ids: list[str]
+) -> set[str]:
+    """Which of ``ids`` the fact table holds already (one query for the whole batch)."""
+    if not ids:
+        return set()
+    rows = conn.execute(
+        sql.SQL("SELECT event_id::text FROM {} WHERE event_id = ANY(%s::uuid[])").format(
+            sql.Identifier(schemas.edw, contract.table)
+        ),
+        (ids,),
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
 def commit_batch(
     conn: psycopg.Connection,
     schemas: Schemas,
     contract: EventContract,
     record: BatchRecord,
     decoded: DecodedBatch,
+    *,
+    rows: pd.DataFrame | None = None,
+    side_tables: Mapping[str, pd.DataFrame] | None = None,
+    state: Mapping[str, Mapping[str, Any]] | None = None,
+    cache: StateCache | None = None,
 ) -> BatchRecord:
-    """Load one decoded batch of events with its dead letters and ledger row, exactly once.
+    """Load one batch of events exactly once: fact rows (``rows``, the decoded rows unless a
+    stateful step augmented them), side tables (fraud alerts), state, dead letters and the
+    ledger row, in one transaction. State reaches the cache's memory only after commit.
 
     Returns the record with the final counts (``deduplicated`` includes events already in
     the EDW from earlier batches).
     """
     fact = sql.Identifier(schemas.edw, contract.table)
+    rows = decoded.rows if rows is None else rows
     with ledger_transaction(conn, schemas, record) as counts:
-        stage = stage_frame(conn, f"stage_{contract.table}", fact, decoded.rows)
+        stage = stage_frame(conn, f"stage_{contract.table}", fact, rows)
         counts.received = decoded.received
         counts.loaded = conn.execute(
             sql.SQL(
@@ -374,9 +450,17 @@ def commit_batch(
                 "ON CONFLICT (event_id) DO NOTHING"
             ).format(fact=fact, stage=stage)
         ).rowcount
+        for table, frame in (side_tables or {}).items():
+            _copy_frame(conn, sql.Identifier(schemas.edw, table), frame)
+        for store, values in (state or {}).items():
+            assert cache is not None, "state without a cache to save it"
+            cache.save(conn, store, record.shard, record.end, values)
         counts.dead_lettered = write_dead_letters(
             conn, schemas, record, decoded.dead_letters.rename(columns={"offset": "position"})
         )
+    for store, values in (state or {}).items():
+        assert cache is not None
+        cache.remember(store, record.shard, values)
     return replace(
         record,
         received=counts.received,

@@ -6,16 +6,21 @@ the code location with a message naming the variable.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import dagster as dg
 
 from assets.cdc import build_capture_asset, change_table_source
-from assets.event_store import build_fact_asset, topic_source
+from assets.event_store import FactServices, build_fact_asset, topic_source
 from kappa.capture import load_captures
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.ingest import TopicIngest
 from kappa.settings import Settings
+from kappa.stateful import OrderEnrichment, PaymentFraud
+from kappa.transforms import FraudRules
 from resources.event_store import EventStoreResource
 from resources.oltp import OltpResource
+from resources.state import StateCacheResource
 from resources.warehouse import WarehouseResource
 from sensors.cdc import build_capture_sensor
 from sensors.event_store import build_offset_sensor
@@ -29,7 +34,12 @@ def topic_ingests(settings: Settings) -> list[tuple[TopicIngest, str]]:
                 asset="fact_order",
                 topic=settings.topic_orders,
                 contract=ORDER_PLACED,
-                description="Orders placed (`order_placed` events), one row per distinct event_id.",
+                description=(
+                    "Orders placed (`order_placed` events), one row per distinct event_id, with the "
+                    "customer as of the event time (`dim_customer` version) and the customer's order "
+                    "count, mean and deviation before the order."
+                ),
+                step=OrderEnrichment(),
             ),
             "KAPPA_TOPIC_ORDERS",
         ),
@@ -38,25 +48,74 @@ def topic_ingests(settings: Settings) -> list[tuple[TopicIngest, str]]:
                 asset="fact_payment",
                 topic=settings.topic_payments,
                 contract=PAYMENT_ATTEMPTED,
-                description="Payment attempts (`payment_attempted` events), one row per distinct event_id.",
+                description=(
+                    "Payment attempts (`payment_attempted` events), one row per distinct event_id, "
+                    "with the customer as of the event time and the highest fraud score."
+                ),
+                step=PaymentFraud(fraud_rules(settings)),
             ),
             "KAPPA_TOPIC_PAYMENTS",
         ),
     ]
 
 
+def fraud_rules(settings: Settings) -> FraudRules:
+    return FraudRules(
+        velocity_max_payments=settings.fraud_velocity_max,
+        velocity_window=timedelta(seconds=settings.fraud_velocity_window_s),
+        amount_z=settings.fraud_amount_z,
+        geo_call_window=timedelta(hours=settings.fraud_call_window_h),
+    )
+
+
+FRAUD_ALERT = dg.AssetSpec(
+    key="fraud_alert",
+    deps=["fact_payment"],
+    group_name="edw",
+    kinds={"postgres"},
+    owners=["team:data-platform"],
+    description=(
+        "Fraud alerts on payments (rule, score, evidence): velocity per card, amount anomaly "
+        "against the customer's running statistics, merchant country differing from the "
+        "customer's as of the event time (scored higher after a recent call-centre call). "
+        "Written by `fact_payment` in the same transactions."
+    ),
+)
+
+
 def build_definitions(settings: Settings) -> dg.Definitions:
     ingests = topic_ingests(settings)
     captures = load_captures(settings.capture_config)
+    by_target = {c.target: c for c in captures}
+    services = FactServices(
+        customers=by_target.get("dim_customer"),
+        calls=by_target.get("fact_call_center_call"),
+        max_wait_s=settings.enrich_max_wait_s,
+    )
     limits = {"max_batch": settings.batch_max_records, "max_run": settings.run_max_records}
     interval = settings.sensor_interval_s
+    facts = {
+        spec.asset: build_fact_asset(
+            spec,
+            services=services,
+            side_assets=(FRAUD_ALERT,) if spec.asset == "fact_payment" else (),
+            **limits,
+        )
+        for spec, _ in ingests
+    }
     return dg.Definitions(
         assets=[topic_source(spec) for spec, _ in ingests]
-        + [build_fact_asset(spec, **limits) for spec, _ in ingests]
+        + list(facts.values())
         + [change_table_source(spec) for spec in captures]
         + [build_capture_asset(spec, max_changes=settings.batch_max_records) for spec in captures],
         sensors=[
-            build_offset_sensor(spec, topic_setting=setting, interval_s=interval, **limits)
+            build_offset_sensor(
+                spec,
+                topic_setting=setting,
+                interval_s=interval,
+                selection=sorted(facts[spec.asset].keys),
+                **limits,
+            )
             for spec, setting in ingests
         ]
         + [
@@ -69,6 +128,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 timeout_s=settings.kafka_timeout_s,
             ),
             "oltp": OltpResource(url=dg.EnvVar("KAPPA_OLTP_URL")),
+            "state_cache": StateCacheResource(max_keys=settings.state_cache_keys),
             "warehouse": WarehouseResource(
                 url=dg.EnvVar("KAPPA_EDW_URL"),
                 edw_schema=settings.edw_schema,

@@ -25,6 +25,7 @@ def build_offset_sensor(
     interval_s: int,
     max_batch: int,
     max_run: int,
+    selection: list[dg.AssetKey] | None = None,
 ) -> dg.SensorDefinition:
     """The sensor that launches ``spec.asset``'s micro-batches when its topic grows."""
 
@@ -35,7 +36,7 @@ def build_offset_sensor(
             f"`{spec.asset}` with explicit offset ranges (at most {max_batch} records per "
             "partition), one batch in flight per partition."
         ),
-        asset_selection=[dg.AssetKey(spec.asset)],
+        asset_selection=selection or [dg.AssetKey(spec.asset)],
         minimum_interval_seconds=interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
@@ -97,6 +98,7 @@ def build_offset_sensor(
             epoch=epoch,
             source=spec.topic,
             spans={r.partition: (r.start, r.end) for r in ranges},
+            selection=selection,
             config={
                 "ranges": [
                     {"topic": r.topic, "partition": r.partition, "start": r.start, "end": r.end}

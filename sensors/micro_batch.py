@@ -35,14 +35,15 @@ def micro_batch_request(
     source: str,
     spans: dict[int, tuple[int, int]],
     config: dict,
+    selection: list[dg.AssetKey] | None = None,
 ) -> dg.RunRequest:
     """A run for ``asset`` over ``spans`` (shard -> [start, end)): positions in the config,
-    shards in the tags. The run key carries the cursor's generation and sequence, so a tick
+    shards in the tags (``selection``: every asset the step writes, default ``asset``). The run key carries the cursor's generation and sequence, so a tick
     evaluated twice asks for the same key and a key is never reused after a cursor reset."""
     text = ",".join(f"{shard}:{start}-{end}" for shard, (start, end) in sorted(spans.items()))
     return dg.RunRequest(
         run_key=f"{asset}/{cursor.generation}.{cursor.seq}/{epoch[:8] or '-'}/{text}",
-        asset_selection=[dg.AssetKey(asset)],
+        asset_selection=selection or [dg.AssetKey(asset)],
         run_config={"ops": {asset: {"config": config}}},
         tags={
             ASSET_TAG: asset,

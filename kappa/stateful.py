@@ -1,0 +1,253 @@
+"""The stateful steps of the event facts: enrichment, running statistics, fraud detection.
+
+A step runs between decode and load. It reads state for all keys of the batch in bulk
+through the :class:`~kappa.state.StateCache`, looks dimension versions and call-centre
+calls up once per batch (never per message), and returns the augmented rows, the state to
+save and any side table rows; the warehouse writes all of it in the batch's transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from kappa import cdc
+from kappa.capture import CaptureSpec
+from kappa.state import State, StateCache
+from kappa.transforms import (
+    FraudRules,
+    enrich_as_of,
+    fraud_alerts,
+    running_stats,
+    to_cents,
+    velocity,
+)
+from kappa.warehouse import Schemas, read_head
+
+
+@dataclass
+class StepOutput:
+    rows: pd.DataFrame
+    state: dict[str, dict[str, State]] = field(default_factory=dict)
+    side_tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+class Dimensions(Protocol):
+    """What stateful steps need from the CDC side, in bulk."""
+
+    def watermark(self) -> pd.Timestamp | None: ...
+
+    def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame: ...
+
+    def calls(
+        self, customer_ids: list[str], since: pd.Timestamp, until: pd.Timestamp
+    ) -> pd.DataFrame: ...
+
+
+class WarehouseDimensions:
+    """Dimension versions and calls from the EDW; completeness from the OLTP horizon.
+
+    The watermark is the time up to which ``dim_customer`` and ``fact_call_center_call``
+    hold every change: if nothing committed waits past a capture's ledger, it is now,
+    bounded by the start of the oldest transaction still writing; otherwise it is what the
+    capture's last batch recorded.
+    """
+
+    def __init__(
+        self,
+        edw: psycopg.Connection,
+        schemas: Schemas,
+        *,
+        oltp: psycopg.Connection | None,
+        customers: CaptureSpec | None,
+        calls: CaptureSpec | None,
+    ) -> None:
+        self.edw = edw
+        self.schemas = schemas
+        self.oltp = oltp
+        self.captures = [c for c in (customers, calls) if c is not None]
+        self.customers = customers
+        self.calls_spec = calls
+
+    def watermark(self) -> pd.Timestamp | None:
+        if self.oltp is None or not self.captures:
+            return None
+        now_complete = cdc.complete_until(self.oltp)
+        marks = []
+        for spec in self.captures:
+            head = read_head(self.edw, self.schemas, spec.asset, str(spec.change_table), 0)
+            loaded_until = head.end if head is not None else 0
+            if cdc.plan_end(self.oltp, spec, loaded_until, max_changes=1) > loaded_until:
+                mark = head.watermark if head is not None else None
+            else:
+                mark = now_complete
+            if mark is None:
+                return None
+            marks.append(pd.Timestamp(mark))
+        return min(marks)
+
+    def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame:
+        columns = ["customer_id", "customer_sk", "segment", "country", "valid_from", "valid_to"]
+        if self.customers is None or not customer_ids:
+            return pd.DataFrame(columns=columns)
+        rows = self.edw.execute(
+            sql.SQL(
+                "SELECT customer_id, customer_sk, segment, country, valid_from, valid_to FROM {} "
+                "WHERE customer_id = ANY(%s)"
+            ).format(sql.Identifier(self.schemas.edw, self.customers.target)),
+            (customer_ids,),
+        ).fetchall()
+        frame = pd.DataFrame(rows, columns=columns)
+        for column in ("valid_from", "valid_to"):
+            frame[column] = pd.to_datetime(frame[column], utc=True)
+        return frame
+
+    def calls(
+        self, customer_ids: list[str], since: pd.Timestamp, until: pd.Timestamp
+    ) -> pd.DataFrame:
+        columns = ["customer_id", "call_id", "reason", "called_at"]
+        if self.calls_spec is None or not customer_ids:
+            return pd.DataFrame(columns=columns)
+        rows = self.edw.execute(
+            sql.SQL(
+                "SELECT customer_id, call_id, reason, called_at FROM {} "
+                "WHERE customer_id = ANY(%s) AND called_at BETWEEN %s AND %s"
+            ).format(sql.Identifier(self.schemas.edw, self.calls_spec.target)),
+            (customer_ids, since.to_pydatetime(), until.to_pydatetime()),
+        ).fetchall()
+        frame = pd.DataFrame(rows, columns=columns)
+        frame["called_at"] = pd.to_datetime(frame["called_at"], utc=True)
+        return frame
+
+
+def wait_for_dimensions(
+    dimensions: Dimensions,
+    needed: pd.Timestamp,
+    *,
+    max_wait_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> pd.Timestamp | None:
+    """Wait (bounded) until change capture has loaded everything up to ``needed``."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        mark = dimensions.watermark()
+        if mark is not None and mark >= needed:
+            return mark
+        if time.monotonic() >= deadline:
+            return mark
+        sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+class StatefulStep(Protocol):
+    """A transform with state, between decode and load."""
+
+    def apply(
+        self,
+        conn: psycopg.Connection,
+        cache: StateCache,
+        dimensions: Dimensions,
+        shard: int,
+        rows: pd.DataFrame,
+        watermark: pd.Timestamp | None,
+    ) -> StepOutput: ...
+
+
+class OrderEnrichment:
+    """Orders: the customer as of the event time, and the customer's order statistics before it."""
+
+    store = "order_stats"
+
+    def apply(
+        self,
+        conn: psycopg.Connection,
+        cache: StateCache,
+        dimensions: Dimensions,
+        shard: int,
+        rows: pd.DataFrame,
+        watermark: pd.Timestamp | None,
+    ) -> StepOutput:
+        customers = rows["customer_id"].astype(object).tolist()
+        enriched = enrich_as_of(
+            rows, dimensions.customer_versions(sorted(set(customers))), watermark
+        )
+        prior = cache.get_many(conn, self.store, shard, customers)
+        stats = running_stats(rows["customer_id"], to_cents(rows["amount"]), prior)
+        out = rows.reset_index(drop=True).assign(
+            customer_sk=enriched["customer_sk"],
+            customer_segment=enriched["customer_segment"],
+            customer_country=enriched["customer_country"],
+            enrichment=enriched["enrichment"],
+            customer_orders_before=stats.count_before,
+            customer_avg_amount_before=pd.Series(stats.mean_before).round(2),
+            customer_stddev_amount_before=pd.Series(stats.stddev_before).round(4),
+        )
+        return StepOutput(rows=out, state={self.store: stats.after})
+
+
+class PaymentFraud:
+    """Payments: the customer as of the event time, and the fraud rules."""
+
+    def __init__(self, rules: FraudRules) -> None:
+        self.rules = rules
+
+    def apply(
+        self,
+        conn: psycopg.Connection,
+        cache: StateCache,
+        dimensions: Dimensions,
+        shard: int,
+        rows: pd.DataFrame,
+        watermark: pd.Timestamp | None,
+    ) -> StepOutput:
+        rows = rows.reset_index(drop=True)
+        customers = rows["customer_id"].astype(object).tolist()
+        distinct = sorted(set(customers))
+        enriched = enrich_as_of(rows, dimensions.customer_versions(distinct), watermark)
+        stats_prior = cache.get_many(conn, "payment_stats", shard, customers)
+        stats = running_stats(rows["customer_id"], to_cents(rows["amount"]), stats_prior)
+        cards_prior = cache.get_many(
+            conn, "card_velocity", shard, rows["card_id"].astype(object).tolist()
+        )
+        counts, cards = velocity(rows, cards_prior, self.rules)
+        calls = pd.DataFrame(columns=["customer_id", "call_id", "reason", "called_at"])
+        if not rows.empty:
+            calls = dimensions.calls(
+                distinct,
+                rows["event_time"].min() - pd.Timedelta(self.rules.geo_call_window),
+                rows["event_time"].max(),
+            )
+        alerts = fraud_alerts(
+            rows,
+            enriched=enriched,
+            stats=stats,
+            velocity_counts=counts,
+            calls=calls,
+            rules=self.rules,
+        )
+        alerts = alerts.merge(
+            rows[["event_id", "topic", "kafka_partition", "kafka_offset"]],
+            on="event_id",
+            how="left",
+        )
+        top = (
+            alerts.groupby("event_id")["score"].max()
+            if not alerts.empty
+            else pd.Series(dtype=float)
+        )
+        out = rows.assign(
+            customer_sk=enriched["customer_sk"],
+            customer_country=enriched["customer_country"],
+            enrichment=enriched["enrichment"],
+            fraud_score=rows["event_id"].map(top).astype(float),
+        )
+        return StepOutput(
+            rows=out,
+            state={"payment_stats": stats.after, "card_velocity": cards},
+            side_tables={"fraud_alert": alerts},
+        )

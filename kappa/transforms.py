@@ -1,0 +1,328 @@
+"""Stateful transforms over a batch, as pure functions of (batch, prior state).
+
+They depend only on the rows in log order and the state before the batch, never on where
+a batch was cut, so the same offsets processed as one batch or as many give identical rows
+and identical final state:
+
+* running statistics keep exact integer sums of cents (count, sum, sum of squares), so the
+  mean and deviation do not depend on the order floating-point sums were combined in;
+* the velocity window is advanced payment by payment, in log order;
+* enrichment joins the dimension version valid at each event's time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from kappa.state import State
+
+
+def to_cents(amount: pd.Series) -> np.ndarray:
+    """Amounts (2 decimals) as exact integer cents."""
+    return np.rint(amount.to_numpy(dtype=float) * 100).astype(np.int64)
+
+
+@dataclass
+class RunningStats:
+    """Per-row statistics as they stood before each row, and the state after the batch."""
+
+    count_before: np.ndarray
+    mean_before: np.ndarray
+    stddev_before: np.ndarray
+    after: dict[str, State]
+
+
+def running_stats(keys: pd.Series, cents: np.ndarray, prior: Mapping[str, State]) -> RunningStats:
+    """Count, mean and sample deviation of each key's amounts before each row (log order)."""
+    frame = pd.DataFrame({"key": keys.to_numpy(dtype=object), "c": cents, "c2": cents * cents})
+    grouped = frame.groupby("key", sort=False)
+    n0 = frame["key"].map(lambda k: prior.get(k, {}).get("n", 0)).to_numpy(dtype=np.int64)
+    s0 = frame["key"].map(lambda k: prior.get(k, {}).get("sum", 0)).to_numpy(dtype=np.int64)
+    q0 = frame["key"].map(lambda k: prior.get(k, {}).get("sumsq", 0)).to_numpy(dtype=np.int64)
+    n = n0 + grouped.cumcount().to_numpy(dtype=np.int64)
+    s = s0 + grouped["c"].cumsum().to_numpy(dtype=np.int64) - cents
+    q = q0 + grouped["c2"].cumsum().to_numpy(dtype=np.int64) - cents * cents
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(n > 0, s / np.maximum(n, 1), np.nan) / 100.0
+        variance = np.where(
+            n > 1, (q - s.astype(float) * s / np.maximum(n, 1)) / np.maximum(n - 1, 1), np.nan
+        )
+    stddev = np.sqrt(np.maximum(variance, 0.0)) / 100.0
+    last = frame.assign(n=n + 1, s=s + cents, q=q + cents * cents).drop_duplicates(
+        "key", keep="last"
+    )
+    after = {
+        key: {"n": int(nn), "sum": int(ss), "sumsq": int(qq)}
+        for key, nn, ss, qq in zip(last["key"], last["n"], last["s"], last["q"], strict=True)
+    }
+    return RunningStats(count_before=n, mean_before=mean, stddev_before=stddev, after=after)
+
+
+def enrich_as_of(
+    events: pd.DataFrame, versions: pd.DataFrame, watermark: pd.Timestamp | None
+) -> pd.DataFrame:
+    """The dimension version valid at each event's time, row-aligned with ``events``.
+
+    ``events`` has ``customer_id`` and ``event_time``; ``versions`` has ``customer_id``,
+    ``customer_sk``, ``segment``, ``country``, ``valid_from``, ``valid_to``. ``enrichment``
+    says ``as_of`` (the version valid then), ``provisional`` (the event is later than what
+    change capture has loaded: the newest known version, which may change) or
+    ``unknown_customer``.
+    """
+    left = pd.DataFrame(
+        {
+            "row": np.arange(len(events)),
+            "customer_id": events["customer_id"].astype(object).to_numpy(),
+            "event_time": events["event_time"].to_numpy(),
+        }
+    ).sort_values(["event_time", "row"], kind="stable")
+    right = versions.assign(customer_id=versions["customer_id"].astype(object)).sort_values(
+        ["valid_from", "customer_sk"], kind="stable"
+    )
+    if right.empty:
+        joined = left.assign(
+            customer_sk=pd.NA,
+            segment=pd.NA,
+            country=pd.NA,
+            valid_to=pd.Series(pd.NaT, index=left.index, dtype="datetime64[ns, UTC]"),
+        )
+    else:
+        joined = pd.merge_asof(
+            left,
+            right[["customer_id", "valid_from", "valid_to", "customer_sk", "segment", "country"]],
+            left_on="event_time",
+            right_on="valid_from",
+            by="customer_id",
+            direction="backward",
+        )
+    closed = joined["valid_to"].notna() & (joined["event_time"] >= joined["valid_to"])
+    joined.loc[closed, ["customer_sk", "segment", "country"]] = pd.NA
+    found = joined["customer_sk"].notna()
+    late = (
+        joined["event_time"] > watermark
+        if watermark is not None
+        else pd.Series(True, index=joined.index)
+    )
+    joined["enrichment"] = np.where(
+        ~found, "unknown_customer", np.where(late, "provisional", "as_of")
+    )
+    joined = joined.sort_values("row").reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "customer_sk": joined["customer_sk"].astype("Int64"),
+            "customer_segment": joined["segment"].astype("string"),
+            "customer_country": joined["country"].astype("string"),
+            "enrichment": joined["enrichment"].astype("string"),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class FraudRules:
+    """Thresholds of the fraud rules (configuration, see the README)."""
+
+    velocity_max_payments: int = 3
+    velocity_window: timedelta = timedelta(minutes=10)
+    velocity_lateness: timedelta = timedelta(hours=1)
+    amount_z: float = 3.0
+    amount_min_history: int = 5
+    geo_score: float = 0.5
+    geo_after_call_score: float = 0.9
+    geo_call_window: timedelta = timedelta(hours=48)
+
+
+ALERT_COLUMNS = ["event_id", "rule", "score", "evidence", "customer_id", "event_time"]
+
+
+def _alerts(frame: pd.DataFrame, rule: str, score: pd.Series, evidence: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "event_id": frame["event_id"].to_numpy(),
+            "rule": rule,
+            "score": np.round(score.to_numpy(dtype=float), 3),
+            "evidence": [
+                orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY).decode() for e in evidence
+            ],
+            "customer_id": frame["customer_id"].to_numpy(),
+            "event_time": frame["event_time"].to_numpy(),
+        },
+        columns=ALERT_COLUMNS,
+    )
+
+
+def velocity(
+    payments: pd.DataFrame, prior: Mapping[str, State], rules: FraudRules
+) -> tuple[np.ndarray, dict[str, State]]:
+    """Payments of the same card within the window before each payment (itself included).
+
+    Advanced payment by payment in log order; the state keeps, per card, the event times
+    not older than the newest seen minus window and lateness.
+    """
+    window = int(rules.velocity_window.total_seconds() * 1000)
+    keep = window + int(rules.velocity_lateness.total_seconds() * 1000)
+    times_ms = payments["event_time"].to_numpy(dtype="datetime64[ms]").astype(np.int64)
+    counts = np.zeros(len(payments), dtype=np.int64)
+    cards: dict[str, State] = {}
+    for position, (card, t) in enumerate(
+        zip(payments["card_id"].to_numpy(dtype=object), times_ms, strict=True)
+    ):
+        state = cards.get(card)
+        if state is None:
+            previous = prior.get(card, {"times": [], "newest": None})
+            state = cards[card] = {"times": list(previous["times"]), "newest": previous["newest"]}
+        times: list[int] = state["times"]
+        times.append(int(t))
+        newest = int(t) if state["newest"] is None else max(state["newest"], int(t))
+        state["newest"] = newest
+        state["times"] = times = [x for x in times if x >= newest - keep]
+        counts[position] = sum(1 for x in times if t - window <= x <= t)
+    return counts, cards
+
+
+def fraud_alerts(
+    payments: pd.DataFrame,
+    *,
+    enriched: pd.DataFrame,
+    stats: RunningStats,
+    velocity_counts: np.ndarray,
+    calls: pd.DataFrame,
+    rules: FraudRules,
+) -> pd.DataFrame:
+    """Alerts (rule, score, evidence) for a batch of valid payments.
+
+    ``calls`` has ``customer_id``, ``call_id``, ``reason``, ``called_at`` for the batch's
+    customers.
+    """
+    out = []
+    fast = velocity_counts > rules.velocity_max_payments
+    if fast.any():
+        rows = payments[fast]
+        out.append(
+            _alerts(
+                rows,
+                "velocity",
+                pd.Series(
+                    np.minimum(1.0, velocity_counts[fast] / (2 * rules.velocity_max_payments))
+                ),
+                [
+                    {
+                        "card_id": c,
+                        "payments_in_window": int(n),
+                        "window_s": rules.velocity_window.total_seconds(),
+                    }
+                    for c, n in zip(rows["card_id"], velocity_counts[fast], strict=True)
+                ],
+            )
+        )
+    amount = payments["amount"].to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (amount - stats.mean_before) / stats.stddev_before
+    unusual = (
+        (stats.count_before >= rules.amount_min_history)
+        & (stats.stddev_before > 0)
+        & (z >= rules.amount_z)
+    )
+    if unusual.any():
+        rows = payments[unusual]
+        out.append(
+            _alerts(
+                rows,
+                "amount_anomaly",
+                pd.Series(np.minimum(1.0, z[unusual] / (3 * rules.amount_z))),
+                [
+                    {
+                        "amount": a,
+                        "mean_before": round(m, 2),
+                        "stddev_before": round(s, 2),
+                        "z": round(zz, 2),
+                        "payments_before": int(n),
+                    }
+                    for a, m, s, zz, n in zip(
+                        amount[unusual],
+                        stats.mean_before[unusual],
+                        stats.stddev_before[unusual],
+                        z[unusual],
+                        stats.count_before[unusual],
+                        strict=True,
+                    )
+                ],
+            )
+        )
+    country = enriched["customer_country"].astype(object).to_numpy()
+    merchant = payments["merchant_country"].astype(object).to_numpy()
+    mismatch = np.array(
+        [
+            c is not pd.NA and c is not None and c != m
+            for c, m in zip(country, merchant, strict=True)
+        ]
+    )
+    if mismatch.any():
+        rows = payments[mismatch].reset_index(drop=True)
+        recent = _latest_call_before(rows, calls, rules.geo_call_window)
+        called = recent["call_id"].notna().to_numpy()
+        score = np.where(called, rules.geo_after_call_score, rules.geo_score)
+        evidence = []
+        for merchant_country, home, call_id, reason, called_at in zip(
+            rows["merchant_country"],
+            country[mismatch],
+            recent["call_id"],
+            recent["reason"],
+            recent["called_at"],
+            strict=True,
+        ):
+            item: dict = {"merchant_country": merchant_country, "customer_country": home}
+            if isinstance(call_id, str):
+                item.update(
+                    call_id=call_id,
+                    call_reason=reason,
+                    called_at=pd.Timestamp(called_at).isoformat(),
+                )
+            evidence.append(item)
+        out.append(_alerts(rows, "geo_mismatch", pd.Series(score), evidence))
+    if not out:
+        return pd.DataFrame(columns=ALERT_COLUMNS)
+    return pd.concat(out, ignore_index=True)
+
+
+def _latest_call_before(
+    payments: pd.DataFrame, calls: pd.DataFrame, window: timedelta
+) -> pd.DataFrame:
+    """For each payment, the customer's latest call in ``[event_time - window, event_time]``."""
+    left = pd.DataFrame(
+        {
+            "row": np.arange(len(payments)),
+            "customer_id": payments["customer_id"].astype(object).to_numpy(),
+            "event_time": payments["event_time"].to_numpy(),
+        }
+    ).sort_values(["event_time", "row"], kind="stable")
+    if calls.empty:
+        return pd.DataFrame(
+            {"call_id": [None] * len(payments), "reason": None, "called_at": pd.NaT}
+        )
+    right = calls.assign(customer_id=calls["customer_id"].astype(object)).sort_values(
+        ["called_at", "call_id"], kind="stable"
+    )
+    joined = pd.merge_asof(
+        left,
+        right[["customer_id", "called_at", "call_id", "reason"]],
+        left_on="event_time",
+        right_on="called_at",
+        by="customer_id",
+        direction="backward",
+        tolerance=pd.Timedelta(window),
+    ).sort_values("row")
+    return joined[["call_id", "reason", "called_at"]].reset_index(drop=True)
+
+
+def _utc(times: pd.Series) -> pd.Series:
+    """One time representation for joins: nanoseconds, UTC, index dropped."""
+    return pd.Series(
+        pd.to_datetime(times, utc=True).astype("datetime64[ns, UTC]").to_numpy(),
+        dtype="datetime64[ns, UTC]",
+    )

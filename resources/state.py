@@ -1,0 +1,28 @@
+"""The state cache of stateful transforms as a Dagster resource."""
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from kappa.state import PostgresStateBackend, StateCache
+from kappa.warehouse import Schemas
+
+
+class StateCacheResource(dg.ConfigurableResource):
+    """An in-memory LRU (one per run) over the durable state in the EDW's PostgreSQL.
+
+    Usage::
+
+        cache = state_cache.cache(warehouse.schemas)
+        prior = cache.get_many(conn, "order_stats", partition, customer_ids)
+    """
+
+    max_keys: int = Field(
+        default=200_000, description="Keys held in memory (KAPPA_STATE_CACHE_KEYS)."
+    )
+    _cache: StateCache | None = PrivateAttr(default=None)
+
+    def cache(self, schemas: Schemas) -> StateCache:
+        """The run's cache (created on first use, shared by the partitions of the run)."""
+        if self._cache is None:
+            self._cache = StateCache(PostgresStateBackend(schemas), max_keys=self.max_keys)
+        return self._cache
