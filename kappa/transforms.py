@@ -78,13 +78,20 @@ def enrich_as_of(
     left = pd.DataFrame(
         {
             "row": np.arange(len(events)),
-            "customer_id": events["customer_id"].astype(object).to_numpy(),
-            "event_time": events["event_time"].to_numpy(),
+            "customer_id": _key(events["customer_id"]),
+            "event_time": _utc(events["event_time"]),
         }
     ).sort_values(["event_time", "row"], kind="stable")
-    right = versions.assign(customer_id=versions["customer_id"].astype(object)).sort_values(
-        ["valid_from", "customer_sk"], kind="stable"
-    )
+    right = pd.DataFrame(
+        {
+            "customer_id": _key(versions["customer_id"]),
+            "valid_from": _utc(versions["valid_from"]),
+            "valid_to": _utc(versions["valid_to"]),
+            "customer_sk": versions["customer_sk"].to_numpy(),
+            "segment": versions["segment"].to_numpy(),
+            "country": versions["country"].to_numpy(),
+        }
+    ).sort_values(["valid_from", "customer_sk"], kind="stable")
     if right.empty:
         joined = left.assign(
             customer_sk=pd.NA,
@@ -297,17 +304,22 @@ def _latest_call_before(
     left = pd.DataFrame(
         {
             "row": np.arange(len(payments)),
-            "customer_id": payments["customer_id"].astype(object).to_numpy(),
-            "event_time": payments["event_time"].to_numpy(),
+            "customer_id": _key(payments["customer_id"]),
+            "event_time": _utc(payments["event_time"]),
         }
     ).sort_values(["event_time", "row"], kind="stable")
     if calls.empty:
         return pd.DataFrame(
             {"call_id": [None] * len(payments), "reason": None, "called_at": pd.NaT}
         )
-    right = calls.assign(customer_id=calls["customer_id"].astype(object)).sort_values(
-        ["called_at", "call_id"], kind="stable"
-    )
+    right = pd.DataFrame(
+        {
+            "customer_id": _key(calls["customer_id"]),
+            "called_at": _utc(calls["called_at"]),
+            "call_id": calls["call_id"].to_numpy(),
+            "reason": calls["reason"].to_numpy(),
+        }
+    ).sort_values(["called_at", "call_id"], kind="stable")
     joined = pd.merge_asof(
         left,
         right[["customer_id", "called_at", "call_id", "reason"]],
@@ -318,6 +330,11 @@ def _latest_call_before(
         tolerance=pd.Timedelta(window),
     ).sort_values("row")
     return joined[["call_id", "reason", "called_at"]].reset_index(drop=True)
+
+
+def _key(values: pd.Series) -> np.ndarray:
+    """Join keys as plain Python strings, whatever string dtype pandas chose."""
+    return np.asarray([str(v) for v in values], dtype=object)
 
 
 def _utc(times: pd.Series) -> pd.Series:

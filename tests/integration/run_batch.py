@@ -20,6 +20,6 @@ if __name__ == "__main__":
         run_config=run_config,
         instance=dg.DagsterInstance.ephemeral(),
         tags=tags,
-        asset_selection=[dg.AssetKey(tags["kappa/asset"])],
+        asset_selection=list(defs.resolve_assets_def(tags["kappa/asset"]).keys),
     )
     sys.exit(0 if result.success else 1)
