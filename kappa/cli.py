@@ -405,14 +405,20 @@ def replay(settings: Settings, asset: str, *, confirmed: bool) -> int:
     return 0
 
 
-def simulate_oltp(settings: Settings) -> int:
-    """Run the OLTP writers (customers, call-centre calls) until SIGINT/SIGTERM."""
-    from kappa import oltp
-
+def _stop_on_signal() -> threading.Event:
+    """Logging for a simulator process, and an event set by SIGINT or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def simulate_oltp(settings: Settings) -> int:
+    """Run the OLTP writers (customers, call-centre calls) until SIGINT/SIGTERM."""
+    from kappa import oltp
+
+    stop = _stop_on_signal()
     writers = oltp.OltpWriters(
         settings.resolved_oltp_url, oltp.OltpConfig.from_settings(settings), rate=settings.oltp_rate
     )
@@ -424,11 +430,7 @@ def simulate(settings: Settings) -> int:
     """Run the event simulator until SIGINT/SIGTERM."""
     from kappa import simulator
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    simulator.run(settings, stop=stop)
+    simulator.run(settings, stop=_stop_on_signal())
     return 0
 
 

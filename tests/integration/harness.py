@@ -6,12 +6,20 @@ asset job on a real instance); nothing of the pipeline is faked.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
+from pathlib import Path
 
 import dagster as dg
+import psycopg
 from kafka import KafkaProducer
 
 from kappa import simulator
@@ -122,6 +130,68 @@ class Pipeline:
         with connect(self.edw_url) as conn:
             cursor = conn.execute(statement, params)  # type: ignore[arg-type]
             return cursor.fetchall() if cursor.description is not None else []
+
+
+ROOT = Path(__file__).parents[2]
+
+
+def wait_for(predicate, *, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_mid_batch(
+    pipeline: Pipeline, request: dg.RunRequest, *, lock_table: str, blocked_query: str
+) -> None:
+    """Run ``request`` in a worker process, hold ``lock_table`` so the batch stops inside its
+    transaction at a statement matching ``blocked_query`` (ILIKE), SIGKILL the worker there,
+    and wait until the server has rolled the batch back."""
+    blocker = psycopg.connect(pipeline.edw_url)
+    blocker.execute(f"LOCK TABLE {lock_table} IN EXCLUSIVE MODE")
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.run_batch",
+            json.dumps(request.run_config),
+            json.dumps(request.tags),
+        ],
+        cwd=ROOT,
+        env={**os.environ, **pipeline.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: pipeline.query(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'kappa-etl' "
+                "AND wait_event_type = 'Lock' AND query ILIKE %s",
+                (blocked_query,),
+            ),
+            timeout=90,
+            what=f"the run to block on {lock_table} inside its batch transaction",
+        )
+        worker.send_signal(signal.SIGKILL)
+        assert worker.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        worker.kill()
+        blocker.rollback()
+        blocker.close()
+    wait_for(
+        lambda: (
+            not pipeline.query(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'kappa-etl' "
+                "AND state <> 'idle' AND pid <> pg_backend_pid()"
+            )
+        ),
+        timeout=30,
+        what="the killed run's backend to go away",
+    )
 
 
 def expected_event_ids(messages: Iterable[simulator.SimulatedMessage], topic: str) -> set[str]:

@@ -1,31 +1,11 @@
 """Faults on the spine: a run killed mid-batch, a broker that lost its log."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import psycopg
 import pytest
 
 from kappa.exceptions import LogResetError
-from tests.integration.harness import Pipeline, expected_event_ids
+from tests.integration.harness import Pipeline, expected_event_ids, kill_mid_batch
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).parents[2]
-
-
-def wait_for(predicate, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def edw_snapshot(pipeline: Pipeline, edw: str, meta: str) -> dict[str, list[tuple]]:
@@ -48,47 +28,11 @@ def test_a_run_killed_mid_batch_then_run_again_equals_a_clean_single_pass(
 
     # Hold the fact table so the run stops inside its transaction: ledger head locked and
     # moved, rows staged, dead letters copied, the INSERT into the fact waiting.
-    blocker = psycopg.connect(pipeline.edw_url)
-    blocker.execute("LOCK TABLE edw.fact_order IN EXCLUSIVE MODE")
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.integration.run_batch",
-            json.dumps(request.run_config),
-            json.dumps(request.tags),
-        ],
-        cwd=ROOT,
-        env={**os.environ, **pipeline_env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    kill_mid_batch(
+        pipeline, request, lock_table="edw.fact_order", blocked_query="INSERT INTO%fact_order%"
     )
-    try:
-        wait_for(
-            lambda: pipeline.query(
-                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'kappa-etl' "
-                "AND wait_event_type = 'Lock' AND query ILIKE 'INSERT INTO%%fact_order%%'"
-            ),
-            timeout=60,
-            what="the run to block inside its batch transaction",
-        )
-        worker.send_signal(signal.SIGKILL)
-        assert worker.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        worker.kill()
-        blocker.rollback()
-        blocker.close()
 
     # The killed batch left nothing behind: the server rolled its transaction back.
-    wait_for(
-        lambda: (
-            not pipeline.query(
-                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'kappa-etl' AND state <> 'idle' AND pid <> pg_backend_pid()"
-            )
-        ),
-        timeout=30,
-        what="the killed run's backend to go away",
-    )
     assert pipeline.query("SELECT count(*) FROM edw.fact_order") == [(0,)]
     assert pipeline.query("SELECT count(*) FROM kappa.batch_ledger") == [(0,)]
     assert pipeline.query("SELECT count(*) FROM kappa.dead_letter") == [(0,)]

@@ -3,10 +3,6 @@
 Every expectation here is written out by hand from the inputs the test chose.
 """
 
-import json
-import signal
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -16,8 +12,7 @@ import psycopg
 import pytest
 
 from kappa.simulator import SimulatedMessage
-from tests.integration.harness import Pipeline
-from tests.integration.test_faults import ROOT, wait_for
+from tests.integration.harness import Pipeline, kill_mid_batch
 
 pytestmark = pytest.mark.integration
 
@@ -256,45 +251,7 @@ def test_a_stateful_batch_killed_then_retried_equals_a_clean_pass(
     [request] = pipeline.tick("fact_payment").run_requests
 
     # Hold the state table: the run stops inside its transaction after writing facts and alerts.
-    blocker = psycopg.connect(pipeline.edw_url)
-    blocker.execute("LOCK TABLE kappa.state IN EXCLUSIVE MODE")
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.integration.run_batch",
-            json.dumps(request.run_config),
-            json.dumps(request.tags),
-        ],
-        cwd=ROOT,
-        env={**__import__("os").environ, **pipeline_env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(
-            lambda: pipeline.query(
-                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'kappa-etl' "
-                "AND wait_event_type = 'Lock' AND query ILIKE 'COPY%%state%%'"
-            ),
-            timeout=90,
-            what="the run to block on the state table inside its batch transaction",
-        )
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(timeout=30)
-    finally:
-        worker.kill()
-        blocker.rollback()
-        blocker.close()
-    wait_for(
-        lambda: (
-            not pipeline.query(
-                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'kappa-etl' AND state <> 'idle' AND pid <> pg_backend_pid()"
-            )
-        ),
-        timeout=30,
-        what="the killed run's backend to go away",
-    )
+    kill_mid_batch(pipeline, request, lock_table="kappa.state", blocked_query="COPY%state%")
     assert pipeline.query("SELECT count(*) FROM edw.fact_payment") == [(0,)]
     assert pipeline.query("SELECT count(*) FROM edw.fraud_alert") == [(0,)]
     assert pipeline.query("SELECT count(*) FROM kappa.state") == [(0,)]
