@@ -103,6 +103,11 @@ def prepare(settings: Settings, *, create_topics: bool, demo_sources: bool) -> N
             oltp.ensure_source_tables(conn)
         for spec in captures:
             install_capture(conn, spec)
+        if demo_sources:
+            # Most simulated customers exist from the start (captured, so they reach
+            # dim_customer); the OLTP writers insert the rest over time.
+            config = oltp.OltpConfig.from_settings(settings)
+            oltp.seed_customers(conn, config, count=settings.sim_customers * 9 // 10)
 
 
 def ledger_problems(settings: Settings) -> list[str]:

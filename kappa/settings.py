@@ -107,7 +107,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "KAPPA_FRAUD_VELOCITY_WINDOW_S",
-        "600",
+        "60",
         "Fraud: the velocity window, in seconds of event time.",
     ),
     Setting(
