@@ -11,7 +11,7 @@ import dagster as dg
 from kappa.capture import CaptureSpec
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, plan_ranges, run_batch
-from kappa.stateful import WarehouseDimensions
+from kappa.stateful import VersionCache, WarehouseDimensions
 from kappa.warehouse import read_heads
 from resources.event_store import EventStoreResource
 from resources.oltp import OltpResource
@@ -151,6 +151,7 @@ def build_fact_asset(
                     max_run=max_run,
                 )
         cache = state_cache.cache(schemas)
+        versions = VersionCache()  # dimension versions, shared by the partitions of the run
 
         def load(requested: OffsetRange) -> BatchOutcome:
             # Each partition has its own consumer and connections: partitions load in parallel.
@@ -170,6 +171,7 @@ def build_fact_asset(
                         oltp=source,
                         customers=services.customers,
                         calls=services.calls,
+                        versions=versions,
                     )
                 return run_batch(
                     store,

@@ -122,6 +122,15 @@ def plan_end(conn: psycopg.Connection, spec: CaptureSpec, start: int, *, max_cha
     transactions only, never past the horizon. Equals ``start`` when nothing is ready."""
     limit = horizon(conn)
     table = sql.Identifier(spec.change_table.schema, spec.change_table.table)
+    first = conn.execute(
+        sql.SQL(
+            "SELECT xid::text::bigint FROM {} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8 "
+            "ORDER BY xid, change_id LIMIT 1"
+        ).format(table),
+        (str(start), str(limit)),
+    ).fetchone()
+    if first is None:
+        return start
     row = conn.execute(
         sql.SQL(
             "SELECT xid::text::bigint FROM {} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8 "
@@ -129,17 +138,12 @@ def plan_end(conn: psycopg.Connection, spec: CaptureSpec, start: int, *, max_cha
         ).format(table),
         (str(start), str(limit), max_changes),
     ).fetchone()
-    if row is not None:
-        boundary = int(row[0])
-        # A transaction larger than max_changes is taken whole: batches never split one.
-        return boundary if boundary > start else boundary + 1
-    any_row = conn.execute(
-        sql.SQL(
-            "SELECT 1 FROM {} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8 LIMIT 1"
-        ).format(table),
-        (str(start), str(limit)),
-    ).fetchone()
-    return limit if any_row is not None else start
+    if row is None:
+        return limit
+    boundary = int(row[0])
+    # A transaction larger than max_changes is taken whole: batches never split one, and
+    # a batch always holds at least the first ready transaction.
+    return boundary if boundary > int(first[0]) else boundary + 1
 
 
 def read_changes(conn: psycopg.Connection, spec: CaptureSpec, start: int, end: int) -> pd.DataFrame:

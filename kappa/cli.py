@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from kappa.capture import load_captures
+from kappa.catalog import topic_ingests
 from kappa.cdc import install_capture
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.dimensions import ensure_target
@@ -388,20 +389,26 @@ def check(settings: Settings) -> int:
 
 def replay(settings: Settings, asset: str, *, confirmed: bool) -> int:
     """Reload ``asset`` from the beginning of its log: forget its rows, dead letters and ledger."""
-    tables = {contract.table: contract.table for contract in (ORDER_PLACED, PAYMENT_ATTEMPTED)}
-    tables.update({spec.asset: spec.target for spec in load_captures(settings.capture_config)})
+    tables = {
+        spec.asset: (spec.contract.table, spec.step.side_tables if spec.step else ())
+        for spec, _ in topic_ingests(settings)
+    }
+    tables.update(
+        {spec.asset: (spec.target, ()) for spec in load_captures(settings.capture_config)}
+    )
     if asset not in tables:
         raise KappaError(f"unknown asset {asset!r}; replayable: {', '.join(sorted(tables))}")
     if not confirmed:
         _say(
-            f"This deletes every row of {asset}, its dead letters and its ledger in "
+            f"This deletes every row of {asset}, its state, alerts, dead letters and ledger in "
             f"{redact(settings.resolved_edw_url)}; its sensor then reloads it from the start "
             "of its log or change table. Run again with --yes to do it."
         )
         return 1
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
     with connect(settings.resolved_edw_url) as conn:
-        removed = reset_for_replay(conn, schemas, tables[asset], asset)
+        table, side_tables = tables[asset]
+        removed = reset_for_replay(conn, schemas, table, asset, side_tables=side_tables)
     _say(
         f"{asset}: removed {removed.rows} rows, {removed.dead_letters} dead letters and "
         f"{removed.batches} ledger batches in one transaction; the next sensor tick reloads "

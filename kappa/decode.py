@@ -20,6 +20,9 @@ from kappa.event_store import RawBatch
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _ISO_WITH_ZONE = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})"
+#: Limits of the EDW columns (numeric(14, 2), integer): beyond them a row is a dead letter.
+MAX_AMOUNT = 1e12
+MAX_COUNT = 2**31 - 1
 _ENVELOPE = ("event_id", "event_type", "event_time", "source", "schema_version")
 
 
@@ -34,6 +37,15 @@ class DecodedBatch:
     rows: pd.DataFrame
     dead_letters: pd.DataFrame
     duplicates_in_batch: int
+
+    @classmethod
+    def empty(cls, contract: EventContract) -> DecodedBatch:
+        """No rows: what a range holding only transaction markers decodes to."""
+        return cls(
+            rows=pd.DataFrame(columns=[name for name, _ in fact_columns(contract)]),
+            dead_letters=pd.DataFrame(columns=["offset", "broker_time", "key", "value", "reason"]),
+            duplicates_in_batch=0,
+        )
 
     @property
     def received(self) -> int:
@@ -110,10 +122,19 @@ def _check_field(field: PayloadField, col: pd.Series, reasons: _Reasons) -> pd.S
         values = pd.to_numeric(col.where(numeric), errors="coerce")
         bad = ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan)) | (values <= 0).to_numpy()
         reasons.flag(bad & numeric, f"'{name}' must be a positive finite number")
+        # The EDW column is numeric(14, 2): a larger amount would fail the whole batch's COPY.
+        too_large = (values >= MAX_AMOUNT).fillna(False).to_numpy()
+        reasons.flag(too_large & numeric, f"'{name}' must be below {MAX_AMOUNT:.0e}")
         return values.round(2)
     if field.kind == "count":
         is_int = _of_type(col, int).to_numpy()
         reasons.flag(~is_int & ~missing, f"'{name}' is not an integer")
+        # Python ints beyond the EDW's integer column are refused before conversion.
+        too_large = col.map(lambda v: isinstance(v, int) and not 0 <= v <= MAX_COUNT).to_numpy(
+            dtype=bool
+        )
+        reasons.flag(is_int & too_large, f"'{name}' is outside the integer range (0..{MAX_COUNT})")
+        is_int = is_int & ~too_large
         values = pd.to_numeric(col.where(is_int), errors="coerce").astype("Int64")
         reasons.flag(is_int & (values < 1).fillna(False).to_numpy(), f"'{name}' must be >= 1")
         return values

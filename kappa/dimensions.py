@@ -62,8 +62,12 @@ CREATE TABLE IF NOT EXISTS {table} (
   change_op char(1) NOT NULL,
   CHECK (valid_to IS NULL OR valid_to >= valid_from)
 );
+-- The transaction that closed a version, so readers can refresh exactly what changed.
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS closed_by_xid bigint;
 CREATE UNIQUE INDEX IF NOT EXISTS {current_index} ON {table} ({keys}) WHERE is_current;
 CREATE INDEX IF NOT EXISTS {history_index} ON {table} ({keys}, valid_from);
+CREATE INDEX IF NOT EXISTS {xid_index} ON {table} (source_xid);
+CREATE INDEX IF NOT EXISTS {closed_index} ON {table} (closed_by_xid) WHERE closed_by_xid IS NOT NULL;
 """
         ).format(
             table=table,
@@ -72,6 +76,8 @@ CREATE INDEX IF NOT EXISTS {history_index} ON {table} ({keys}, valid_from);
             keys=keys,
             current_index=sql.Identifier(f"{spec.target}_current_idx"),
             history_index=sql.Identifier(f"{spec.target}_history_idx"),
+            xid_index=sql.Identifier(f"{spec.target}_xid_idx"),
+            closed_index=sql.Identifier(f"{spec.target}_closed_idx"),
         )
     else:
         ddl = sql.SQL(
@@ -141,6 +147,17 @@ def _convert(column: Column, values: pd.Series) -> tuple[pd.Series, np.ndarray]:
 
 def validate_changes(spec: CaptureSpec, changes: pd.DataFrame) -> ValidatedChanges:
     """Check operations and row images; extract the captured columns."""
+    if changes.empty:
+        no_rows = pd.DataFrame(
+            columns=[c.name for c in spec.columns]
+            + ["op", "source_xid", "source_change_id", "change_time"]
+        )
+        return ValidatedChanges(
+            rows=no_rows,
+            dead_letters=pd.DataFrame(
+                columns=["position", "broker_time", "key", "value", "reason"]
+            ),
+        )
     n = len(changes)
     reasons = np.full(n, None, dtype=object)
 
@@ -226,7 +243,9 @@ def _merge_scd2(
     keys = [sql.Identifier(k) for k in spec.keys]
     key_list = sql.SQL(", ").join(keys)
     same_key = sql.SQL(" AND ").join(sql.SQL("d.{k} = f.{k}").format(k=k) for k in keys)
-    order = sql.SQL("source_xid, source_change_id")
+    # One key's changes are serialised by its row lock, so change ids give their true order
+    # (a transaction with a lower xid may write the row after one with a higher xid).
+    order = sql.SQL("source_change_id")
     conn.execute(
         sql.SQL(
             """
@@ -245,8 +264,10 @@ WINDOW w AS (PARTITION BY {keys} ORDER BY {order} ROWS UNBOUNDED PRECEDING)
     conn.execute(
         sql.SQL(
             """
-UPDATE {dim} d SET valid_to = f.valid_from, is_current = false
-FROM (SELECT DISTINCT ON ({keys}) {keys}, valid_from FROM scd_versions ORDER BY {keys}, {order}) f
+UPDATE {dim} d SET valid_to = f.valid_from, is_current = false, closed_by_xid = f.source_xid
+FROM (
+  SELECT DISTINCT ON ({keys}) {keys}, valid_from, source_xid FROM scd_versions ORDER BY {keys}, {order}
+) f
 WHERE d.is_current AND {same_key}
 """
         ).format(dim=dim, keys=key_list, order=order, same_key=same_key)
@@ -291,19 +312,22 @@ def _merge_current(
     conn.execute(
         sql.SQL(
             "CREATE TEMP TABLE current_last ON COMMIT DROP AS SELECT DISTINCT ON ({keys}) * FROM {stage} "
-            "ORDER BY {keys}, source_xid DESC, source_change_id DESC"
+            "ORDER BY {keys}, source_change_id DESC"
         ).format(keys=key_list, stage=stage)
     )
     conn.execute(
         sql.SQL(
-            "DELETE FROM {target} t USING current_last l WHERE l.op = 'D' AND {same_key}"
+            "DELETE FROM {target} t USING current_last l "
+            "WHERE l.op = 'D' AND t.source_change_id < l.source_change_id AND {same_key}"
         ).format(target=target, same_key=same_key)
     )
     conn.execute(
         sql.SQL(
             "INSERT INTO {target} ({columns}, source_xid, source_change_id, changed_at) "
             "SELECT {columns}, source_xid, source_change_id, change_time FROM current_last WHERE op <> 'D' "
-            "ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+            "ON CONFLICT ({keys}) DO UPDATE SET {updates} "
+            # An older change of the key (a later batch can hold one) never overwrites a newer.
+            "WHERE {target}.source_change_id < EXCLUDED.source_change_id"
         ).format(target=target, columns=columns, keys=key_list, updates=updates)
     )
     conn.execute("DROP TABLE current_last")

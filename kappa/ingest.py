@@ -21,7 +21,7 @@ from kappa.decode import decode_batch, describe_reason
 from kappa.dimensions import apply_changes
 from kappa.event_store import EventStore, LogBounds
 from kappa.exceptions import LogResetError
-from kappa.state import StateCache
+from kappa.state import ScopedStateCache, StateCache
 from kappa.stateful import Dimensions, StatefulStep, wait_for_dimensions
 from kappa.warehouse import (
     BatchRecord,
@@ -141,7 +141,9 @@ def plan_ranges(
         end = min(bounds[partition].end, start + max_batch)
         if end > start:
             candidates.append(OffsetRange(topic, partition, start, end))
-    candidates.sort(key=lambda r: (-(r.end - r.start), r.partition))
+    # By lag to the log end, not by the capped batch size: with every partition lagging by
+    # more than a batch, a tie broken by partition number would starve the last ones.
+    candidates.sort(key=lambda r: (-(bounds[r.partition].end - r.start), r.partition))
     planned: list[OffsetRange] = []
     budget = max_run
     for rng in candidates:
@@ -209,7 +211,8 @@ def run_batch(
             if not rows.empty
             else None
         )
-        output = spec.step.apply(conn, cache, dimensions, partition, rows, watermark)
+        scoped = ScopedStateCache(cache, spec.asset)
+        output = spec.step.apply(conn, scoped, dimensions, partition, rows, watermark)
     record = BatchRecord(
         asset=spec.asset,
         source=topic,
@@ -223,6 +226,7 @@ def run_batch(
         loaded=0,
         dead_lettered=0,
         deduplicated=0,
+        fresh=head is None,
     )
     if output is None:
         final = commit_batch(conn, schemas, spec.contract, record, decoded)
@@ -236,7 +240,7 @@ def run_batch(
             rows=output.rows,
             side_tables=output.side_tables,
             state=output.state,
-            cache=cache,
+            cache=scoped,
         )
     return BatchOutcome(
         asset=spec.asset,
@@ -307,6 +311,10 @@ def run_capture_batch(
             seconds=time.monotonic() - started,
         )
     changes = cdc.read_changes(oltp, spec, start, end)
+    # The batch makes dim_customer complete up to `complete_until` only if it takes every
+    # ready change; a batch cut short keeps the completeness its predecessor recorded.
+    cut_short = cdc.plan_end(oltp, spec, end, max_changes=1) > end
+    watermark = (head.watermark if head is not None else None) if cut_short else complete_until
     record = BatchRecord(
         asset=spec.asset,
         source=source,
@@ -320,7 +328,8 @@ def run_capture_batch(
         loaded=0,
         dead_lettered=0,
         deduplicated=0,
-        watermark=complete_until,
+        watermark=watermark,
+        fresh=head is None,
     )
     received, applied, dead = apply_changes(edw, schemas, spec, record, changes)
     lag = cdc.capture_lag(oltp, spec, end)

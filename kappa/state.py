@@ -166,3 +166,49 @@ class StateCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class StateAccess(Protocol):
+    """What a stateful step and the batch commit use of a cache."""
+
+    def get_many(
+        self, conn: psycopg.Connection, store: str, shard: int, keys: Iterable[str]
+    ) -> dict[str, State]: ...
+
+    def save(
+        self,
+        conn: psycopg.Connection,
+        store: str,
+        shard: int,
+        position: int,
+        values: Mapping[str, State],
+    ) -> None: ...
+
+    def remember(self, store: str, shard: int, values: Mapping[str, State]) -> None: ...
+
+
+class ScopedStateCache:
+    """The stores of one asset in a shared cache (``<asset>/<store>``), so replaying an
+    asset can forget exactly its state."""
+
+    def __init__(self, cache: StateCache, scope: str) -> None:
+        self.cache = cache
+        self.scope = scope
+
+    def get_many(
+        self, conn: psycopg.Connection, store: str, shard: int, keys: Iterable[str]
+    ) -> dict[str, State]:
+        return self.cache.get_many(conn, f"{self.scope}/{store}", shard, keys)
+
+    def save(
+        self,
+        conn: psycopg.Connection,
+        store: str,
+        shard: int,
+        position: int,
+        values: Mapping[str, State],
+    ) -> None:
+        self.cache.save(conn, f"{self.scope}/{store}", shard, position, values)
+
+    def remember(self, store: str, shard: int, values: Mapping[str, State]) -> None:
+        self.cache.remember(f"{self.scope}/{store}", shard, values)

@@ -8,6 +8,7 @@ save and any side table rows; the warehouse writes all of it in the batch's tran
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from psycopg import sql
 
 from kappa import cdc
 from kappa.capture import CaptureSpec
-from kappa.state import State, StateCache
+from kappa.state import State, StateAccess
 from kappa.transforms import (
     FraudRules,
     enrich_as_of,
@@ -50,6 +51,67 @@ class Dimensions(Protocol):
     ) -> pd.DataFrame: ...
 
 
+VERSION_COLUMNS = ["customer_id", "customer_sk", "segment", "country", "valid_from", "valid_to"]
+
+
+class VersionCache:
+    """Customer versions of ``dim_customer`` in memory for a run, refreshed incrementally.
+
+    Before each lookup the dimension's ledger end is read (one row); if change capture has
+    moved since the last lookup, the customers whose versions were inserted or closed by
+    the transactions since are dropped from memory and reloaded on demand. Reading the
+    ledger before the versions means memory is never older than the position it records.
+    """
+
+    def __init__(self) -> None:
+        self._versions: dict[str, list[tuple]] = {}
+        self._synced_at: int | None = None
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def versions(
+        self, edw: psycopg.Connection, schemas: Schemas, spec: CaptureSpec, customer_ids: list[str]
+    ) -> pd.DataFrame:
+        table = sql.Identifier(schemas.edw, spec.target)
+        head = read_head(edw, schemas, spec.asset, str(spec.change_table), 0)
+        position = head.end if head is not None else 0
+        with self._lock:
+            if self._synced_at is not None and position != self._synced_at:
+                changed = edw.execute(
+                    sql.SQL(
+                        "SELECT DISTINCT customer_id FROM {} "
+                        "WHERE source_xid >= %s OR closed_by_xid >= %s"
+                    ).format(table),
+                    (self._synced_at, self._synced_at),
+                ).fetchall()
+                for (customer,) in changed:
+                    self._versions.pop(customer, None)
+            self._synced_at = position
+            missing = [c for c in customer_ids if c not in self._versions]
+            self.hits += len(customer_ids) - len(missing)
+            self.misses += len(missing)
+        if missing:
+            rows = edw.execute(
+                sql.SQL(
+                    "SELECT customer_id, customer_sk, segment, country, valid_from, valid_to "
+                    "FROM {} WHERE customer_id = ANY(%s)"
+                ).format(table),
+                (missing,),
+            ).fetchall()
+            loaded: dict[str, list[tuple]] = {c: [] for c in missing}
+            for row in rows:
+                loaded[row[0]].append(row)
+            with self._lock:
+                self._versions.update(loaded)
+        with self._lock:
+            found = [row for c in customer_ids for row in self._versions.get(c, ())]
+        frame = pd.DataFrame(found, columns=VERSION_COLUMNS)
+        for column in ("valid_from", "valid_to"):
+            frame[column] = pd.to_datetime(frame[column], utc=True)
+        return frame
+
+
 class WarehouseDimensions:
     """Dimension versions and calls from the EDW; completeness from the OLTP horizon.
 
@@ -67,7 +129,9 @@ class WarehouseDimensions:
         oltp: psycopg.Connection | None,
         customers: CaptureSpec | None,
         calls: CaptureSpec | None,
+        versions: VersionCache | None = None,
     ) -> None:
+        self.version_cache = versions or VersionCache()
         self.edw = edw
         self.schemas = schemas
         self.oltp = oltp
@@ -93,20 +157,9 @@ class WarehouseDimensions:
         return min(marks)
 
     def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame:
-        columns = ["customer_id", "customer_sk", "segment", "country", "valid_from", "valid_to"]
         if self.customers is None or not customer_ids:
-            return pd.DataFrame(columns=columns)
-        rows = self.edw.execute(
-            sql.SQL(
-                "SELECT customer_id, customer_sk, segment, country, valid_from, valid_to FROM {} "
-                "WHERE customer_id = ANY(%s)"
-            ).format(sql.Identifier(self.schemas.edw, self.customers.target)),
-            (customer_ids,),
-        ).fetchall()
-        frame = pd.DataFrame(rows, columns=columns)
-        for column in ("valid_from", "valid_to"):
-            frame[column] = pd.to_datetime(frame[column], utc=True)
-        return frame
+            return pd.DataFrame(columns=VERSION_COLUMNS)
+        return self.version_cache.versions(self.edw, self.schemas, self.customers, customer_ids)
 
     def calls(
         self, customer_ids: list[str], since: pd.Timestamp, until: pd.Timestamp
@@ -145,12 +198,15 @@ def wait_for_dimensions(
 
 
 class StatefulStep(Protocol):
-    """A transform with state, between decode and load."""
+    """A transform with state, between decode and load; ``side_tables`` are the EDW tables
+    it writes besides the fact (rows keyed by the fact's event_id)."""
+
+    side_tables: tuple[str, ...]
 
     def apply(
         self,
         conn: psycopg.Connection,
-        cache: StateCache,
+        cache: StateAccess,
         dimensions: Dimensions,
         shard: int,
         rows: pd.DataFrame,
@@ -162,11 +218,12 @@ class OrderEnrichment:
     """Orders: the customer as of the event time, and the customer's order statistics before it."""
 
     store = "order_stats"
+    side_tables: tuple[str, ...] = ()
 
     def apply(
         self,
         conn: psycopg.Connection,
-        cache: StateCache,
+        cache: StateAccess,
         dimensions: Dimensions,
         shard: int,
         rows: pd.DataFrame,
@@ -193,13 +250,15 @@ class OrderEnrichment:
 class PaymentFraud:
     """Payments: the customer as of the event time, and the fraud rules."""
 
+    side_tables: tuple[str, ...] = ("fraud_alert",)
+
     def __init__(self, rules: FraudRules) -> None:
         self.rules = rules
 
     def apply(
         self,
         conn: psycopg.Connection,
-        cache: StateCache,
+        cache: StateAccess,
         dimensions: Dimensions,
         shard: int,
         rows: pd.DataFrame,

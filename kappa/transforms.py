@@ -39,29 +39,34 @@ class RunningStats:
 
 
 def running_stats(keys: pd.Series, cents: np.ndarray, prior: Mapping[str, State]) -> RunningStats:
-    """Count, mean and sample deviation of each key's amounts before each row (log order)."""
-    frame = pd.DataFrame({"key": keys.to_numpy(dtype=object), "c": cents, "c2": cents * cents})
-    grouped = frame.groupby("key", sort=False)
-    n0 = frame["key"].map(lambda k: prior.get(k, {}).get("n", 0)).to_numpy(dtype=np.int64)
-    s0 = frame["key"].map(lambda k: prior.get(k, {}).get("sum", 0)).to_numpy(dtype=np.int64)
-    q0 = frame["key"].map(lambda k: prior.get(k, {}).get("sumsq", 0)).to_numpy(dtype=np.int64)
-    n = n0 + grouped.cumcount().to_numpy(dtype=np.int64)
-    s = s0 + grouped["c"].cumsum().to_numpy(dtype=np.int64) - cents
-    q = q0 + grouped["c2"].cumsum().to_numpy(dtype=np.int64) - cents * cents
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.where(n > 0, s / np.maximum(n, 1), np.nan) / 100.0
-        variance = np.where(
-            n > 1, (q - s.astype(float) * s / np.maximum(n, 1)) / np.maximum(n - 1, 1), np.nan
-        )
+    """Count, mean and sample deviation of each key's amounts before each row (log order).
+
+    Sums are Python integers of cents (exact, no overflow); each row's mean and variance
+    are one division of exact integers, so the same inputs give the same bits however the
+    log was cut into batches.
+    """
+    totals: dict[str, list[int]] = {}
+    size = len(cents)
+    count = np.zeros(size, dtype=np.int64)
+    mean = np.full(size, np.nan)
+    variance = np.full(size, np.nan)
+    for i, (key, c) in enumerate(zip(keys.to_numpy(dtype=object), cents.tolist(), strict=True)):
+        acc = totals.get(key)
+        if acc is None:
+            state = prior.get(key) or {}
+            acc = totals[key] = [state.get("n", 0), state.get("sum", 0), state.get("sumsq", 0)]
+        n, total, squares = acc
+        count[i] = n
+        if n > 0:
+            mean[i] = total / n / 100.0
+        if n > 1:
+            variance[i] = (n * squares - total * total) / (n * (n - 1))
+        acc[0], acc[1], acc[2] = n + 1, total + c, squares + c * c
     stddev = np.sqrt(np.maximum(variance, 0.0)) / 100.0
-    last = frame.assign(n=n + 1, s=s + cents, q=q + cents * cents).drop_duplicates(
-        "key", keep="last"
-    )
     after = {
-        key: {"n": int(nn), "sum": int(ss), "sumsq": int(qq)}
-        for key, nn, ss, qq in zip(last["key"], last["n"], last["s"], last["q"], strict=True)
+        key: {"n": n, "sum": total, "sumsq": squares} for key, (n, total, squares) in totals.items()
     }
-    return RunningStats(count_before=n, mean_before=mean, stddev_before=stddev, after=after)
+    return RunningStats(count_before=count, mean_before=mean, stddev_before=stddev, after=after)
 
 
 def enrich_as_of(
@@ -334,12 +339,9 @@ def _latest_call_before(
 
 def _key(values: pd.Series) -> np.ndarray:
     """Join keys as plain Python strings, whatever string dtype pandas chose."""
-    return np.asarray([str(v) for v in values], dtype=object)
+    return np.asarray(values.to_numpy(dtype=object), dtype=object)
 
 
 def _utc(times: pd.Series) -> pd.Series:
     """One time representation for joins: nanoseconds, UTC, index dropped."""
-    return pd.Series(
-        pd.to_datetime(times, utc=True).astype("datetime64[ns, UTC]").to_numpy(),
-        dtype="datetime64[ns, UTC]",
-    )
+    return pd.to_datetime(times, utc=True).astype("datetime64[ns, UTC]").reset_index(drop=True)

@@ -25,7 +25,7 @@ from kappa.exceptions import BatchSupersededError, ConfigurationError, LogResetE
 from kappa.settings import redact
 
 if TYPE_CHECKING:
-    from kappa.state import StateCache
+    from kappa.state import StateAccess
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class BatchRecord:
     dead_lettered: int
     deduplicated: int
     watermark: datetime | None = None
+    #: Planned with no ledger head (the shard's first batch): only then may one be created.
+    fresh: bool = False
 
 
 @contextmanager
@@ -248,20 +250,27 @@ def read_heads(
 
 def _lock_head(conn: psycopg.Connection, schemas: Schemas, record: BatchRecord) -> LedgerHead:
     meta = sql.Identifier(schemas.meta)
-    conn.execute(
-        sql.SQL(
-            "INSERT INTO {}.ledger_head (asset, source, shard, epoch, end_position) "
-            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
-        ).format(meta),
-        (record.asset, record.source, record.shard, record.epoch, record.start),
-    )
-    row = conn.execute(
-        sql.SQL(
-            "SELECT epoch, end_position, batches FROM {}.ledger_head "
-            "WHERE asset = %s AND source = %s AND shard = %s FOR UPDATE"
-        ).format(meta),
-        (record.asset, record.source, record.shard),
-    ).fetchone()
+    select = sql.SQL(
+        "SELECT epoch, end_position, batches FROM {}.ledger_head "
+        "WHERE asset = %s AND source = %s AND shard = %s FOR UPDATE"
+    ).format(meta)
+    key = (record.asset, record.source, record.shard)
+    row = conn.execute(select, key).fetchone()
+    if row is None:
+        if not record.fresh:
+            # The head this batch was planned from is gone: the ledger was reset (replay).
+            raise BatchSupersededError(
+                f"{record.asset}: {record.source}[{record.shard}] ledger was reset while this "
+                f"batch [{record.start}, {record.end}) ran; the next batch starts afresh"
+            )
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.ledger_head (asset, source, shard, epoch, end_position) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+            ).format(meta),
+            (*key, record.epoch, record.start),
+        )
+        row = conn.execute(select, key).fetchone()
     assert row is not None
     return LedgerHead(record.asset, record.source, record.shard, row[0], row[1], row[2])
 
@@ -430,7 +439,7 @@ def commit_batch(
     rows: pd.DataFrame | None = None,
     side_tables: Mapping[str, pd.DataFrame] | None = None,
     state: Mapping[str, Mapping[str, Any]] | None = None,
-    cache: StateCache | None = None,
+    cache: StateAccess | None = None,
 ) -> BatchRecord:
     """Load one batch of events exactly once: fact rows (``rows``, the decoded rows unless a
     stateful step augmented them), side tables (fraud alerts), state, dead letters and the
@@ -480,18 +489,37 @@ class ReplayReset:
 
 
 def reset_for_replay(
-    conn: psycopg.Connection, schemas: Schemas, table: str, asset: str
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    table: str,
+    asset: str,
+    *,
+    side_tables: Sequence[str] = (),
 ) -> ReplayReset:
     """Forget everything ``asset`` loaded, in one transaction, so it reloads from the log start.
 
-    Rows, dead letters and ledger go together: the EDW is never left holding rows the ledger
-    does not account for, nor the reverse.
+    Rows, side-table rows (fraud alerts of its events), state, dead letters and ledger go
+    together: the EDW never holds rows or state the ledger does not account for.
     """
     meta = sql.Identifier(schemas.meta)
+    fact = sql.Identifier(schemas.edw, table)
     with conn.transaction():
-        rows = conn.execute(
-            sql.SQL("DELETE FROM {}").format(sql.Identifier(schemas.edw, table))
-        ).rowcount
+        # Stop batches of this asset from committing meanwhile: they wait on the heads, then
+        # find them gone and give up (see _lock_head).
+        conn.execute(
+            sql.SQL("SELECT 1 FROM {}.ledger_head WHERE asset = %s FOR UPDATE").format(meta),
+            (asset,),
+        )
+        for side in side_tables:
+            conn.execute(
+                sql.SQL(
+                    "DELETE FROM {side} WHERE event_id IN (SELECT event_id FROM {fact})"
+                ).format(side=sql.Identifier(schemas.edw, side), fact=fact)
+            )
+        rows = conn.execute(sql.SQL("DELETE FROM {}").format(fact)).rowcount
+        conn.execute(
+            sql.SQL("DELETE FROM {}.state WHERE store LIKE %s").format(meta), (f"{asset}/%",)
+        )
         dead = conn.execute(
             sql.SQL("DELETE FROM {}.dead_letter WHERE asset = %s").format(meta), (asset,)
         ).rowcount

@@ -6,67 +6,19 @@ the code location with a message naming the variable.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import dagster as dg
 
 from assets.cdc import build_capture_asset, change_table_source
 from assets.event_store import FactServices, build_fact_asset, topic_source
 from kappa.capture import load_captures
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
-from kappa.ingest import TopicIngest
+from kappa.catalog import topic_ingests
 from kappa.settings import Settings
-from kappa.stateful import OrderEnrichment, PaymentFraud
-from kappa.transforms import FraudRules
 from resources.event_store import EventStoreResource
 from resources.oltp import OltpResource
 from resources.state import StateCacheResource
 from resources.warehouse import WarehouseResource
 from sensors.cdc import build_capture_sensor
 from sensors.event_store import build_offset_sensor
-
-
-def topic_ingests(settings: Settings) -> list[tuple[TopicIngest, str]]:
-    """The topics this deployment loads, each with the setting that names it."""
-    return [
-        (
-            TopicIngest(
-                asset="fact_order",
-                topic=settings.topic_orders,
-                contract=ORDER_PLACED,
-                description=(
-                    "Orders placed (`order_placed` events), one row per distinct event_id, with the "
-                    "customer as of the event time (`dim_customer` version) and the customer's order "
-                    "count, mean and deviation before the order."
-                ),
-                step=OrderEnrichment(),
-            ),
-            "KAPPA_TOPIC_ORDERS",
-        ),
-        (
-            TopicIngest(
-                asset="fact_payment",
-                topic=settings.topic_payments,
-                contract=PAYMENT_ATTEMPTED,
-                description=(
-                    "Payment attempts (`payment_attempted` events), one row per distinct event_id, "
-                    "with the customer as of the event time and the highest fraud score."
-                ),
-                step=PaymentFraud(fraud_rules(settings)),
-            ),
-            "KAPPA_TOPIC_PAYMENTS",
-        ),
-    ]
-
-
-def fraud_rules(settings: Settings) -> FraudRules:
-    return FraudRules(
-        velocity_max_payments=settings.fraud_velocity_max,
-        velocity_window=timedelta(seconds=settings.fraud_velocity_window_s),
-        amount_z=settings.fraud_amount_z,
-        geo_call_window=timedelta(hours=settings.fraud_call_window_h),
-    )
-
 
 FRAUD_ALERT = dg.AssetSpec(
     key="fraud_alert",

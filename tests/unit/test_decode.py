@@ -131,6 +131,17 @@ def test_a_valid_order_becomes_one_row_with_typed_columns():
         (orjson.dumps(order(1)), None, "message has no key"),
         (orjson.dumps(order(1)), b"c-99999", "message key does not match payload.customer_id"),
         (b"x" * (1024 * 1024 + 1), b"c-00001", "exceeds the 1048576-byte limit"),
+        # Beyond the EDW columns (numeric(14, 2), integer): one such row must not fail the COPY.
+        (
+            orjson.dumps(order(1, payload={"amount": 1e13})),
+            b"c-00001",
+            "'payload.amount' must be below 1e+12",
+        ),
+        (
+            orjson.dumps(order(1, payload={"item_count": 3_000_000_000})),
+            b"c-00001",
+            "outside the integer range",
+        ),
     ],
 )
 def test_each_kind_of_bad_message_is_dead_lettered_with_its_reason(value, key, reason):

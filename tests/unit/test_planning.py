@@ -36,6 +36,18 @@ def test_the_run_budget_serves_the_most_lagging_partitions_first():
     assert [(r.partition, r.start, r.end) for r in ranges] == [(1, 0, 400), (2, 0, 200)]
 
 
+def test_no_partition_starves_while_every_partition_lags():
+    """Producers stay ahead of the run budget: every partition is still served, in turn."""
+    heads: dict[int, LedgerHead] = {}
+    served: set[int] = set()
+    for tick in range(1, 4):
+        bounds = {p: LogBounds(0, 5000 * tick) for p in range(4)}
+        for r in plan_ranges("orders", heads, bounds, max_batch=500, max_run=1200):
+            served.add(r.partition)
+            heads[r.partition] = head(r.partition, r.end)
+    assert served == {0, 1, 2, 3}
+
+
 @given(
     ends=st.lists(st.integers(min_value=0, max_value=5000), min_size=1, max_size=6),
     max_batch=st.integers(min_value=1, max_value=700),
