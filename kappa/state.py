@@ -10,6 +10,7 @@ tier learns them only once that transaction has committed.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -78,7 +79,7 @@ class PostgresStateBackend:
             sql.SQL("COPY {} (store, shard, key, position, value) FROM STDIN").format(self.table)
         ) as copy:
             for key, value in values.items():
-                copy.write_row((store, shard, key, position, orjson.dumps(value).decode()))
+                copy.write_row((store, shard, key, position, _json(value)))
 
     def rewind(self, conn: psycopg.Connection, store: str, shard: int, position: int) -> int:
         """Forget versions written after ``position``: the state as it stood there."""
@@ -88,6 +89,14 @@ class PostgresStateBackend:
             ),
             (store, shard, position),
         ).rowcount
+
+
+def _json(value: State) -> str:
+    """JSON of a state value; exact integers beyond 64 bits (sums of squares) included."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
 
 
 class StateCache:

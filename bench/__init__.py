@@ -1,0 +1,1 @@
+"""Benchmarks: measurements of the product's claims, run as commands (not tests)."""
