@@ -698,7 +698,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default 2000)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=5_000, help="cache path batch size (default 5000)"
+        "--batch-size",
+        type=int,
+        default=20_000,
+        help="cache path batch size (default 20000; a micro-batch under lag holds up to KAPPA_BATCH_MAX_RECORDS per partition)",
     )
     parser.add_argument("--seed", type=int, default=7, help="simulator seed (default 7)")
     parser.add_argument(

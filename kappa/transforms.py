@@ -12,6 +12,7 @@ and identical final state:
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -187,13 +188,15 @@ def velocity(
         state = cards.get(card)
         if state is None:
             previous = prior.get(card, {"times": [], "newest": None})
-            state = cards[card] = {"times": list(previous["times"]), "newest": previous["newest"]}
-        times: list[int] = state["times"]
-        times.append(int(t))
-        newest = int(t) if state["newest"] is None else max(state["newest"], int(t))
+            state = cards[card] = {"times": sorted(previous["times"]), "newest": previous["newest"]}
+        times: list[int] = state["times"]  # sorted, so the window is two binary searches
+        at = int(t)
+        bisect.insort(times, at)
+        newest = at if state["newest"] is None else max(state["newest"], at)
         state["newest"] = newest
-        state["times"] = times = [x for x in times if x >= newest - keep]
-        counts[position] = sum(1 for x in times if t - window <= x <= t)
+        if times[0] < newest - keep:
+            del times[: bisect.bisect_left(times, newest - keep)]
+        counts[position] = bisect.bisect_right(times, at) - bisect.bisect_left(times, at - window)
     return counts, cards
 
 
@@ -268,12 +271,9 @@ def fraud_alerts(
         )
     country = enriched["customer_country"].astype(object).to_numpy()
     merchant = payments["merchant_country"].astype(object).to_numpy()
-    mismatch = np.array(
-        [
-            c is not pd.NA and c is not None and c != m
-            for c, m in zip(country, merchant, strict=True)
-        ]
-    )
+    known = ~pd.isna(country)
+    mismatch = np.zeros(len(country), dtype=bool)
+    mismatch[known] = country[known] != merchant[known]
     if mismatch.any():
         rows = payments[mismatch].reset_index(drop=True)
         recent = _latest_call_before(rows, calls, rules.geo_call_window)

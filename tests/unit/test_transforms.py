@@ -321,10 +321,11 @@ def test_a_late_payment_counts_the_earlier_ones_and_is_counted_by_later_ones():
     # 12:12 -> [12:02, 12:12]: 12:08, 12:03, itself = 3
     assert counts.tolist() == [1, 2, 2, 3]
     assert cards["k-1"]["newest"] == ms("2024-03-01T12:12:00Z")
+    # The state keeps the times sorted (the window is then two binary searches).
     assert cards["k-1"]["times"] == [
         ms("2024-03-01T12:00:00Z"),
-        ms("2024-03-01T12:08:00Z"),
         ms("2024-03-01T12:03:00Z"),
+        ms("2024-03-01T12:08:00Z"),
         ms("2024-03-01T12:12:00Z"),
     ]
 
