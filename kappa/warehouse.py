@@ -71,12 +71,18 @@ class BatchRecord:
 
 
 @contextmanager
-def connect(url: str, *, setting: str = "KAPPA_EDW_URL") -> Iterator[psycopg.Connection]:
+def connect(
+    url: str, *, setting: str = "KAPPA_EDW_URL", statement_timeout_s: float | None = None
+) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the EDW: every write goes through an explicit
-    ``conn.transaction()``. A refused or malformed URL names ``setting``."""
+    ``conn.transaction()``. A refused or malformed URL names ``setting``.
+    ``statement_timeout_s`` bounds every statement (sensors must answer within 60 s)."""
+    options = (
+        f"-c statement_timeout={int(statement_timeout_s * 1000)}" if statement_timeout_s else ""
+    )
     try:
         conn = psycopg.connect(
-            url, connect_timeout=10, application_name="kappa-etl", autocommit=True
+            url, connect_timeout=10, application_name="kappa-etl", autocommit=True, options=options
         )
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

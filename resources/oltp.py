@@ -22,7 +22,9 @@ class OltpResource(dg.ConfigurableResource):
     url: str = Field(description="PostgreSQL URL of the OLTP database (KAPPA_OLTP_URL); an EnvVar.")
 
     @contextmanager
-    def connect(self) -> Iterator[psycopg.Connection]:
+    def connect(self, *, statement_timeout_s: float | None = None) -> Iterator[psycopg.Connection]:
         """A connection to the OLTP database, closed on exit."""
-        with warehouse.connect(self.url, setting="KAPPA_OLTP_URL") as conn:
+        with warehouse.connect(
+            self.url, setting="KAPPA_OLTP_URL", statement_timeout_s=statement_timeout_s
+        ) as conn:
             yield conn

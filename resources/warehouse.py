@@ -34,7 +34,7 @@ class WarehouseResource(dg.ConfigurableResource):
         )
 
     @contextmanager
-    def connect(self) -> Iterator[psycopg.Connection]:
+    def connect(self, *, statement_timeout_s: float | None = None) -> Iterator[psycopg.Connection]:
         """A connection to the EDW, closed on exit."""
-        with warehouse.connect(self.url) as conn:
+        with warehouse.connect(self.url, statement_timeout_s=statement_timeout_s) as conn:
             yield conn

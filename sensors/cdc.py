@@ -15,7 +15,12 @@ from kappa.ingest import check_capture_continuity
 from kappa.warehouse import read_head
 from resources.oltp import OltpResource
 from resources.warehouse import WarehouseResource
-from sensors.micro_batch import RANGES_TAG, busy_partitions, micro_batch_request
+from sensors.micro_batch import (
+    RANGES_TAG,
+    SENSOR_STATEMENT_TIMEOUT_S,
+    busy_partitions,
+    micro_batch_request,
+)
 
 
 def build_capture_sensor(
@@ -39,10 +44,10 @@ def build_capture_sensor(
     ) -> dg.SensorResult:
         cursor = OffsetCursor.parse(context.cursor)
         source = str(spec.change_table)
-        with warehouse.connect() as edw:
+        with warehouse.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as edw:
             head = read_head(edw, warehouse.schemas, spec.asset, source, 0)
         start = head.end if head is not None else 0
-        with oltp.connect() as conn:
+        with oltp.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as conn:
             epoch = cdc.source_epoch(conn, spec)
             check_capture_continuity(spec, head, epoch)
             end = cdc.plan_end(conn, spec, start, max_changes=max_changes)

@@ -15,7 +15,12 @@ from kappa.ingest import TopicIngest, check_continuity, plan_ranges
 from kappa.warehouse import read_heads
 from resources.event_store import EventStoreResource
 from resources.warehouse import WarehouseResource
-from sensors.micro_batch import RANGES_TAG, busy_partitions, micro_batch_request
+from sensors.micro_batch import (
+    RANGES_TAG,
+    SENSOR_STATEMENT_TIMEOUT_S,
+    busy_partitions,
+    micro_batch_request,
+)
 
 
 def build_offset_sensor(
@@ -53,7 +58,7 @@ def build_offset_sensor(
                 raise ConfigurationError(topic_setting, str(exc)) from None
             bounds = store.log_bounds(spec.topic, partitions)
             epoch = store.topic_id(spec.topic) or ""
-        with warehouse.connect() as conn:
+        with warehouse.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as conn:
             heads = read_heads(conn, warehouse.schemas, spec.asset, spec.topic)
         for partition in partitions:
             check_continuity(

@@ -5,6 +5,8 @@ import dagster as dg
 from kappa.cursor import OffsetCursor
 
 ASSET_TAG = "kappa/asset"
+#: Dagster abandons a sensor evaluation after 60 s: no query of a tick may take longer.
+SENSOR_STATEMENT_TIMEOUT_S = 20.0
 PARTITIONS_TAG = "kappa/partitions"
 RANGES_TAG = "kappa/ranges"
 
