@@ -21,6 +21,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from psycopg import sql
+
+from kappa import cdc
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.cdc import install_capture
@@ -30,7 +33,14 @@ from kappa.event_store import EventStore, UnknownTopicError
 from kappa.exceptions import ConfigurationError, KappaError, LogResetError
 from kappa.ingest import check_continuity
 from kappa.settings import Settings, redact
-from kappa.warehouse import Schemas, connect, ensure_schema, read_heads, reset_for_replay
+from kappa.warehouse import (
+    LedgerHead,
+    Schemas,
+    connect,
+    ensure_schema,
+    read_heads,
+    reset_for_replay,
+)
 
 T = TypeVar("T")
 
@@ -417,6 +427,87 @@ def replay(settings: Settings, asset: str, *, confirmed: bool) -> int:
     return 0
 
 
+def status(settings: Settings) -> int:
+    """Lag per shard and what the ledger says, as a compact table."""
+    schemas = Schemas(settings.edw_schema, settings.meta_schema)
+    header = (
+        "asset",
+        "shard",
+        "log end",
+        "loaded to",
+        "lag",
+        "batches",
+        "loaded",
+        "dead",
+        "dedup",
+        "last batch",
+    )
+    rows: list[tuple[str, ...]] = []
+    with connect(settings.resolved_edw_url) as edw:
+        totals = {
+            (r[0], r[1], r[2]): r[3:]
+            for r in edw.execute(
+                sql.SQL(
+                    "SELECT asset, source, shard, sum(loaded), sum(dead_lettered), sum(deduplicated), "
+                    "round(extract(epoch FROM clock_timestamp() - max(committed_at)))::int "
+                    "FROM {}.batch_ledger GROUP BY 1, 2, 3"
+                ).format(sql.Identifier(schemas.meta))
+            ).fetchall()
+        }
+
+        def row(
+            asset: str, source: str, shard: int, end: int | str, head: LedgerHead | None, lag: int
+        ) -> None:
+            loaded, dead, dedup, age = totals.get((asset, source, shard), (0, 0, 0, None))
+            rows.append(
+                (
+                    asset,
+                    f"{source}[{shard}]",
+                    str(end),
+                    str(head.end if head else "-"),
+                    str(lag),
+                    str(head.batches if head else 0),
+                    str(loaded),
+                    str(dead),
+                    str(dedup),
+                    "-" if age is None else f"{age} s ago",
+                )
+            )
+
+        with EventStore(
+            settings.resolved_bootstrap_servers, timeout_s=settings.kafka_timeout_s
+        ) as store:
+            for spec, _ in topic_ingests(settings):
+                bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
+                heads = read_heads(edw, schemas, spec.asset, spec.topic)
+                for partition, bound in sorted(bounds.items()):
+                    head = heads.get(partition)
+                    row(
+                        spec.asset,
+                        spec.topic,
+                        partition,
+                        bound.end,
+                        head,
+                        bound.end - (head.end if head else bound.start),
+                    )
+        with connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as oltp:
+            for capture in load_captures(settings.capture_config):
+                head = read_heads(edw, schemas, capture.asset, str(capture.change_table)).get(0)
+                lag = cdc.capture_lag(oltp, capture, head.end if head else 0)
+                row(
+                    capture.asset,
+                    str(capture.change_table),
+                    0,
+                    f"xid {lag.horizon}",
+                    head,
+                    lag.pending_changes,
+                )
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for line in [header, *rows]:
+        _say("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
 def _stop_on_signal() -> threading.Event:
     """Logging for a simulator process, and an event set by SIGINT or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -463,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         "--demo-sources", action="store_true", help="also create the simulator's OLTP tables"
     )
     commands.add_parser("check", help="check that databases, broker and topics answer")
+    commands.add_parser("status", help="lag per shard and what the ledger says")
     commands.add_parser("simulate", help="produce simulated events at KAPPA_SIM_RATE")
     commands.add_parser(
         "simulate-oltp", help="write simulated OLTP transactions at KAPPA_OLTP_RATE"
@@ -482,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check":
             return check(settings)
+        if args.command == "status":
+            return status(settings)
         if args.command == "replay":
             return replay(settings, args.asset, confirmed=args.yes)
         if args.command == "simulate-oltp":

@@ -49,3 +49,27 @@ def test_an_unreachable_broker_given_to_init_names_the_setting(pipeline_env, mon
     assert cli.main(["init"]) == 2
     err = capsys.readouterr().err
     assert "kappa: KAFKA_BOOTSTRAP_SERVERS: no broker answered" in err
+
+
+def test_status_shows_lag_per_shard_and_the_ledger(pipeline, capsys):
+    from tests.integration.harness import Pipeline
+
+    assert isinstance(pipeline, Pipeline)
+    messages = pipeline.simulate(300, invalid_rate=0.05)
+    pipeline.drain("fact_order")
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:5] == ["asset", "shard", "log", "end", "loaded"]
+    topic = pipeline.env["KAPPA_TOPIC_ORDERS"]
+    orders = [line.split() for line in out if line.startswith("fact_order ")]
+    assert len(orders) == 4, "one line per partition of the orders topic"
+    for cells in orders:
+        assert cells[1].startswith(f"{topic}[")
+        assert cells[2] == cells[3] and cells[4] == "0", "drained: loaded to the log end, no lag"
+    loaded = sum(int(cells[6]) for cells in orders)
+    assert loaded == len({m.event_id for m in messages if m.topic == topic and m.kind == "valid"})
+    payments = [line.split() for line in out if line.startswith("fact_payment ")]
+    assert payments and all(int(cells[4]) > 0 for cells in payments if cells[2] != "0"), (
+        "not loaded yet: lagging"
+    )
+    assert any(line.startswith("dim_customer ") for line in out)
