@@ -9,7 +9,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.cdc import build_capture_asset, change_table_source
-from assets.event_store import FactServices, build_fact_asset, topic_source
+from assets.event_store import FactServices, build_fact_asset, build_replay_check, topic_source
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.settings import Settings
@@ -55,7 +55,16 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         )
         for spec, _ in ingests
     }
+    replay_checks = [build_replay_check(spec) for spec, _ in ingests]
     return dg.Definitions(
+        asset_checks=replay_checks,
+        jobs=[
+            dg.define_asset_job(
+                "replay_equivalence_checks",
+                selection=dg.AssetSelection.checks(*replay_checks),
+                description="Re-derive the event facts from the log and compare with the EDW.",
+            )
+        ],
         assets=[topic_source(spec) for spec, _ in ingests]
         + list(facts.values())
         + [change_table_source(spec) for spec in captures]

@@ -207,3 +207,38 @@ def test_a_failed_batch_is_requested_again_and_then_loads(pipeline: Pipeline):
     pipeline.drain("fact_order")
     loaded = {r[0] for r in pipeline.query("SELECT event_id::text FROM edw.fact_order")}
     assert loaded == expected_event_ids(messages, pipeline.env["KAPPA_TOPIC_ORDERS"])
+
+
+def test_replay_equivalence_check_passes_on_a_clean_load_and_names_a_difference(pipeline: Pipeline):
+    pipeline.simulate(900, duplicate_rate=0.05, invalid_rate=0.04)
+    pipeline.drain("fact_order")
+    job = pipeline.defs.resolve_job_def("replay_equivalence_checks")
+
+    def evaluation(asset: str) -> dg.AssetCheckEvaluation:
+        result = job.execute_in_process(instance=pipeline.instance, raise_on_error=False)
+        [found] = [
+            e for e in result.get_asset_check_evaluations() if e.asset_key == dg.AssetKey(asset)
+        ]
+        return found
+
+    clean = evaluation("fact_order")
+    assert clean.passed, clean.description
+    table = clean.metadata["partitions"].value
+    assert len(table.records) == 4 and all(
+        r.data["log_rows"] == r.data["edw_rows"] for r in table.records
+    )
+
+    [(partition,)] = pipeline.query(
+        "SELECT kafka_partition FROM edw.fact_order ORDER BY kafka_offset DESC LIMIT 1"
+    )
+    pipeline.query(
+        "DELETE FROM edw.fact_order WHERE event_id = "
+        "(SELECT event_id FROM edw.fact_order WHERE kafka_partition = %s LIMIT 1)",
+        (partition,),
+    )
+    tampered = evaluation("fact_order")
+    assert not tampered.passed
+    topic = pipeline.env["KAPPA_TOPIC_ORDERS"]
+    assert f"{topic}[{partition}] [" in tampered.description
+    assert "(checksums differ)" in tampered.description
+    assert tampered.metadata["rows_differing"].value == 1
