@@ -29,7 +29,13 @@ class StateBackend(Protocol):
     """The durable tier. Implementations must write inside the caller's transaction."""
 
     def load(
-        self, conn: psycopg.Connection, store: str, shard: int, keys: Sequence[str]
+        self,
+        conn: psycopg.Connection,
+        store: str,
+        shard: int,
+        keys: Sequence[str],
+        *,
+        as_of: int | None = None,
     ) -> dict[str, State]: ...
 
     def save(
@@ -52,18 +58,36 @@ class PostgresStateBackend:
         self.table = sql.Identifier(schemas.meta, "state")
 
     def load(
-        self, conn: psycopg.Connection, store: str, shard: int, keys: Sequence[str]
+        self,
+        conn: psycopg.Connection,
+        store: str,
+        shard: int,
+        keys: Sequence[str],
+        *,
+        as_of: int | None = None,
     ) -> dict[str, State]:
+        """The newest version of each key, or the one in force at position ``as_of`` (the
+        state as it stood when the batch ending there committed)."""
         if not keys:
             return {}
         rows = conn.execute(
             sql.SQL(
                 "SELECT DISTINCT ON (key) key, value FROM {} WHERE store = %s AND shard = %s "
-                "AND key = ANY(%s) ORDER BY key, position DESC"
+                "AND key = ANY(%s) AND position <= %s ORDER BY key, position DESC"
             ).format(self.table),
-            (store, shard, list(keys)),
+            (store, shard, list(keys), as_of if as_of is not None else 2**63 - 1),
         ).fetchall()
         return {key: value for key, value in rows}
+
+    def keys(self, conn: psycopg.Connection, store: str, shard: int) -> list[str]:
+        """Every key the store has a version of in this shard."""
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT DISTINCT key FROM {} WHERE store = %s AND shard = %s ORDER BY key"
+            ).format(self.table),
+            (store, shard),
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def save(
         self,

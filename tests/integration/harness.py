@@ -104,12 +104,16 @@ class Pipeline:
     def execute(
         self, request: dg.RunRequest, *, raise_on_error: bool = True
     ) -> dg.ExecuteInProcessResult:
-        job = self.defs.resolve_implicit_global_asset_job_def()
+        """Execute a run request as the daemon would: its assets and only its checks."""
+        checks = request.asset_check_keys
+        job = self.defs.resolve_implicit_global_asset_job_def().get_subset(
+            asset_selection=set(request.asset_selection or []),
+            asset_check_selection=set(checks) if checks is not None else None,
+        )
         return job.execute_in_process(
             run_config=request.run_config,
             instance=self.instance,
             tags=request.tags,
-            asset_selection=request.asset_selection,
             raise_on_error=raise_on_error,
         )
 

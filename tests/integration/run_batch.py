@@ -15,11 +15,11 @@ from pipelines.definitions import build_definitions
 if __name__ == "__main__":
     run_config, tags = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     defs = build_definitions(Settings.from_env())
-    job = defs.resolve_implicit_global_asset_job_def()
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection=set(defs.resolve_assets_def(tags["kappa/asset"]).keys),
+        asset_check_selection=set(),
+    )
     result = job.execute_in_process(
-        run_config=run_config,
-        instance=dg.DagsterInstance.ephemeral(),
-        tags=tags,
-        asset_selection=list(defs.resolve_assets_def(tags["kappa/asset"]).keys),
+        run_config=run_config, instance=dg.DagsterInstance.ephemeral(), tags=tags
     )
     sys.exit(0 if result.success else 1)
