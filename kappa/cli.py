@@ -19,7 +19,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 from psycopg import sql
 
@@ -41,11 +40,6 @@ from kappa.warehouse import (
     read_heads,
     reset_for_replay,
 )
-
-T = TypeVar("T")
-
-#: What the code location loads (``asset name``, setting of its topic); checked by ``up``.
-TOPIC_ASSETS = (("fact_order", "KAPPA_TOPIC_ORDERS"), ("fact_payment", "KAPPA_TOPIC_PAYMENTS"))
 
 
 def _repo_root() -> Path:
@@ -73,10 +67,8 @@ def _step(title: str) -> Iterator[None]:
 
 
 def _topics(settings: Settings) -> dict[str, str]:
-    return {
-        "KAPPA_TOPIC_ORDERS": settings.topic_orders,
-        "KAPPA_TOPIC_PAYMENTS": settings.topic_payments,
-    }
+    """Each loaded topic by the setting that names it."""
+    return {setting: spec.topic for spec, setting in topic_ingests(settings)}
 
 
 def prepare(settings: Settings, *, create_topics: bool, demo_sources: bool) -> None:
@@ -131,8 +123,8 @@ def ledger_problems(settings: Settings) -> list[str]:
         ) as store,
         connect(settings.resolved_edw_url) as conn,
     ):
-        for asset, setting in TOPIC_ASSETS:
-            topic = _topics(settings)[setting]
+        for spec, setting in topic_ingests(settings):
+            asset, topic = spec.asset, spec.topic
             try:
                 partitions = store.partitions(topic)
             except UnknownTopicError as exc:
