@@ -211,6 +211,15 @@ class EventStore:
                     ends[tp] = max(ends[tp], hw)
                     pending.discard(tp)
         consumer.assign([])
+        if pending:
+            # Falling back to ListOffsets alone could under-report the end (see above) and
+            # look like a lost log: say that the broker did not answer instead.
+            shards = ", ".join(
+                f"{tp.topic}[{tp.partition}]" for tp in sorted(pending, key=lambda t: t.partition)
+            )
+            raise EventStoreTimeoutError(
+                f"{shards}: no fetch response confirmed the log end within {self.timeout_s:g} s"
+            )
         return ends
 
     def offsets_for_times(
