@@ -159,6 +159,49 @@ def read_changes(conn: psycopg.Connection, spec: CaptureSpec, start: int, end: i
             f"{spec.change_table}: batch [{start}, {end}) passes the snapshot horizon {limit}; "
             "the OLTP database was replaced or its transaction ids went back",
         )
+    return _select_changes(
+        conn,
+        spec,
+        sql.SQL("xid >= %s::text::xid8 AND xid < %s::text::xid8"),
+        (str(start), str(end)),
+        order=sql.SQL("xid, change_id"),
+    )
+
+
+def read_key_history(
+    conn: psycopg.Connection, spec: CaptureSpec, keys: list[tuple[str, ...]], end: int
+) -> pd.DataFrame:
+    """Every change of the given keys by transactions below ``end``, in change-id order.
+
+    Used to rebuild a key whose changes arrived out of order across batches (an older
+    transaction wrote the row after a newer one committed, and a batch boundary fell
+    between them). Key values are compared as text.
+    """
+    image = sql.SQL("coalesce(after, before)")
+    key_exprs = sql.SQL(", ").join(
+        sql.SQL("{} ->> {}").format(image, sql.Literal(k)) for k in spec.keys
+    )
+    arrays = sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in spec.keys)
+    columns = [[str(key[i]) for key in keys] for i in range(len(spec.keys))]
+    return _select_changes(
+        conn,
+        spec,
+        sql.SQL("xid < %s::text::xid8 AND ({keys}) IN (SELECT * FROM unnest({arrays}))").format(
+            keys=key_exprs, arrays=arrays
+        ),
+        (str(end), *columns),
+        order=sql.SQL("change_id"),
+    )
+
+
+def _select_changes(
+    conn: psycopg.Connection,
+    spec: CaptureSpec,
+    where: sql.Composable,
+    params: tuple,
+    *,
+    order: sql.Composable,
+) -> pd.DataFrame:
     commit_ts = conn.execute("SELECT current_setting('track_commit_timestamp') = 'on'").fetchone()
     change_time = (
         sql.SQL("coalesce(pg_xact_commit_timestamp(xid::xid), changed_at)")
@@ -168,12 +211,14 @@ def read_changes(conn: psycopg.Connection, spec: CaptureSpec, start: int, end: i
     rows = conn.execute(
         sql.SQL(
             "SELECT change_id, xid::text::bigint, op, {change_time}, before::text, after::text "
-            "FROM {table} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8 ORDER BY xid, change_id"
+            "FROM {table} WHERE {where} ORDER BY {order}"
         ).format(
             change_time=change_time,
             table=sql.Identifier(spec.change_table.schema, spec.change_table.table),
+            where=where,
+            order=order,
         ),
-        (str(start), str(end)),
+        params,
     ).fetchall()
     return pd.DataFrame(rows, columns=["change_id", "xid", "op", "change_time", "before", "after"])
 

@@ -13,6 +13,7 @@ transaction. The results do not depend on how the changes were cut into batches:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from kappa.capture import CaptureSpec, Column
 from kappa.warehouse import (
     BatchRecord,
     Schemas,
+    copy_frame,
     ledger_transaction,
     stage_frame,
     write_dead_letters,
@@ -64,6 +66,7 @@ CREATE TABLE IF NOT EXISTS {table} (
 );
 -- The transaction that closed a version, so readers can refresh exactly what changed.
 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS closed_by_xid bigint;
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS closed_by_change_id bigint;
 CREATE UNIQUE INDEX IF NOT EXISTS {current_index} ON {table} ({keys}) WHERE is_current;
 CREATE INDEX IF NOT EXISTS {history_index} ON {table} ({keys}, valid_from);
 CREATE INDEX IF NOT EXISTS {xid_index} ON {table} (source_xid);
@@ -264,9 +267,11 @@ WINDOW w AS (PARTITION BY {keys} ORDER BY {order} ROWS UNBOUNDED PRECEDING)
     conn.execute(
         sql.SQL(
             """
-UPDATE {dim} d SET valid_to = f.valid_from, is_current = false, closed_by_xid = f.source_xid
+UPDATE {dim} d SET valid_to = f.valid_from, is_current = false, closed_by_xid = f.source_xid,
+  closed_by_change_id = f.source_change_id
 FROM (
-  SELECT DISTINCT ON ({keys}) {keys}, valid_from, source_xid FROM scd_versions ORDER BY {keys}, {order}
+  SELECT DISTINCT ON ({keys}) {keys}, valid_from, source_xid, source_change_id
+  FROM scd_versions ORDER BY {keys}, {order}
 ) f
 WHERE d.is_current AND {same_key}
 """
@@ -333,15 +338,58 @@ def _merge_current(
     conn.execute("DROP TABLE current_last")
 
 
+def _rebuild_late_keys(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    spec: CaptureSpec,
+    stage: sql.Identifier,
+    history: Callable[[list[tuple[str, ...]]], pd.DataFrame],
+) -> int:
+    """Rebuild the keys whose incoming changes are older (by change id) than versions
+    already applied: their whole history is restaged from the change table and their
+    versions recomputed, exactly as a replay from the beginning would. Returns how many."""
+    dim = sql.Identifier(schemas.edw, spec.target)
+    keys = [sql.Identifier(k) for k in spec.keys]
+    same_key = sql.SQL(" AND ").join(sql.SQL("d.{k} = s.{k}").format(k=k) for k in keys)
+    late = conn.execute(
+        sql.SQL(
+            "SELECT DISTINCT {s_keys} FROM {stage} s JOIN {dim} d ON {same_key} "
+            "WHERE greatest(d.source_change_id, coalesce(d.closed_by_change_id, 0)) > s.source_change_id"
+        ).format(
+            s_keys=sql.SQL(", ").join(sql.SQL("s.{}").format(k) for k in keys),
+            stage=stage,
+            dim=dim,
+            same_key=same_key,
+        )
+    ).fetchall()
+    if not late:
+        return 0
+    rebuilt = validate_changes(spec, history([tuple(str(v) for v in row) for row in late])).rows
+    columns = tuple([str(row[i]) for row in late] for i in range(len(keys)))
+    key_text = sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in keys)
+    text_matches = sql.SQL("({}) IN (SELECT * FROM unnest({}))").format(
+        key_text, sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in keys)
+    )
+    conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(dim, text_matches), columns)
+    conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(stage, text_matches), columns)
+    copy_frame(conn, stage, rebuilt)
+    return len(late)
+
+
 def apply_changes(
     conn: psycopg.Connection,
     schemas: Schemas,
     spec: CaptureSpec,
     record: BatchRecord,
     changes: pd.DataFrame,
+    *,
+    history: Callable[[list[tuple[str, ...]]], pd.DataFrame] | None = None,
 ) -> tuple[int, int, int]:
     """Apply one batch of changes with its dead letters and ledger row, exactly once.
 
+    ``history`` gives every change of some keys up to the batch's end (see
+    :func:`kappa.cdc.read_key_history`); with it, an SCD2 key whose changes arrived out of
+    order across batches is rebuilt instead of getting a wrong current version.
     Returns (received, applied, dead-lettered).
     """
     validated = validate_changes(spec, changes)
@@ -351,6 +399,8 @@ def apply_changes(
         )
         if not validated.rows.empty:
             if spec.mode == "scd2":
+                if history is not None:
+                    _rebuild_late_keys(conn, schemas, spec, stage, history)
                 _merge_scd2(conn, schemas, spec, stage)
             else:
                 _merge_current(conn, schemas, spec, stage)

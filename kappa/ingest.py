@@ -331,7 +331,14 @@ def run_capture_batch(
         watermark=watermark,
         fresh=head is None,
     )
-    received, applied, dead = apply_changes(edw, schemas, spec, record, changes)
+    received, applied, dead = apply_changes(
+        edw,
+        schemas,
+        spec,
+        record,
+        changes,
+        history=lambda keys: cdc.read_key_history(oltp, spec, keys, end),
+    )
     lag = cdc.capture_lag(oltp, spec, end)
     return BatchOutcome(
         asset=spec.asset,

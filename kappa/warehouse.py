@@ -281,7 +281,7 @@ def _lock_head(conn: psycopg.Connection, schemas: Schemas, record: BatchRecord) 
     return LedgerHead(record.asset, record.source, record.shard, row[0], row[1], row[2])
 
 
-def _copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataFrame) -> None:
+def copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataFrame) -> None:
     if frame.empty:
         return
     buffer = io.StringIO()
@@ -416,7 +416,7 @@ def stage_frame(
     else:
         assert columns_ddl is not None
         conn.execute(sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(stage, columns_ddl))
-    _copy_frame(conn, stage, frame)
+    copy_frame(conn, stage, frame)
     return stage
 
 
@@ -466,7 +466,7 @@ def commit_batch(
             ).format(fact=fact, stage=stage)
         ).rowcount
         for table, frame in (side_tables or {}).items():
-            _copy_frame(conn, sql.Identifier(schemas.edw, table), frame)
+            copy_frame(conn, sql.Identifier(schemas.edw, table), frame)
         for store, values in (state or {}).items():
             assert cache is not None, "state without a cache to save it"
             cache.save(conn, store, record.shard, record.end, values)

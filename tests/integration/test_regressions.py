@@ -1,5 +1,6 @@
 """Regressions found by review, each reproduced first, kept so they stay fixed."""
 
+import itertools
 import time
 
 import psycopg
@@ -167,3 +168,49 @@ def test_replaying_a_stateful_fact_reproduces_the_live_result(pipeline: Pipeline
     assert pipeline.query("SELECT count(*) FROM edw.fraud_alert") == [(0,)]
     pipeline.drain("fact_payment")
     assert snapshot() == live
+
+
+def test_an_older_transaction_s_write_in_an_earlier_batch_does_not_win_over_history(captured):
+    """As above, but a batch boundary falls between the two transactions (batches of one
+    change): the newer xid arrives in the later batch yet is the older write of the row."""
+    with connect(captured) as conn:
+        conn.execute("INSERT INTO customers VALUES ('c-1', 'n', 'retail', 'DE', 1)")
+    drain(captured, SPECS["customers"])
+    older, newer = psycopg.connect(captured), psycopg.connect(captured, autocommit=True)
+    try:
+        older.execute("SELECT pg_current_xact_id()")
+        newer.execute("UPDATE customers SET segment = 'B' WHERE customer_id = 'c-1'")
+        older.execute("UPDATE customers SET segment = 'A' WHERE customer_id = 'c-1'")
+        older.commit()
+    finally:
+        older.close()
+        newer.close()
+    outcomes = drain(captured, SPECS["customers"], max_changes=1)
+    assert [o.loaded for o in outcomes] == [1, 1], "the two transactions land in two batches"
+    with connect(captured) as conn:
+        live = conn.execute(
+            "SELECT customer_sk, segment, valid_from, valid_to, is_current FROM edw.dim_customer ORDER BY customer_sk"
+        ).fetchall()
+    assert [(segment, current) for _, segment, _, _, current in live] == [
+        ("retail", False),
+        ("B", False),
+        ("A", True),
+    ]
+    for (_, _, _, valid_to, _), (_, _, valid_from, _, _) in itertools.pairwise(live):
+        assert valid_to == valid_from, "versions meet without gap or overlap"
+
+    # Identical to a replay of the change table in one batch.
+    replay = Schemas(edw="edw_replay", meta="kappa_replay")
+    with connect(captured) as conn:
+        ensure_schema(conn, replay, [])
+        ensure_target(conn, replay, SPECS["customers"])
+    with connect(captured) as oltp, connect(captured) as edw:
+        run_capture_batch(
+            oltp, edw, replay, SPECS["customers"], requested_end=None, run_id="r", max_changes=1000
+        )
+        assert (
+            edw.execute(
+                "SELECT customer_sk, segment, valid_from, valid_to, is_current FROM edw_replay.dim_customer ORDER BY customer_sk"
+            ).fetchall()
+            == live
+        )
