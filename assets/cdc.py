@@ -2,9 +2,11 @@
 
 import dagster as dg
 
+from assets.event_store import reconciliation_result
 from kappa import cdc
 from kappa.capture import CaptureSpec
 from kappa.ingest import run_capture_batch
+from kappa.reconcile import reconcile_capture
 from resources.oltp import OltpResource
 from resources.warehouse import WarehouseResource
 
@@ -92,3 +94,22 @@ def build_capture_asset(spec: CaptureSpec, *, max_changes: int) -> dg.AssetsDefi
         )
 
     return capture
+
+
+def build_capture_reconciliation_check(spec: CaptureSpec) -> dg.AssetChecksDefinition:
+    """Changes captured = applied + dead-lettered, over the transactions the ledger covers."""
+
+    @dg.asset_check(
+        asset=spec.asset,
+        name="reconciliation",
+        blocking=False,
+        description=(
+            f"The ledger covers `{spec.change_table}` without gap or overlap, and the changes of the "
+            "covered transactions are what it received: applied + dead-lettered."
+        ),
+    )
+    def reconciliation(oltp: OltpResource, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        with oltp.connect() as source, warehouse.connect() as conn:
+            return reconciliation_result([reconcile_capture(source, conn, warehouse.schemas, spec)])
+
+    return reconciliation

@@ -11,7 +11,7 @@ import dagster as dg
 from kappa.capture import CaptureSpec
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, plan_ranges, run_batch
-from kappa.reconcile import compare_with_log
+from kappa.reconcile import ShardReconciliation, compare_with_log, reconcile_topic
 from kappa.stateful import VersionCache, WarehouseDimensions
 from kappa.warehouse import read_heads
 from resources.event_store import EventStoreResource
@@ -307,3 +307,72 @@ def build_replay_check(spec: TopicIngest) -> dg.AssetChecksDefinition:
         )
 
     return replay_equivalence
+
+
+def reconciliation_result(accounts: list[ShardReconciliation]) -> dg.AssetCheckResult:
+    """The check result of a reconciliation: passes when every shard adds up."""
+    failing = [a for a in accounts if a.problems]
+    return dg.AssetCheckResult(
+        passed=not failing,
+        description=(
+            "; ".join(f"{a.shard}: {', '.join(a.problems)}" for a in failing)
+            if failing
+            else f"{len(accounts)} shards reconcile: source = received = loaded + dead-lettered + deduplicated"
+        ),
+        metadata={
+            "shards": dg.MetadataValue.table(
+                records=[
+                    dg.TableRecord(
+                        {
+                            "shard": a.shard,
+                            "ledger": f"[{a.ledger_start}, {a.ledger_end})",
+                            "lag": a.lag,
+                            "in_source": a.source_count,
+                            "received": a.received,
+                            "loaded": a.loaded,
+                            "dead_lettered": a.dead_lettered,
+                            "deduplicated": a.deduplicated,
+                            "ok": not a.problems,
+                        }
+                    )
+                    for a in accounts
+                ],
+                schema=dg.TableSchema(
+                    columns=[
+                        dg.TableColumn("shard", "string"),
+                        dg.TableColumn("ledger", "string"),
+                        dg.TableColumn("lag", "int"),
+                        dg.TableColumn("in_source", "int"),
+                        dg.TableColumn("received", "int"),
+                        dg.TableColumn("loaded", "int"),
+                        dg.TableColumn("dead_lettered", "int"),
+                        dg.TableColumn("deduplicated", "int"),
+                        dg.TableColumn("ok", "bool"),
+                    ]
+                ),
+            ),
+            "lag": sum(a.lag for a in accounts),
+        },
+    )
+
+
+def build_reconciliation_check(spec: TopicIngest) -> dg.AssetChecksDefinition:
+    """Produced = loaded + dead-lettered + deduplicated, per topic partition, with no gap."""
+
+    @dg.asset_check(
+        asset=spec.asset,
+        name="reconciliation",
+        blocking=False,
+        description=(
+            f"Per partition of `{spec.topic}`: the ledger covers the log without gap or overlap, the "
+            "records in the covered range are what the ledger received, and received = loaded + "
+            "dead-lettered + deduplicated."
+        ),
+    )
+    def reconciliation(
+        event_store: EventStoreResource, warehouse: WarehouseResource
+    ) -> dg.AssetCheckResult:
+        with event_store.open() as store, warehouse.connect() as conn:
+            return reconciliation_result(reconcile_topic(store, conn, warehouse.schemas, spec))
+
+    return reconciliation

@@ -500,6 +500,59 @@ def status(settings: Settings) -> int:
     return 0
 
 
+def reconcile(settings: Settings) -> int:
+    """Per shard: source against ledger against counts; exit 1 if anything does not add up."""
+    from kappa.reconcile import reconcile_capture, reconcile_topic
+
+    schemas = Schemas(settings.edw_schema, settings.meta_schema)
+    with (
+        EventStore(
+            settings.resolved_bootstrap_servers, timeout_s=settings.kafka_timeout_s
+        ) as store,
+        connect(settings.resolved_edw_url) as edw,
+        connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as oltp,
+    ):
+        accounts = [
+            a
+            for spec, _ in topic_ingests(settings)
+            for a in reconcile_topic(store, edw, schemas, spec)
+        ]
+        accounts += [
+            reconcile_capture(oltp, edw, schemas, c) for c in load_captures(settings.capture_config)
+        ]
+    header = (
+        "asset",
+        "shard",
+        "ledger",
+        "lag",
+        "in source",
+        "received",
+        "loaded",
+        "dead",
+        "dedup",
+        "result",
+    )
+    rows = [
+        (
+            a.asset,
+            a.shard,
+            f"[{a.ledger_start},{a.ledger_end})",
+            str(a.lag),
+            str(a.source_count),
+            str(a.received),
+            str(a.loaded),
+            str(a.dead_lettered),
+            str(a.deduplicated),
+            "ok" if not a.problems else "; ".join(a.problems),
+        )
+        for a in accounts
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for line in [header, *rows]:
+        _say("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    return 1 if any(a.problems for a in accounts) else 0
+
+
 def _stop_on_signal() -> threading.Event:
     """Logging for a simulator process, and an event set by SIGINT or SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -547,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands.add_parser("check", help="check that databases, broker and topics answer")
     commands.add_parser("status", help="lag per shard and what the ledger says")
+    commands.add_parser(
+        "reconcile", help="source = received = loaded + dead-lettered + deduplicated, per shard"
+    )
     commands.add_parser("simulate", help="produce simulated events at KAPPA_SIM_RATE")
     commands.add_parser(
         "simulate-oltp", help="write simulated OLTP transactions at KAPPA_OLTP_RATE"
@@ -568,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
             return check(settings)
         if args.command == "status":
             return status(settings)
+        if args.command == "reconcile":
+            return reconcile(settings)
         if args.command == "replay":
             return replay(settings, args.asset, confirmed=args.yes)
         if args.command == "simulate-oltp":

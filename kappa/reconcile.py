@@ -1,4 +1,10 @@
-"""Replay equivalence: re-derive what the EDW should hold from the log, and compare.
+"""Reconciliation and replay equivalence: what the sources hold against what the EDW has.
+
+Reconciliation: per shard, the ledger covers the source without gap or overlap, the
+records (or changes) in the covered range are what the ledger received, and received =
+loaded + dead-lettered + deduplicated.
+
+Replay equivalence: re-derive what the EDW should hold from the log, and compare.
 
 For each topic partition of a fact, the records the ledger says were loaded are read again
 from the log and decoded with the same code; the distinct valid events (the first copy of
@@ -10,14 +16,17 @@ the check says *how* they differ without shipping every row around.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
+from kappa import cdc
+from kappa.capture import CaptureSpec
 from kappa.decode import decode_batch
-from kappa.event_store import EventStore
+from kappa.event_store import EventStore, LogBounds
 from kappa.ingest import TopicIngest
 from kappa.warehouse import Schemas, read_heads
 
@@ -118,3 +127,142 @@ def compare_with_log(
             )
         )
     return comparisons
+
+
+@dataclass(frozen=True)
+class ShardReconciliation:
+    """One shard's account: what the source holds, what the ledger covers, and the counts.
+
+    ``lag`` is how many positions (records, or committed changes) the ledger is behind.
+    ``source_count`` is the number of records (or changes) the source holds in the range the
+    ledger covers; it must equal ``received``, and ``received`` must equal loaded +
+    dead-lettered + deduplicated. ``gaps`` lists ledger holes or overlaps as (end, next start).
+    """
+
+    asset: str
+    shard: str
+    lag: int
+    ledger_start: int
+    ledger_end: int
+    source_count: int
+    received: int
+    loaded: int
+    dead_lettered: int
+    deduplicated: int
+    gaps: tuple[tuple[int, int], ...]
+    head_end: int | None = None
+
+    @property
+    def problems(self) -> list[str]:
+        found = [
+            f"ledger ends at {end} but the next batch starts at {start}" for end, start in self.gaps
+        ]
+        if self.head_end is not None and self.head_end != self.ledger_end:
+            found.append(
+                f"ledger batches end at {self.ledger_end} but its head says {self.head_end}"
+            )
+        if self.source_count != self.received:
+            found.append(
+                f"the source holds {self.source_count} in [{self.ledger_start}, {self.ledger_end}), the ledger received {self.received}"
+            )
+        if self.received != self.loaded + self.dead_lettered + self.deduplicated:
+            found.append(
+                f"received {self.received} != loaded {self.loaded} + dead-lettered {self.dead_lettered} "
+                f"+ deduplicated {self.deduplicated}"
+            )
+        return found
+
+
+def _ledger_spans(
+    conn: psycopg.Connection, schemas: Schemas, asset: str, source: str, shard: int
+) -> tuple[list[tuple[int, int, int, int, int, int]], int | None]:
+    head = conn.execute(
+        sql.SQL(
+            "SELECT end_position FROM {}.ledger_head WHERE asset = %s AND source = %s AND shard = %s"
+        ).format(sql.Identifier(schemas.meta)),
+        (asset, source, shard),
+    ).fetchone()
+    spans = conn.execute(
+        sql.SQL(
+            "SELECT start_position, end_position, received, loaded, dead_lettered, deduplicated "
+            "FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = %s ORDER BY start_position"
+        ).format(sql.Identifier(schemas.meta)),
+        (asset, source, shard),
+    ).fetchall()
+    return spans, (head[0] if head else None)
+
+
+def _account(
+    asset: str,
+    shard: str,
+    ledger: tuple[list, int | None],
+    source_count: Callable[[int, int], int],
+    lag: Callable[[int], int],
+) -> ShardReconciliation:
+    spans, head_end = ledger
+    start = spans[0][0] if spans else 0
+    end = spans[-1][1] if spans else 0
+    gaps = tuple((a[1], b[0]) for a, b in itertools.pairwise(spans) if a[1] != b[0])
+    return ShardReconciliation(
+        asset=asset,
+        shard=shard,
+        lag=lag(end),
+        ledger_start=start,
+        ledger_end=end,
+        source_count=source_count(start, end) if spans else 0,
+        received=sum(s[2] for s in spans),
+        loaded=sum(s[3] for s in spans),
+        dead_lettered=sum(s[4] for s in spans),
+        deduplicated=sum(s[5] for s in spans),
+        gaps=gaps,
+        head_end=head_end,
+    )
+
+
+def reconcile_topic(
+    store: EventStore, conn: psycopg.Connection, schemas: Schemas, spec: TopicIngest
+) -> list[ShardReconciliation]:
+    """Per topic partition: records in the log over the ledger's range against its counts."""
+    bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
+
+    def records(partition: int) -> Callable[[int, int], int]:
+        return lambda start, end: len(store.fetch(spec.topic, partition, start, end))
+
+    def behind(bound: LogBounds) -> Callable[[int], int]:
+        return lambda end: max(0, bound.end - max(end, bound.start))
+
+    return [
+        _account(
+            spec.asset,
+            f"{spec.topic}[{partition}]",
+            _ledger_spans(conn, schemas, spec.asset, spec.topic, partition),
+            records(partition),
+            behind(bound),
+        )
+        for partition, bound in sorted(bounds.items())
+    ]
+
+
+def reconcile_capture(
+    oltp: psycopg.Connection, conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec
+) -> ShardReconciliation:
+    """For a change table: changes of the transactions the ledger covers against its counts."""
+    table = sql.Identifier(spec.change_table.schema, spec.change_table.table)
+
+    def changes(start: int, end: int) -> int:
+        row = oltp.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8"
+            ).format(table),
+            (str(start), str(end)),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    source = str(spec.change_table)
+    return _account(
+        spec.asset,
+        source,
+        _ledger_spans(conn, schemas, spec.asset, source, 0),
+        changes,
+        lambda end: cdc.capture_lag(oltp, spec, end).pending_changes,
+    )

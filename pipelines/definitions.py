@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.cdc import build_capture_asset, change_table_source
-from assets.event_store import FactServices, build_fact_asset, build_replay_check, topic_source
+from assets.cdc import build_capture_asset, build_capture_reconciliation_check, change_table_source
+from assets.event_store import (
+    FactServices,
+    build_fact_asset,
+    build_reconciliation_check,
+    build_replay_check,
+    topic_source,
+)
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.settings import Settings
@@ -55,14 +61,21 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         )
         for spec, _ in ingests
     }
-    replay_checks = [build_replay_check(spec) for spec, _ in ingests]
+    checks = (
+        [build_replay_check(spec) for spec, _ in ingests]
+        + [build_reconciliation_check(spec) for spec, _ in ingests]
+        + [build_capture_reconciliation_check(spec) for spec in captures]
+    )
     return dg.Definitions(
-        asset_checks=replay_checks,
+        asset_checks=checks,
         jobs=[
             dg.define_asset_job(
-                "replay_equivalence_checks",
-                selection=dg.AssetSelection.checks(*replay_checks),
-                description="Re-derive the event facts from the log and compare with the EDW.",
+                "edw_checks",
+                selection=dg.AssetSelection.checks(*checks),
+                description=(
+                    "Reconcile every shard with its source and re-derive the event facts from the "
+                    "log (on demand or on a schedule: these re-read the sources)."
+                ),
             )
         ],
         assets=[topic_source(spec) for spec, _ in ingests]

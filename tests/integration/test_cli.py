@@ -73,3 +73,48 @@ def test_status_shows_lag_per_shard_and_the_ledger(pipeline, capsys):
         "not loaded yet: lagging"
     )
     assert any(line.startswith("dim_customer ") for line in out)
+
+
+def test_reconcile_adds_up_and_names_a_ledger_gap(pipeline, capsys):
+    for seed in (1, 2):  # two rounds: every partition gets several batches
+        pipeline.simulate(300, seed=seed, duplicate_rate=0.05, invalid_rate=0.05)
+        pipeline.drain("fact_order")
+        pipeline.drain("fact_payment")
+    assert cli.main(["reconcile"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[-1] for line in out.splitlines()[1:]] == ["ok"] * (4 + 2 + 2), (
+        out
+    )  # partitions, change tables
+
+    job = pipeline.defs.resolve_job_def("edw_checks")
+    result = job.execute_in_process(instance=pipeline.instance)
+    evaluations = {
+        (e.asset_key.to_user_string(), e.check_name): e
+        for e in result.get_asset_check_evaluations()
+    }
+    assert all(e.passed for e in evaluations.values()), [
+        e.description for e in evaluations.values() if not e.passed
+    ]
+    assert ("dim_customer", "reconciliation") in evaluations
+
+    # Lose a batch from the ledger: a gap, and fewer received than the log holds.
+    [(shard, start)] = pipeline.query(
+        "SELECT shard, start_position FROM kappa.batch_ledger WHERE asset = 'fact_order' AND start_position > 0 LIMIT 1"
+    )
+    pipeline.query(
+        "DELETE FROM kappa.batch_ledger WHERE asset = 'fact_order' AND shard = %s AND start_position = %s",
+        (shard, start),
+    )
+    assert cli.main(["reconcile"]) == 1
+    out = capsys.readouterr().out
+    topic = pipeline.env["KAPPA_TOPIC_ORDERS"]
+    assert f"{topic}[{shard}]" in out and (
+        "but the next batch starts at" in out or "but its head says" in out
+    )
+    result = job.execute_in_process(instance=pipeline.instance, raise_on_error=False)
+    [check] = [
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.asset_key.to_user_string() == "fact_order" and e.check_name == "reconciliation"
+    ]
+    assert not check.passed and f"{topic}[{shard}]: ledger" in check.description
