@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 
@@ -61,38 +62,40 @@ def topic_source(spec: TopicIngest) -> dg.AssetSpec:
     )
 
 
-def _outcomes_table(outcomes: list[BatchOutcome]) -> dg.TableMetadataValue:
-    columns = [
-        ("partition", "int"),
-        ("start", "int"),
-        ("end", "int"),
-        ("status", "string"),
-        ("received", "int"),
-        ("loaded", "int"),
-        ("dead_lettered", "int"),
-        ("deduplicated", "int"),
-        ("lag_after", "int"),
-        ("seconds", "float"),
-    ]
+_TYPES = {bool: "bool", int: "int", float: "float", str: "string"}
+
+
+def metadata_table(rows: list[dict[str, Any]]) -> dg.TableMetadataValue:
+    """A metadata table whose schema follows the rows' keys and value types."""
+    first = rows[0] if rows else {}
     return dg.MetadataValue.table(
-        records=[
-            dg.TableRecord(
-                {
-                    "partition": o.partition,
-                    "start": o.start,
-                    "end": o.end,
-                    "status": o.status,
-                    "received": o.received,
-                    "loaded": o.loaded,
-                    "dead_lettered": o.dead_lettered,
-                    "deduplicated": o.deduplicated,
-                    "lag_after": o.lag_after,
-                    "seconds": round(o.seconds, 3),
-                }
-            )
+        records=[dg.TableRecord(row) for row in rows],
+        schema=dg.TableSchema(
+            columns=[
+                dg.TableColumn(name, _TYPES.get(type(value), "string"))
+                for name, value in first.items()
+            ]
+        ),
+    )
+
+
+def _outcomes_table(outcomes: list[BatchOutcome]) -> dg.TableMetadataValue:
+    return metadata_table(
+        [
+            {
+                "partition": o.partition,
+                "start": o.start,
+                "end": o.end,
+                "status": o.status,
+                "received": o.received,
+                "loaded": o.loaded,
+                "dead_lettered": o.dead_lettered,
+                "deduplicated": o.deduplicated,
+                "lag_after": o.lag_after,
+                "seconds": round(o.seconds, 3),
+            }
             for o in outcomes
-        ],
-        schema=dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns]),
+        ]
     )
 
 
@@ -275,32 +278,19 @@ def build_replay_check(spec: TopicIngest) -> dg.AssetChecksDefinition:
                 else f"{len(comparisons)} partitions equal to the log"
             ),
             metadata={
-                "partitions": dg.MetadataValue.table(
-                    records=[
-                        dg.TableRecord(
-                            {
-                                "partition": c.partition,
-                                "offsets": f"[{c.start}, {c.end})",
-                                "log_rows": c.log_rows,
-                                "edw_rows": c.edw_rows,
-                                "log_dead_letters": c.log_dead_letters,
-                                "edw_dead_letters": c.edw_dead_letters,
-                                "checksums_equal": c.log_checksum == c.edw_checksum,
-                            }
-                        )
+                "partitions": metadata_table(
+                    [
+                        {
+                            "partition": c.partition,
+                            "offsets": f"[{c.start}, {c.end})",
+                            "log_rows": c.log_rows,
+                            "edw_rows": c.edw_rows,
+                            "log_dead_letters": c.log_dead_letters,
+                            "edw_dead_letters": c.edw_dead_letters,
+                            "checksums_equal": c.log_checksum == c.edw_checksum,
+                        }
                         for c in comparisons
-                    ],
-                    schema=dg.TableSchema(
-                        columns=[
-                            dg.TableColumn("partition", "int"),
-                            dg.TableColumn("offsets", "string"),
-                            dg.TableColumn("log_rows", "int"),
-                            dg.TableColumn("edw_rows", "int"),
-                            dg.TableColumn("log_dead_letters", "int"),
-                            dg.TableColumn("edw_dead_letters", "int"),
-                            dg.TableColumn("checksums_equal", "bool"),
-                        ]
-                    ),
+                    ]
                 ),
                 "rows_differing": sum(abs(c.log_rows - c.edw_rows) for c in comparisons),
             },
@@ -320,36 +310,21 @@ def reconciliation_result(accounts: list[ShardReconciliation]) -> dg.AssetCheckR
             else f"{len(accounts)} shards reconcile: source = received = loaded + dead-lettered + deduplicated"
         ),
         metadata={
-            "shards": dg.MetadataValue.table(
-                records=[
-                    dg.TableRecord(
-                        {
-                            "shard": a.shard,
-                            "ledger": f"[{a.ledger_start}, {a.ledger_end})",
-                            "lag": a.lag,
-                            "in_source": a.source_count,
-                            "received": a.received,
-                            "loaded": a.loaded,
-                            "dead_lettered": a.dead_lettered,
-                            "deduplicated": a.deduplicated,
-                            "ok": not a.problems,
-                        }
-                    )
+            "shards": metadata_table(
+                [
+                    {
+                        "shard": a.shard,
+                        "ledger": f"[{a.ledger_start}, {a.ledger_end})",
+                        "lag": a.lag,
+                        "in_source": a.source_count,
+                        "received": a.received,
+                        "loaded": a.loaded,
+                        "dead_lettered": a.dead_lettered,
+                        "deduplicated": a.deduplicated,
+                        "ok": not a.problems,
+                    }
                     for a in accounts
-                ],
-                schema=dg.TableSchema(
-                    columns=[
-                        dg.TableColumn("shard", "string"),
-                        dg.TableColumn("ledger", "string"),
-                        dg.TableColumn("lag", "int"),
-                        dg.TableColumn("in_source", "int"),
-                        dg.TableColumn("received", "int"),
-                        dg.TableColumn("loaded", "int"),
-                        dg.TableColumn("dead_lettered", "int"),
-                        dg.TableColumn("deduplicated", "int"),
-                        dg.TableColumn("ok", "bool"),
-                    ]
-                ),
+                ]
             ),
             "lag": sum(a.lag for a in accounts),
         },
