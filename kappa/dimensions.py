@@ -258,8 +258,17 @@ WITH bound AS (
   FROM {dim} WHERE ({keys}) IN (SELECT DISTINCT {keys} FROM {stage}) GROUP BY {keys}
 )
 SELECT s.*,
-       greatest(max(s.change_time) OVER w, coalesce(b.bound, '-infinity'::timestamptz)) AS valid_from
-FROM {stage} s LEFT JOIN bound b USING ({keys})
+       greatest(max(s.clock) OVER w, coalesce(s.bound, '-infinity'::timestamptz)) AS valid_from
+FROM (
+  -- A delete with nothing before it (no version, no earlier change) leaves no trace in the
+  -- dimension, so its time must not push later versions either: otherwise the result
+  -- would depend on whether it shared a batch with them.
+  SELECT s.*, b.bound,
+         CASE WHEN s.op = 'D' AND b.bound IS NULL
+                   AND row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1
+              THEN NULL ELSE s.change_time END AS clock
+  FROM {stage} s LEFT JOIN bound b USING ({keys})
+) s
 WINDOW w AS (PARTITION BY {keys} ORDER BY {order} ROWS UNBOUNDED PRECEDING)
 """
         ).format(keys=key_list, dim=dim, stage=stage, order=order)
