@@ -148,8 +148,36 @@ def _convert(column: Column, values: pd.Series) -> tuple[pd.Series, np.ndarray]:
     return converted, present & ~ok
 
 
+def split_key_changes(spec: CaptureSpec, changes: pd.DataFrame) -> pd.DataFrame:
+    """An UPDATE that changes a key is a delete of the old key and a write of the new one:
+    the old key's version must close. Both rows keep the change's id and position."""
+    if changes.empty:
+        return changes
+    befores = [_image(v) for v in changes["before"]]
+    afters = [_image(v) for v in changes["after"]]
+    moved = np.array(
+        [
+            op == "U"
+            and b is not None
+            and a is not None
+            and any(b.get(k) != a.get(k) for k in spec.keys)
+            for op, b, a in zip(changes["op"], befores, afters, strict=True)
+        ],
+        dtype=bool,
+    )
+    if not moved.any():
+        return changes
+    closing = changes[moved].assign(op="D", after=None)
+    return (
+        pd.concat([closing, changes], ignore_index=True)
+        .sort_values(["xid", "change_id", "op"], kind="stable", ascending=[True, True, True])
+        .reset_index(drop=True)
+    )
+
+
 def validate_changes(spec: CaptureSpec, changes: pd.DataFrame) -> ValidatedChanges:
     """Check operations and row images; extract the captured columns."""
+    changes = split_key_changes(spec, changes)
     if changes.empty:
         no_rows = pd.DataFrame(
             columns=[c.name for c in spec.columns]
@@ -209,8 +237,14 @@ def validate_changes(spec: CaptureSpec, changes: pd.DataFrame) -> ValidatedChang
     rows["source_change_id"] = changes["change_id"].astype("int64")
     rows["change_time"] = pd.to_datetime(changes["change_time"], utc=True)
 
+    # The two rows of a key-changing update stand or fall together, as one dead letter.
+    ids = changes["change_id"].to_numpy()
+    invalid_ids = set(ids[~pd.isna(reasons)].tolist())
+    flag(np.isin(ids, list(invalid_ids)), "the other half of this key-changing update is invalid")
     valid = pd.isna(reasons)
     dead = changes[~valid]
+    first = ~dead["change_id"].duplicated(keep="first").to_numpy()
+    dead, dead_reasons = dead[first], reasons[~valid][first]
     dead_letters = pd.DataFrame(
         {
             "position": dead["change_id"].astype("int64").to_numpy(),
@@ -220,7 +254,7 @@ def validate_changes(spec: CaptureSpec, changes: pd.DataFrame) -> ValidatedChang
                 orjson.dumps({"op": r.op, "xid": int(r.xid), "before": r.before, "after": r.after})
                 for r in dead.itertuples(index=False)
             ],
-            "reason": reasons[~valid],
+            "reason": dead_reasons,
         }
     )
     dead_letters["broker_time"] = pd.to_datetime(dead_letters["broker_time"], utc=True)
@@ -414,6 +448,7 @@ def apply_changes(
             else:
                 _merge_current(conn, schemas, spec, stage)
         counts.received = len(changes)
-        counts.loaded = len(validated.rows)
+        # A key-changing update is two rows of one change: count changes, not rows.
+        counts.loaded = int(validated.rows["source_change_id"].nunique())
         counts.dead_lettered = write_dead_letters(conn, schemas, record, validated.dead_letters)
     return counts.received, counts.loaded, counts.dead_lettered

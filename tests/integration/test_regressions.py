@@ -242,3 +242,26 @@ def test_a_lone_delete_does_not_move_later_versions_however_batches_are_cut(capt
     assert valid_from <= inserted_at + __import__("datetime").timedelta(seconds=5), (
         "not pushed an hour ahead"
     )
+
+
+def test_an_update_that_changes_the_key_closes_the_old_key_s_version(captured):
+    with connect(captured) as conn:
+        conn.execute("INSERT INTO customers VALUES ('c-1', 'n', 'retail', 'DE', 1)")
+        conn.execute(
+            "INSERT INTO call_center_calls VALUES ('k-1', 'c-1', 'billing', 'neutral', 10, now())"
+        )
+        conn.execute(
+            "UPDATE customers SET customer_id = 'c-2', segment = 'smb' WHERE customer_id = 'c-1'"
+        )
+        conn.execute("UPDATE call_center_calls SET call_id = 'k-2' WHERE call_id = 'k-1'")
+    [customers] = drain(captured, SPECS["customers"])
+    [calls] = drain(captured, SPECS["call_center_calls"])
+    assert (customers.received, customers.loaded, customers.dead_lettered) == (2, 2, 0)
+    assert (calls.received, calls.loaded) == (2, 2)
+    with connect(captured) as conn:
+        dim = conn.execute(
+            "SELECT customer_id, segment, is_current FROM edw.dim_customer ORDER BY customer_sk"
+        ).fetchall()
+        current = conn.execute("SELECT call_id FROM edw.fact_call_center_call").fetchall()
+    assert dim == [("c-1", "retail", False), ("c-2", "smb", True)]
+    assert current == [("k-2",)]
