@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from pathlib import Path
 
 from psycopg import sql
@@ -39,6 +40,7 @@ from kappa.warehouse import (
     ensure_schema,
     read_heads,
     reset_for_replay,
+    rewind_topic_asset,
 )
 
 
@@ -48,6 +50,17 @@ def _repo_root() -> Path:
         if (candidate / "workspace.yaml").exists():
             return candidate
     raise ConfigurationError("workspace.yaml", "not found next to the kappa package nor in the cwd")
+
+
+def _timestamp(text: str) -> datetime:
+    """An ISO-8601 time with a zone, for --from."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no zone (add Z or +00:00)")
+    return moment
 
 
 def _say(message: str) -> None:
@@ -389,32 +402,61 @@ def check(settings: Settings) -> int:
     return 1 if failures else 0
 
 
-def replay(settings: Settings, asset: str, *, confirmed: bool) -> int:
-    """Reload ``asset`` from the beginning of its log: forget its rows, dead letters and ledger."""
+def replay(
+    settings: Settings, asset: str, *, confirmed: bool, since: datetime | None = None
+) -> int:
+    """Reload ``asset`` from the beginning of its log, or from ``since`` (topics only)."""
+    topics = {spec.asset: spec for spec, _ in topic_ingests(settings)}
     tables = {
         spec.asset: (spec.contract.table, spec.step.side_tables if spec.step else ())
-        for spec, _ in topic_ingests(settings)
+        for spec in topics.values()
     }
     tables.update(
         {spec.asset: (spec.target, ()) for spec in load_captures(settings.capture_config)}
     )
     if asset not in tables:
         raise KappaError(f"unknown asset {asset!r}; replayable: {', '.join(sorted(tables))}")
+    if since is not None and asset not in topics:
+        raise KappaError(f"{asset} replays from the beginning of its change table only (no --from)")
+    scope = (
+        "from the start of its log or change table"
+        if since is None
+        else f"from {since.isoformat()}"
+    )
     if not confirmed:
         _say(
-            f"This deletes every row of {asset}, its state, alerts, dead letters and ledger in "
-            f"{redact(settings.resolved_edw_url)}; its sensor then reloads it from the start "
-            "of its log or change table. Run again with --yes to do it."
+            f"This deletes {asset}'s rows, state, alerts, dead letters and ledger batches "
+            f"{'(all of them)' if since is None else 'after that point'} in "
+            f"{redact(settings.resolved_edw_url)}; its sensor then reloads it {scope}. "
+            "Run again with --yes to do it."
         )
         return 1
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
+    table, side_tables = tables[asset]
+    if since is None:
+        with connect(settings.resolved_edw_url) as conn:
+            removed = reset_for_replay(conn, schemas, table, asset, side_tables=side_tables)
+        _say(
+            f"{asset}: removed {removed.rows} rows, {removed.dead_letters} dead letters and "
+            f"{removed.batches} ledger batches in one transaction; the next sensor tick reloads "
+            "it from the start of the log."
+        )
+        return 0
+    spec = topics[asset]
+    with EventStore(
+        settings.resolved_bootstrap_servers, timeout_s=settings.kafka_timeout_s
+    ) as store:
+        offsets = store.offsets_for_times(
+            spec.topic, store.partitions(spec.topic), int(since.timestamp() * 1000)
+        )
     with connect(settings.resolved_edw_url) as conn:
-        table, side_tables = tables[asset]
-        removed = reset_for_replay(conn, schemas, table, asset, side_tables=side_tables)
+        restarts = rewind_topic_asset(
+            conn, schemas, table, asset, spec.topic, offsets, side_tables=side_tables
+        )
+    moved = ", ".join(f"{spec.topic}[{p}] at {o}" for p, o in sorted(restarts.items())) or "nothing"
     _say(
-        f"{asset}: removed {removed.rows} rows, {removed.dead_letters} dead letters and "
-        f"{removed.batches} ledger batches in one transaction; the next sensor tick reloads "
-        "it from the start of the log."
+        f"{asset}: rewound {moved} (the batch boundaries at or before {since.isoformat()}) in one "
+        "transaction, state as it stood there; the next sensor tick reloads from those offsets."
     )
     return 0
 
@@ -612,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
     replay_parser.add_argument(
         "--yes", action="store_true", help="confirm: the asset's rows are deleted"
     )
+    replay_parser.add_argument(
+        "--from",
+        dest="since",
+        type=_timestamp,
+        help="replay from this broker time on (ISO-8601 with zone), not from the beginning",
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -627,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reconcile":
             return reconcile(settings)
         if args.command == "replay":
-            return replay(settings, args.asset, confirmed=args.yes)
+            return replay(settings, args.asset, confirmed=args.yes, since=args.since)
         if args.command == "simulate-oltp":
             return simulate_oltp(settings)
         return simulate(settings)

@@ -534,3 +534,76 @@ def reset_for_replay(
         ).rowcount
         conn.execute(sql.SQL("DELETE FROM {}.ledger_head WHERE asset = %s").format(meta), (asset,))
     return ReplayReset(rows=rows, dead_letters=dead, batches=batches)
+
+
+def rewind_topic_asset(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    table: str,
+    asset: str,
+    topic: str,
+    offsets: Mapping[int, int],
+    *,
+    side_tables: Sequence[str] = (),
+) -> dict[int, int]:
+    """Rewind ``asset`` so it reloads each partition from ``offsets`` on, in one transaction.
+
+    Each partition restarts at the start of the ledger batch holding its offset (a batch
+    boundary, where the state versions tell the state as it stood). Rows, side-table rows,
+    dead letters, ledger batches and state versions after that point go; everything before
+    stays. Returns the restart offset of each partition that moved.
+    """
+    meta = sql.Identifier(schemas.meta)
+    fact = sql.Identifier(schemas.edw, table)
+    restarts: dict[int, int] = {}
+    with conn.transaction():
+        heads = conn.execute(
+            sql.SQL(
+                "SELECT shard, end_position FROM {}.ledger_head WHERE asset = %s AND source = %s FOR UPDATE"
+            ).format(meta),
+            (asset, topic),
+        ).fetchall()
+        for shard, _ in heads:
+            if shard not in offsets:
+                continue
+            row = conn.execute(
+                sql.SQL(
+                    "SELECT min(start_position) FROM {}.batch_ledger "
+                    "WHERE asset = %s AND source = %s AND shard = %s AND end_position > %s"
+                ).format(meta),
+                (asset, topic, shard, offsets[shard]),
+            ).fetchone()
+            if row is None or row[0] is None:
+                continue  # the ledger has not reached that offset: nothing to rewind
+            start = int(row[0])
+            in_range = sql.SQL("topic = %s AND kafka_partition = %s AND kafka_offset >= %s")
+            for side in side_tables:
+                conn.execute(
+                    sql.SQL(
+                        "DELETE FROM {side} WHERE event_id IN (SELECT event_id FROM {fact} WHERE {cond})"
+                    ).format(side=sql.Identifier(schemas.edw, side), fact=fact, cond=in_range),
+                    (topic, shard, start),
+                )
+            conn.execute(
+                sql.SQL("DELETE FROM {} WHERE {}").format(fact, in_range), (topic, shard, start)
+            )
+            for statement in (
+                "DELETE FROM {}.dead_letter WHERE asset = %s AND source = %s AND shard = %s AND position >= %s",
+                "DELETE FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = %s AND start_position >= %s",
+            ):
+                conn.execute(sql.SQL(statement).format(meta), (asset, topic, shard, start))
+            conn.execute(
+                sql.SQL(
+                    "DELETE FROM {}.state WHERE store LIKE %s AND shard = %s AND position > %s"
+                ).format(meta),
+                (f"{asset}/%", shard, start),
+            )
+            conn.execute(
+                sql.SQL(
+                    "UPDATE {}.ledger_head SET end_position = %s, updated_at = clock_timestamp() "
+                    "WHERE asset = %s AND source = %s AND shard = %s"
+                ).format(meta),
+                (start, asset, topic, shard),
+            )
+            restarts[shard] = start
+    return restarts

@@ -265,3 +265,50 @@ def test_an_update_that_changes_the_key_closes_the_old_key_s_version(captured):
         current = conn.execute("SELECT call_id FROM edw.fact_call_center_call").fetchall()
     assert dim == [("c-1", "retail", False), ("c-2", "smb", True)]
     assert current == [("k-2",)]
+
+
+def test_replay_from_a_point_in_time_rewinds_rows_alerts_and_state_and_reloads_the_same(
+    pipeline: Pipeline,
+):
+    from datetime import UTC, datetime
+
+    with psycopg.connect(pipeline.env["KAPPA_OLTP_URL"], autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO customers (customer_id, name, segment, country, credit_limit) "
+            "SELECT 'c-' || lpad(i::text, 5, '0'), 'n', 'retail', 'DE', 100 FROM generate_series(0, 39) i"
+        )
+    pipeline.drain("dim_customer")
+    pipeline.simulate(500, seed=1, invalid_rate=0.02)
+    pipeline.drain("fact_payment")
+    [(first_round,)] = pipeline.query("SELECT count(*) FROM edw.fact_payment")
+    time.sleep(0.05)
+    since = datetime.now(UTC)
+    time.sleep(0.05)
+    pipeline.simulate(500, seed=2, invalid_rate=0.02)
+    pipeline.drain("fact_payment")
+
+    def snapshot() -> list:
+        return [
+            pipeline.query("SELECT * FROM edw.fact_payment ORDER BY event_id"),
+            pipeline.query("SELECT * FROM edw.fraud_alert ORDER BY event_id, rule"),
+            pipeline.query(
+                "SELECT DISTINCT ON (store, shard, key) store, shard, key, value FROM kappa.state "
+                "ORDER BY store, shard, key, position DESC"
+            ),
+            pipeline.query(
+                "SELECT shard, end_position FROM kappa.ledger_head WHERE asset = 'fact_payment' ORDER BY 1"
+            ),
+            pipeline.query("SELECT count(*) FROM kappa.dead_letter WHERE asset = 'fact_payment'"),
+        ]
+
+    live = snapshot()
+    assert cli.main(["replay", "fact_payment", "--from", since.isoformat()]) == 1, "asks first"
+    assert cli.main(["replay", "fact_payment", "--from", since.isoformat(), "--yes"]) == 0
+    assert pipeline.query("SELECT count(*) FROM edw.fact_payment") == [(first_round,)], (
+        "the first round stays"
+    )
+    assert pipeline.query(
+        "SELECT count(*) FROM edw.fact_payment WHERE broker_time >= %s", (since,)
+    ) == [(0,)]
+    pipeline.drain("fact_payment")
+    assert snapshot() == live
