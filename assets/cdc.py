@@ -75,7 +75,7 @@ def build_capture_asset(spec: CaptureSpec, *, max_changes: int) -> dg.AssetsDefi
                 run_id=context.run.run_id,
                 max_changes=max_changes,
             )
-            lag = cdc.capture_lag(source, spec, outcome.end)
+            lag = outcome.capture_lag or cdc.capture_lag(source, spec, outcome.end)
         context.log.info(
             f"{spec.change_table} transactions [{outcome.start}, {outcome.end}) {outcome.status}: "
             f"{outcome.loaded} applied, {outcome.dead_lettered} dead-lettered, {lag.pending_changes} pending"

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -50,6 +50,13 @@ def _repo_root() -> Path:
         if (candidate / "workspace.yaml").exists():
             return candidate
     raise ConfigurationError("workspace.yaml", "not found next to the kappa package nor in the cwd")
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Columns padded to their widest cell, for terminals and runbooks."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for line in [header, *rows]:
+        _say("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
 
 
 def _timestamp(text: str) -> datetime:
@@ -536,9 +543,7 @@ def status(settings: Settings) -> int:
                     head,
                     lag.pending_changes,
                 )
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for line in [header, *rows]:
-        _say("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    _print_table(header, rows)
     return 0
 
 
@@ -589,9 +594,7 @@ def reconcile(settings: Settings) -> int:
         )
         for a in accounts
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for line in [header, *rows]:
-        _say("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    _print_table(header, rows)
     return 1 if any(a.problems for a in accounts) else 0
 
 

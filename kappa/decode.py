@@ -9,6 +9,7 @@ found; the batch goes on. Valid events are deduplicated by ``event_id`` within t
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,14 +97,15 @@ class _Reasons:
     def open(self) -> np.ndarray:
         return pd.isna(self.values)
 
-    def flag(self, bad: np.ndarray | pd.Series, reason: str | pd.Series) -> None:
+    def flag(
+        self, bad: np.ndarray | pd.Series, reason: str | Callable[[np.ndarray], list[str]]
+    ) -> None:
+        """Give ``reason`` to the rows that are ``bad`` and have none yet; a callable gets the
+        mask and words the reason of those rows only (valid rows cost nothing)."""
         mask = np.asarray(bad, dtype=bool) & self.open
         if not mask.any():
             return
-        if isinstance(reason, pd.Series):
-            self.values[mask] = reason.to_numpy(dtype=object)[mask]
-        else:
-            self.values[mask] = reason
+        self.values[mask] = reason(mask) if callable(reason) else reason
 
 
 def _of_type(col: pd.Series, *kinds: type) -> pd.Series:
@@ -176,9 +178,10 @@ def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
     wrong_type = (event_type != contract.event_type).fillna(True).to_numpy()
     reasons.flag(
         wrong_type,
-        "unexpected event_type "
-        + frame["event_type"].map(repr)
-        + f" on topic {batch.topic!r} (expected {contract.event_type!r})",
+        lambda mask: [
+            f"unexpected event_type {v!r} on topic {batch.topic!r} (expected {contract.event_type!r})"
+            for v in frame["event_type"].to_numpy(dtype=object)[mask]
+        ],
     )
     version_ok = (
         (_of_type(frame["schema_version"], int))
@@ -187,9 +190,10 @@ def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
     supported = ", ".join(str(v) for v in sorted(contract.schema_versions))
     reasons.flag(
         ~version_ok,
-        "unsupported schema_version "
-        + frame["schema_version"].map(repr)
-        + f" (supported: {supported})",
+        lambda mask: [
+            f"unsupported schema_version {v!r} (supported: {supported})"
+            for v in frame["schema_version"].to_numpy(dtype=object)[mask]
+        ],
     )
 
     event_id = frame["event_id"].where(_of_type(frame["event_id"], str)).astype("string")

@@ -76,6 +76,8 @@ class BatchOutcome:
     seconds: float = 0.0
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
     side_rows: dict[str, int] = field(default_factory=dict)
+    #: For change tables: the lag after the batch, read once for the outcome and metadata.
+    capture_lag: cdc.CaptureLag | None = None
 
 
 def check_continuity(
@@ -222,10 +224,6 @@ def run_batch(
         end=end,
         run_id=run_id,
         partition_key=partition_key,
-        received=0,
-        loaded=0,
-        dead_lettered=0,
-        deduplicated=0,
         fresh=head is None,
     )
     if output is None:
@@ -324,10 +322,6 @@ def run_capture_batch(
         end=end,
         run_id=run_id,
         partition_key=partition_key,
-        received=0,
-        loaded=0,
-        dead_lettered=0,
-        deduplicated=0,
         watermark=watermark,
         fresh=head is None,
     )
@@ -353,4 +347,5 @@ def run_capture_batch(
         deduplicated=0,
         lag_after=lag.pending_changes,
         seconds=time.monotonic() - started,
+        capture_lag=lag,
     )

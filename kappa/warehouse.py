@@ -60,11 +60,12 @@ class BatchRecord:
     start: int
     end: int
     run_id: str
-    partition_key: str | None
-    received: int
-    loaded: int
-    dead_lettered: int
-    deduplicated: int
+    partition_key: str | None = None
+    #: Filled in by the commit (see :class:`BatchCounts`).
+    received: int = 0
+    loaded: int = 0
+    dead_lettered: int = 0
+    deduplicated: int = 0
     watermark: datetime | None = None
     #: Planned with no ledger head (the shard's first batch): only then may one be created.
     fresh: bool = False
