@@ -225,23 +225,36 @@ class EventStore:
     def offsets_for_times(
         self, topic: str, partitions: Iterable[int], ts_ms: int
     ) -> dict[int, int]:
-        """Earliest offset whose timestamp is >= ``ts_ms``, or the log end when there is none.
+        """Earliest offset whose timestamp is >= ``ts_ms``, or the log end when there is none."""
+        found = self.boundaries(topic, partitions, ts_ms)
+        missing = [p for p, offset in found.items() if offset is None]
+        ends = self.log_bounds(topic, missing) if missing else {}
+        return {p: offset if offset is not None else ends[p].end for p, offset in found.items()}
 
-        Some brokers answer "none" as offset 0 with timestamp -1; that is read as "none" too.
-        """
+    def boundaries(
+        self, topic: str, partitions: Iterable[int], ts_ms: int
+    ) -> dict[int, int | None]:
+        """Earliest offset whose timestamp is >= ``ts_ms`` per partition; None where the log
+        holds no such record yet (some brokers answer that as offset 0 with timestamp -1)."""
         tps = [TopicPartition(topic, p) for p in partitions]
+        if not tps:
+            return {}
         found = self._consumer.offsets_for_times(
             {tp: ts_ms for tp in tps}, timeout_ms=int(self.timeout_s * 1000)
         )
-        bounds = self.log_bounds(topic, [tp.partition for tp in tps])
-        result: dict[int, int] = {}
+        result: dict[int, int | None] = {}
         for tp in tps:
             hit = found.get(tp)
-            if hit is None or hit.timestamp == NO_TIMESTAMP:
-                result[tp.partition] = bounds[tp.partition].end
-            else:
-                result[tp.partition] = hit.offset
+            no_record = hit is None or hit.timestamp == NO_TIMESTAMP
+            result[tp.partition] = None if no_record else hit.offset
         return result
+
+    def timestamp_at(self, topic: str, partition: int, offset: int) -> int:
+        """The broker timestamp (ms) of the record at ``offset`` (or the next one there is)."""
+        batch = self.fetch(topic, partition, offset, offset + 1)
+        if not batch.timestamps:
+            raise OffsetOutOfRangeError(topic, partition, offset, offset + 1, "no record there")
+        return int(batch.timestamps[0])
 
     # -- data -------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             spec,
             services=services,
             side_assets=(FRAUD_ALERT,) if spec.asset == "fact_payment" else (),
+            windows=settings.windows,
             **limits,
         )
         for spec, _ in ingests
@@ -85,6 +86,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         sensors=[
             build_offset_sensor(
                 spec,
+                windows=settings.windows,
                 topic_setting=setting,
                 interval_s=interval,
                 selection=sorted(facts[spec.asset].keys),
