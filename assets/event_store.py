@@ -23,6 +23,7 @@ from kappa.ingest import (
 from kappa.partitions import TimeWindows
 from kappa.reconcile import ShardReconciliation, compare_with_log, reconcile_topic
 from kappa.stateful import VersionCache, WarehouseDimensions
+from kappa.warehouse import read_checkpoints
 from resources.event_store import EventStoreResource
 from resources.oltp import OltpResource
 from resources.state import StateCacheResource
@@ -479,3 +480,43 @@ def build_reconciliation_check(spec: TopicIngest) -> dg.AssetChecksDefinition:
             return reconciliation_result(reconcile_topic(store, conn, warehouse.schemas, spec))
 
     return reconciliation
+
+
+def build_staleness_check(spec: TopicIngest) -> dg.AssetChecksDefinition:
+    """Partitions processed from a state their predecessor no longer ends with."""
+
+    @dg.asset_check(
+        asset=spec.asset,
+        name="state_continuity",
+        blocking=False,
+        description=(
+            f"Each time partition of `{spec.asset}` was processed from the state its "
+            "predecessor ends with (state checkpoints). Fails, naming them, when reprocessing "
+            "a partition changed the state it ends with: the partitions after it are stale "
+            "until reprocessed (one backfill from the changed partition to now)."
+        ),
+    )
+    def state_continuity(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        with warehouse.connect() as conn:
+            checkpoints = read_checkpoints(conn, warehouse.schemas, spec.asset, spec.topic)
+        stale = [c for c in checkpoints if c.stale_reason]
+        first_stale = min((c.partition_key for c in stale), default=None)
+        return dg.AssetCheckResult(
+            passed=not stale,
+            description=(
+                f"stale from partition {first_stale} on: "
+                + "; ".join(
+                    f"{c.source}[{c.shard}] {c.partition_key}: {c.stale_reason}" for c in stale
+                )
+                + f". Reprocess {first_stale} to now in one backfill "
+                f"(`kappa backfill {spec.asset} --from {first_stale}`)."
+                if stale
+                else f"{len(checkpoints)} partition starts follow from their predecessors"
+            ),
+            metadata={
+                "checkpoints": len(checkpoints),
+                "stale_partitions": sorted({c.partition_key for c in stale}),
+            },
+        )
+
+    return state_continuity

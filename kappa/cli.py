@@ -18,12 +18,13 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from psycopg import sql
 
 from kappa import cdc
+from kappa.backfill import SUCCEEDED, launch_backfill, wait_for_backfill
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.cdc import install_capture
@@ -68,6 +69,15 @@ def _timestamp(text: str) -> datetime:
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no zone (add Z or +00:00)")
     return moment
+
+
+def _utc_time(text: str) -> datetime:
+    """An ISO-8601 date or time, UTC unless it names a zone, for partition bounds."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 date or time") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _say(message: str) -> None:
@@ -409,6 +419,45 @@ def check(settings: Settings) -> int:
     return 1 if failures else 0
 
 
+def backfill(
+    settings: Settings,
+    asset: str,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    url: str | None,
+    wait_s: float | None,
+) -> int:
+    """Launch a Dagster backfill of ``asset``'s time partitions from ``since`` (default: the
+    first) to ``until`` (default: now), on the running webserver, as the UI would."""
+    topics = {spec.asset: spec for spec, _ in topic_ingests(settings)}
+    if asset not in topics:
+        raise KappaError(
+            f"{asset!r} has no time partitions; partitioned assets: {', '.join(sorted(topics))}"
+        )
+    spec = topics[asset]
+    windows = settings.windows
+    first = windows.at(since or windows.start)
+    last = windows.at(until or datetime.now(UTC))
+    if last.start < first.start:
+        raise KappaError(f"--to {last.key} is before --from {first.key}")
+    keys = [w.key for w in windows.span(first.key, last.key)]
+    selection = [asset, *(spec.step.side_tables if spec.step is not None else ())]
+    server = url or f"http://127.0.0.1:{settings.ui_port}"
+    backfill_id = launch_backfill(
+        server, selection, keys, title=f"reprocess {asset} {keys[0]} .. {keys[-1]}"
+    )
+    _say(
+        f"{asset}: backfill {backfill_id} of {len(keys)} partitions ({keys[0]} .. {keys[-1]}) "
+        f"launched on {server}; the daemon runs them in order: {server}/runs/b/{backfill_id}"
+    )
+    if wait_s is None:
+        return 0
+    final = wait_for_backfill(server, backfill_id, timeout_s=wait_s)
+    _say(f"{asset}: backfill {backfill_id} {final}")
+    return 0 if final in SUCCEEDED else 1
+
+
 def replay(
     settings: Settings, asset: str, *, confirmed: bool, since: datetime | None = None
 ) -> int:
@@ -663,6 +712,26 @@ def main(argv: list[str] | None = None) -> int:
         type=_timestamp,
         help="replay from this broker time on (ISO-8601 with zone), not from the beginning",
     )
+    backfill_parser = commands.add_parser(
+        "backfill",
+        help="reprocess time partitions of a fact as a Dagster backfill (needs the webserver)",
+    )
+    backfill_parser.add_argument("asset", help="fact_order or fact_payment")
+    backfill_parser.add_argument(
+        "--from",
+        dest="since",
+        type=_utc_time,
+        help="first partition: the one holding this date or time (UTC); default: the first",
+    )
+    backfill_parser.add_argument(
+        "--to", dest="until", type=_utc_time, help="last partition (default: the current one)"
+    )
+    backfill_parser.add_argument(
+        "--url", help="Dagster webserver (default http://127.0.0.1:KAPPA_UI_PORT)"
+    )
+    backfill_parser.add_argument(
+        "--wait", type=float, metavar="SECONDS", help="wait for the backfill to finish"
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -677,6 +746,15 @@ def main(argv: list[str] | None = None) -> int:
             return status(settings)
         if args.command == "reconcile":
             return reconcile(settings)
+        if args.command == "backfill":
+            return backfill(
+                settings,
+                args.asset,
+                since=args.since,
+                until=args.until,
+                url=args.url,
+                wait_s=args.wait,
+            )
         if args.command == "replay":
             return replay(settings, args.asset, confirmed=args.yes, since=args.since)
         if args.command == "simulate-oltp":

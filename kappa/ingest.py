@@ -219,7 +219,10 @@ def locate_windows(
         for partition, window in pending.items():
             by_end.setdefault(window.end_ms, []).append(partition)
         for end_ms, partitions in by_end.items():
-            for partition, boundary in store.boundaries(topic, partitions, end_ms).items():
+            found = store.boundaries(
+                topic, partitions, end_ms, floor={p: starts[p] for p in partitions}
+            )
+            for partition, boundary in found.items():
                 window, start = pending[partition], starts[partition]
                 if boundary is None or boundary > start:
                     located[partition] = (

@@ -14,8 +14,10 @@ from assets.event_store import (
     build_fact_asset,
     build_reconciliation_check,
     build_replay_check,
+    build_staleness_check,
     topic_source,
 )
+from assets.marts import build_customer_daily
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.settings import Settings
@@ -25,6 +27,7 @@ from resources.state import StateCacheResource
 from resources.warehouse import WarehouseResource
 from sensors.cdc import build_capture_sensor
 from sensors.event_store import build_offset_sensor
+from sensors.marts import build_mart_sensor
 
 FRAUD_ALERT = dg.AssetSpec(
     key="fraud_alert",
@@ -39,6 +42,10 @@ FRAUD_ALERT = dg.AssetSpec(
         "Written by `fact_payment` in the same transactions."
     ),
 )
+
+
+#: Marts are rebuilt per event date: at most every this many seconds, not with every batch.
+MART_INTERVAL_S = 30
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
@@ -65,6 +72,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     checks = (
         [build_replay_check(spec) for spec, _ in ingests]
         + [build_reconciliation_check(spec) for spec, _ in ingests]
+        + [build_staleness_check(spec) for spec, _ in ingests if spec.step is not None]
         + [build_capture_reconciliation_check(spec) for spec in captures]
     )
     return dg.Definitions(
@@ -82,7 +90,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         assets=[topic_source(spec) for spec, _ in ingests]
         + list(facts.values())
         + [change_table_source(spec) for spec in captures]
-        + [build_capture_asset(spec, max_changes=settings.batch_max_records) for spec in captures],
+        + [build_capture_asset(spec, max_changes=settings.batch_max_records) for spec in captures]
+        + [build_customer_daily(settings.windows, sorted(facts))],
         sensors=[
             build_offset_sensor(
                 spec,
@@ -97,6 +106,14 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         + [
             build_capture_sensor(spec, interval_s=interval, max_changes=settings.batch_max_records)
             for spec in captures
+        ]
+        + [
+            build_mart_sensor(
+                "mart_customer_daily",
+                sorted(facts),
+                windows=settings.windows,
+                interval_s=max(interval, MART_INTERVAL_S),
+            )
         ],
         resources={
             "event_store": EventStoreResource(

@@ -1,7 +1,6 @@
 """The spine against the real broker, real PostgreSQL and a real Dagster instance."""
 
 from collections import Counter
-
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -142,7 +141,9 @@ def test_a_materialisation_launched_by_hand_reprocesses_its_partition(pipeline: 
     from the log, and holds exactly what the live micro-batches had loaded."""
     messages = pipeline.simulate(300)
     pipeline.drain("fact_order")
-    table = "SELECT event_id::text, customer_orders_before, kafka_offset FROM edw.fact_order ORDER BY 1"
+    table = (
+        "SELECT event_id::text, customer_orders_before, kafka_offset FROM edw.fact_order ORDER BY 1"
+    )
     live = pipeline.query(table)
     key = pipeline.settings.windows.at(datetime.now(UTC)).key
     job = pipeline.defs.resolve_implicit_global_asset_job_def().get_subset(
