@@ -76,7 +76,12 @@ def _utc_time(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 date or time") from None
+        try:  # an hourly partition key, as the UI and the checks show them
+            moment = datetime.strptime(text, "%Y-%m-%d-%H:%M").replace(tzinfo=UTC)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an ISO-8601 date or time, nor a partition key"
+            ) from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
@@ -282,7 +287,9 @@ def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
             with _step(f"local broker (Tansu, memory storage) on {broker.bootstrap_servers}"):
                 broker.start()
             stack.callback(broker.stop)
-        prepare(settings, create_topics=True, demo_sources=simulate)
+        # The embedded OLTP database is the demo's: its source tables exist with or without
+        # the simulators (capture.yaml names them), so `--no-simulator` starts too.
+        prepare(settings, create_topics=True, demo_sources=simulate or settings.oltp_url is None)
         dagster_home = home / "dagster"
         with _step(f"Dagster instance config in {dagster_home}"):
             write_dagster_yaml(dagster_home, settings)

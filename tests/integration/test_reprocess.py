@@ -16,6 +16,7 @@ from kafka.admin import KafkaAdminClient
 
 from kappa import simulator, stateful
 from kappa.localstack import ensure_topics
+from kappa.settings import Settings
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -45,30 +46,35 @@ def pipeline(hourly, instance) -> Pipeline:
     return Pipeline(env=hourly, instance=instance)
 
 
-def produce_at(pipeline: Pipeline, start: datetime, count: int, *, seed: int) -> None:
+def produce_in_hour(
+    producer: KafkaProducer, settings: Settings, start: datetime, count: int, *, seed: int
+) -> int:
     """``count`` simulated messages whose broker timestamps (and event times) start at
-    ``start``, 1 s apart: the producer's clock is the test's."""
+    ``start``, 1 s apart: the producer's clock is the test's. Returns how many were sent."""
     config = simulator.SimulatorConfig(
-        topic_orders=pipeline.settings.topic_orders,
-        topic_payments=pipeline.settings.topic_payments,
+        topic_orders=settings.topic_orders,
+        topic_payments=settings.topic_payments,
         customers=30,
         seed=seed,
         duplicate_rate=0.05,
         late_rate=0.05,
         invalid_rate=0.03,
     )
+    for i, message in enumerate(islice(simulator.generate(config, start=start, rate=1.0), count)):
+        producer.send(
+            message.topic,
+            key=message.key,
+            value=message.value,
+            timestamp_ms=int((start + timedelta(seconds=i)).timestamp() * 1000),
+        )
+    producer.flush()
+    return count
+
+
+def produce_at(pipeline: Pipeline, start: datetime, count: int, *, seed: int) -> None:
     producer = KafkaProducer(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], acks="all")
     try:
-        for i, message in enumerate(
-            islice(simulator.generate(config, start=start, rate=1.0), count)
-        ):
-            producer.send(
-                message.topic,
-                key=message.key,
-                value=message.value,
-                timestamp_ms=int((start + timedelta(seconds=i)).timestamp() * 1000),
-            )
-        producer.flush()
+        produce_in_hour(producer, pipeline.settings, start, count, seed=seed)
     finally:
         producer.close()
 
