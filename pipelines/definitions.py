@@ -9,6 +9,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.cdc import build_capture_asset, build_capture_reconciliation_check, change_table_source
+from assets.checks import build_freshness_checks, build_freshness_sensor
 from assets.event_store import (
     FactServices,
     build_fact_asset,
@@ -43,6 +44,7 @@ FRAUD_ALERT = dg.AssetSpec(
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     ingests = topic_ingests(settings)
+    topics = [spec for spec, _ in ingests]
     captures = load_captures(settings.capture_config)
     by_target = {c.target: c for c in captures}
     services = FactServices(
@@ -65,6 +67,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         [build_replay_check(spec) for spec, _ in ingests]
         + [build_reconciliation_check(spec) for spec, _ in ingests]
         + [build_capture_reconciliation_check(spec) for spec in captures]
+        + build_freshness_checks(topics, captures, max_lag_s=settings.freshness_max_lag_s)
     )
     return dg.Definitions(
         asset_checks=checks,
@@ -95,7 +98,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         + [
             build_capture_sensor(spec, interval_s=interval, max_changes=settings.batch_max_records)
             for spec in captures
-        ],
+        ]
+        + [build_freshness_sensor(topics, captures, max_lag_s=settings.freshness_max_lag_s)],
         resources={
             "event_store": EventStoreResource(
                 bootstrap_servers=dg.EnvVar("KAFKA_BOOTSTRAP_SERVERS"),
