@@ -152,7 +152,7 @@ def test_asset_checks_show_on_the_assets(stack: Stack, page: Page) -> None:
 
 def test_materialisations_show_the_recent_batches(stack: Stack, page: Page) -> None:
     stack.wait_until(
-        "dim_customer materialised twice",
+        "dim_customer materialised",
         lambda: materialised(stack, "dim_customer"),
         timeout_s=180,
     )
