@@ -524,8 +524,32 @@ def replay(
     return 0
 
 
-def status(settings: Settings) -> int:
-    """Lag per shard and what the ledger says, as a compact table."""
+def _age(seconds: float | None) -> str:
+    """A compact age, one word: 42s, 7min, 3h, 2d."""
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _shorten(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
+    """Lag per shard, the last batches and the failing asset checks, as compact tables.
+
+    Exit 0 when every check the Dagster instance knows of passes (or the instance cannot be
+    read, which is said), 1 when a check fails.
+    """
+    from kappa.freshness import capture_freshness, topic_freshness
+
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
     header = (
         "asset",
@@ -533,6 +557,7 @@ def status(settings: Settings) -> int:
         "log end",
         "loaded to",
         "lag",
+        "oldest",
         "batches",
         "loaded",
         "dead",
@@ -541,19 +566,26 @@ def status(settings: Settings) -> int:
     )
     rows: list[tuple[str, ...]] = []
     with connect(settings.resolved_edw_url) as edw:
+        meta = sql.Identifier(schemas.meta)
         totals = {
             (r[0], r[1], r[2]): r[3:]
             for r in edw.execute(
                 sql.SQL(
                     "SELECT asset, source, shard, sum(loaded), sum(dead_lettered), sum(deduplicated), "
-                    "round(extract(epoch FROM clock_timestamp() - max(committed_at)))::int "
+                    "extract(epoch FROM clock_timestamp() - max(committed_at))::float8 "
                     "FROM {}.batch_ledger GROUP BY 1, 2, 3"
-                ).format(sql.Identifier(schemas.meta))
+                ).format(meta)
             ).fetchall()
         }
 
         def row(
-            asset: str, source: str, shard: int, end: int | str, head: LedgerHead | None, lag: int
+            asset: str,
+            source: str,
+            shard: int,
+            end: int | str,
+            head: LedgerHead | None,
+            lag: int,
+            oldest_s: float | None,
         ) -> None:
             loaded, dead, dedup, age = totals.get((asset, source, shard), (0, 0, 0, None))
             rows.append(
@@ -563,11 +595,12 @@ def status(settings: Settings) -> int:
                     str(end),
                     str(head.end if head else "-"),
                     str(lag),
+                    _age(oldest_s),
                     str(head.batches if head else 0),
                     str(loaded),
                     str(dead),
                     str(dedup),
-                    "-" if age is None else f"{age} s ago",
+                    "-" if age is None else f"{_age(age)} ago",
                 )
             )
 
@@ -577,6 +610,7 @@ def status(settings: Settings) -> int:
             for spec, _ in topic_ingests(settings):
                 bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
                 heads = read_heads(edw, schemas, spec.asset, spec.topic)
+                ages = {f.shard: f.lag_s for f in topic_freshness(store, edw, schemas, spec)}
                 for partition, bound in sorted(bounds.items()):
                     head = heads.get(partition)
                     row(
@@ -586,6 +620,7 @@ def status(settings: Settings) -> int:
                         bound.end,
                         head,
                         bound.end - (head.end if head else bound.start),
+                        ages.get(f"{spec.topic}[{partition}]"),
                     )
         with connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as oltp:
             for capture in load_captures(settings.capture_config):
@@ -598,9 +633,82 @@ def status(settings: Settings) -> int:
                     f"xid {lag.horizon}",
                     head,
                     lag.pending_changes,
+                    capture_freshness(oltp, edw, schemas, capture).lag_s,
                 )
+        recent = edw.execute(
+            sql.SQL(
+                "SELECT asset, source, shard, start_position, end_position, received, loaded, "
+                "dead_lettered, deduplicated, "
+                "extract(epoch FROM clock_timestamp() - committed_at)::float8, run_id "
+                "FROM {}.batch_ledger ORDER BY committed_at DESC, batch_id DESC LIMIT %s"
+            ).format(meta),
+            (batches,),
+        ).fetchall()
+    _say(
+        f"lag per shard (oldest: age of the oldest record or change not loaded yet; bound {settings.freshness_max_lag_s:g} s)"
+    )
     _print_table(header, rows)
-    return 0
+    if batches > 0:
+        _say(f"\nlast {len(recent)} batches")
+        _print_table(
+            (
+                "asset",
+                "shard",
+                "positions",
+                "received",
+                "loaded",
+                "dead",
+                "dedup",
+                "committed",
+                "run",
+            ),
+            [
+                (
+                    r[0],
+                    f"{r[1]}[{r[2]}]",
+                    f"[{r[3]}, {r[4]})",
+                    str(r[5]),
+                    str(r[6]),
+                    str(r[7]),
+                    str(r[8]),
+                    f"{_age(r[9])} ago",
+                    str(r[10])[:8],
+                )
+                for r in recent
+            ]
+            or [("-",) * 9],
+        )
+    if not checks:
+        return 0
+    from kappa.check_status import InstanceUnavailable, read_check_states
+
+    try:
+        states = read_check_states(settings)
+    except InstanceUnavailable as exc:
+        _say(f"\nchecks: not read ({exc})")
+        return 0
+    failing = [s for s in states if s.failing]
+    counts = {name: sum(s.state == name for s in states) for name in ("passed", "running", "never")}
+    _say(
+        f"\nchecks: {len(states)} defined, {counts['passed']} passed, {len(failing)} failing, "
+        f"{counts['running']} running, {counts['never']} never evaluated"
+    )
+    if failing:
+        _print_table(
+            ("asset", "check", "state", "severity", "when", "why"),
+            [
+                (
+                    s.asset,
+                    s.check,
+                    s.state,
+                    s.severity.lower() or "-",
+                    f"{_age(s.age_s)} ago",
+                    _shorten(s.description) or "-",
+                )
+                for s in failing
+            ],
+        )
+    return 1 if failing else 0
 
 
 def reconcile(settings: Settings) -> int:
@@ -700,7 +808,15 @@ def main(argv: list[str] | None = None) -> int:
         "--demo-sources", action="store_true", help="also create the simulator's OLTP tables"
     )
     commands.add_parser("check", help="check that databases, broker and topics answer")
-    commands.add_parser("status", help="lag per shard and what the ledger says")
+    status_parser = commands.add_parser(
+        "status", help="lag per shard, the last batches and the failing asset checks"
+    )
+    status_parser.add_argument(
+        "--batches", type=int, default=5, help="how many of the last batches to list (default 5)"
+    )
+    status_parser.add_argument(
+        "--no-checks", action="store_true", help="do not read check results from Dagster"
+    )
     commands.add_parser(
         "reconcile", help="source = received = loaded + dead-lettered + deduplicated, per shard"
     )
@@ -750,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return check(settings)
         if args.command == "status":
-            return status(settings)
+            return status(settings, batches=max(args.batches, 0), checks=not args.no_checks)
         if args.command == "reconcile":
             return reconcile(settings)
         if args.command == "backfill":

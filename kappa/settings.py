@@ -136,6 +136,11 @@ SETTINGS: tuple[Setting, ...] = (
         "KAPPA_OLTP_RATE", "5", "Simulated OLTP transactions per second (customers and calls)."
     ),
     Setting("KAPPA_OLTP_WRITERS", "3", "Concurrent writers of the OLTP simulator."),
+    Setting(
+        "KAPPA_FRESHNESS_MAX_LAG_S",
+        "300",
+        "Freshness check: the oldest record or change not yet in the EDW may be this many seconds old.",
+    ),
 )
 
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
@@ -279,6 +284,7 @@ class Settings:
     fraud_velocity_window_s: int
     fraud_amount_z: float
     fraud_call_window_h: int
+    freshness_max_lag_s: float
     env: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
@@ -345,6 +351,9 @@ class Settings:
             ),
             fraud_amount_z=_float(env, "KAPPA_FRAUD_AMOUNT_Z", minimum=0.1, maximum=1000),
             fraud_call_window_h=_int(env, "KAPPA_FRAUD_CALL_WINDOW_H", minimum=1, maximum=8760),
+            freshness_max_lag_s=_float(
+                env, "KAPPA_FRESHNESS_MAX_LAG_S", minimum=1.0, maximum=31_536_000
+            ),
             env=env,
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.cdc import build_capture_asset, build_capture_reconciliation_check, change_table_source
+from assets.checks import build_freshness_checks, build_freshness_sensor
 from assets.event_store import (
     FactServices,
     build_fact_asset,
@@ -50,6 +51,7 @@ MART_INTERVAL_S = 30
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     ingests = topic_ingests(settings)
+    topics = [spec for spec, _ in ingests]
     captures = load_captures(settings.capture_config)
     by_target = {c.target: c for c in captures}
     services = FactServices(
@@ -74,6 +76,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         + [build_reconciliation_check(spec) for spec, _ in ingests]
         + [build_staleness_check(spec) for spec, _ in ingests if spec.step is not None]
         + [build_capture_reconciliation_check(spec) for spec in captures]
+        + build_freshness_checks(topics, captures, max_lag_s=settings.freshness_max_lag_s)
     )
     return dg.Definitions(
         asset_checks=checks,
@@ -113,7 +116,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 sorted(facts),
                 windows=settings.windows,
                 interval_s=max(interval, MART_INTERVAL_S),
-            )
+            ),
+            build_freshness_sensor(topics, captures, max_lag_s=settings.freshness_max_lag_s),
         ],
         resources={
             "event_store": EventStoreResource(
