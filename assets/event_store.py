@@ -10,6 +10,7 @@ from typing import Any
 import dagster as dg
 
 from assets.partitions import arrival_partitions, previous_partition_dep
+from assets.recent_batches import recent_batches_metadata
 from kappa.capture import CaptureSpec
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.ingest import (
@@ -267,26 +268,29 @@ def build_fact_asset(
         reasons: Counter[str] = Counter()
         for o in outcomes:
             reasons.update(o.dead_letter_reasons)
-        yield dg.MaterializeResult(
-            asset_key=spec.asset,
-            metadata={
-                "mode": "micro-batch",
-                "ranges": _outcomes_table(outcomes),
-                "offset_ranges": ", ".join(
-                    f"{spec.topic}[{o.partition}]:{o.start}-{o.end}" for o in outcomes
-                )
-                or "none",
-                "rows_received": sum(o.received for o in outcomes),
-                "rows_loaded": sum(o.loaded for o in outcomes),
-                "rows_dead_lettered": sum(o.dead_lettered for o in outcomes),
-                "rows_deduplicated": sum(o.deduplicated for o in outcomes),
-                "lag_after_batch": sum(o.lag_after for o in outcomes),
-                "batch_seconds": round(sum(o.seconds for o in outcomes), 3),
-                "dead_letter_reasons": dict(reasons),
-                "event_dates": sorted(set().union(*(o.event_dates for o in outcomes))),
-                "state_cache": {"keys": len(cache), "hits": cache.hits, "misses": cache.misses},
-            },
+        metadata: dict[str, Any] = {
+            "mode": "micro-batch",
+            "ranges": _outcomes_table(outcomes),
+            "offset_ranges": ", ".join(
+                f"{spec.topic}[{o.partition}]:{o.start}-{o.end}" for o in outcomes
+            )
+            or "none",
+            "rows_received": sum(o.received for o in outcomes),
+            "rows_loaded": sum(o.loaded for o in outcomes),
+            "rows_dead_lettered": sum(o.dead_lettered for o in outcomes),
+            "rows_deduplicated": sum(o.deduplicated for o in outcomes),
+            "lag_after_batch": sum(o.lag_after for o in outcomes),
+            "batch_seconds": round(sum(o.seconds for o in outcomes), 3),
+            "dead_letter_reasons": dict(reasons),
+            "event_dates": sorted(set().union(*(o.event_dates for o in outcomes))),
+            "state_cache": {"keys": len(cache), "hits": cache.hits, "misses": cache.misses},
+        }
+        metadata.update(
+            recent_batches_metadata(
+                context.instance, spec.asset, metadata, run_id=context.run.run_id
+            )
         )
+        yield dg.MaterializeResult(asset_key=spec.asset, metadata=metadata)
         for side in side_assets:
             yield dg.MaterializeResult(
                 asset_key=side.key,
