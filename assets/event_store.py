@@ -408,12 +408,13 @@ def build_replay_check(spec: TopicIngest) -> dg.AssetChecksDefinition:
             description=(
                 "; ".join(f"{spec.topic}[{c.partition}] {c.describe()}" for c in differing)
                 if differing
-                else f"{len(comparisons)} partitions equal to the log"
+                else f"{len(comparisons)} (time partition, topic partition) ranges equal to the log"
             ),
             metadata={
                 "partitions": metadata_table(
                     [
                         {
+                            "window": c.window or "",
                             "partition": c.partition,
                             "offsets": f"[{c.start}, {c.end})",
                             "log_rows": c.log_rows,

@@ -50,6 +50,8 @@ class PartitionComparison:
     partition: int
     start: int
     end: int
+    #: The time partition these offsets belong to (None: loaded before partitions existed).
+    window: str | None
     log_rows: int
     edw_rows: int
     log_checksum: int
@@ -66,8 +68,9 @@ class PartitionComparison:
         )
 
     def describe(self) -> str:
+        where = f"{self.window} " if self.window else ""
         return (
-            f"[{self.start}, {self.end}): log gives {self.log_rows} rows and {self.log_dead_letters} "
+            f"{where}[{self.start}, {self.end}): log gives {self.log_rows} rows and {self.log_dead_letters} "
             f"dead letters, the EDW holds {self.edw_rows} rows and {self.edw_dead_letters} dead letters"
             + ("" if self.log_checksum == self.edw_checksum else " (checksums differ)")
         )
@@ -76,18 +79,22 @@ class PartitionComparison:
 def compare_with_log(
     store: EventStore, conn: psycopg.Connection, schemas: Schemas, spec: TopicIngest
 ) -> list[PartitionComparison]:
-    """Compare each partition's loaded range, as the ledger records it, with the log."""
+    """Compare what the ledger says was loaded with the log, per time partition and topic
+    partition. Each topic partition's loaded range is decoded whole (the first copy of an
+    event wins across time partitions too), then split at the time partitions' offsets."""
     meta = sql.Identifier(schemas.meta)
     fact = sql.Identifier(schemas.edw, spec.contract.table)
     comparisons = []
     for partition, head in sorted(read_heads(conn, schemas, spec.asset, spec.topic).items()):
-        row = conn.execute(
+        windows = conn.execute(
             sql.SQL(
-                "SELECT min(start_position) FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = %s"
+                "SELECT partition_key, min(start_position), max(end_position) FROM {}.batch_ledger "
+                "WHERE asset = %s AND source = %s AND shard = %s GROUP BY partition_key "
+                "ORDER BY min(start_position)"
             ).format(meta),
             (spec.asset, spec.topic, partition),
-        ).fetchone()
-        start = row[0] if row is not None and row[0] is not None else head.end
+        ).fetchall()
+        start = windows[0][1] if windows else head.end
         decoded = decode_batch(store.fetch(spec.topic, partition, start, head.end), spec.contract)
         log_pairs = list(
             zip(
@@ -106,26 +113,34 @@ def compare_with_log(
                 (spec.topic, partition, start, head.end),
             ).fetchall()
         ]
-        dead = conn.execute(
-            sql.SQL(
-                "SELECT count(*) FROM {}.dead_letter WHERE asset = %s AND source = %s AND shard = %s "
-                "AND position >= %s AND position < %s"
-            ).format(meta),
-            (spec.asset, spec.topic, partition, start, head.end),
-        ).fetchone()
-        comparisons.append(
-            PartitionComparison(
-                partition=partition,
-                start=start,
-                end=head.end,
-                log_rows=len(log_pairs),
-                edw_rows=len(edw_pairs),
-                log_checksum=checksum(log_pairs),
-                edw_checksum=checksum(edw_pairs),
-                log_dead_letters=len(decoded.dead_letters),
-                edw_dead_letters=int(dead[0]) if dead else 0,
+        log_dead = decoded.dead_letters["offset"].astype(int).tolist()
+        edw_dead = [
+            int(r[0])
+            for r in conn.execute(
+                sql.SQL(
+                    "SELECT position FROM {}.dead_letter WHERE asset = %s AND source = %s "
+                    "AND shard = %s AND position >= %s AND position < %s"
+                ).format(meta),
+                (spec.asset, spec.topic, partition, start, head.end),
+            ).fetchall()
+        ]
+        for window, low, high in windows or [(None, start, head.end)]:
+            log_in = [p for p in log_pairs if low <= p[1] < high]
+            edw_in = [p for p in edw_pairs if low <= p[1] < high]
+            comparisons.append(
+                PartitionComparison(
+                    partition=partition,
+                    start=low,
+                    end=high,
+                    window=window,
+                    log_rows=len(log_in),
+                    edw_rows=len(edw_in),
+                    log_checksum=checksum(log_in),
+                    edw_checksum=checksum(edw_in),
+                    log_dead_letters=sum(low <= o < high for o in log_dead),
+                    edw_dead_letters=sum(low <= o < high for o in edw_dead),
+                )
             )
-        )
     return comparisons
 
 

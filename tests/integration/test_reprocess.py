@@ -183,6 +183,29 @@ def test_live_batches_are_cut_at_partition_boundaries_and_a_reprocessed_partitio
         reprocess(pipeline, fact, first, second)
     assert edw_checksums(pipeline) == before
 
+    # Replay equivalence, per time partition and topic partition, re-derived from the log.
+    check = pipeline.defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_check_selection={dg.AssetCheckKey(dg.AssetKey("fact_order"), "replay_equivalence")}
+    )
+    evaluation = check.execute_in_process(instance=pipeline.instance).get_asset_check_evaluations()[
+        0
+    ]
+    assert evaluation.passed, evaluation.description
+    table = evaluation.metadata["partitions"].value
+    assert {r.data["window"] for r in table.records} == {first, second}
+    pipeline.query(
+        "DELETE FROM edw.fact_order WHERE event_id = (SELECT event_id FROM edw.fact_order f "
+        "JOIN kappa.batch_ledger l ON l.asset = 'fact_order' AND l.shard = f.kafka_partition "
+        "AND f.kafka_offset >= l.start_position AND f.kafka_offset < l.end_position "
+        "WHERE l.partition_key = %s LIMIT 1)",
+        (second,),
+    )
+    evaluation = check.execute_in_process(instance=pipeline.instance).get_asset_check_evaluations()[
+        0
+    ]
+    assert not evaluation.passed
+    assert second in (evaluation.description or "") and first not in (evaluation.description or "")
+
 
 def test_a_change_of_the_state_a_partition_ends_with_marks_the_next_one_stale(
     pipeline: Pipeline, instance, monkeypatch

@@ -248,6 +248,6 @@ def test_replay_equivalence_check_passes_on_a_clean_load_and_names_a_difference(
     tampered = evaluation("fact_order")
     assert not tampered.passed
     topic = pipeline.env["KAPPA_TOPIC_ORDERS"]
-    assert f"{topic}[{partition}] [" in tampered.description
+    assert f"{topic}[{partition}] " in tampered.description
     assert "(checksums differ)" in tampered.description
     assert tampered.metadata["rows_differing"].value == 1
