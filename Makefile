@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-unit test-integration test-pg15 lint format typecheck check clean reset bench-cache
+.PHONY: help run test test-unit test-integration test-pg15 lint format typecheck check clean reset bench-cache chaos
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -33,6 +33,9 @@ test-unit: $(STAMP) ## Run only the fast unit tests
 test-pg15: $(STAMP) ## Run the integration tests against the PostgreSQL server at 127.0.0.1:5432
 	KAPPA_TEST_PG_URL=$${KAPPA_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres} \
 		$(BIN)/python -m pytest tests/integration -m "not e2e" $(PYTEST_ARGS)
+
+chaos: $(STAMP) ## Fault and bad-input suite at full scale (kills, restarts, bad events); prints the table
+	$(BIN)/python -m tests.chaos $(ARGS)
 
 bench-cache: $(STAMP) ## Benchmark the state cache against per-message EDW queries (figures in bench/results/)
 	$(BIN)/python -m bench.cache_vs_queries $(ARGS)

@@ -86,19 +86,16 @@ def render(rows: list[Row]) -> str:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
     if not ROWS:
         return
+    target = os.environ.get(REPORT_ENV)
+    if target:  # python -m tests.chaos prints the table itself
+        with open(target, "w", encoding="utf-8") as handle:
+            json.dump({"rows": [asdict(r) for r in ROWS]}, handle, indent=2)
+        return
     scale = (
         "full scale" if full_scale() else "small version (KAPPA_CHAOS_SCALE=full for make chaos)"
     )
     terminalreporter.section(f"chaos: faults and bad inputs, {scale}")
     terminalreporter.write_line(render(ROWS))
-    target = os.environ.get(REPORT_ENV)
-    if target:
-        with open(target, "w", encoding="utf-8") as handle:
-            json.dump(
-                {"scale": "full" if full_scale() else "small", "rows": [asdict(r) for r in ROWS]},
-                handle,
-                indent=2,
-            )
 
 
 @pytest.fixture
@@ -127,3 +124,18 @@ def instance():
 @pytest.fixture
 def chaos_pipeline(chaos_env, instance) -> Pipeline:
     return Pipeline(env=chaos_env, instance=instance)
+
+
+@pytest.fixture
+def own_postgres(local_state_dir):  # type: ignore[no-untyped-def]
+    """A PostgreSQL server of the test's own, so it can be crashed and restarted."""
+    import uuid
+
+    from kappa.localstack import EmbeddedPostgres, free_port
+
+    server = EmbeddedPostgres(local_state_dir / f"pg-{uuid.uuid4().hex[:8]}", free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
