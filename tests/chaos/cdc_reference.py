@@ -3,6 +3,8 @@ changes in the change tables, against ``dim_customer`` and ``fact_call_center_ca
 
 from __future__ import annotations
 
+import itertools
+
 import psycopg
 
 from tests.chaos.reference import Anomalies
@@ -21,7 +23,7 @@ def audit_captures(
             "WHERE asset = %s ORDER BY start_position",
             (asset,),
         ).fetchall()
-        for a, b in zip(spans, spans[1:], strict=False):
+        for a, b in itertools.pairwise(spans):
             if a[1] < b[0]:
                 found.note(
                     "ledger_gaps", 1, f"{asset}: transactions [{a[1]}, {b[0]}) never applied"
