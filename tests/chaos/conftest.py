@@ -27,6 +27,13 @@ def full_scale() -> bool:
     return os.environ.get(SCALE_ENV, "small").strip().lower() == "full"
 
 
+#: Only at full scale (``make chaos``): the slow faults (restarts, bursts) stay out of ``make test``.
+full_only = pytest.mark.skipif(
+    os.environ.get("KAPPA_CHAOS_SCALE", "small").strip().lower() != "full",
+    reason="full scale only: make chaos",
+)
+
+
 def trials(small: int, full: int) -> int:
     return full if full_scale() else small
 

@@ -287,3 +287,117 @@ def test_bad_events_of_every_kind_end_as_the_contract_says_and_no_partition_stal
     ) != [(0,)]
     assert total.total == 0, total.details
     assert whole.total == 0, whole.details
+
+
+CUSTOMER = {
+    "customer_id": "k-1",
+    "name": "Ada",
+    "segment": "retail",
+    "country": "DE",
+    "credit_limit": 100.5,
+}
+
+
+def _customer(**changes) -> dict:
+    row = {**CUSTOMER, **changes}
+    return {k: v for k, v in row.items() if v is not _DROP}
+
+
+#: (kind, op, before, after, valid?) for rows written straight into the change table.
+CDC_ROWS = [
+    ("valid insert", "I", None, _customer(customer_id="k-1"), True),
+    ("unknown operation 'X'", "X", None, _customer(customer_id="k-2"), False),
+    ("unknown operation 'T' (truncate)", "T", None, None, False),
+    ("insert without an after image", "I", None, None, False),
+    ("after image not an object (array)", "U", None, [1, 2], False),
+    ("after image not an object (string)", "I", None, "customer", False),
+    ("row image lacks a column", "I", None, _customer(customer_id="k-3", segment=_DROP), False),
+    ("key column null", "I", None, _customer(customer_id=None), False),
+    (
+        "wrong type (credit_limit 'abc')",
+        "U",
+        None,
+        _customer(customer_id="k-1", credit_limit="abc"),
+        False,
+    ),
+    ("wrong type (name 42)", "I", None, _customer(customer_id="k-4", name=42), False),
+    ("delete without a before image", "D", None, None, False),
+    (
+        "carriage return in a text column",
+        "I",
+        None,
+        _customer(customer_id="k-5", name="A\rB"),
+        True,
+    ),
+    (
+        "valid update",
+        "U",
+        _customer(customer_id="k-1"),
+        _customer(customer_id="k-1", name="Ada L."),
+        True,
+    ),
+]
+
+
+def test_bad_change_rows_are_dead_lettered_and_the_change_table_moves_on(chaos_pipeline: Pipeline):
+    pipeline = chaos_pipeline
+    reps = trials(1, 5)
+    written: list[tuple[str, int, bool]] = []
+    with psycopg.connect(pipeline.edw_url, autocommit=True) as conn:
+        for rep in range(reps):
+            for kind, op, before, after, valid in CDC_ROWS:
+
+                def image(v, rep=rep):  # type: ignore[no-untyped-def]
+                    if isinstance(v, dict) and v.get("customer_id"):
+                        v = {**v, "customer_id": f"{v['customer_id']}-{rep}"}
+                    return None if v is None else json.dumps(v)
+
+                [(change_id,)] = conn.execute(
+                    "INSERT INTO cdc.customers_changes (op, before, after) VALUES (%s, %s, %s) RETURNING change_id",
+                    (op, image(before), image(after)),
+                ).fetchall()
+                written.append((kind, change_id, valid))
+    report = drain(pipeline, ("dim_customer",))
+    with psycopg.connect(pipeline.edw_url, autocommit=True) as conn:
+        dead = dict(
+            conn.execute(
+                "SELECT position, reason FROM kappa.dead_letter WHERE asset = 'dim_customer'"
+            ).fetchall()
+        )
+        versions = {
+            r[0] for r in conn.execute("SELECT customer_sk FROM edw.dim_customer").fetchall()
+        }
+        pending = conn.execute(
+            "SELECT count(*) FROM cdc.customers_changes WHERE xid >= "
+            "(SELECT coalesce(max(end_position), 0) FROM kappa.ledger_head WHERE asset = 'dim_customer')::text::xid8"
+        ).fetchone()
+        names = {r[0] for r in conn.execute("SELECT name FROM edw.dim_customer").fetchall()}
+    total = Anomalies()
+    for kind, _, _, _, valid in CDC_ROWS:
+        found = Anomalies()
+        ids = [c for k, c, _ in written if k == kind]
+        for change_id in ids:
+            if valid and change_id not in versions:
+                found.note(
+                    "lost",
+                    1,
+                    f"change {change_id} valid but {'dead-lettered' if change_id in dead else 'missing'}",
+                )
+            elif not valid and change_id in versions:
+                found.note("unexpected", 1, f"change {change_id} malformed but applied")
+            elif not valid and change_id not in dead:
+                found.note("dead_letters_missing", 1, f"change {change_id} dropped silently")
+        why = sorted({_reason(dead[c]) for c in ids if c in dead})
+        outcome = (
+            f"{sum(c in versions for c in ids)} applied"
+            if valid
+            else f"{sum(c in dead for c in ids)} dead-lettered"
+        ) + (f" ({', '.join(why)})" if why else "")
+        record(f"bad CDC row: {kind}", len(ids), outcome, found)
+        total += found
+    total.note(
+        "lost", int(pending[0]) if pending else 0, "changes left behind the ledger (stalled)"
+    )
+    assert not report.errors, report.errors
+    assert any("\r" in (n or "") for n in names), "text with a carriage return arrives intact"
+    assert total.total == 0, total.details
