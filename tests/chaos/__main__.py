@@ -15,11 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import REPORT_ENV, SCALE_ENV, Row, render
+SCALE_ENV = "KAPPA_CHAOS_SCALE"
+REPORT_ENV = "KAPPA_CHAOS_REPORT"
 
 
 def main(argv: list[str]) -> int:
+    # Before the suite's conftest is imported: its markers read the scale at import.
     os.environ.setdefault(SCALE_ENV, "full")
+    from tests.chaos.conftest import Row, render
+
     with tempfile.TemporaryDirectory(prefix="kappa-chaos-") as tmp:
         report = Path(tmp) / "report.json"
         os.environ[REPORT_ENV] = str(report)
