@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-unit test-integration test-pg15 test-browser screenshots lint format typecheck check clean reset bench-cache
+.PHONY: help run test test-unit test-integration test-pg15 test-browser screenshots lint format typecheck check clean reset bench-cache chaos
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -51,6 +51,9 @@ test-browser: $(BROWSER_STAMP) $(CHROMIUM) ## Browser tests of the Dagster UI ag
 
 screenshots: $(BROWSER_STAMP) $(CHROMIUM) ## Regenerate docs/asset-graph.png (the README's screenshot) from the browser test
 	KAPPA_UPDATE_DOCS=1 $(BIN)/python -m pytest tests/browser -k asset_graph $(PYTEST_ARGS)
+
+chaos: $(STAMP) ## Fault and bad-input suite at full scale (kills, restarts, bad events); prints the table
+	$(BIN)/python -m tests.chaos $(ARGS)
 
 bench-cache: $(STAMP) ## Benchmark the state cache against per-message EDW queries (figures in bench/results/)
 	$(BIN)/python -m bench.cache_vs_queries $(ARGS)

@@ -113,6 +113,12 @@ def _of_type(col: pd.Series, *kinds: type) -> pd.Series:
     return col.map(type).isin(kinds)
 
 
+def _has_nul(text: pd.Series) -> np.ndarray:
+    """Strings holding U+0000, which a PostgreSQL text column cannot store (the COPY of the
+    whole batch would fail on it)."""
+    return text.str.contains("\x00", regex=False).fillna(False).to_numpy(dtype=bool)
+
+
 def _check_field(field: PayloadField, col: pd.Series, reasons: _Reasons) -> pd.Series:
     """Validate one payload column; returns the column converted for loading."""
     name = f"payload.{field.name}"
@@ -143,6 +149,7 @@ def _check_field(field: PayloadField, col: pd.Series, reasons: _Reasons) -> pd.S
     is_str = _of_type(col, str).to_numpy()
     reasons.flag(~is_str & ~missing, f"'{name}' is not a string")
     text = col.where(is_str).astype("string")
+    reasons.flag(_has_nul(text), f"'{name}' contains a NUL character")
     if field.kind == "currency":
         reasons.flag(
             is_str & ~text.str.fullmatch(r"[A-Z]{3}").fillna(False).to_numpy(),
@@ -200,6 +207,12 @@ def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
     reasons.flag(
         ~event_id.str.fullmatch(_UUID).fillna(False).to_numpy(), "'event_id' is not a UUID"
     )
+    # `source` lands in a NOT NULL text column: anything but a non-empty string (a number,
+    # "", a NUL inside) would fail the COPY of the whole batch and stall the partition.
+    source = frame["source"].where(_of_type(frame["source"], str)).astype("string")
+    reasons.flag(source.isna().to_numpy(), "'source' is not a string")
+    reasons.flag((source.str.len() == 0).fillna(False).to_numpy(), "'source' is empty")
+    reasons.flag(_has_nul(source), "'source' contains a NUL character")
     raw_time = frame["event_time"].where(_of_type(frame["event_time"], str)).astype("string")
     iso = raw_time.str.fullmatch(_ISO_WITH_ZONE).fillna(False).to_numpy()
     reasons.flag(~iso, "'event_time' is not ISO-8601 with a zone")
@@ -239,7 +252,7 @@ def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
             "event_id": event_id.str.lower(),
             **converted,
             "event_time": event_time,
-            "source": frame["source"].where(_of_type(frame["source"], str)).astype("string"),
+            "source": source,
             "schema_version": pd.to_numeric(
                 frame["schema_version"].where(valid), errors="coerce"
             ).astype("Int64"),

@@ -310,7 +310,15 @@ def copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataFr
     if frame.empty:
         return
     buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, header=False, date_format="%Y-%m-%dT%H:%M:%S.%f%z")
+    # "\r\n" line ends make the csv writer quote every field holding a "\r" or "\n"; with
+    # "\n" alone a bare carriage return in a text value fails the whole COPY.
+    frame.to_csv(
+        buffer,
+        index=False,
+        header=False,
+        date_format="%Y-%m-%dT%H:%M:%S.%f%z",
+        lineterminator="\r\n",
+    )
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in frame.columns)
     with conn.cursor().copy(
         sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(table, columns)

@@ -10,7 +10,8 @@ import psycopg
 from pydantic import Field
 
 from kappa import warehouse
-from kappa.settings import identifier
+from kappa.exceptions import ConfigurationError
+from kappa.settings import identifier, redact
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -35,6 +36,19 @@ class WarehouseResource(dg.ConfigurableResource):
 
     @contextmanager
     def connect(self, *, statement_timeout_s: float | None = None) -> Iterator[psycopg.Connection]:
-        """A connection to the EDW, closed on exit."""
+        """A connection to the EDW, closed on exit.
+
+        A table or schema missing from the EDW (a database never initialised, or schema
+        settings pointing elsewhere) fails naming the settings instead of a bare SQL error.
+        """
         with warehouse.connect(self.url, statement_timeout_s=statement_timeout_s) as conn:
-            yield conn
+            try:
+                yield conn
+            except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as exc:
+                detail = str(exc).strip().splitlines()[0]
+                raise ConfigurationError(
+                    "KAPPA_EDW_URL",
+                    f"{detail} in {redact(self.url)} (KAPPA_EDW_SCHEMA={self.edw_schema}, "
+                    f"KAPPA_META_SCHEMA={self.meta_schema}): run `kappa init` against this "
+                    "database, or point the settings at an initialised one",
+                ) from None
