@@ -6,6 +6,7 @@ import re
 
 import pytest
 from playwright.sync_api import Page, expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.browser.conftest import Stack, screenshot, wait_for
 
@@ -169,6 +170,11 @@ def test_a_partition_backfill_launched_from_the_ui_completes(stack: Stack, page:
             "the code location has no partitioned asset yet (partitioned facts and backfills "
             "from the UI are issue 5); this test launches one as soon as it has"
         )
+    stack.wait_until(
+        "fact_order materialised by the live micro-batches",
+        lambda: materialised(stack, "fact_order"),
+        timeout_s=180,
+    )
     preferred = [n for n in partitioned if n["assetKey"]["path"] == ["fact_order"]]
     node = (preferred or partitioned)[0]
     key = "/".join(node["assetKey"]["path"])
@@ -177,16 +183,39 @@ def test_a_partition_backfill_launched_from_the_ui_completes(stack: Stack, page:
     before = {b["id"] for b in backfills(stack)}
 
     page.goto(f"/assets/{key}")
-    page.get_by_role("button", name=re.compile(r"^Materialize")).first.click()
-    dialog = page.get_by_role("dialog")
-    expect(dialog).to_be_visible()
-    # Two partitions when there are two (a range), else the only one.
+    # The split button's label is "Materialize…"; on a partitioned asset it opens the
+    # launch dialog with its partition selection.
+    dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize")
+
+    def launch_dialog_open() -> bool:
+        # A click can land while the community modal covers the page (the handler then
+        # dismisses the modal instead): click again until the launch dialog shows.
+        page.locator("button", has_text=re.compile(r"^Materialize")).first.click()
+        # Upstream assets never materialised (a stack just started) make the UI ask first.
+        sure = page.get_by_role("dialog").filter(has_text="Are you sure?")
+        try:
+            sure.wait_for(state="visible", timeout=3_000)
+            sure.get_by_role("button", name="Confirm").click()
+        except PlaywrightTimeoutError:
+            pass
+        try:
+            dialog.wait_for(state="visible", timeout=5_000)
+        except PlaywrightTimeoutError:
+            screenshot(page, "launch-dialog-not-open")
+            page.keyboard.press("Escape")
+            return False
+        return True
+
+    wait_for("the launch dialog of the Materialize button", launch_dialog_open, 90, 1)
+    # Two partitions when there are two (a range, one run: backfill policy single_run).
     chosen = keys[-2:]
-    selection = dialog.locator("input[type=text], input:not([type])").first
+    selection = dialog.get_by_placeholder(re.compile("partition", re.I)).first
+    selection.click()
     selection.fill(f"[{chosen[0]}...{chosen[-1]}]" if len(chosen) > 1 else chosen[0])
     selection.press("Enter")
+    expect(dialog.get_by_text(f"{len(chosen)} partition")).to_be_visible()
     screenshot(page, "backfill-dialog")
-    dialog.get_by_role("button", name=re.compile(r"^Launch")).click()
+    dialog.locator("button", has_text=re.compile(r"^Launch")).click()
 
     def launched() -> dict | None:
         new = [b for b in backfills(stack) if b["id"] not in before]
