@@ -132,7 +132,11 @@ def test_status_lists_failing_checks_from_the_dagster_instance(
     assert cli.main(["status", "--batches", "0"]) == 1
     text = capsys.readouterr().out
     assert "batches\n" not in text, "--batches 0 lists no batches"
-    assert "checks: 10 defined, 1 passed, 1 failing, 0 running, 8 never evaluated" in text
+    defined = len(list(pipeline.defs.resolve_asset_graph().asset_check_keys))
+    assert (
+        f"checks: {defined} defined, 1 passed, 1 failing, 0 running, {defined - 2} never evaluated"
+        in text
+    )
     failing = text.split("checks: ")[1].splitlines()[1:]
     assert failing[0].split()[:6] == ["asset", "check", "state", "severity", "when", "why"]
     cells = failing[1].split()
