@@ -271,13 +271,17 @@ def machine_facts() -> dict[str, Any]:
     except OSError:
         pass
     memory_gib = None
+    physical = None
     try:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        memory_gib = round(pages / 2**30, 1)
-    except (ValueError, OSError):
+        import psutil  # the bench extra
+
+        memory_gib = round(psutil.virtual_memory().total / 2**30, 1)
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:
         pass
     return {
         "cpu_count": os.cpu_count(),
+        "physical_cores": physical,
         "cpu_model": cpu,
         "memory_gib": memory_gib,
         "python": platform.python_version(),
