@@ -76,6 +76,71 @@ def _first_batch(url: str) -> bool:
         return bool(row and row[0] == 2)
 
 
+TOPICS = {"fact_order": "orders", "fact_payment": "payments"}
+
+
+def log_ends(env: dict[str, str]) -> dict[tuple[str, str, int], int]:
+    """(asset, topic, partition) -> end offset of the log now."""
+    from kappa.event_store import EventStore
+
+    ends = {}
+    with EventStore(f"127.0.0.1:{env['KAPPA_BROKER_PORT']}", timeout_s=15) as store:
+        for asset, topic in TOPICS.items():
+            for partition, bounds in store.log_bounds(topic, store.partitions(topic)).items():
+                ends[(asset, topic, partition)] = bounds.end
+    return ends
+
+
+def covered(url: str, ends: dict[tuple[str, str, int], int]) -> bool:
+    with psycopg.connect(url, connect_timeout=3) as conn:
+        heads = {
+            (a, t, p): e
+            for a, t, p, e in conn.execute(
+                "SELECT asset, source, shard, end_position FROM kappa.ledger_head"
+            ).fetchall()
+        }
+    return all(heads.get(key, -1) >= end for key, end in ends.items())
+
+
+RUN_PHASES = """
+SELECT r.run_id, r.create_timestamp,
+  min(e.timestamp) FILTER (WHERE e.dagster_event_type = 'PIPELINE_STARTING'),
+  min(e.timestamp) FILTER (WHERE e.dagster_event_type = 'PIPELINE_START'),
+  min(e.timestamp) FILTER (WHERE e.dagster_event_type = 'STEP_START'),
+  min(e.timestamp) FILTER (WHERE e.dagster_event_type = 'STEP_SUCCESS')
+FROM runs r
+JOIN run_tags t ON t.run_id = r.run_id AND t.key = 'kappa/asset'
+ AND t.value IN ('fact_order', 'fact_payment')
+JOIN event_logs e ON e.run_id = r.run_id
+WHERE r.create_timestamp >= %s AND r.create_timestamp < %s
+GROUP BY r.run_id, r.create_timestamp
+"""
+
+
+def run_phases(dagster_url: str, start: datetime, end: datetime) -> dict[str, Any]:
+    """Medians of where a micro-batch run's time goes, from Dagster's run storage (UTC)."""
+    naive = (start.astimezone(UTC).replace(tzinfo=None), end.astimezone(UTC).replace(tzinfo=None))
+    with psycopg.connect(dagster_url) as conn:
+        rows = conn.execute(RUN_PHASES, naive).fetchall()
+    phases: dict[str, list[float]] = {
+        "queued_s": [],
+        "process_start_s": [],
+        "to_step_s": [],
+        "step_s": [],
+    }
+    for _, created, starting, started, step, done in rows:
+        if None in (starting, started, step, done):
+            continue
+        phases["queued_s"].append((starting - created).total_seconds())
+        phases["process_start_s"].append((started - starting).total_seconds())
+        phases["to_step_s"].append((step - started).total_seconds())
+        phases["step_s"].append((done - step).total_seconds())
+    result: dict[str, Any] = {"runs": len(rows)}
+    for name, values in phases.items():
+        result[f"median_{name}"] = round(float(np.median(values)), 2) if values else None
+    return result
+
+
 def measure(url: str, start: datetime, end: datetime) -> dict[str, Any]:
     with psycopg.connect(url) as conn:
         latencies = np.array(
@@ -105,10 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds before (30)")
     parser.add_argument("--rate", type=float, default=200.0, help="events/s produced (200)")
     parser.add_argument("--sensor-interval", type=int, default=5)
+    parser.add_argument(
+        "--catch-up", type=float, default=600.0, help="seconds allowed to load the window (600)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "freshness.json")
     parser.add_argument("--latest", type=Path, default=RESULTS_DIR / "latest.json")
     args = parser.parse_args(argv)
-    home = Path(tempfile.mkdtemp(prefix="kappa-bench-fresh-"))
+    work = Path(tempfile.mkdtemp(prefix="kappa-bench-fresh-"))
+    home = work / "home"  # `kappa up --reset` empties it: the stack's log lives beside it
     pg_port = free_port()
     env = {
         k: v
@@ -126,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     url = f"postgresql://postgres@127.0.0.1:{pg_port}/kappa_edw"
-    log_path = home / "stack.log"
+    log_path = work / "stack.log"
     print(f"starting the stack (KAPPA_HOME={home}, log {log_path}) ...", flush=True)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -146,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"measuring {args.duration:g} s at {args.rate:g} events/s ...", flush=True)
         time.sleep(args.duration)
         end = datetime.now(UTC)
-        # Events of the window still in flight at its end: give the runs time to land them.
-        time.sleep(max(30.0, 4 * args.sensor_interval))
-        if proc.poll() is not None:
-            raise RuntimeError(f"the stack exited ({proc.returncode}) during the measurement")
+        # Everything produced in the window must land before it is measured: wait until
+        # the ledger covers the log ends seen at the window's end.
+        ends = log_ends(env)
+        covered_after = time.monotonic()
+        _wait(lambda: covered(url, ends), args.catch_up, "the runs to load the window", proc)
         figures = measure(url, start, end)
+        figures["catch_up_s"] = round(time.monotonic() - covered_after, 1)
+        figures["run_phases"] = run_phases(url.replace("/kappa_edw", "/kappa_dagster"), start, end)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGINT)
@@ -159,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-    shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     produced = args.rate * (end - start) / timedelta(seconds=1)
     figures.update(
         {

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -113,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         auto_offset_reset="earliest",
         state_dir=state_dir,
         loglevel="WARNING",
-        commit_interval=1.0,
     )
     topic = app.topic(args.topic, value_deserializer="json", key_deserializer="str")
     sdf = app.dataframe(topic)
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     app.run(count=args.count, timeout=args.timeout)
     ended = time.perf_counter()
+    shutil.rmtree(state_dir, ignore_errors=True)
     first = clock.get("first", ended)
     print(
         json.dumps(
