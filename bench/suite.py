@@ -797,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
                 "notes": notes,
             },
             "machine": machine,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "pg_version": pg_version,
             "pg": where,
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -808,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     print()
     print(render_table(figures))
+    print()
+    print(render_details(figures))
     print(f"\nfigures written to {args.output}")
     return 0
 
@@ -854,6 +857,45 @@ def render_table(figures: dict[str, Any]) -> str:
             met = "not measured"
         lines.append(
             f"| {key} | {_fmt(value)} | {f'{target[0]} {target[1]}' if target else ''} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def render_details(figures: dict[str, Any]) -> str:
+    """What each contender did, and the scaling runs, as Markdown tables."""
+    d = figures["details"]
+    lines = [
+        "| contender | events | seconds | events/s | note |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+
+    def row(name: str, part: dict[str, Any] | None, note: str) -> None:
+        if part:
+            lines.append(
+                f"| {name} | {part['events']:,} | {part['seconds']:,.2f} | {part['eps']:,.0f} "
+                f"| {note} |"
+            )
+
+    pipe = d["pipeline"]
+    row("pipeline (both facts)", pipe, "run_batch + stateful step + ledger, 2 run processes")
+    orders = dict(pipe["per_asset"]["fact_order"])
+    row("pipeline, fact_order only", orders, "the orders run process")
+    rb = d["rbar"]
+    row("row by row", rb, f"{rb['round_trips_per_event']} statements per event, commit each")
+    peer = d["peer"]
+    if peer:
+        peer = {**peer, "seconds": peer["seconds"]}
+        row("Quix Streams (orders)", peer, "from first message; group join not timed")
+    row("consume-only", d["consume_only"], "fetch + JSON parse")
+    row("COPY-only", d["copy_only"], f"{d['copy_only']['rows']:,} rows (facts + alerts)")
+    lines += [
+        "",
+        "| scaling | events | seconds | peak RSS (MiB) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, part in d["scaling"].items():
+        lines.append(
+            f"| {name} | {part['events']:,} | {part['seconds']:,.2f} | {part['peak_rss_mib']:,.0f} |"
         )
     return "\n".join(lines)
 
