@@ -3,9 +3,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BROWSER_STAMP := $(VENV)/.browser-installed
+CHROMIUM := /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-unit test-integration test-pg15 lint format typecheck check clean reset bench-cache bench bench-freshness
+.PHONY: help run test test-unit test-integration test-pg15 test-browser screenshots lint format typecheck check clean reset bench-cache bench bench-freshness
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -24,6 +27,15 @@ $(BENCH_STAMP): $(STAMP)
 
 venv: $(STAMP) ## Create or refresh the virtual environment
 
+# Debian's Chromium (Playwright launches it; it never downloads a browser of its own).
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium chromium-driver
+
+$(BROWSER_STAMP): $(STAMP) pyproject.toml
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pip install --quiet -e '.[dev,browser]'
+	touch $(BROWSER_STAMP)
+
 run: $(STAMP) ## Bring up the local stack (PostgreSQL, broker, simulator, Dagster UI and daemon)
 	$(BIN)/kappa up $(ARGS)
 
@@ -39,6 +51,12 @@ test-unit: $(STAMP) ## Run only the fast unit tests
 test-pg15: $(STAMP) ## Run the integration tests against the PostgreSQL server at 127.0.0.1:5432
 	KAPPA_TEST_PG_URL=$${KAPPA_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres} \
 		$(BIN)/python -m pytest tests/integration -m "not e2e" $(PYTEST_ARGS)
+
+test-browser: $(BROWSER_STAMP) $(CHROMIUM) ## Browser tests of the Dagster UI against a running local stack (screenshots in tests/artifacts/browser/)
+	$(BIN)/python -m pytest tests/browser $(PYTEST_ARGS)
+
+screenshots: $(BROWSER_STAMP) $(CHROMIUM) ## Regenerate docs/asset-graph.png (the README's screenshot) from the browser test
+	KAPPA_UPDATE_DOCS=1 $(BIN)/python -m pytest tests/browser -k asset_graph $(PYTEST_ARGS)
 
 bench-cache: $(STAMP) ## Benchmark the state cache against per-message EDW queries (figures in bench/results/)
 	$(BIN)/python -m bench.cache_vs_queries $(ARGS)

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from assets.event_store import reconciliation_result
+from assets.recent_batches import recent_batches_metadata
 from kappa import cdc
 from kappa.capture import CaptureSpec
 from kappa.ingest import run_capture_batch
@@ -80,18 +81,22 @@ def build_capture_asset(spec: CaptureSpec, *, max_changes: int) -> dg.AssetsDefi
             f"{spec.change_table} transactions [{outcome.start}, {outcome.end}) {outcome.status}: "
             f"{outcome.loaded} applied, {outcome.dead_lettered} dead-lettered, {lag.pending_changes} pending"
         )
-        return dg.MaterializeResult(
-            metadata={
-                "transaction_range": f"[{outcome.start}, {outcome.end})",
-                "rows_received": outcome.received,
-                "rows_loaded": outcome.loaded,
-                "rows_dead_lettered": outcome.dead_lettered,
-                "rows_deduplicated": 0,
-                "lag_after_batch": lag.pending_changes,
-                "batch_seconds": round(outcome.seconds, 3),
-                **lag.as_metadata(),
-            }
+        metadata = {
+            "transaction_range": f"[{outcome.start}, {outcome.end})",
+            "rows_received": outcome.received,
+            "rows_loaded": outcome.loaded,
+            "rows_dead_lettered": outcome.dead_lettered,
+            "rows_deduplicated": 0,
+            "lag_after_batch": lag.pending_changes,
+            "batch_seconds": round(outcome.seconds, 3),
+            **lag.as_metadata(),
+        }
+        metadata.update(
+            recent_batches_metadata(
+                context.instance, spec.asset, metadata, run_id=context.run.run_id
+            )
         )
+        return dg.MaterializeResult(metadata=metadata)
 
     return capture
 

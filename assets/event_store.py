@@ -9,12 +9,22 @@ from typing import Any
 
 import dagster as dg
 
+from assets.partitions import arrival_partitions, previous_partition_dep
+from assets.recent_batches import recent_batches_metadata
 from kappa.capture import CaptureSpec
 from kappa.exceptions import BatchSupersededError, KappaError
-from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, plan_ranges, run_batch
+from kappa.ingest import (
+    BatchOutcome,
+    OffsetRange,
+    TopicIngest,
+    WindowOutcome,
+    reprocess_window,
+    run_batch,
+)
+from kappa.partitions import TimeWindows
 from kappa.reconcile import ShardReconciliation, compare_with_log, reconcile_topic
 from kappa.stateful import VersionCache, WarehouseDimensions
-from kappa.warehouse import read_heads
+from kappa.warehouse import read_checkpoints
 from resources.event_store import EventStoreResource
 from resources.oltp import OltpResource
 from resources.state import StateCacheResource
@@ -37,8 +47,8 @@ class OffsetRangeConfig(dg.Config):
 class MicroBatchConfig(dg.Config):
     """The ranges a micro-batch run loads, as planned by the sensor.
 
-    Empty (a manual materialisation in the UI): the run plans the next batch of every
-    partition itself, from the ledger.
+    Empty (a backfill, or a materialisation launched in the UI): the run reprocesses its
+    time partitions from the log instead.
     """
 
     ranges: list[OffsetRangeConfig] = []
@@ -108,21 +118,56 @@ class FactServices:
     max_wait_s: float = 0.0
 
 
+def _window_table(outcomes: list[WindowOutcome]) -> dg.TableMetadataValue:
+    return metadata_table(
+        [
+            {
+                "window": o.window,
+                "partition": o.partition,
+                "offsets": f"[{o.start}, {o.end})",
+                "status": o.status,
+                "removed": o.removed_rows,
+                "received": o.received,
+                "loaded": o.loaded,
+                "dead_lettered": o.dead_lettered,
+                "deduplicated": o.deduplicated,
+                "batches": o.batches,
+                "stale_from": o.stale_from or "",
+                "seconds": round(o.seconds, 3),
+            }
+            for o in outcomes
+        ]
+    )
+
+
+RESOLVED_TAG = "kappa/resolved_offsets"
+#: Run tags are short: the resolved offsets of a long range are in the materialisation.
+_MAX_TAG_LENGTH = 4000
+
+
 def build_fact_asset(
     spec: TopicIngest,
     *,
+    windows: TimeWindows,
     max_batch: int,
     max_run: int,
     services: FactServices = FactServices(),
     side_assets: tuple[dg.AssetSpec, ...] = (),
 ) -> dg.AssetsDefinition:
     """The EDW fact loaded from one topic in micro-batches (and side tables such as fraud
-    alerts, written in the same transactions)."""
-    upstream = [topic_asset_key(spec.topic)]
+    alerts, written in the same transactions), partitioned by arrival time.
+
+    A run with offset ranges (from the sensor) appends a micro-batch to the open partition.
+    A run without (a backfill or a materialisation launched in the UI) reprocesses each of
+    its partitions, oldest first, each in one transaction: see
+    :func:`kappa.ingest.reprocess_window`.
+    """
+    upstream: list[dg.AssetKey | dg.AssetDep] = [topic_asset_key(spec.topic)]
     if spec.step is not None:
         upstream += [
             dg.AssetKey(c.asset) for c in (services.customers, services.calls) if c is not None
         ]
+        upstream.append(previous_partition_dep(spec.asset))
     main = dg.AssetSpec(
         key=spec.asset,
         deps=upstream,
@@ -133,7 +178,13 @@ def build_fact_asset(
         tags={"kappa/source": "event_store"},
     )
 
-    @dg.multi_asset(name=spec.asset, specs=[main, *side_assets], can_subset=False)
+    @dg.multi_asset(
+        name=spec.asset,
+        specs=[main, *side_assets],
+        can_subset=False,
+        partitions_def=arrival_partitions(windows),
+        backfill_policy=dg.BackfillPolicy.single_run(),
+    )
     def fact(
         context: dg.AssetExecutionContext,
         config: MicroBatchConfig,
@@ -143,40 +194,36 @@ def build_fact_asset(
         state_cache: StateCacheResource,
     ) -> Iterator[dg.MaterializeResult]:
         schemas = warehouse.schemas
-        if config.ranges:
-            ranges = [OffsetRange(r.topic, r.partition, r.start, r.end) for r in config.ranges]
-        else:
-            with event_store.open() as store, warehouse.connect() as conn:
-                ranges = plan_ranges(
-                    spec.topic,
-                    read_heads(conn, schemas, spec.asset, spec.topic),
-                    store.log_bounds(spec.topic, store.partitions(spec.topic)),
-                    max_batch=max_batch,
-                    max_run=max_run,
-                )
-        cache = state_cache.cache(schemas)
         versions = VersionCache()  # dimension versions, shared by the partitions of the run
+
+        def dimensions(stack: ExitStack, conn: Any) -> WarehouseDimensions | None:
+            if spec.step is None:
+                return None
+            source = (
+                stack.enter_context(oltp.connect())
+                if services.customers or services.calls
+                else None
+            )
+            return WarehouseDimensions(
+                conn,
+                schemas,
+                oltp=source,
+                customers=services.customers,
+                calls=services.calls,
+                versions=versions,
+            )
+
+        if not config.ranges:
+            yield from _reprocess(context, event_store, warehouse, dimensions)
+            return
+        ranges = [OffsetRange(r.topic, r.partition, r.start, r.end) for r in config.ranges]
+        cache = state_cache.cache(schemas)
 
         def load(requested: OffsetRange) -> BatchOutcome:
             # Each partition has its own consumer and connections: partitions load in parallel.
             with ExitStack() as stack:
                 store = stack.enter_context(event_store.open())
                 conn = stack.enter_context(warehouse.connect())
-                dimensions = None
-                if spec.step is not None:
-                    source = (
-                        stack.enter_context(oltp.connect())
-                        if services.customers or services.calls
-                        else None
-                    )
-                    dimensions = WarehouseDimensions(
-                        conn,
-                        schemas,
-                        oltp=source,
-                        customers=services.customers,
-                        calls=services.calls,
-                        versions=versions,
-                    )
                 return run_batch(
                     store,
                     conn,
@@ -185,8 +232,9 @@ def build_fact_asset(
                     requested,
                     run_id=context.run.run_id,
                     max_batch=max_batch,
+                    partition_key=context.partition_key,
                     cache=cache,
-                    dimensions=dimensions,
+                    dimensions=dimensions(stack, conn),
                     max_wait_s=services.max_wait_s,
                 )
 
@@ -220,24 +268,29 @@ def build_fact_asset(
         reasons: Counter[str] = Counter()
         for o in outcomes:
             reasons.update(o.dead_letter_reasons)
-        yield dg.MaterializeResult(
-            asset_key=spec.asset,
-            metadata={
-                "ranges": _outcomes_table(outcomes),
-                "offset_ranges": ", ".join(
-                    f"{spec.topic}[{o.partition}]:{o.start}-{o.end}" for o in outcomes
-                )
-                or "none",
-                "rows_received": sum(o.received for o in outcomes),
-                "rows_loaded": sum(o.loaded for o in outcomes),
-                "rows_dead_lettered": sum(o.dead_lettered for o in outcomes),
-                "rows_deduplicated": sum(o.deduplicated for o in outcomes),
-                "lag_after_batch": sum(o.lag_after for o in outcomes),
-                "batch_seconds": round(sum(o.seconds for o in outcomes), 3),
-                "dead_letter_reasons": dict(reasons),
-                "state_cache": {"keys": len(cache), "hits": cache.hits, "misses": cache.misses},
-            },
+        metadata: dict[str, Any] = {
+            "mode": "micro-batch",
+            "ranges": _outcomes_table(outcomes),
+            "offset_ranges": ", ".join(
+                f"{spec.topic}[{o.partition}]:{o.start}-{o.end}" for o in outcomes
+            )
+            or "none",
+            "rows_received": sum(o.received for o in outcomes),
+            "rows_loaded": sum(o.loaded for o in outcomes),
+            "rows_dead_lettered": sum(o.dead_lettered for o in outcomes),
+            "rows_deduplicated": sum(o.deduplicated for o in outcomes),
+            "lag_after_batch": sum(o.lag_after for o in outcomes),
+            "batch_seconds": round(sum(o.seconds for o in outcomes), 3),
+            "dead_letter_reasons": dict(reasons),
+            "event_dates": sorted(set().union(*(o.event_dates for o in outcomes))),
+            "state_cache": {"keys": len(cache), "hits": cache.hits, "misses": cache.misses},
+        }
+        metadata.update(
+            recent_batches_metadata(
+                context.instance, spec.asset, metadata, run_id=context.run.run_id
+            )
         )
+        yield dg.MaterializeResult(asset_key=spec.asset, metadata=metadata)
         for side in side_assets:
             yield dg.MaterializeResult(
                 asset_key=side.key,
@@ -245,6 +298,86 @@ def build_fact_asset(
                     "side_rows": {
                         o.partition: o.side_rows.get(side.key.path[-1], 0) for o in outcomes
                     }
+                },
+            )
+
+    def _reprocess(
+        context: dg.AssetExecutionContext,
+        event_store: EventStoreResource,
+        warehouse: WarehouseResource,
+        dimensions: Any,
+    ) -> Iterator[dg.MaterializeResult]:
+        keys = list(context.partition_keys)
+        outcomes: list[WindowOutcome] = []
+        with ExitStack() as stack:
+            store = stack.enter_context(event_store.open())
+            conn = stack.enter_context(warehouse.connect())
+            dims = dimensions(stack, conn)
+            for key in keys:
+                try:
+                    done = reprocess_window(
+                        store,
+                        conn,
+                        warehouse.schemas,
+                        spec,
+                        windows,
+                        windows.window(key),
+                        run_id=context.run.run_id,
+                        max_batch=max_batch,
+                        dimensions=dims,
+                        max_wait_s=services.max_wait_s,
+                    )
+                except KappaError as exc:
+                    context.log.error(str(exc))
+                    raise dg.Failure(
+                        description=str(exc),
+                        metadata={
+                            "partitions_reprocessed": sorted({o.window for o in outcomes}),
+                            "failed_partition": key,
+                        },
+                    ) from None
+                outcomes.extend(done)
+                resolved = ", ".join(f"{o.topic}[{o.partition}]:{o.start}-{o.end}" for o in done)
+                stale = sorted({o.stale_from for o in done if o.stale_from})
+                context.log.info(
+                    f"{spec.asset} partition {key}: replaced {resolved or 'nothing (no records)'}; "
+                    f"{sum(o.loaded for o in done)} loaded, {sum(o.removed_rows for o in done)} "
+                    "removed"
+                    + (
+                        f"; the state it ends with changed: {', '.join(stale)} and later are stale"
+                        if stale
+                        else ""
+                    )
+                )
+        resolved_tag = ";".join(
+            f"{o.window}={o.partition}:{o.start}-{o.end}" for o in outcomes if o.end > o.start
+        )
+        if resolved_tag and len(resolved_tag) <= _MAX_TAG_LENGTH:
+            context.instance.add_run_tags(context.run.run_id, {RESOLVED_TAG: resolved_tag})
+        stale_from = sorted({o.stale_from for o in outcomes if o.stale_from})
+        yield dg.MaterializeResult(
+            asset_key=spec.asset,
+            metadata={
+                "mode": "reprocess",
+                "partitions": ", ".join(keys)
+                if len(keys) <= 3
+                else f"{keys[0]} .. {keys[-1]} ({len(keys)})",
+                "resolved_offsets": _window_table(outcomes),
+                "rows_removed": sum(o.removed_rows for o in outcomes),
+                "rows_received": sum(o.received for o in outcomes),
+                "rows_loaded": sum(o.loaded for o in outcomes),
+                "rows_dead_lettered": sum(o.dead_lettered for o in outcomes),
+                "rows_deduplicated": sum(o.deduplicated for o in outcomes),
+                "batch_seconds": round(sum(o.seconds for o in outcomes), 3),
+                "event_dates": sorted(set().union(*(o.event_dates for o in outcomes))),
+                "stale_from": ", ".join(stale_from) or "none",
+            },
+        )
+        for side in side_assets:
+            yield dg.MaterializeResult(
+                asset_key=side.key,
+                metadata={
+                    "side_rows": sum(o.side_rows.get(side.key.path[-1], 0) for o in outcomes)
                 },
             )
 
@@ -351,3 +484,43 @@ def build_reconciliation_check(spec: TopicIngest) -> dg.AssetChecksDefinition:
             return reconciliation_result(reconcile_topic(store, conn, warehouse.schemas, spec))
 
     return reconciliation
+
+
+def build_staleness_check(spec: TopicIngest) -> dg.AssetChecksDefinition:
+    """Partitions processed from a state their predecessor no longer ends with."""
+
+    @dg.asset_check(
+        asset=spec.asset,
+        name="state_continuity",
+        blocking=False,
+        description=(
+            f"Each time partition of `{spec.asset}` was processed from the state its "
+            "predecessor ends with (state checkpoints). Fails, naming them, when reprocessing "
+            "a partition changed the state it ends with: the partitions after it are stale "
+            "until reprocessed (one backfill from the changed partition to now)."
+        ),
+    )
+    def state_continuity(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        with warehouse.connect() as conn:
+            checkpoints = read_checkpoints(conn, warehouse.schemas, spec.asset, spec.topic)
+        stale = [c for c in checkpoints if c.stale_reason]
+        first_stale = min((c.partition_key for c in stale), default=None)
+        return dg.AssetCheckResult(
+            passed=not stale,
+            description=(
+                f"stale from partition {first_stale} on: "
+                + "; ".join(
+                    f"{c.source}[{c.shard}] {c.partition_key}: {c.stale_reason}" for c in stale
+                )
+                + f". Reprocess {first_stale} to now in one backfill "
+                f"(`kappa backfill {spec.asset} --from {first_stale}`)."
+                if stale
+                else f"{len(checkpoints)} partition starts follow from their predecessors"
+            ),
+            metadata={
+                "checkpoints": len(checkpoints),
+                "stale_partitions": sorted({c.partition_key for c in stale}),
+            },
+        )
+
+    return state_continuity

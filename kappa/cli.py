@@ -18,12 +18,13 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from psycopg import sql
 
 from kappa import cdc
+from kappa.backfill import SUCCEEDED, launch_backfill, wait_for_backfill
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.cdc import install_capture
@@ -68,6 +69,20 @@ def _timestamp(text: str) -> datetime:
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no zone (add Z or +00:00)")
     return moment
+
+
+def _utc_time(text: str) -> datetime:
+    """An ISO-8601 date or time, UTC unless it names a zone, for partition bounds."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        try:  # an hourly partition key, as the UI and the checks show them
+            moment = datetime.strptime(text, "%Y-%m-%d-%H:%M").replace(tzinfo=UTC)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an ISO-8601 date or time, nor a partition key"
+            ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _say(message: str) -> None:
@@ -272,7 +287,9 @@ def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
             with _step(f"local broker (Tansu, memory storage) on {broker.bootstrap_servers}"):
                 broker.start()
             stack.callback(broker.stop)
-        prepare(settings, create_topics=True, demo_sources=simulate)
+        # The embedded OLTP database is the demo's: its source tables exist with or without
+        # the simulators (capture.yaml names them), so `--no-simulator` starts too.
+        prepare(settings, create_topics=True, demo_sources=simulate or settings.oltp_url is None)
         dagster_home = home / "dagster"
         with _step(f"Dagster instance config in {dagster_home}"):
             write_dagster_yaml(dagster_home, settings)
@@ -409,6 +426,45 @@ def check(settings: Settings) -> int:
     return 1 if failures else 0
 
 
+def backfill(
+    settings: Settings,
+    asset: str,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    url: str | None,
+    wait_s: float | None,
+) -> int:
+    """Launch a Dagster backfill of ``asset``'s time partitions from ``since`` (default: the
+    first) to ``until`` (default: now), on the running webserver, as the UI would."""
+    topics = {spec.asset: spec for spec, _ in topic_ingests(settings)}
+    if asset not in topics:
+        raise KappaError(
+            f"{asset!r} has no time partitions; partitioned assets: {', '.join(sorted(topics))}"
+        )
+    spec = topics[asset]
+    windows = settings.windows
+    first = windows.at(since or windows.start)
+    last = windows.at(until or datetime.now(UTC))
+    if last.start < first.start:
+        raise KappaError(f"--to {last.key} is before --from {first.key}")
+    keys = [w.key for w in windows.span(first.key, last.key)]
+    selection = [asset, *(spec.step.side_tables if spec.step is not None else ())]
+    server = url or f"http://127.0.0.1:{settings.ui_port}"
+    backfill_id = launch_backfill(
+        server, selection, keys, title=f"reprocess {asset} {keys[0]} .. {keys[-1]}"
+    )
+    _say(
+        f"{asset}: backfill {backfill_id} of {len(keys)} partitions ({keys[0]} .. {keys[-1]}) "
+        f"launched on {server}; the daemon runs them in order: {server}/runs/b/{backfill_id}"
+    )
+    if wait_s is None:
+        return 0
+    final = wait_for_backfill(server, backfill_id, timeout_s=wait_s)
+    _say(f"{asset}: backfill {backfill_id} {final}")
+    return 0 if final in SUCCEEDED else 1
+
+
 def replay(
     settings: Settings, asset: str, *, confirmed: bool, since: datetime | None = None
 ) -> int:
@@ -468,8 +524,32 @@ def replay(
     return 0
 
 
-def status(settings: Settings) -> int:
-    """Lag per shard and what the ledger says, as a compact table."""
+def _age(seconds: float | None) -> str:
+    """A compact age, one word: 42s, 7min, 3h, 2d."""
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _shorten(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
+    """Lag per shard, the last batches and the failing asset checks, as compact tables.
+
+    Exit 0 when every check the Dagster instance knows of passes (or the instance cannot be
+    read, which is said), 1 when a check fails.
+    """
+    from kappa.freshness import capture_freshness, topic_freshness
+
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
     header = (
         "asset",
@@ -477,6 +557,7 @@ def status(settings: Settings) -> int:
         "log end",
         "loaded to",
         "lag",
+        "oldest",
         "batches",
         "loaded",
         "dead",
@@ -485,19 +566,26 @@ def status(settings: Settings) -> int:
     )
     rows: list[tuple[str, ...]] = []
     with connect(settings.resolved_edw_url) as edw:
+        meta = sql.Identifier(schemas.meta)
         totals = {
             (r[0], r[1], r[2]): r[3:]
             for r in edw.execute(
                 sql.SQL(
                     "SELECT asset, source, shard, sum(loaded), sum(dead_lettered), sum(deduplicated), "
-                    "round(extract(epoch FROM clock_timestamp() - max(committed_at)))::int "
+                    "extract(epoch FROM clock_timestamp() - max(committed_at))::float8 "
                     "FROM {}.batch_ledger GROUP BY 1, 2, 3"
-                ).format(sql.Identifier(schemas.meta))
+                ).format(meta)
             ).fetchall()
         }
 
         def row(
-            asset: str, source: str, shard: int, end: int | str, head: LedgerHead | None, lag: int
+            asset: str,
+            source: str,
+            shard: int,
+            end: int | str,
+            head: LedgerHead | None,
+            lag: int,
+            oldest_s: float | None,
         ) -> None:
             loaded, dead, dedup, age = totals.get((asset, source, shard), (0, 0, 0, None))
             rows.append(
@@ -507,11 +595,12 @@ def status(settings: Settings) -> int:
                     str(end),
                     str(head.end if head else "-"),
                     str(lag),
+                    _age(oldest_s),
                     str(head.batches if head else 0),
                     str(loaded),
                     str(dead),
                     str(dedup),
-                    "-" if age is None else f"{age} s ago",
+                    "-" if age is None else f"{_age(age)} ago",
                 )
             )
 
@@ -521,6 +610,7 @@ def status(settings: Settings) -> int:
             for spec, _ in topic_ingests(settings):
                 bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
                 heads = read_heads(edw, schemas, spec.asset, spec.topic)
+                ages = {f.shard: f.lag_s for f in topic_freshness(store, edw, schemas, spec)}
                 for partition, bound in sorted(bounds.items()):
                     head = heads.get(partition)
                     row(
@@ -530,6 +620,7 @@ def status(settings: Settings) -> int:
                         bound.end,
                         head,
                         bound.end - (head.end if head else bound.start),
+                        ages.get(f"{spec.topic}[{partition}]"),
                     )
         with connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as oltp:
             for capture in load_captures(settings.capture_config):
@@ -542,9 +633,82 @@ def status(settings: Settings) -> int:
                     f"xid {lag.horizon}",
                     head,
                     lag.pending_changes,
+                    capture_freshness(oltp, edw, schemas, capture).lag_s,
                 )
+        recent = edw.execute(
+            sql.SQL(
+                "SELECT asset, source, shard, start_position, end_position, received, loaded, "
+                "dead_lettered, deduplicated, "
+                "extract(epoch FROM clock_timestamp() - committed_at)::float8, run_id "
+                "FROM {}.batch_ledger ORDER BY committed_at DESC, batch_id DESC LIMIT %s"
+            ).format(meta),
+            (batches,),
+        ).fetchall()
+    _say(
+        f"lag per shard (oldest: age of the oldest record or change not loaded yet; bound {settings.freshness_max_lag_s:g} s)"
+    )
     _print_table(header, rows)
-    return 0
+    if batches > 0:
+        _say(f"\nlast {len(recent)} batches")
+        _print_table(
+            (
+                "asset",
+                "shard",
+                "positions",
+                "received",
+                "loaded",
+                "dead",
+                "dedup",
+                "committed",
+                "run",
+            ),
+            [
+                (
+                    r[0],
+                    f"{r[1]}[{r[2]}]",
+                    f"[{r[3]}, {r[4]})",
+                    str(r[5]),
+                    str(r[6]),
+                    str(r[7]),
+                    str(r[8]),
+                    f"{_age(r[9])} ago",
+                    str(r[10])[:8],
+                )
+                for r in recent
+            ]
+            or [("-",) * 9],
+        )
+    if not checks:
+        return 0
+    from kappa.check_status import InstanceUnavailable, read_check_states
+
+    try:
+        states = read_check_states(settings)
+    except InstanceUnavailable as exc:
+        _say(f"\nchecks: not read ({exc})")
+        return 0
+    failing = [s for s in states if s.failing]
+    counts = {name: sum(s.state == name for s in states) for name in ("passed", "running", "never")}
+    _say(
+        f"\nchecks: {len(states)} defined, {counts['passed']} passed, {len(failing)} failing, "
+        f"{counts['running']} running, {counts['never']} never evaluated"
+    )
+    if failing:
+        _print_table(
+            ("asset", "check", "state", "severity", "when", "why"),
+            [
+                (
+                    s.asset,
+                    s.check,
+                    s.state,
+                    s.severity.lower() or "-",
+                    f"{_age(s.age_s)} ago",
+                    _shorten(s.description) or "-",
+                )
+                for s in failing
+            ],
+        )
+    return 1 if failing else 0
 
 
 def reconcile(settings: Settings) -> int:
@@ -644,7 +808,15 @@ def main(argv: list[str] | None = None) -> int:
         "--demo-sources", action="store_true", help="also create the simulator's OLTP tables"
     )
     commands.add_parser("check", help="check that databases, broker and topics answer")
-    commands.add_parser("status", help="lag per shard and what the ledger says")
+    status_parser = commands.add_parser(
+        "status", help="lag per shard, the last batches and the failing asset checks"
+    )
+    status_parser.add_argument(
+        "--batches", type=int, default=5, help="how many of the last batches to list (default 5)"
+    )
+    status_parser.add_argument(
+        "--no-checks", action="store_true", help="do not read check results from Dagster"
+    )
     commands.add_parser(
         "reconcile", help="source = received = loaded + dead-lettered + deduplicated, per shard"
     )
@@ -663,6 +835,26 @@ def main(argv: list[str] | None = None) -> int:
         type=_timestamp,
         help="replay from this broker time on (ISO-8601 with zone), not from the beginning",
     )
+    backfill_parser = commands.add_parser(
+        "backfill",
+        help="reprocess time partitions of a fact as a Dagster backfill (needs the webserver)",
+    )
+    backfill_parser.add_argument("asset", help="fact_order or fact_payment")
+    backfill_parser.add_argument(
+        "--from",
+        dest="since",
+        type=_utc_time,
+        help="first partition: the one holding this date or time (UTC); default: the first",
+    )
+    backfill_parser.add_argument(
+        "--to", dest="until", type=_utc_time, help="last partition (default: the current one)"
+    )
+    backfill_parser.add_argument(
+        "--url", help="Dagster webserver (default http://127.0.0.1:KAPPA_UI_PORT)"
+    )
+    backfill_parser.add_argument(
+        "--wait", type=float, metavar="SECONDS", help="wait for the backfill to finish"
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -674,9 +866,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return check(settings)
         if args.command == "status":
-            return status(settings)
+            return status(settings, batches=max(args.batches, 0), checks=not args.no_checks)
         if args.command == "reconcile":
             return reconcile(settings)
+        if args.command == "backfill":
+            return backfill(
+                settings,
+                args.asset,
+                since=args.since,
+                until=args.until,
+                url=args.url,
+                wait_s=args.wait,
+            )
         if args.command == "replay":
             return replay(settings, args.asset, confirmed=args.yes, since=args.since)
         if args.command == "simulate-oltp":

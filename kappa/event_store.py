@@ -9,7 +9,7 @@ offset the log no longer holds is an error).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -225,23 +225,94 @@ class EventStore:
     def offsets_for_times(
         self, topic: str, partitions: Iterable[int], ts_ms: int
     ) -> dict[int, int]:
-        """Earliest offset whose timestamp is >= ``ts_ms``, or the log end when there is none.
+        """Earliest offset whose timestamp is >= ``ts_ms``, or the log end when there is none."""
+        found = self.boundaries(topic, partitions, ts_ms)
+        missing = [p for p, offset in found.items() if offset is None]
+        ends = self.log_bounds(topic, missing) if missing else {}
+        return {p: offset if offset is not None else ends[p].end for p, offset in found.items()}
 
-        Some brokers answer "none" as offset 0 with timestamp -1; that is read as "none" too.
+    def boundaries(
+        self,
+        topic: str,
+        partitions: Iterable[int],
+        ts_ms: int,
+        *,
+        floor: Mapping[int, int] | None = None,
+    ) -> dict[int, int | None]:
+        """Earliest offset whose timestamp is >= ``ts_ms`` per partition; None where the log
+        holds no such record yet (some brokers answer that as offset 0 with timestamp -1).
+
+        The broker's answer (``offsets_for_times``) is checked against the records around
+        it; a broker whose time index disagrees with its records gets a binary search over
+        record timestamps instead (which assumes they do not go backwards). ``floor[p]``:
+        an offset known to be at or below the answer (the ledger head), to search less.
         """
         tps = [TopicPartition(topic, p) for p in partitions]
+        if not tps:
+            return {}
         found = self._consumer.offsets_for_times(
             {tp: ts_ms for tp in tps}, timeout_ms=int(self.timeout_s * 1000)
         )
         bounds = self.log_bounds(topic, [tp.partition for tp in tps])
-        result: dict[int, int] = {}
+        result: dict[int, int | None] = {}
         for tp in tps:
+            p = tp.partition
             hit = found.get(tp)
-            if hit is None or hit.timestamp == NO_TIMESTAMP:
-                result[tp.partition] = bounds[tp.partition].end
+            no_record = hit is None or hit.timestamp == NO_TIMESTAMP
+            answer = None if no_record else hit.offset
+            if self._confirms(topic, p, ts_ms, answer, bounds[p]):
+                result[p] = answer
             else:
-                result[tp.partition] = hit.offset
+                low = max(bounds[p].start, (floor or {}).get(p, bounds[p].start))
+                result[p] = self._search(topic, p, ts_ms, low, bounds[p].end)
         return result
+
+    def _record_at_or_after(
+        self, topic: str, partition: int, offset: int, end: int
+    ) -> tuple[int, int] | None:
+        """(offset, timestamp) of the first record at or after ``offset`` (before ``end``)."""
+        stop = min(end, offset + 64)
+        if stop <= offset:
+            return None
+        batch = self.fetch(topic, partition, offset, stop)
+        if not batch.offsets:
+            return None
+        return int(batch.offsets[0]), int(batch.timestamps[0])
+
+    def _confirms(
+        self, topic: str, partition: int, ts_ms: int, answer: int | None, bounds: LogBounds
+    ) -> bool:
+        """Whether the record at ``answer`` is at or after ``ts_ms`` and the one before not."""
+        if answer is None or not bounds.start <= answer < bounds.end:
+            return False  # "none yet" is confirmed by the search, from the floor
+        record = self._record_at_or_after(topic, partition, answer, bounds.end)
+        if record is None or record[0] != answer or record[1] < ts_ms:
+            return False
+        if answer == bounds.start:
+            return True
+        before = self._record_at_or_after(topic, partition, answer - 1, answer)
+        return before is None or before[1] < ts_ms
+
+    def _search(self, topic: str, partition: int, ts_ms: int, low: int, high: int) -> int | None:
+        """First offset in ``[low, high)`` whose record's timestamp is >= ``ts_ms``."""
+        found: int | None = None
+        while low < high:
+            middle = (low + high) // 2
+            record = self._record_at_or_after(topic, partition, middle, high)
+            if record is None:
+                high = middle
+            elif record[1] >= ts_ms:
+                found, high = record[0], middle
+            else:
+                low = record[0] + 1
+        return found
+
+    def timestamp_at(self, topic: str, partition: int, offset: int) -> int:
+        """The broker timestamp (ms) of the record at ``offset`` (or the next one there is)."""
+        batch = self.fetch(topic, partition, offset, offset + 1)
+        if not batch.timestamps:
+            raise OffsetOutOfRangeError(topic, partition, offset, offset + 1, "no record there")
+        return int(batch.timestamps[0])
 
     # -- data -------------------------------------------------------------------------------
 

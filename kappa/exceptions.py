@@ -53,3 +53,25 @@ class BatchSupersededError(KappaError):
 
 class EventStoreTimeoutError(KappaError):
     """The event store did not answer within the configured timeout."""
+
+
+class ReprocessError(KappaError):
+    """A partition cannot be reprocessed as asked: the positions it needs are gone, its
+    predecessor is not loaded, or the state checkpoint at its start is missing.
+
+    Raised before anything is deleted: the EDW is left exactly as it was.
+    """
+
+    def __init__(
+        self, asset: str, topic: str, partition: int, window: str, start: int, end: int, detail: str
+    ) -> None:
+        self.asset = asset
+        self.topic = topic
+        self.partition = partition
+        self.window = window
+        self.start = start
+        self.end = end
+        super().__init__(
+            f"{asset} partition {window}: {topic}[{partition}] offsets [{start}, {end}): {detail} "
+            "Nothing in the EDW was changed."
+        )

@@ -10,26 +10,39 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import pandas as pd
 import psycopg
 
 from kappa import cdc
 from kappa.capture import CaptureSpec
 from kappa.contracts import EventContract
-from kappa.decode import decode_batch, describe_reason
+from kappa.decode import DecodedBatch, decode_batch, describe_reason
 from kappa.dimensions import apply_changes
 from kappa.event_store import EventStore, LogBounds
-from kappa.exceptions import LogResetError
-from kappa.state import ScopedStateCache, StateCache
-from kappa.stateful import Dimensions, StatefulStep, wait_for_dimensions
+from kappa.exceptions import EventStoreTimeoutError, LogResetError
+from kappa.partitions import TimeWindows, Window
+from kappa.state import (
+    AsOfStateCache,
+    PostgresStateBackend,
+    ScopedStateCache,
+    StateAccess,
+    StateCache,
+)
+from kappa.stateful import Dimensions, StatefulStep, StepOutput, wait_for_dimensions
 from kappa.warehouse import (
+    BatchCounts,
     BatchRecord,
     LedgerHead,
     Schemas,
     commit_batch,
     existing_event_ids,
+    insert_ledger_row,
     read_head,
+    read_heads,
+    replace_window,
+    write_batch,
 )
 
 
@@ -78,6 +91,15 @@ class BatchOutcome:
     side_rows: dict[str, int] = field(default_factory=dict)
     #: For change tables: the lag after the batch, read once for the outcome and metadata.
     capture_lag: cdc.CaptureLag | None = None
+    #: Event dates (UTC, ISO) of the events the batch loaded: the mart partitions it touched.
+    event_dates: set[str] = field(default_factory=set)
+
+
+def event_dates(rows: pd.DataFrame) -> set[str]:
+    """The distinct UTC dates of ``rows.event_time``."""
+    if rows.empty:
+        return set()
+    return set(rows["event_time"].dt.tz_convert("UTC").dt.strftime("%Y-%m-%d").unique())
 
 
 def check_continuity(
@@ -126,13 +148,14 @@ def plan_ranges(
     busy: frozenset[int] = frozenset(),
     max_batch: int,
     max_run: int,
+    limits: Mapping[int, int] | None = None,
 ) -> list[OffsetRange]:
     """The next range of each partition that has new offsets and no batch in flight.
 
     A range starts where the ledger ends (or at the log start before the first batch) and
-    takes everything up to the log end, capped at ``max_batch``: small when caught up,
-    as large as allowed when lagging. The run total stays within ``max_run``; the most
-    lagging partitions are served first.
+    takes everything up to the log end (or ``limits[partition]``, where its time partition
+    ends), capped at ``max_batch``: small when caught up, as large as allowed when lagging.
+    The run total stays within ``max_run``; the most lagging partitions are served first.
     """
     candidates: list[OffsetRange] = []
     for partition in sorted(bounds):
@@ -141,6 +164,8 @@ def plan_ranges(
         head = heads.get(partition)
         start = head.end if head is not None else bounds[partition].start
         end = min(bounds[partition].end, start + max_batch)
+        if limits is not None and partition in limits:
+            end = min(end, limits[partition])
         if end > start:
             candidates.append(OffsetRange(topic, partition, start, end))
     # By lag to the log end, not by the capped batch size: with every partition lagging by
@@ -155,6 +180,94 @@ def plan_ranges(
         planned.append(OffsetRange(rng.topic, rng.partition, rng.start, rng.start + size))
         budget -= size
     return sorted(planned, key=lambda r: r.partition)
+
+
+#: Window steps tried to place one position before giving up (each step jumps to the window
+#: of the record's own timestamp, so two are the most a monotone log needs).
+_MAX_WINDOW_STEPS = 16
+
+
+def locate_windows(
+    store: EventStore,
+    topic: str,
+    windows: TimeWindows,
+    starts: Mapping[int, int],
+    hints: Mapping[int, str | None],
+    log_ends: Mapping[int, int],
+) -> dict[int, tuple[Window, int]]:
+    """For each partition's next position ``starts[p]`` (which the log holds): the time
+    partition it belongs to, and the offset where that partition ends (the log end while
+    no record at or after the partition's end has arrived).
+
+    ``hints[p]`` is the time partition of the shard's last batch (from the ledger); without
+    one the record's own timestamp places it. A window that ends at or before the position
+    is left for the next one, or the record's window if that is later.
+    """
+    pending: dict[int, Window] = {}
+    for partition, start in starts.items():
+        hint = hints.get(partition)
+        pending[partition] = (
+            windows.window(hint)
+            if hint
+            else windows.at_ms(store.timestamp_at(topic, partition, start))
+        )
+    located: dict[int, tuple[Window, int]] = {}
+    for _ in range(_MAX_WINDOW_STEPS):
+        if not pending:
+            return located
+        by_end: dict[int, list[int]] = {}
+        for partition, window in pending.items():
+            by_end.setdefault(window.end_ms, []).append(partition)
+        for end_ms, partitions in by_end.items():
+            found = store.boundaries(
+                topic, partitions, end_ms, floor={p: starts[p] for p in partitions}
+            )
+            for partition, boundary in found.items():
+                window, start = pending[partition], starts[partition]
+                if boundary is None or boundary > start:
+                    located[partition] = (
+                        window,
+                        boundary if boundary is not None else log_ends[partition],
+                    )
+                    del pending[partition]
+                    continue
+                own = windows.at_ms(store.timestamp_at(topic, partition, start))
+                following = windows.next(window)
+                pending[partition] = own if own.start > following.start else following
+    raise EventStoreTimeoutError(
+        f"{topic}: could not place offsets {dict(starts)} in time partitions within "
+        f"{_MAX_WINDOW_STEPS} steps (broker timestamps far out of order?)"
+    )
+
+
+def _apply_step(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    spec: TopicIngest,
+    decoded: DecodedBatch,
+    partition: int,
+    state: StateAccess | None,
+    dimensions: Dimensions | None,
+    max_wait_s: float,
+) -> StepOutput | None:
+    """Run the asset's stateful step over a decoded batch (None for a stateless asset).
+
+    Events the EDW holds already are dropped first: state never counts an event twice.
+    The step waits up to ``max_wait_s`` for change capture to cover the batch's event times.
+    """
+    if spec.step is None:
+        return None
+    if state is None or dimensions is None:
+        raise ValueError(f"{spec.asset} has a stateful step: pass a state cache and dimensions")
+    rows = decoded.rows
+    seen = existing_event_ids(conn, schemas, spec.contract, rows["event_id"].astype(str).tolist())
+    rows = rows[~rows["event_id"].isin(seen)]
+    watermark = (
+        wait_for_dimensions(dimensions, rows["event_time"].max(), max_wait_s=max_wait_s)
+        if not rows.empty
+        else None
+    )
+    return spec.step.apply(conn, state, dimensions, partition, rows, watermark)
 
 
 def run_batch(
@@ -186,6 +299,19 @@ def run_batch(
     check_continuity(spec.asset, topic, partition, head, bounds, epoch)
     start = head.end if head is not None else bounds.start
     end = min(requested.end, start + max_batch, bounds.end)
+    if start < requested.start:
+        # The ledger was rewound after this range was planned (a replay): the range may
+        # belong to another time partition now; the sensor plans afresh.
+        return BatchOutcome(
+            spec.asset,
+            topic,
+            partition,
+            start,
+            start,
+            status="superseded",
+            lag_after=bounds.end - start,
+            seconds=time.monotonic() - started,
+        )
     if end <= start:
         return BatchOutcome(
             spec.asset,
@@ -197,24 +323,9 @@ def run_batch(
             lag_after=bounds.end - start,
             seconds=time.monotonic() - started,
         )
-    raw = store.fetch(topic, partition, start, end)
-    decoded = decode_batch(raw, spec.contract)
-    output = None
-    if spec.step is not None:
-        if cache is None or dimensions is None:
-            raise ValueError(f"{spec.asset} has a stateful step: pass a state cache and dimensions")
-        rows = decoded.rows
-        seen = existing_event_ids(
-            conn, schemas, spec.contract, rows["event_id"].astype(str).tolist()
-        )
-        rows = rows[~rows["event_id"].isin(seen)]
-        watermark = (
-            wait_for_dimensions(dimensions, rows["event_time"].max(), max_wait_s=max_wait_s)
-            if not rows.empty
-            else None
-        )
-        scoped = ScopedStateCache(cache, spec.asset)
-        output = spec.step.apply(conn, scoped, dimensions, partition, rows, watermark)
+    decoded = decode_batch(store.fetch(topic, partition, start, end), spec.contract)
+    scoped = ScopedStateCache(cache, spec.asset) if cache is not None else None
+    output = _apply_step(conn, schemas, spec, decoded, partition, scoped, dimensions, max_wait_s)
     record = BatchRecord(
         asset=spec.asset,
         source=topic,
@@ -257,6 +368,7 @@ def run_batch(
         side_rows={
             name: len(frame) for name, frame in (output.side_tables if output else {}).items()
         },
+        event_dates=event_dates(output.rows if output is not None else decoded.rows),
     )
 
 
@@ -349,3 +461,145 @@ def run_capture_batch(
         seconds=time.monotonic() - started,
         capture_lag=lag,
     )
+
+
+@dataclass
+class WindowOutcome:
+    """What reprocessing one time partition did in one topic partition."""
+
+    asset: str
+    topic: str
+    window: str
+    partition: int
+    start: int
+    end: int
+    status: str
+    received: int = 0
+    loaded: int = 0
+    dead_lettered: int = 0
+    deduplicated: int = 0
+    removed_rows: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    stale_from: str | None = None
+    side_rows: Counter[str] = field(default_factory=Counter)
+    event_dates: set[str] = field(default_factory=set)
+
+
+def resolve_window(
+    store: EventStore, topic: str, windows: TimeWindows, window: Window, partitions: list[int]
+) -> tuple[dict[int, LogBounds], dict[int, tuple[int, int]]]:
+    """The log bounds and each partition's offsets ``[start, end)`` of ``window``
+    (``offsets_for_times`` of its start and end; the log start for the first window, the
+    log end while the window is open)."""
+    bounds = store.log_bounds(topic, partitions)
+    starts: dict[int, int | None] = (
+        dict.fromkeys(partitions)
+        if windows.is_first(window)
+        else store.boundaries(topic, partitions, window.start_ms)
+    )
+    ends = store.boundaries(topic, partitions, window.end_ms)
+    resolved: dict[int, tuple[int, int]] = {}
+    for p in partitions:
+        found_start, found_end = starts[p], ends[p]
+        if windows.is_first(window):
+            start = bounds[p].start
+        else:
+            start = found_start if found_start is not None else bounds[p].end
+        end = found_end if found_end is not None else bounds[p].end
+        resolved[p] = (start, max(start, end))
+    return bounds, resolved
+
+
+def reprocess_window(
+    store: EventStore,
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    spec: TopicIngest,
+    windows: TimeWindows,
+    window: Window,
+    *,
+    run_id: str,
+    max_batch: int,
+    dimensions: Dimensions | None = None,
+    max_wait_s: float = 0.0,
+) -> list[WindowOutcome]:
+    """Replace time partition ``window`` of ``spec.asset`` from the log, in one transaction.
+
+    Every topic partition's offsets of the window are resolved with ``offsets_for_times``;
+    each is deleted and reloaded in batches of at most ``max_batch`` (ledger rows included),
+    a stateful step starting from the state checkpointed at the window's start. A reset log,
+    expired offsets, a predecessor not loaded or a missing checkpoint raise before anything
+    is deleted (:class:`LogResetError`, :class:`ReprocessError`).
+    """
+    topic = spec.topic
+    partitions = store.partitions(topic)
+    epoch = store.topic_id(topic) or ""
+    bounds, resolved = resolve_window(store, topic, windows, window, partitions)
+    heads = read_heads(conn, schemas, spec.asset, topic)
+    for p in partitions:
+        check_continuity(spec.asset, topic, p, heads.get(p), bounds[p], epoch)
+    backend = PostgresStateBackend(schemas)
+    outcomes: list[WindowOutcome] = []
+    with conn.transaction():  # every topic partition of the window, or none
+        for p in partitions:
+            started = time.monotonic()
+            start, end = resolved[p]
+            outcome = WindowOutcome(spec.asset, topic, window.key, p, start, end, "empty")
+            outcomes.append(outcome)
+            if end <= start:
+                continue
+            record = BatchRecord(spec.asset, topic, p, epoch, start, end, run_id, window.key)
+            state = AsOfStateCache(backend, spec.asset, start) if spec.step is not None else None
+            with replace_window(
+                conn,
+                schemas,
+                table=spec.contract.table,
+                record=record,
+                log_start=bounds[p].start,
+                stateful=spec.step is not None,
+                side_tables=spec.step.side_tables if spec.step is not None else (),
+            ) as replaced:
+                for chunk_start in range(start, end, max_batch):
+                    chunk = replace(
+                        record, start=chunk_start, end=min(chunk_start + max_batch, end)
+                    )
+                    decoded = decode_batch(
+                        store.fetch(topic, p, chunk.start, chunk.end), spec.contract
+                    )
+                    output = _apply_step(
+                        conn, schemas, spec, decoded, p, state, dimensions, max_wait_s
+                    )
+                    counts = BatchCounts()
+                    write_batch(
+                        conn,
+                        schemas,
+                        spec.contract,
+                        chunk,
+                        decoded,
+                        counts,
+                        rows=output.rows if output else None,
+                        side_tables=output.side_tables if output else None,
+                        state=output.state if output else None,
+                        cache=state,
+                    )
+                    insert_ledger_row(conn, schemas, chunk, counts)
+                    if output is not None and state is not None:
+                        for name, values in output.state.items():
+                            state.remember(name, p, values)
+                        outcome.side_rows.update(
+                            {name: len(frame) for name, frame in output.side_tables.items()}
+                        )
+                    outcome.event_dates |= event_dates(
+                        output.rows if output is not None else decoded.rows
+                    )
+                    outcome.received += counts.received
+                    outcome.loaded += counts.loaded
+                    outcome.dead_lettered += counts.dead_lettered
+                    outcome.deduplicated += counts.deduplicated
+                    outcome.batches += 1
+            outcome.status = "replaced"
+            outcome.removed_rows = replaced.removed_rows
+            outcome.stale_from = replaced.stale_from
+            outcome.seconds = time.monotonic() - started
+    return outcomes

@@ -11,12 +11,14 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from kappa.exceptions import ConfigurationError
+from kappa.partitions import GRAINS, TimeWindows
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -74,6 +76,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_BATCH_MAX_RECORDS", "50000", "Upper bound of one batch, per topic partition."),
     Setting("KAPPA_RUN_MAX_RECORDS", "200000", "Upper bound of one run, over all its partitions."),
     Setting("KAPPA_SENSOR_INTERVAL_S", "5", "Seconds between sensor ticks."),
+    Setting(
+        "KAPPA_PARTITIONS",
+        "daily",
+        "Time partitions of the ingestion assets by arrival time: `daily` or `hourly` (UTC).",
+    ),
+    Setting(
+        "KAPPA_PARTITIONS_START",
+        "2026-11-01",
+        "First partition (UTC date, or date and hour for `hourly`); older records belong to it.",
+    ),
     Setting("KAPPA_KAFKA_TIMEOUT_S", "5", "Timeout of each broker call, in seconds."),
     Setting("KAPPA_RUN_RETRIES", "3", "Automatic retries of a failed micro-batch run."),
     Setting("KAPPA_MAX_CONCURRENT_RUNS", "4", "Runs the Dagster run queue lets run at once."),
@@ -124,6 +136,11 @@ SETTINGS: tuple[Setting, ...] = (
         "KAPPA_OLTP_RATE", "5", "Simulated OLTP transactions per second (customers and calls)."
     ),
     Setting("KAPPA_OLTP_WRITERS", "3", "Concurrent writers of the OLTP simulator."),
+    Setting(
+        "KAPPA_FRESHNESS_MAX_LAG_S",
+        "300",
+        "Freshness check: the oldest record or change not yet in the EDW may be this many seconds old.",
+    ),
 )
 
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
@@ -197,6 +214,28 @@ def redact(url: str) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
+def time_windows(env: Mapping[str, str]) -> TimeWindows:
+    """The partitioning from ``KAPPA_PARTITIONS`` and ``KAPPA_PARTITIONS_START``."""
+    grain = _raw(env, "KAPPA_PARTITIONS").lower()
+    if grain not in GRAINS:
+        raise ConfigurationError(
+            "KAPPA_PARTITIONS", f"{grain!r} is not one of {', '.join(sorted(GRAINS))}"
+        )
+    raw = _raw(env, "KAPPA_PARTITIONS_START")
+    try:
+        start = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ConfigurationError(
+            "KAPPA_PARTITIONS_START", f"{raw!r} is not an ISO date (2026-11-01 or 2026-11-01T08:00)"
+        ) from None
+    if start.tzinfo is not None and start.utcoffset() != timedelta(0):
+        raise ConfigurationError("KAPPA_PARTITIONS_START", f"{raw!r}: partitions are in UTC")
+    try:
+        return TimeWindows(grain, start.replace(tzinfo=UTC))
+    except ValueError as exc:
+        raise ConfigurationError("KAPPA_PARTITIONS_START", str(exc)) from None
+
+
 def bootstrap_servers(name: str, raw: str) -> str:
     """Validate a comma-separated list of host:port."""
     for server in raw.split(","):
@@ -226,6 +265,7 @@ class Settings:
     batch_max_records: int
     run_max_records: int
     sensor_interval_s: int
+    windows: TimeWindows
     kafka_timeout_s: float
     run_retries: int
     max_concurrent_runs: int
@@ -244,6 +284,7 @@ class Settings:
     fraud_velocity_window_s: int
     fraud_amount_z: float
     fraud_call_window_h: int
+    freshness_max_lag_s: float
     env: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
@@ -289,6 +330,7 @@ class Settings:
             batch_max_records=batch_max,
             run_max_records=run_max,
             sensor_interval_s=_int(env, "KAPPA_SENSOR_INTERVAL_S", minimum=1, maximum=3600),
+            windows=time_windows(env),
             kafka_timeout_s=_float(env, "KAPPA_KAFKA_TIMEOUT_S", minimum=0.1, maximum=300),
             run_retries=_int(env, "KAPPA_RUN_RETRIES", minimum=0, maximum=100),
             max_concurrent_runs=_int(env, "KAPPA_MAX_CONCURRENT_RUNS", minimum=1, maximum=256),
@@ -309,6 +351,9 @@ class Settings:
             ),
             fraud_amount_z=_float(env, "KAPPA_FRAUD_AMOUNT_Z", minimum=0.1, maximum=1000),
             fraud_call_window_h=_int(env, "KAPPA_FRAUD_CALL_WINDOW_H", minimum=1, maximum=8760),
+            freshness_max_lag_s=_float(
+                env, "KAPPA_FRESHNESS_MAX_LAG_S", minimum=1.0, maximum=31_536_000
+            ),
             env=env,
         )
 

@@ -245,3 +245,53 @@ class ScopedStateCache:
 
     def remember(self, store: str, shard: int, values: Mapping[str, State]) -> None:
         self.cache.remember(f"{self.scope}/{store}", shard, values)
+
+
+class AsOfStateCache:
+    """The state of one asset as it stood at ``as_of``, then as a reprocessing run advances it.
+
+    For reprocessing a time partition: keys not yet touched by the run are read as of the
+    partition's start (later versions, from later partitions, stay in the backend and are
+    not seen); values the run saves are remembered in memory at once, because the whole
+    partition commits in one transaction and this object dies with it.
+    """
+
+    def __init__(self, backend: StateBackend, scope: str, as_of: int) -> None:
+        self.backend = backend
+        self.scope = scope
+        self.as_of = as_of
+        self._values: dict[tuple[str, int, str], State] = {}
+
+    def get_many(
+        self, conn: psycopg.Connection, store: str, shard: int, keys: Iterable[str]
+    ) -> dict[str, State]:
+        found: dict[str, State] = {}
+        missing = []
+        for key in dict.fromkeys(keys):
+            value = self._values.get((store, shard, key))
+            if value is not None:
+                found[key] = value
+            else:
+                missing.append(key)
+        if missing:
+            loaded = self.backend.load(
+                conn, f"{self.scope}/{store}", shard, missing, as_of=self.as_of
+            )
+            for key, value in loaded.items():
+                self._values[(store, shard, key)] = value
+            found.update(loaded)
+        return found
+
+    def save(
+        self,
+        conn: psycopg.Connection,
+        store: str,
+        shard: int,
+        position: int,
+        values: Mapping[str, State],
+    ) -> None:
+        self.backend.save(conn, f"{self.scope}/{store}", shard, position, values)
+
+    def remember(self, store: str, shard: int, values: Mapping[str, State]) -> None:
+        for key, value in values.items():
+            self._values[(store, shard, key)] = value

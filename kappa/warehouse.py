@@ -8,6 +8,7 @@ positions and a retried or duplicated run changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -21,7 +22,12 @@ from psycopg import sql
 
 from kappa.contracts import EventContract, fact_columns
 from kappa.decode import DecodedBatch
-from kappa.exceptions import BatchSupersededError, ConfigurationError, LogResetError
+from kappa.exceptions import (
+    BatchSupersededError,
+    ConfigurationError,
+    LogResetError,
+    ReprocessError,
+)
 from kappa.settings import redact
 
 if TYPE_CHECKING:
@@ -47,6 +53,8 @@ class LedgerHead:
     end: int
     batches: int
     watermark: datetime | None = None
+    #: The time partition of the shard's last batch.
+    partition_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,7 @@ CREATE TABLE IF NOT EXISTS {meta}.ledger_head (
   PRIMARY KEY (asset, source, shard)
 );
 ALTER TABLE {meta}.ledger_head ADD COLUMN IF NOT EXISTS watermark timestamptz;
+ALTER TABLE {meta}.ledger_head ADD COLUMN IF NOT EXISTS partition_key text;
 CREATE TABLE IF NOT EXISTS {meta}.batch_ledger (
   batch_id bigserial PRIMARY KEY,
   asset text NOT NULL,
@@ -164,6 +173,20 @@ CREATE TABLE IF NOT EXISTS {meta}.batch_ledger (
   UNIQUE (asset, source, shard, epoch, start_position)
 );
 ALTER TABLE {meta}.batch_ledger ADD COLUMN IF NOT EXISTS watermark timestamptz;
+CREATE INDEX IF NOT EXISTS batch_ledger_partition_idx
+  ON {meta}.batch_ledger (asset, source, partition_key);
+CREATE TABLE IF NOT EXISTS {meta}.checkpoint (
+  asset text NOT NULL,
+  source text NOT NULL,
+  shard integer NOT NULL,
+  partition_key text NOT NULL,
+  position bigint NOT NULL,
+  digest text NOT NULL,
+  stale_reason text,
+  run_id text NOT NULL,
+  written_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  PRIMARY KEY (asset, source, shard, partition_key)
+);
 CREATE TABLE IF NOT EXISTS {meta}.state (
   store text NOT NULL,
   shard integer NOT NULL,
@@ -229,16 +252,14 @@ def read_head(
     """The ledger head of one shard, or None before its first batch."""
     row = conn.execute(
         sql.SQL(
-            "SELECT epoch, end_position, batches, watermark FROM {}.ledger_head "
+            "SELECT epoch, end_position, batches, watermark, partition_key FROM {}.ledger_head "
             "WHERE asset = %s AND source = %s AND shard = %s"
         ).format(sql.Identifier(schemas.meta)),
         (asset, source, shard),
     ).fetchone()
     if row is None:
         return None
-    return LedgerHead(
-        asset, source, shard, epoch=row[0], end=row[1], batches=row[2], watermark=row[3]
-    )
+    return LedgerHead(asset, source, shard, row[0], row[1], row[2], row[3], row[4])
 
 
 def read_heads(
@@ -247,20 +268,23 @@ def read_heads(
     """The ledger heads of every shard of ``source`` for ``asset``."""
     rows = conn.execute(
         sql.SQL(
-            "SELECT shard, epoch, end_position, batches FROM {}.ledger_head "
-            "WHERE asset = %s AND source = %s"
+            "SELECT shard, epoch, end_position, batches, watermark, partition_key "
+            "FROM {}.ledger_head WHERE asset = %s AND source = %s"
         ).format(sql.Identifier(schemas.meta)),
         (asset, source),
     ).fetchall()
-    return {r[0]: LedgerHead(asset, source, r[0], epoch=r[1], end=r[2], batches=r[3]) for r in rows}
+    return {r[0]: LedgerHead(asset, source, *r) for r in rows}
+
+
+_SELECT_HEAD_FOR_UPDATE = (
+    "SELECT epoch, end_position, batches, watermark, partition_key FROM {}.ledger_head "
+    "WHERE asset = %s AND source = %s AND shard = %s FOR UPDATE"
+)
 
 
 def _lock_head(conn: psycopg.Connection, schemas: Schemas, record: BatchRecord) -> LedgerHead:
     meta = sql.Identifier(schemas.meta)
-    select = sql.SQL(
-        "SELECT epoch, end_position, batches FROM {}.ledger_head "
-        "WHERE asset = %s AND source = %s AND shard = %s FOR UPDATE"
-    ).format(meta)
+    select = sql.SQL(_SELECT_HEAD_FOR_UPDATE).format(meta)
     key = (record.asset, record.source, record.shard)
     row = conn.execute(select, key).fetchone()
     if row is None:
@@ -279,7 +303,7 @@ def _lock_head(conn: psycopg.Connection, schemas: Schemas, record: BatchRecord) 
         )
         row = conn.execute(select, key).fetchone()
     assert row is not None
-    return LedgerHead(record.asset, record.source, record.shard, row[0], row[1], row[2])
+    return LedgerHead(record.asset, record.source, record.shard, *row)
 
 
 def copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataFrame) -> None:
@@ -336,37 +360,145 @@ def ledger_transaction(
                 f"{record.asset}: {record.source}[{record.shard}] ledger ends at {head.end}, "
                 f"batch starts at {record.start}; another run committed first"
             )
+        if record.partition_key is not None and record.partition_key != head.partition_key:
+            # The shard's first batch of a time partition: checkpoint the state it starts from.
+            write_checkpoint(conn, schemas, record, record.start)
         yield counts
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {}.batch_ledger (asset, source, shard, epoch, start_position, "
-                "end_position, run_id, partition_key, received, loaded, dead_lettered, deduplicated, "
-                "watermark) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-            ).format(meta),
-            (
-                record.asset,
-                record.source,
-                record.shard,
-                record.epoch,
-                record.start,
-                record.end,
-                record.run_id,
-                record.partition_key,
-                counts.received,
-                counts.loaded,
-                counts.dead_lettered,
-                counts.deduplicated,
-                record.watermark,
-            ),
-        )
+        insert_ledger_row(conn, schemas, record, counts)
         conn.execute(
             sql.SQL(
                 "UPDATE {}.ledger_head SET end_position = %s, batches = batches + 1, "
-                "watermark = %s, updated_at = clock_timestamp() "
-                "WHERE asset = %s AND source = %s AND shard = %s"
+                "watermark = %s, partition_key = coalesce(%s, partition_key), "
+                "updated_at = clock_timestamp() WHERE asset = %s AND source = %s AND shard = %s"
             ).format(meta),
-            (record.end, record.watermark, record.asset, record.source, record.shard),
+            (
+                record.end,
+                record.watermark,
+                record.partition_key,
+                record.asset,
+                record.source,
+                record.shard,
+            ),
         )
+
+
+def insert_ledger_row(
+    conn: psycopg.Connection, schemas: Schemas, record: BatchRecord, counts: BatchCounts
+) -> None:
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.batch_ledger (asset, source, shard, epoch, start_position, "
+            "end_position, run_id, partition_key, received, loaded, dead_lettered, deduplicated, "
+            "watermark) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        ).format(sql.Identifier(schemas.meta)),
+        (
+            record.asset,
+            record.source,
+            record.shard,
+            record.epoch,
+            record.start,
+            record.end,
+            record.run_id,
+            record.partition_key,
+            counts.received,
+            counts.loaded,
+            counts.dead_lettered,
+            counts.deduplicated,
+            record.watermark,
+        ),
+    )
+
+
+# -- state checkpoints ------------------------------------------------------------------------
+#
+# A checkpoint marks the state of one shard at the start of a time partition: the position
+# where the partition starts in that shard, and a digest of the state there. The state itself
+# is the versions in ``{meta}.state`` (each stamped with the position of the batch that wrote
+# it), so "restore the checkpoint" is "read every key as of that position". A digest is a
+# chain: the digest at the previous checkpoint, then the final value of every key written
+# since. Reprocessing a partition recomputes the digest at its end; when it differs from the
+# digest the next partition was processed with, that partition (and everything after it) no
+# longer follows from its predecessor: it is marked stale until reprocessed.
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    asset: str
+    source: str
+    shard: int
+    partition_key: str
+    position: int
+    digest: str
+    stale_reason: str | None
+
+
+def read_checkpoints(
+    conn: psycopg.Connection, schemas: Schemas, asset: str, source: str | None = None
+) -> list[Checkpoint]:
+    """Checkpoints of ``asset`` (of one source, or all), by shard and position."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT asset, source, shard, partition_key, position, digest, stale_reason "
+            "FROM {}.checkpoint WHERE asset = %s AND (%s::text IS NULL OR source = %s) "
+            "ORDER BY source, shard, position, partition_key"
+        ).format(sql.Identifier(schemas.meta)),
+        (asset, source, source),
+    ).fetchall()
+    return [Checkpoint(*row) for row in rows]
+
+
+def state_digest_at(
+    conn: psycopg.Connection, schemas: Schemas, asset: str, source: str, shard: int, position: int
+) -> str:
+    """Digest of the shard's state at ``position``, chained from the checkpoint before it."""
+    meta = sql.Identifier(schemas.meta)
+    base = conn.execute(
+        sql.SQL(
+            "SELECT position, digest FROM {}.checkpoint WHERE asset = %s AND source = %s "
+            "AND shard = %s AND position < %s ORDER BY position DESC LIMIT 1"
+        ).format(meta),
+        (asset, source, shard, position),
+    ).fetchone()
+    since, chained = (base[0], base[1]) if base is not None else (-1, "")
+    row = conn.execute(
+        sql.SQL(
+            "SELECT md5(coalesce(string_agg(store || '/' || key || '=' || value::text, ',' "
+            "ORDER BY store, key), '')) FROM (SELECT DISTINCT ON (store, key) store, key, value "
+            "FROM {}.state WHERE store LIKE %s AND shard = %s AND position > %s AND position <= %s "
+            "ORDER BY store, key, position DESC) AS finals"
+        ).format(meta),
+        (f"{asset}/%", shard, since, position),
+    ).fetchone()
+    assert row is not None
+    return hashlib.sha256(f"{chained}|{row[0]}".encode()).hexdigest()
+
+
+def write_checkpoint(
+    conn: psycopg.Connection, schemas: Schemas, record: BatchRecord, position: int
+) -> str:
+    """Checkpoint the state at ``position``, where ``record``'s partition starts in its shard
+    (processed now with the state as it stands, so not stale)."""
+    assert record.partition_key is not None
+    digest = state_digest_at(conn, schemas, record.asset, record.source, record.shard, position)
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.checkpoint (asset, source, shard, partition_key, position, digest, "
+            "run_id) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (asset, source, shard, partition_key) DO UPDATE SET "
+            "position = excluded.position, digest = excluded.digest, stale_reason = NULL, "
+            "run_id = excluded.run_id, written_at = clock_timestamp()"
+        ).format(sql.Identifier(schemas.meta)),
+        (
+            record.asset,
+            record.source,
+            record.shard,
+            record.partition_key,
+            position,
+            digest,
+            record.run_id,
+        ),
+    )
+    return digest
 
 
 def write_dead_letters(
@@ -455,24 +587,18 @@ def commit_batch(
     Returns the record with the final counts (``deduplicated`` includes events already in
     the EDW from earlier batches).
     """
-    fact = sql.Identifier(schemas.edw, contract.table)
-    rows = decoded.rows if rows is None else rows
     with ledger_transaction(conn, schemas, record) as counts:
-        stage = stage_frame(conn, f"stage_{contract.table}", fact, rows)
-        counts.received = decoded.received
-        counts.loaded = conn.execute(
-            sql.SQL(
-                "INSERT INTO {fact} SELECT * FROM {stage} ORDER BY kafka_offset "
-                "ON CONFLICT (event_id) DO NOTHING"
-            ).format(fact=fact, stage=stage)
-        ).rowcount
-        for table, frame in (side_tables or {}).items():
-            copy_frame(conn, sql.Identifier(schemas.edw, table), frame)
-        for store, values in (state or {}).items():
-            assert cache is not None, "state without a cache to save it"
-            cache.save(conn, store, record.shard, record.end, values)
-        counts.dead_lettered = write_dead_letters(
-            conn, schemas, record, decoded.dead_letters.rename(columns={"offset": "position"})
+        write_batch(
+            conn,
+            schemas,
+            contract,
+            record,
+            decoded,
+            counts,
+            rows=rows,
+            side_tables=side_tables,
+            state=state,
+            cache=cache,
         )
     for store, values in (state or {}).items():
         assert cache is not None
@@ -483,6 +609,41 @@ def commit_batch(
         loaded=counts.loaded,
         dead_lettered=counts.dead_lettered,
         deduplicated=counts.deduplicated,
+    )
+
+
+def write_batch(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    contract: EventContract,
+    record: BatchRecord,
+    decoded: DecodedBatch,
+    counts: BatchCounts,
+    *,
+    rows: pd.DataFrame | None = None,
+    side_tables: Mapping[str, pd.DataFrame] | None = None,
+    state: Mapping[str, Mapping[str, Any]] | None = None,
+    cache: StateAccess | None = None,
+) -> None:
+    """Write one batch's output inside the caller's ledger transaction and fill ``counts``."""
+    fact = sql.Identifier(schemas.edw, contract.table)
+    rows = decoded.rows if rows is None else rows
+    stage = stage_frame(conn, f"stage_{contract.table}", fact, rows)
+    counts.received = decoded.received
+    counts.loaded = conn.execute(
+        sql.SQL(
+            "INSERT INTO {fact} SELECT * FROM {stage} ORDER BY kafka_offset "
+            "ON CONFLICT (event_id) DO NOTHING"
+        ).format(fact=fact, stage=stage)
+    ).rowcount
+    conn.execute(sql.SQL("DROP TABLE {}").format(stage))  # a transaction may hold several batches
+    for table, frame in (side_tables or {}).items():
+        copy_frame(conn, sql.Identifier(schemas.edw, table), frame)
+    for store, values in (state or {}).items():
+        assert cache is not None, "state without a cache to save it"
+        cache.save(conn, store, record.shard, record.end, values)
+    counts.dead_lettered = write_dead_letters(
+        conn, schemas, record, decoded.dead_letters.rename(columns={"offset": "position"})
     )
 
 
@@ -533,8 +694,62 @@ def reset_for_replay(
         batches = conn.execute(
             sql.SQL("DELETE FROM {}.batch_ledger WHERE asset = %s").format(meta), (asset,)
         ).rowcount
+        conn.execute(sql.SQL("DELETE FROM {}.checkpoint WHERE asset = %s").format(meta), (asset,))
         conn.execute(sql.SQL("DELETE FROM {}.ledger_head WHERE asset = %s").format(meta), (asset,))
     return ReplayReset(rows=rows, dead_letters=dead, batches=batches)
+
+
+def _delete_positions(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    table: str,
+    asset: str,
+    topic: str,
+    shard: int,
+    start: int,
+    end: int | None,
+    side_tables: Sequence[str],
+) -> tuple[int, int]:
+    """Delete what ``asset`` loaded from ``topic[shard]`` positions ``[start, end)`` (``end``
+    None: to the end): rows, side-table rows, dead letters, ledger batches, and the state
+    versions those batches wrote. Returns (rows, batches) removed."""
+    meta = sql.Identifier(schemas.meta)
+    fact = sql.Identifier(schemas.edw, table)
+    upper = end if end is not None else 2**63 - 1
+    in_range = sql.SQL(
+        "topic = %s AND kafka_partition = %s AND kafka_offset >= %s AND kafka_offset < %s"
+    )
+    args = (topic, shard, start, upper)
+    for side in side_tables:
+        conn.execute(
+            sql.SQL(
+                "DELETE FROM {side} WHERE event_id IN (SELECT event_id FROM {fact} WHERE {cond})"
+            ).format(side=sql.Identifier(schemas.edw, side), fact=fact, cond=in_range),
+            args,
+        )
+    rows = conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(fact, in_range), args).rowcount
+    conn.execute(
+        sql.SQL(
+            "DELETE FROM {}.dead_letter WHERE asset = %s AND source = %s AND shard = %s "
+            "AND position >= %s AND position < %s"
+        ).format(meta),
+        (asset, topic, shard, start, upper),
+    )
+    batches = conn.execute(
+        sql.SQL(
+            "DELETE FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = %s "
+            "AND start_position >= %s AND start_position < %s"
+        ).format(meta),
+        (asset, topic, shard, start, upper),
+    ).rowcount
+    conn.execute(
+        sql.SQL(
+            "DELETE FROM {}.state WHERE store LIKE %s AND shard = %s AND position > %s "
+            "AND position <= %s"
+        ).format(meta),
+        (f"{asset}/%", shard, start, upper),
+    )
+    return rows, batches
 
 
 def rewind_topic_asset(
@@ -551,11 +766,10 @@ def rewind_topic_asset(
 
     Each partition restarts at the start of the ledger batch holding its offset (a batch
     boundary, where the state versions tell the state as it stood). Rows, side-table rows,
-    dead letters, ledger batches and state versions after that point go; everything before
-    stays. Returns the restart offset of each partition that moved.
+    dead letters, ledger batches, state versions and checkpoints after that point go;
+    everything before stays. Returns the restart offset of each partition that moved.
     """
     meta = sql.Identifier(schemas.meta)
-    fact = sql.Identifier(schemas.edw, table)
     restarts: dict[int, int] = {}
     with conn.transaction():
         heads = conn.execute(
@@ -577,34 +791,207 @@ def rewind_topic_asset(
             if row is None or row[0] is None:
                 continue  # the ledger has not reached that offset: nothing to rewind
             start = int(row[0])
-            in_range = sql.SQL("topic = %s AND kafka_partition = %s AND kafka_offset >= %s")
-            for side in side_tables:
-                conn.execute(
-                    sql.SQL(
-                        "DELETE FROM {side} WHERE event_id IN (SELECT event_id FROM {fact} WHERE {cond})"
-                    ).format(side=sql.Identifier(schemas.edw, side), fact=fact, cond=in_range),
-                    (topic, shard, start),
-                )
-            conn.execute(
-                sql.SQL("DELETE FROM {} WHERE {}").format(fact, in_range), (topic, shard, start)
-            )
-            for statement in (
-                "DELETE FROM {}.dead_letter WHERE asset = %s AND source = %s AND shard = %s AND position >= %s",
-                "DELETE FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = %s AND start_position >= %s",
-            ):
-                conn.execute(sql.SQL(statement).format(meta), (asset, topic, shard, start))
+            _delete_positions(conn, schemas, table, asset, topic, shard, start, None, side_tables)
             conn.execute(
                 sql.SQL(
-                    "DELETE FROM {}.state WHERE store LIKE %s AND shard = %s AND position > %s"
+                    "DELETE FROM {}.checkpoint WHERE asset = %s AND source = %s AND shard = %s "
+                    "AND position > %s"
                 ).format(meta),
-                (f"{asset}/%", shard, start),
+                (asset, topic, shard, start),
             )
             conn.execute(
                 sql.SQL(
-                    "UPDATE {}.ledger_head SET end_position = %s, updated_at = clock_timestamp() "
+                    "UPDATE {meta}.ledger_head SET end_position = %s, updated_at = clock_timestamp(), "
+                    "partition_key = (SELECT partition_key FROM {meta}.batch_ledger WHERE asset = %s "
+                    "AND source = %s AND shard = %s AND end_position = %s) "
                     "WHERE asset = %s AND source = %s AND shard = %s"
-                ).format(meta),
-                (start, asset, topic, shard),
+                ).format(meta=meta),
+                (start, asset, topic, shard, start, asset, topic, shard),
             )
             restarts[shard] = start
     return restarts
+
+
+@dataclass
+class WindowReplacement:
+    """What :func:`replace_window` did to one shard."""
+
+    removed_rows: int = 0
+    removed_batches: int = 0
+    new_end: int = 0
+    #: The next partition whose starting state changed (it and those after it are stale).
+    stale_from: str | None = None
+
+
+@contextmanager
+def replace_window(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    *,
+    table: str,
+    record: BatchRecord,
+    log_start: int,
+    stateful: bool,
+    side_tables: Sequence[str] = (),
+) -> Iterator[WindowReplacement]:
+    """Replace what ``record.asset`` holds of one time partition in one shard, in one
+    transaction: the partition is positions ``[record.start, record.end)``.
+
+    Checks first, deletes nothing unless all pass: the ledger reaches the partition's start
+    (its predecessor is loaded) or the partition is the shard's first; no ledger batch
+    straddles a boundary; for a stateful asset the state checkpoint at the start exists.
+    Then the partition's rows, side rows, dead letters, ledger batches and state versions
+    go, the body reloads them (ledger rows included), and on the way out the head, the
+    checkpoint at the start and the staleness of the next partition are brought up to date.
+    """
+    meta = sql.Identifier(schemas.meta)
+    asset, source, shard = record.asset, record.source, record.shard
+    window, start, end = record.partition_key or "?", record.start, record.end
+
+    def refuse(detail: str) -> ReprocessError:
+        return ReprocessError(asset, source, shard, window, start, end, detail)
+
+    result = WindowReplacement(new_end=end)
+    with conn.transaction():
+        row = conn.execute(
+            sql.SQL(_SELECT_HEAD_FOR_UPDATE).format(meta), (asset, source, shard)
+        ).fetchone()
+        head = LedgerHead(asset, source, shard, *row) if row is not None else None
+        if head is not None and head.epoch != record.epoch:
+            raise LogResetError(
+                asset,
+                source,
+                shard,
+                f"was recreated: the ledger was written for source id {head.epoch or '-'} "
+                f"up to position {head.end}, the source now has id {record.epoch or '-'}.",
+            )
+        loaded_before = (head is not None) and _ledger_reaches_before(conn, schemas, record)
+        if head is None:
+            if start > log_start:
+                raise refuse(
+                    f"the ledger holds nothing of this shard and the partition starts after the "
+                    f"log start ({log_start}): reprocess the earlier partitions first."
+                )
+        elif head.end < start:
+            raise refuse(
+                f"the partition before it is not loaded: the ledger ends at {head.end}. "
+                "Reprocess the earlier partitions first (a backfill runs them in order)."
+            )
+        cut = min(head.end, end) if head is not None else start
+        straddling = conn.execute(
+            sql.SQL(
+                "SELECT start_position, end_position FROM {}.batch_ledger WHERE asset = %s "
+                "AND source = %s AND shard = %s AND ((start_position < %s AND end_position > %s) "
+                "OR (start_position < %s AND end_position > %s)) LIMIT 1"
+            ).format(meta),
+            (asset, source, shard, start, start, cut, cut),
+        ).fetchone()
+        if straddling is not None:
+            raise refuse(
+                f"ledger batch [{straddling[0]}, {straddling[1]}) straddles a boundary of the "
+                "partition (loaded before partitions were cut): replay the asset from the beginning."
+            )
+        first = conn.execute(
+            sql.SQL(
+                "SELECT min(start_position) FROM {}.batch_ledger WHERE asset = %s AND source = %s "
+                "AND shard = %s AND partition_key = %s"
+            ).format(meta),
+            (asset, source, shard, window),
+        ).fetchone()
+        if first is not None and first[0] is not None and first[0] < log_start:
+            raise refuse(
+                f"the log now starts at {log_start}: offsets [{first[0]}, {log_start}) of this "
+                "partition have expired (retention) and cannot be read again."
+            )
+        if first is not None and first[0] is not None and first[0] != start:
+            raise refuse(
+                f"the ledger has this partition starting at offset {first[0]}, the log at "
+                f"{start}: the log is not the one the partition was loaded from."
+            )
+        if stateful and loaded_before:
+            mark = conn.execute(
+                sql.SQL(
+                    "SELECT 1 FROM {}.checkpoint WHERE asset = %s AND source = %s AND shard = %s "
+                    "AND position = %s"
+                ).format(meta),
+                (asset, source, shard, start),
+            ).fetchone()
+            if mark is None:
+                raise refuse(
+                    f"no state checkpoint at offset {start} (the partition's start): the state "
+                    "the partition starts from cannot be restored. Reprocess from an earlier "
+                    "partition that has one, or replay the asset from the beginning."
+                )
+        if head is None:
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {}.ledger_head (asset, source, shard, epoch, end_position) "
+                    "VALUES (%s, %s, %s, %s, %s)"
+                ).format(meta),
+                (asset, source, shard, record.epoch, start),
+            )
+        result.removed_rows, result.removed_batches = _delete_positions(
+            conn, schemas, table, asset, source, shard, start, cut, side_tables
+        )
+        yield result
+        old_end = head.end if head is not None else start
+        result.new_end = max(old_end, end)
+        conn.execute(
+            sql.SQL(
+                "UPDATE {meta}.ledger_head SET end_position = %s, updated_at = clock_timestamp(), "
+                "partition_key = CASE WHEN %s THEN %s ELSE partition_key END, "
+                "batches = (SELECT count(*) FROM {meta}.batch_ledger WHERE asset = %s "
+                "AND source = %s AND shard = %s) WHERE asset = %s AND source = %s AND shard = %s"
+            ).format(meta=meta),
+            (result.new_end, end >= old_end, window, asset, source, shard, asset, source, shard),
+        )
+        if end > start:
+            write_checkpoint(conn, schemas, record, start)
+        if end < old_end:
+            result.stale_from = _mark_next_stale(conn, schemas, record)
+
+
+def _ledger_reaches_before(conn: psycopg.Connection, schemas: Schemas, record: BatchRecord) -> bool:
+    """Whether the ledger holds a batch before the partition's start (state matters there)."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT 1 FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = %s "
+            "AND start_position < %s LIMIT 1"
+        ).format(sql.Identifier(schemas.meta)),
+        (record.asset, record.source, record.shard, record.start),
+    ).fetchone()
+    return row is not None
+
+
+def _mark_next_stale(conn: psycopg.Connection, schemas: Schemas, record: BatchRecord) -> str | None:
+    """After reprocessing ``record``'s partition, mark the next one stale if the state it was
+    processed with is not the state the partition now ends with. Returns its key if so."""
+    meta = sql.Identifier(schemas.meta)
+    following = conn.execute(
+        sql.SQL(
+            "SELECT partition_key, digest FROM {}.checkpoint WHERE asset = %s AND source = %s "
+            "AND shard = %s AND position >= %s AND partition_key > %s "
+            "ORDER BY position, partition_key LIMIT 1"
+        ).format(meta),
+        (record.asset, record.source, record.shard, record.end, record.partition_key),
+    ).fetchone()
+    if following is None:
+        return None
+    digest = state_digest_at(conn, schemas, record.asset, record.source, record.shard, record.end)
+    if digest == following[1]:
+        return None
+    conn.execute(
+        sql.SQL(
+            "UPDATE {}.checkpoint SET stale_reason = %s WHERE asset = %s AND source = %s "
+            "AND shard = %s AND partition_key = %s"
+        ).format(meta),
+        (
+            f"the state at its start changed when partition {record.partition_key} was "
+            f"reprocessed (run {record.run_id})",
+            record.asset,
+            record.source,
+            record.shard,
+            following[0],
+        ),
+    )
+    return str(following[0])

@@ -9,13 +9,16 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.cdc import build_capture_asset, build_capture_reconciliation_check, change_table_source
+from assets.checks import build_freshness_checks, build_freshness_sensor
 from assets.event_store import (
     FactServices,
     build_fact_asset,
     build_reconciliation_check,
     build_replay_check,
+    build_staleness_check,
     topic_source,
 )
+from assets.marts import build_customer_daily
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.settings import Settings
@@ -25,6 +28,7 @@ from resources.state import StateCacheResource
 from resources.warehouse import WarehouseResource
 from sensors.cdc import build_capture_sensor
 from sensors.event_store import build_offset_sensor
+from sensors.marts import build_mart_sensor
 
 FRAUD_ALERT = dg.AssetSpec(
     key="fraud_alert",
@@ -41,8 +45,13 @@ FRAUD_ALERT = dg.AssetSpec(
 )
 
 
+#: Marts are rebuilt per event date: at most every this many seconds, not with every batch.
+MART_INTERVAL_S = 30
+
+
 def build_definitions(settings: Settings) -> dg.Definitions:
     ingests = topic_ingests(settings)
+    topics = [spec for spec, _ in ingests]
     captures = load_captures(settings.capture_config)
     by_target = {c.target: c for c in captures}
     services = FactServices(
@@ -57,6 +66,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             spec,
             services=services,
             side_assets=(FRAUD_ALERT,) if spec.asset == "fact_payment" else (),
+            windows=settings.windows,
             **limits,
         )
         for spec, _ in ingests
@@ -64,7 +74,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     checks = (
         [build_replay_check(spec) for spec, _ in ingests]
         + [build_reconciliation_check(spec) for spec, _ in ingests]
+        + [build_staleness_check(spec) for spec, _ in ingests if spec.step is not None]
         + [build_capture_reconciliation_check(spec) for spec in captures]
+        + build_freshness_checks(topics, captures, max_lag_s=settings.freshness_max_lag_s)
     )
     return dg.Definitions(
         asset_checks=checks,
@@ -81,10 +93,12 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         assets=[topic_source(spec) for spec, _ in ingests]
         + list(facts.values())
         + [change_table_source(spec) for spec in captures]
-        + [build_capture_asset(spec, max_changes=settings.batch_max_records) for spec in captures],
+        + [build_capture_asset(spec, max_changes=settings.batch_max_records) for spec in captures]
+        + [build_customer_daily(settings.windows, sorted(facts))],
         sensors=[
             build_offset_sensor(
                 spec,
+                windows=settings.windows,
                 topic_setting=setting,
                 interval_s=interval,
                 selection=sorted(facts[spec.asset].keys),
@@ -95,6 +109,15 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         + [
             build_capture_sensor(spec, interval_s=interval, max_changes=settings.batch_max_records)
             for spec in captures
+        ]
+        + [
+            build_mart_sensor(
+                "mart_customer_daily",
+                sorted(facts),
+                windows=settings.windows,
+                interval_s=max(interval, MART_INTERVAL_S),
+            ),
+            build_freshness_sensor(topics, captures, max_lag_s=settings.freshness_max_lag_s),
         ],
         resources={
             "event_store": EventStoreResource(

@@ -11,7 +11,8 @@ from assets.event_store import topic_asset_key
 from kappa.cursor import OffsetCursor
 from kappa.event_store import UnknownTopicError
 from kappa.exceptions import ConfigurationError
-from kappa.ingest import TopicIngest, check_continuity, plan_ranges
+from kappa.ingest import OffsetRange, TopicIngest, check_continuity, locate_windows, plan_ranges
+from kappa.partitions import TimeWindows
 from kappa.warehouse import read_heads
 from resources.event_store import EventStoreResource
 from resources.warehouse import WarehouseResource
@@ -26,6 +27,7 @@ from sensors.micro_batch import (
 def build_offset_sensor(
     spec: TopicIngest,
     *,
+    windows: TimeWindows,
     topic_setting: str,
     interval_s: int,
     max_batch: int,
@@ -58,11 +60,33 @@ def build_offset_sensor(
                 raise ConfigurationError(topic_setting, str(exc)) from None
             bounds = store.log_bounds(spec.topic, partitions)
             epoch = store.topic_id(spec.topic) or ""
-        with warehouse.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as conn:
-            heads = read_heads(conn, warehouse.schemas, spec.asset, spec.topic)
-        for partition in partitions:
-            check_continuity(
-                spec.asset, spec.topic, partition, heads.get(partition), bounds[partition], epoch
+            with warehouse.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as conn:
+                heads = read_heads(conn, warehouse.schemas, spec.asset, spec.topic)
+            for partition in partitions:
+                check_continuity(
+                    spec.asset,
+                    spec.topic,
+                    partition,
+                    heads.get(partition),
+                    bounds[partition],
+                    epoch,
+                )
+            busy = busy_partitions(context.instance, spec.asset)
+            starts = {
+                p: heads[p].end if p in heads else bounds[p].start
+                for p in partitions
+                if p not in busy
+                and (heads[p].end if p in heads else bounds[p].start) < bounds[p].end
+            }
+            # The time partition of each shard's next record, and where it ends: a batch
+            # never crosses a partition boundary.
+            located = locate_windows(
+                store,
+                spec.topic,
+                windows,
+                starts,
+                {p: heads[p].partition_key if p in heads else None for p in starts},
+                {p: bounds[p].end for p in starts},
             )
 
         events: list[dg.AssetObservation] = []
@@ -81,9 +105,14 @@ def build_offset_sensor(
             )
             cursor.log_end = log_end
 
-        busy = busy_partitions(context.instance, spec.asset)
         ranges = plan_ranges(
-            spec.topic, heads, bounds, busy=busy, max_batch=max_batch, max_run=max_run
+            spec.topic,
+            heads,
+            bounds,
+            busy=busy,
+            max_batch=max_batch,
+            max_run=max_run,
+            limits={p: end for p, (_, end) in located.items()},
         )
         if not ranges:
             waiting = [p for p in partitions if p in busy]
@@ -97,25 +126,34 @@ def build_offset_sensor(
             return dg.SensorResult(
                 skip_reason=reason, cursor=cursor.dump(), asset_events=list(events)
             )
-        request = micro_batch_request(
-            asset=spec.asset,
-            cursor=cursor,
-            epoch=epoch,
-            source=spec.topic,
-            spans={r.partition: (r.start, r.end) for r in ranges},
-            selection=selection,
-            config={
-                "ranges": [
-                    {"topic": r.topic, "partition": r.partition, "start": r.start, "end": r.end}
-                    for r in ranges
-                ]
-            },
-        )
+        by_window: dict[str, list[OffsetRange]] = {}
+        for r in ranges:
+            by_window.setdefault(located[r.partition][0].key, []).append(r)
+        requests = []
+        for key in sorted(by_window, key=lambda k: windows.window(k).start):
+            group = by_window[key]
+            request = micro_batch_request(
+                asset=spec.asset,
+                cursor=cursor,
+                epoch=epoch,
+                source=spec.topic,
+                partition_key=key,
+                spans={r.partition: (r.start, r.end) for r in group},
+                selection=selection,
+                config={
+                    "ranges": [
+                        {"topic": r.topic, "partition": r.partition, "start": r.start, "end": r.end}
+                        for r in group
+                    ]
+                },
+            )
+            requests.append(request)
+            context.log.info(f"{spec.asset} {key}: requesting {request.tags[RANGES_TAG]}")
         cursor.seq += 1
         lag = sum(b.end - (heads[p].end if p in heads else b.start) for p, b in bounds.items())
-        context.log.info(f"{spec.asset}: requesting {request.tags[RANGES_TAG]} (total lag {lag})")
+        context.log.info(f"{spec.asset}: total lag {lag}")
         return dg.SensorResult(
-            run_requests=[request], cursor=cursor.dump(), asset_events=list(events)
+            run_requests=requests, cursor=cursor.dump(), asset_events=list(events)
         )
 
     return offset_sensor

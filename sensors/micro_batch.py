@@ -38,13 +38,16 @@ def micro_batch_request(
     spans: dict[int, tuple[int, int]],
     config: dict,
     selection: list[dg.AssetKey] | None = None,
+    partition_key: str | None = None,
 ) -> dg.RunRequest:
     """A run for ``asset`` over ``spans`` (shard -> [start, end)): positions in the config,
-    shards in the tags (``selection``: every asset the step writes, default ``asset``). The run key carries the cursor's generation and sequence, so a tick
+    shards in the tags (``selection``: every asset the step writes, default ``asset``), the time
+    partition it appends to as its partition key. The run key carries the cursor's generation and sequence, so a tick
     evaluated twice asks for the same key and a key is never reused after a cursor reset."""
     text = ",".join(f"{shard}:{start}-{end}" for shard, (start, end) in sorted(spans.items()))
     return dg.RunRequest(
-        run_key=f"{asset}/{cursor.generation}.{cursor.seq}/{epoch[:8] or '-'}/{text}",
+        run_key=f"{asset}/{cursor.generation}.{cursor.seq}/{epoch[:8] or '-'}/{partition_key or '-'}/{text}",
+        partition_key=partition_key,
         asset_selection=selection or [dg.AssetKey(asset)],
         # Checks such as replay equivalence re-read the log: never with every micro-batch.
         asset_check_keys=[],

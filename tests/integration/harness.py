@@ -115,6 +115,7 @@ class Pipeline:
             instance=self.instance,
             tags=request.tags,
             raise_on_error=raise_on_error,
+            partition_key=request.partition_key,
         )
 
     def drain(self, asset: str, *, max_ticks: int = 200) -> list[dg.ExecuteInProcessResult]:
@@ -164,6 +165,7 @@ def kill_mid_batch(
             "tests.integration.run_batch",
             json.dumps(request.run_config),
             json.dumps(request.tags),
+            *([request.partition_key] if request.partition_key else []),
         ],
         cwd=ROOT,
         env={**os.environ, **pipeline.env},

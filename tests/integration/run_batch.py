@@ -1,6 +1,6 @@
 """Execute one micro-batch run in this process, so a test can SIGKILL it mid-batch.
 
-Usage: python -m tests.integration.run_batch '<run config as JSON>' '<tags as JSON>'
+Usage: python -m tests.integration.run_batch '<run config as JSON>' '<tags as JSON>' [partition]
 (the deployment comes from the environment, as in a Dagster run worker).
 """
 
@@ -20,6 +20,9 @@ if __name__ == "__main__":
         asset_check_selection=set(),
     )
     result = job.execute_in_process(
-        run_config=run_config, instance=dg.DagsterInstance.ephemeral(), tags=tags
+        run_config=run_config,
+        instance=dg.DagsterInstance.ephemeral(),
+        tags=tags,
+        partition_key=sys.argv[3] if len(sys.argv) > 3 else None,
     )
     sys.exit(0 if result.success else 1)

@@ -1,5 +1,7 @@
 """The kappa command against real services: clear errors naming the setting, no tracebacks."""
 
+import re
+
 import pytest
 
 from kappa import cli
@@ -51,28 +53,100 @@ def test_an_unreachable_broker_given_to_init_names_the_setting(pipeline_env, mon
     assert "kappa: KAFKA_BOOTSTRAP_SERVERS: no broker answered" in err
 
 
-def test_status_shows_lag_per_shard_and_the_ledger(pipeline, capsys):
+def _status_lines(out: str) -> list[str]:
+    """The lag table of `kappa status`: from its header to the first blank line."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("asset "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    return lines[start:end]
+
+
+def test_status_shows_lag_per_shard_and_the_ledger(pipeline, capsys, monkeypatch, tmp_path):
     from tests.integration.harness import Pipeline
 
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv("KAPPA_HOME", str(tmp_path / "no-stack-here"))
     assert isinstance(pipeline, Pipeline)
     messages = pipeline.simulate(300, invalid_rate=0.05)
     pipeline.drain("fact_order")
     assert cli.main(["status"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:5] == ["asset", "shard", "log", "end", "loaded"]
+    text = capsys.readouterr().out
+    out = _status_lines(text)
+    assert out[0].split() == [
+        "asset", "shard", "log", "end", "loaded", "to", "lag", "oldest", "batches", "loaded",
+        "dead", "dedup", "last", "batch",
+    ]  # fmt: skip
     topic = pipeline.env["KAPPA_TOPIC_ORDERS"]
     orders = [line.split() for line in out if line.startswith("fact_order ")]
     assert len(orders) == 4, "one line per partition of the orders topic"
     for cells in orders:
         assert cells[1].startswith(f"{topic}[")
         assert cells[2] == cells[3] and cells[4] == "0", "drained: loaded to the log end, no lag"
-    loaded = sum(int(cells[6]) for cells in orders)
+        assert cells[5] == "-", "nothing pending, so no oldest pending record"
+    loaded = sum(int(cells[7]) for cells in orders)
     assert loaded == len({m.event_id for m in messages if m.topic == topic and m.kind == "valid"})
     payments = [line.split() for line in out if line.startswith("fact_payment ")]
     assert payments and all(int(cells[4]) > 0 for cells in payments if cells[2] != "0"), (
         "not loaded yet: lagging"
     )
+    assert all(cells[5].endswith("s") for cells in payments if cells[2] != "0"), (
+        "the age of the oldest pending payment"
+    )
     assert any(line.startswith("dim_customer ") for line in out)
+    # The last batches, newest first, and why no check results were read.
+    listed = re.search(r"\nlast (\d+) batches\n", text)
+    assert listed is not None, text
+    count = int(listed.group(1))
+    assert count == 4, "one batch per orders partition (at most 5 listed)"
+    batches = text[listed.end() :].splitlines()
+    assert batches[0].split()[:3] == ["asset", "shard", "positions"]
+    assert all(line.startswith("fact_order ") for line in batches[1 : 1 + count])
+    assert "checks: not read (no Dagster instance: DAGSTER_HOME is not set" in text
+
+
+def test_status_lists_failing_checks_from_the_dagster_instance(
+    pipeline, capsys, monkeypatch, tmp_path
+):
+    import dagster as dg
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    pipeline.simulate(50)
+    with dg.DagsterInstance.get() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(
+                asset_key=dg.AssetKey("fact_order"),
+                check_name="freshness",
+                passed=False,
+                severity=dg.AssetCheckSeverity.WARN,
+                description="orders[2]: oldest of 40 pending is 900 s old (bound 300 s)",
+            )
+        )
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(
+                asset_key=dg.AssetKey("fact_payment"), check_name="freshness", passed=True
+            )
+        )
+    assert cli.main(["status", "--batches", "0"]) == 1
+    text = capsys.readouterr().out
+    assert "batches\n" not in text, "--batches 0 lists no batches"
+    assert "checks: 10 defined, 1 passed, 1 failing, 0 running, 8 never evaluated" in text
+    failing = text.split("checks: ")[1].splitlines()[1:]
+    assert failing[0].split()[:6] == ["asset", "check", "state", "severity", "when", "why"]
+    cells = failing[1].split()
+    assert cells[:4] == ["fact_order", "freshness", "failed", "warn"]
+    assert failing[1].endswith("orders[2]: oldest of 40 pending is 900 s old (bound 300 s)")
+
+    with dg.DagsterInstance.get() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(
+                asset_key=dg.AssetKey("fact_order"), check_name="freshness", passed=True
+            )
+        )
+    assert cli.main(["status", "--batches", "0"]) == 0
+    assert "2 passed, 0 failing" in capsys.readouterr().out
 
 
 def test_reconcile_adds_up_and_names_a_ledger_gap(pipeline, capsys):

@@ -1,6 +1,7 @@
 """The spine against the real broker, real PostgreSQL and a real Dagster instance."""
 
 from collections import Counter
+from datetime import UTC, datetime
 
 import dagster as dg
 import pytest
@@ -135,19 +136,25 @@ def test_a_run_repeated_or_retried_changes_nothing(pipeline: Pipeline):
     )
 
 
-def test_a_manual_materialisation_plans_its_own_batch(pipeline: Pipeline):
+def test_a_materialisation_launched_by_hand_reprocesses_its_partition(pipeline: Pipeline):
+    """The UI's "Materialize" on a partition (no offset ranges): the partition is replaced
+    from the log, and holds exactly what the live micro-batches had loaded."""
     messages = pipeline.simulate(300)
-    job = pipeline.defs.resolve_implicit_global_asset_job_def()
-    while True:
-        result = job.execute_in_process(
-            instance=pipeline.instance, asset_selection=[dg.AssetKey("fact_order")]
-        )
-        if (
-            result.asset_materializations_for_node("fact_order")[0].metadata["rows_received"].value
-            == 0
-        ):
-            break
-    loaded = {r[0] for r in pipeline.query("SELECT event_id::text FROM edw.fact_order")}
+    pipeline.drain("fact_order")
+    table = (
+        "SELECT event_id::text, customer_orders_before, kafka_offset FROM edw.fact_order ORDER BY 1"
+    )
+    live = pipeline.query(table)
+    key = pipeline.settings.windows.at(datetime.now(UTC)).key
+    job = pipeline.defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection={dg.AssetKey("fact_order")}, asset_check_selection=set()
+    )
+    result = job.execute_in_process(instance=pipeline.instance, partition_key=key)
+    metadata = result.asset_materializations_for_node("fact_order")[0].metadata
+    assert metadata["mode"].value == "reprocess"
+    assert metadata["rows_removed"].value == len(live) == metadata["rows_loaded"].value
+    assert pipeline.query(table) == live
+    loaded = {r[0] for r in live}
     assert loaded == expected_event_ids(messages, pipeline.env["KAPPA_TOPIC_ORDERS"])
 
 

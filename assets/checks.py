@@ -1,0 +1,224 @@
+"""Freshness: an asset check on every fact and captured table, and the sensor that keeps it
+current.
+
+The check passes while the oldest record or change the EDW has not loaded yet is at most
+``KAPPA_FRESHNESS_MAX_LAG_S`` old (see :mod:`kappa.freshness`). It can be run on demand (the
+``edw_checks`` job, or "Execute" on the asset's Checks tab); the ``freshness_sensor``
+evaluates it every :data:`FRESHNESS_INTERVAL_S` seconds and records the result as a runless
+check evaluation, so the UI shows it without a run per evaluation. The sensor only reads
+(log bounds, one small fetch per lagging partition, the ledger heads, the change tables).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import dagster as dg
+import psycopg
+
+from assets.cdc import change_table_key
+from assets.event_store import topic_asset_key
+from kappa.capture import CaptureSpec
+from kappa.event_store import EventStore
+from kappa.freshness import (
+    FreshnessVerdict,
+    capture_freshness,
+    topic_freshness,
+    verdict,
+)
+from kappa.ingest import TopicIngest
+from kappa.warehouse import Schemas
+from resources.event_store import EventStoreResource
+from resources.oltp import OltpResource
+from resources.warehouse import WarehouseResource
+
+FRESHNESS_CHECK = "freshness"
+FRESHNESS_SENSOR = "freshness_sensor"
+FRESHNESS_INTERVAL_S = 30
+#: Freshness is about time, not correctness: a late asset warns, a wrong one errors.
+FRESHNESS_SEVERITY = dg.AssetCheckSeverity.WARN
+#: Queries of a sensor tick must answer well within Dagster's 60 s.
+_STATEMENT_TIMEOUT_S = 20.0
+
+
+def freshness_metadata(result: FreshnessVerdict) -> dict[str, dg.RawMetadataValue]:
+    from assets.event_store import metadata_table
+
+    return {
+        "lag_s": result.lag_s,
+        "max_lag_s": result.max_lag_s,
+        "pending": result.pending,
+        "shards": metadata_table(
+            [
+                {
+                    "shard": s.shard,
+                    "pending": s.pending,
+                    "oldest_pending_age_s": -1.0 if s.lag_s is None else float(s.lag_s),
+                    "within_bound": s.within(result.max_lag_s),
+                }
+                for s in result.shards
+            ]
+        ),
+    }
+
+
+def freshness_evaluation(result: FreshnessVerdict) -> dg.AssetCheckEvaluation:
+    return dg.AssetCheckEvaluation(
+        asset_key=dg.AssetKey(result.asset),
+        check_name=FRESHNESS_CHECK,
+        passed=result.passed,
+        severity=FRESHNESS_SEVERITY,
+        description=result.describe(),
+        metadata=freshness_metadata(result),
+    )
+
+
+def freshness_result(result: FreshnessVerdict) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=result.passed,
+        severity=FRESHNESS_SEVERITY,
+        description=result.describe(),
+        metadata=freshness_metadata(result),
+    )
+
+
+def _description(source: str, max_lag_s: float) -> str:
+    return (
+        f"Lag within {max_lag_s:g} s (KAPPA_FRESHNESS_MAX_LAG_S): the oldest {source} not yet "
+        f"loaded is at most that old. Evaluated by `{FRESHNESS_SENSOR}` every "
+        f"{FRESHNESS_INTERVAL_S} s, or on demand."
+    )
+
+
+def build_topic_freshness_check(spec: TopicIngest, *, max_lag_s: float) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=spec.asset,
+        name=FRESHNESS_CHECK,
+        blocking=False,
+        additional_deps=[topic_asset_key(spec.topic)],
+        description=_description(f"record of `{spec.topic}`", max_lag_s),
+    )
+    def freshness(
+        event_store: EventStoreResource, warehouse: WarehouseResource
+    ) -> dg.AssetCheckResult:
+        with event_store.open() as store, warehouse.connect() as conn:
+            shards = topic_freshness(store, conn, warehouse.schemas, spec)
+        return freshness_result(verdict(spec.asset, shards, max_lag_s))
+
+    return freshness
+
+
+def build_capture_freshness_check(
+    spec: CaptureSpec, *, max_lag_s: float
+) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=spec.asset,
+        name=FRESHNESS_CHECK,
+        blocking=False,
+        additional_deps=[change_table_key(spec)],
+        description=_description(f"change in `{spec.change_table}`", max_lag_s),
+    )
+    def freshness(oltp: OltpResource, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        with oltp.connect() as source, warehouse.connect() as conn:
+            shard = capture_freshness(source, conn, warehouse.schemas, spec)
+        return freshness_result(verdict(spec.asset, [shard], max_lag_s))
+
+    return freshness
+
+
+def build_freshness_checks(
+    topics: Sequence[TopicIngest], captures: Sequence[CaptureSpec], *, max_lag_s: float
+) -> list[dg.AssetChecksDefinition]:
+    """The freshness check of every fact loaded from a topic and every captured table."""
+    return [build_topic_freshness_check(t, max_lag_s=max_lag_s) for t in topics] + [
+        build_capture_freshness_check(c, max_lag_s=max_lag_s) for c in captures
+    ]
+
+
+def evaluate_freshness(
+    store: EventStore,
+    edw: psycopg.Connection,
+    oltp: psycopg.Connection,
+    schemas: Schemas,
+    topics: Sequence[TopicIngest],
+    captures: Sequence[CaptureSpec],
+    *,
+    max_lag_s: float,
+    on_error: Callable[[str, Exception], None],
+) -> list[FreshnessVerdict]:
+    """Every asset's verdict; an asset whose sources do not answer is reported and left out
+    (its previous evaluation stays the latest), so one broken source hides no other."""
+    verdicts: list[FreshnessVerdict] = []
+    for topic in topics:
+        try:
+            verdicts.append(
+                verdict(topic.asset, topic_freshness(store, edw, schemas, topic), max_lag_s)
+            )
+        except Exception as exc:
+            edw.rollback()
+            on_error(topic.asset, exc)
+    for capture in captures:
+        try:
+            verdicts.append(
+                verdict(capture.asset, [capture_freshness(oltp, edw, schemas, capture)], max_lag_s)
+            )
+        except Exception as exc:
+            edw.rollback()
+            oltp.rollback()
+            on_error(capture.asset, exc)
+    return verdicts
+
+
+def build_freshness_sensor(
+    topics: Sequence[TopicIngest], captures: Sequence[CaptureSpec], *, max_lag_s: float
+) -> dg.SensorDefinition:
+    """Records a freshness evaluation of every asset every FRESHNESS_INTERVAL_S seconds."""
+
+    @dg.sensor(
+        name=FRESHNESS_SENSOR,
+        description=(
+            f"Every {FRESHNESS_INTERVAL_S} s: the `{FRESHNESS_CHECK}` check of "
+            f"{', '.join(t.asset for t in topics)} and {', '.join(c.asset for c in captures)} "
+            "(oldest record or change not yet loaded against KAPPA_FRESHNESS_MAX_LAG_S), "
+            "recorded without launching runs."
+        ),
+        minimum_interval_seconds=FRESHNESS_INTERVAL_S,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def freshness_sensor(
+        context: dg.SensorEvaluationContext,
+        event_store: EventStoreResource,
+        warehouse: WarehouseResource,
+        oltp: OltpResource,
+    ) -> dg.SensorResult:
+        errors: list[str] = []
+
+        def failed(asset: str, exc: Exception) -> None:
+            errors.append(f"{asset}: {type(exc).__name__}: {exc}")
+            context.log.warning(errors[-1])
+
+        with (
+            event_store.open() as store,
+            warehouse.connect(statement_timeout_s=_STATEMENT_TIMEOUT_S) as edw,
+            oltp.connect(statement_timeout_s=_STATEMENT_TIMEOUT_S) as source,
+        ):
+            verdicts = evaluate_freshness(
+                store,
+                edw,
+                source,
+                warehouse.schemas,
+                topics,
+                captures,
+                max_lag_s=max_lag_s,
+                on_error=failed,
+            )
+        summary = ", ".join(
+            f"{v.asset} {'ok' if v.passed else 'STALE'} ({v.lag_s:.0f} s)" for v in verdicts
+        )
+        return dg.SensorResult(
+            asset_events=[freshness_evaluation(v) for v in verdicts],
+            skip_reason=f"freshness recorded: {summary}"
+            + (f"; not evaluated: {'; '.join(errors)}" if errors else ""),
+        )
+
+    return freshness_sensor

@@ -1,0 +1,161 @@
+"""The latest evaluation of every asset check, read from the Dagster instance (for ``kappa status``).
+
+Which checks exist comes from the code location (``pipelines.definitions``, loaded from the
+repository root as the webserver loads it); what they last said comes from the instance's
+event log storage (``get_latest_asset_check_execution_by_key``): the same records the UI's
+Checks tabs show, whether a run or the freshness sensor wrote them.
+
+The instance is the deployment's: ``DAGSTER_HOME`` when set, else the one ``kappa up``
+writes to ``$KAPPA_HOME/dagster`` (its storage at ``KAPPA_DAGSTER_PG_URL`` or the embedded
+PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kappa.exceptions import KappaError
+from kappa.settings import REPO_ROOT, Settings
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+
+@dataclass(frozen=True)
+class CheckState:
+    """What one check last said."""
+
+    asset: str
+    check: str
+    #: passed, failed, running (planned in a run not finished), error (its run failed), never
+    state: str
+    severity: str = ""
+    description: str = ""
+    age_s: float | None = None
+
+    @property
+    def failing(self) -> bool:
+        return self.state in ("failed", "error")
+
+
+class InstanceUnavailable(KappaError):
+    """No Dagster instance to read check results from."""
+
+
+@contextmanager
+def open_instance(settings: Settings) -> Iterator[dg.DagsterInstance]:
+    """The deployment's Dagster instance (see the module docstring)."""
+    import dagster as dg
+
+    from kappa.localstack import dagster_environment
+
+    if os.environ.get("DAGSTER_HOME"):
+        home = Path(os.environ["DAGSTER_HOME"])
+    else:
+        home = settings.home / "dagster"
+        if not (home / "dagster.yaml").exists():
+            raise InstanceUnavailable(
+                f"no Dagster instance: DAGSTER_HOME is not set and {home / 'dagster.yaml'} "
+                "does not exist (`kappa up` writes it)"
+            )
+        os.environ.update(dagster_environment(settings, home))
+    try:
+        instance = dg.DagsterInstance.from_config(str(home))
+    except Exception as exc:
+        raise InstanceUnavailable(
+            f"the Dagster instance in {home} did not open: {type(exc).__name__}: {exc}"
+        ) from None
+    with instance:
+        yield instance
+
+
+def code_location_check_keys() -> list[dg.AssetCheckKey]:
+    """Every asset check the code location defines, as the webserver would load it."""
+    root = str(REPO_ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from pipelines.definitions import defs
+
+    return sorted(
+        defs.resolve_asset_graph().asset_check_keys,
+        key=lambda k: (k.asset_key.to_user_string(), k.name),
+    )
+
+
+def latest_check_states(
+    instance: dg.DagsterInstance, keys: Sequence[dg.AssetCheckKey], *, now: float | None = None
+) -> list[CheckState]:
+    """The latest execution of each check, in the order of ``keys``."""
+    import dagster as dg
+    from dagster._core.storage.asset_check_execution_record import (
+        AssetCheckExecutionRecordStatus as Status,
+    )
+
+    now = time.time() if now is None else now
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(list(keys))
+    states: list[CheckState] = []
+    for key in keys:
+        asset, name = key.asset_key.to_user_string(), key.name
+        record = latest.get(key)
+        if record is None:
+            states.append(CheckState(asset, name, "never"))
+            continue
+        age = round(now - record.create_timestamp, 1)
+        evaluation = None
+        if record.event is not None and record.event.dagster_event is not None:
+            data = record.event.dagster_event.event_specific_data
+            if isinstance(data, dg.AssetCheckEvaluation):
+                evaluation = data
+                age = round(now - record.event.timestamp, 1)
+        if record.status == Status.SUCCEEDED:
+            state = "passed"
+        elif record.status == Status.FAILED:
+            state = "failed"
+        else:  # planned: still running, or its run ended without evaluating it
+            run = instance.get_run_by_id(record.run_id) if record.run_id else None
+            state = (
+                "error" if run is not None and run.is_finished and not run.is_success else "running"
+            )
+        states.append(
+            CheckState(
+                asset,
+                name,
+                state,
+                severity=evaluation.severity.value if evaluation else "",
+                description=(evaluation.description or "") if evaluation else "",
+                age_s=age,
+            )
+        )
+    return states
+
+
+def read_check_states(settings: Settings) -> list[CheckState]:
+    """Every check of the code location with what it last said; any failure to load the
+    code location or to read the instance is an :class:`InstanceUnavailable` that says why."""
+    try:
+        keys = code_location_check_keys()
+    except KappaError as exc:
+        raise InstanceUnavailable(f"the code location did not load: {exc}") from None
+    except Exception as exc:
+        raise InstanceUnavailable(
+            f"the code location did not load: {type(exc).__name__}: {exc}"
+        ) from None
+    with open_instance(settings) as instance:
+        try:
+            return latest_check_states(instance, keys)
+        except Exception as exc:
+            raise InstanceUnavailable(
+                f"the Dagster instance did not answer: {type(exc).__name__}: {_first_line(exc)}"
+            ) from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

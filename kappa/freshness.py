@@ -1,0 +1,122 @@
+"""How far behind its sources the EDW is, in time: the freshness of each shard.
+
+The lag of a shard is the age of the oldest record (topic partition) or change (change
+table) that the ledger has not loaded yet; a shard with nothing pending has no lag, however
+long ago its last batch was. Ages are measured on the source's clock where it has one: the
+broker timestamp of the record, the change time of the change row.
+
+No Dagster here: the asset checks, their sensor and ``kappa status`` share these functions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from kappa import cdc
+from kappa.capture import CaptureSpec
+from kappa.event_store import EventStore
+from kappa.ingest import TopicIngest
+from kappa.warehouse import Schemas, read_head, read_heads
+
+#: Offsets read past the ledger head to find the first pending record (offsets are sparse).
+_PROBE_WINDOW = 16
+
+
+@dataclass(frozen=True)
+class ShardFreshness:
+    """One shard: what is pending and how old the oldest of it is."""
+
+    asset: str
+    shard: str
+    pending: int
+    lag_s: float | None  # None: nothing pending (or no timestamp could be read)
+
+    def within(self, max_lag_s: float) -> bool:
+        return self.lag_s is None or self.lag_s <= max_lag_s
+
+
+@dataclass(frozen=True)
+class FreshnessVerdict:
+    """The freshness of one asset over all its shards, against the configured bound."""
+
+    asset: str
+    max_lag_s: float
+    shards: list[ShardFreshness]
+
+    @property
+    def lag_s(self) -> float:
+        return max((s.lag_s for s in self.shards if s.lag_s is not None), default=0.0)
+
+    @property
+    def pending(self) -> int:
+        return sum(s.pending for s in self.shards)
+
+    @property
+    def stale(self) -> list[ShardFreshness]:
+        return [s for s in self.shards if not s.within(self.max_lag_s)]
+
+    @property
+    def passed(self) -> bool:
+        return not self.stale
+
+    def describe(self) -> str:
+        if self.stale:
+            return "; ".join(
+                f"{s.shard}: oldest of {s.pending} pending is {s.lag_s:.0f} s old "
+                f"(bound {self.max_lag_s:g} s, KAPPA_FRESHNESS_MAX_LAG_S)"
+                for s in self.stale
+            )
+        if not self.pending:
+            return f"{len(self.shards)} shard(s) loaded up to their source"
+        return (
+            f"lag {self.lag_s:.0f} s within {self.max_lag_s:g} s "
+            f"({self.pending} pending over {len(self.shards)} shard(s))"
+        )
+
+
+def topic_freshness(
+    store: EventStore,
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    spec: TopicIngest,
+    *,
+    now_s: float | None = None,
+) -> list[ShardFreshness]:
+    """Per partition of ``spec.topic``: records past the ledger head and the age of the first."""
+    now = time.time() if now_s is None else now_s
+    bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
+    heads = read_heads(conn, schemas, spec.asset, spec.topic)
+    shards: list[ShardFreshness] = []
+    for partition, bound in sorted(bounds.items()):
+        head = heads.get(partition)
+        start = max(head.end if head else bound.start, bound.start)
+        pending = max(bound.end - start, 0)
+        lag: float | None = None
+        if pending:
+            probe = store.fetch(spec.topic, partition, start, min(bound.end, start + _PROBE_WINDOW))
+            if probe.timestamps:
+                lag = round(max(now - probe.timestamps[0] / 1000.0, 0.0), 1)
+        shards.append(ShardFreshness(spec.asset, f"{spec.topic}[{partition}]", pending, lag))
+    return shards
+
+
+def capture_freshness(
+    oltp: psycopg.Connection, edw: psycopg.Connection, schemas: Schemas, spec: CaptureSpec
+) -> ShardFreshness:
+    """The change table: changes past the ledger head and the age of the oldest of them."""
+    head = read_head(edw, schemas, spec.asset, str(spec.change_table), 0)
+    lag = cdc.capture_lag(oltp, spec, head.end if head else 0)
+    return ShardFreshness(
+        spec.asset,
+        str(spec.change_table),
+        lag.pending_changes,
+        lag.oldest_pending_age_s if lag.pending_changes else None,
+    )
+
+
+def verdict(asset: str, shards: Sequence[ShardFreshness], max_lag_s: float) -> FreshnessVerdict:
+    return FreshnessVerdict(asset, max_lag_s, list(shards))

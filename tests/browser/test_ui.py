@@ -1,0 +1,225 @@
+"""The Dagster UI as the control room, checked in a real browser against a running stack."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.browser.conftest import Stack, screenshot, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+LOCATION = "kappa_etl"
+ASSET_QUERY = """
+{
+  assetNodes {
+    assetKey { path }
+    isPartitioned
+    partitionDefinition { description }
+    partitionKeysByDimension { partitionKeys }
+    assetMaterializations(limit: 1) { runId }
+  }
+}
+"""
+SKIP_REASONS = {
+    "no new offsets": re.compile(r"no new offsets in orders"),
+    "batch in flight": re.compile(r"batch in flight for orders\[\d+\]"),
+}
+
+
+def asset_nodes(stack: Stack) -> list[dict]:
+    return stack.graphql(ASSET_QUERY)["assetNodes"]
+
+
+def materialised(stack: Stack, *assets: str) -> bool:
+    done = {
+        "/".join(n["assetKey"]["path"]) for n in asset_nodes(stack) if n["assetMaterializations"]
+    }
+    return set(assets) <= done
+
+
+def check_status(stack: Stack, asset: str, check: str) -> str | None:
+    data = stack.graphql(
+        """
+        query($key: AssetKeyInput!) {
+          assetNodeOrError(assetKey: $key) {
+            ... on AssetNode {
+              assetChecksOrError {
+                ... on AssetChecks { checks { name executionForLatestMaterialization { status } } }
+              }
+            }
+          }
+        }
+        """,
+        {"key": {"path": asset.split("/")}},
+    )
+    for found in data["assetNodeOrError"]["assetChecksOrError"].get("checks", []):
+        if found["name"] == check and found["executionForLatestMaterialization"]:
+            return found["executionForLatestMaterialization"]["status"]
+    return None
+
+
+def test_asset_graph_renders_every_asset(stack: Stack, page: Page) -> None:
+    stack.wait_until(
+        "fact_order, fact_payment and dim_customer materialised",
+        lambda: materialised(stack, "fact_order", "fact_payment", "dim_customer"),
+        timeout_s=180,
+    )
+    expected = {n["assetKey"]["path"][-1] for n in asset_nodes(stack)}
+    assert {"fact_order", "fact_payment", "orders", "payments", "dim_customer"} <= expected
+
+    page.goto("/asset-groups")
+    expect(page.get_by_text("Global asset lineage")).to_be_visible()
+    expect(page.locator("[class*=AssetGraphExplorer_svgContainer]")).to_be_visible()
+    names = page.locator("[class*=AssetNode_assetName]")
+
+    def every_node_shown() -> bool:
+        if not names.count():
+            # The graph opens with its groups folded: "Expand all groups" (Alt+E). Clicking
+            # the title first is an action, so the community modal is dismissed before.
+            page.get_by_text("Global asset lineage").click()
+            page.keyboard.press("Alt+e")
+            page.wait_for_timeout(1000)
+        return expected <= {t.strip() for t in names.all_inner_texts()}
+
+    wait_for("every asset's node in the graph", every_node_shown, timeout_s=60, poll_s=2)
+    for name in sorted(expected):
+        expect(names.filter(has_text=re.compile(rf"^{re.escape(name)}$")).first).to_be_visible()
+    # Each fact node reports its checks (reconciliation, replay equivalence, freshness).
+    expect(page.get_by_text(re.compile(r"\d+ / 3 Passed")).first).to_be_visible()
+    page.wait_for_timeout(1000)  # let the last edges settle before the picture
+    screenshot(page, "asset-graph", docs="asset-graph.png")
+
+
+def test_sensor_page_shows_ticks_and_why_they_skipped(stack: Stack, page: Page) -> None:
+    stack.wait_until(
+        "fact_order materialised",
+        lambda: materialised(stack, "fact_order"),
+        timeout_s=180,
+    )
+    stack.produce(800, seed=2)  # a fresh burst: a run, ticks waiting for it, then quiet
+    page.goto(f"/locations/{LOCATION}/sensors/fact_order_sensor")
+    expect(page.get_by_text("fact_order_sensor").first).to_be_visible()
+    expect(page.get_by_text('"generation"').first).to_be_visible()  # the readable cursor
+    expect(page.get_by_text("1 run requested").first).to_be_visible(timeout=90_000)
+
+    seen: dict[str, str] = {}
+
+    def open_skipped_ticks() -> bool:
+        page.reload()
+        buttons = page.locator("td button", has_text="0 runs requested")
+        expect(buttons.first).to_be_visible()
+        for index in range(min(buttons.count(), 25)):
+            buttons.nth(index).click()
+            dialog = page.get_by_role("dialog")
+            text = dialog.inner_text()
+            for kind, pattern in SKIP_REASONS.items():
+                if kind not in seen and pattern.search(text):
+                    seen[kind] = text
+                    screenshot(page, f"sensor-skip-{kind.replace(' ', '-')}")
+            dialog.get_by_role("button", name="Close").click()
+            if len(seen) == len(SKIP_REASONS):
+                return True
+        return False
+
+    wait_for("a skipped tick of each kind in the tick history", open_skipped_ticks, 120, 5)
+    for text in seen.values():
+        assert "Skip reason:" in text, text
+    screenshot(page, "sensor-fact-order")
+
+
+def test_asset_checks_show_on_the_assets(stack: Stack, page: Page) -> None:
+    for asset in ("fact_order", "dim_customer"):
+        stack.wait_until(
+            f"a freshness evaluation of {asset}",
+            lambda a=asset: check_status(stack, a, "freshness"),
+            timeout_s=120,
+        )
+    page.goto("/assets/fact_order?view=checks")
+    for check in ("freshness", "reconciliation", "replay_equivalence"):
+        expect(page.get_by_text(check, exact=True).first).to_be_visible()
+    page.get_by_text("freshness", exact=True).first.click()
+    expect(page.get_by_text("KAPPA_FRESHNESS_MAX_LAG_S").first).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^(Passed|Failed)$")).first).to_be_visible()
+    screenshot(page, "checks-fact-order")
+
+    page.goto("/assets/dim_customer?view=checks")
+    expect(page.get_by_text("freshness", exact=True).first).to_be_visible()
+    expect(page.get_by_text("reconciliation", exact=True).first).to_be_visible()
+
+
+def test_materialisations_show_the_recent_batches(stack: Stack, page: Page) -> None:
+    stack.wait_until(
+        "dim_customer materialised",
+        lambda: materialised(stack, "dim_customer"),
+        timeout_s=180,
+    )
+    page.goto("/assets/dim_customer?view=events")
+    for key in ("recent_batches", "lag_trend", "rows_per_second", "lag_after_batch"):
+        expect(page.get_by_text(key, exact=True).first).to_be_visible(timeout=60_000)
+    screenshot(page, "events-dim-customer")
+
+
+def test_a_partition_backfill_launched_from_the_ui_completes(stack: Stack, page: Page) -> None:
+    partitioned = [n for n in asset_nodes(stack) if n["isPartitioned"]]
+    if not partitioned:
+        pytest.skip(
+            "the code location has no partitioned asset yet (partitioned facts and backfills "
+            "from the UI are issue 5); this test launches one as soon as it has"
+        )
+    preferred = [n for n in partitioned if n["assetKey"]["path"] == ["fact_order"]]
+    node = (preferred or partitioned)[0]
+    key = "/".join(node["assetKey"]["path"])
+    keys = [k for dim in node["partitionKeysByDimension"] for k in dim["partitionKeys"]]
+    assert keys, f"{key} is partitioned but has no partition keys"
+    before = {b["id"] for b in backfills(stack)}
+
+    page.goto(f"/assets/{key}")
+    page.get_by_role("button", name=re.compile(r"^Materialize")).first.click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_be_visible()
+    # Two partitions when there are two (a range), else the only one.
+    chosen = keys[-2:]
+    selection = dialog.locator("input[type=text], input:not([type])").first
+    selection.fill(f"[{chosen[0]}...{chosen[-1]}]" if len(chosen) > 1 else chosen[0])
+    selection.press("Enter")
+    screenshot(page, "backfill-dialog")
+    dialog.get_by_role("button", name=re.compile(r"^Launch")).click()
+
+    def launched() -> dict | None:
+        new = [b for b in backfills(stack) if b["id"] not in before]
+        return new[0] if new else None
+
+    backfill = wait_for("the backfill launched from the UI", launched, 60)
+    done = wait_for(
+        f"backfill {backfill['id']} to finish",
+        lambda: next(
+            (
+                b
+                for b in backfills(stack)
+                if b["id"] == backfill["id"] and b["status"] not in ("REQUESTED", "CANCELING")
+            ),
+            None,
+        ),
+        timeout_s=600,
+        poll_s=5,
+    )
+    assert done["status"] in ("COMPLETED", "COMPLETED_SUCCESS"), done
+    page.goto("/overview/backfills")
+    expect(page.get_by_text(backfill["id"]).first).to_be_visible()
+    screenshot(page, "backfill-completed")
+
+
+def backfills(stack: Stack) -> list[dict]:
+    data = stack.graphql(
+        """
+        {
+          partitionBackfillsOrError(limit: 20) {
+            ... on PartitionBackfills { results { id status } }
+          }
+        }
+        """
+    )
+    return data["partitionBackfillsOrError"].get("results", [])

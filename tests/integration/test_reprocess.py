@@ -1,0 +1,333 @@
+"""Time partitions and reprocessing, in process: live micro-batches over two hourly
+partitions (broker timestamps injected by the producer), then each partition replaced from
+the log by the run a backfill launches, with the same result; the safety refusals; state
+staleness after a change; late events re-materialising their mart partition."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from itertools import islice
+
+import dagster as dg
+import pytest
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient
+
+from kappa import simulator, stateful
+from kappa.localstack import ensure_topics
+from kappa.settings import Settings
+from tests.integration.harness import Pipeline
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime.now(UTC)
+HOUR_1 = NOW.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+HOUR_2 = HOUR_1 + timedelta(hours=1)
+FACTS = ("fact_order", "fact_payment")
+
+
+@pytest.fixture
+def hourly(pipeline_env, monkeypatch) -> dict[str, str]:
+    env = {
+        **pipeline_env,
+        "KAPPA_PARTITIONS": "hourly",
+        "KAPPA_PARTITIONS_START": (HOUR_1 - timedelta(days=1)).strftime("%Y-%m-%dT00:00"),
+        "KAPPA_ENRICH_MAX_WAIT_S": "0",
+        "KAPPA_BATCH_MAX_RECORDS": "150",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def pipeline(hourly, instance) -> Pipeline:
+    return Pipeline(env=hourly, instance=instance)
+
+
+def produce_in_hour(
+    producer: KafkaProducer, settings: Settings, start: datetime, count: int, *, seed: int
+) -> int:
+    """``count`` simulated messages whose broker timestamps (and event times) start at
+    ``start``, 1 s apart: the producer's clock is the test's. Returns how many were sent."""
+    config = simulator.SimulatorConfig(
+        topic_orders=settings.topic_orders,
+        topic_payments=settings.topic_payments,
+        customers=30,
+        seed=seed,
+        duplicate_rate=0.05,
+        late_rate=0.05,
+        invalid_rate=0.03,
+    )
+    for i, message in enumerate(islice(simulator.generate(config, start=start, rate=1.0), count)):
+        producer.send(
+            message.topic,
+            key=message.key,
+            value=message.value,
+            timestamp_ms=int((start + timedelta(seconds=i)).timestamp() * 1000),
+        )
+    producer.flush()
+    return count
+
+
+def produce_at(pipeline: Pipeline, start: datetime, count: int, *, seed: int) -> None:
+    producer = KafkaProducer(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], acks="all")
+    try:
+        produce_in_hour(producer, pipeline.settings, start, count, seed=seed)
+    finally:
+        producer.close()
+
+
+def live(pipeline: Pipeline) -> None:
+    for fact in FACTS:
+        pipeline.drain(fact)
+
+
+def reprocess(pipeline: Pipeline, fact: str, *keys: str, raise_on_error: bool = True):
+    """What a backfill's run does: the fact's job over a partition range, no offset ranges."""
+    job = pipeline.defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection=set(pipeline.defs.resolve_assets_def(fact).keys),
+        asset_check_selection=set(),
+    )
+    tags = (
+        {
+            "dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1],
+        }
+        if len(keys) > 1
+        else {}
+    )
+    return job.execute_in_process(
+        instance=pipeline.instance,
+        partition_key=keys[0] if len(keys) == 1 else None,
+        tags=tags,
+        raise_on_error=raise_on_error,
+    )
+
+
+def digest(pipeline: Pipeline, statement: str) -> tuple[int, str]:
+    rows = pipeline.query(statement)
+    return len(rows), hashlib.sha256(repr(sorted(rows)).encode()).hexdigest()[:16]
+
+
+def edw_checksums(pipeline: Pipeline) -> dict[str, tuple[int, str]]:
+    """Counts and checksums of everything the facts own: rows (with enrichment and running
+    statistics), fraud alerts, dead letters, state versions, ledger coverage."""
+    return {
+        "fact_order": digest(pipeline, "SELECT * FROM edw.fact_order"),
+        "fact_payment": digest(pipeline, "SELECT * FROM edw.fact_payment"),
+        "fraud_alert": digest(pipeline, "SELECT * FROM edw.fraud_alert"),
+        "dead_letter": digest(
+            pipeline, "SELECT asset, source, shard, position, reason FROM kappa.dead_letter"
+        ),
+        "state": digest(
+            pipeline,
+            "SELECT DISTINCT ON (store, shard, key) store, shard, key, value::text "
+            "FROM kappa.state ORDER BY store, shard, key, position DESC",
+        ),
+        "ledger_partitions": digest(
+            pipeline,
+            "SELECT asset, shard, partition_key, min(start_position), max(end_position), "
+            "sum(received), sum(loaded), sum(dead_lettered), sum(deduplicated) "
+            "FROM kappa.batch_ledger GROUP BY 1, 2, 3",
+        ),
+    }
+
+
+def keys(pipeline: Pipeline) -> tuple[str, str]:
+    windows = pipeline.settings.windows
+    return windows.at(HOUR_1).key, windows.at(HOUR_2).key
+
+
+def test_live_batches_are_cut_at_partition_boundaries_and_a_reprocessed_partition_is_identical(
+    pipeline: Pipeline,
+):
+    produce_at(pipeline, HOUR_1 + timedelta(minutes=50), 400, seed=1)
+    produce_at(pipeline, HOUR_2 + timedelta(minutes=5), 400, seed=2)
+    live(pipeline)
+    first, second = keys(pipeline)
+    # No batch crosses the boundary: every batch holds records of one hour only.
+    crossing = pipeline.query(
+        "SELECT l.asset, l.shard, l.start_position, l.end_position FROM kappa.batch_ledger l "
+        "JOIN edw.fact_order f ON f.kafka_partition = l.shard AND f.kafka_offset >= l.start_position "
+        "AND f.kafka_offset < l.end_position WHERE l.asset = 'fact_order' "
+        "GROUP BY 1, 2, 3, 4 HAVING count(DISTINCT l.partition_key) > 1"
+    )
+    assert crossing == []
+    assert {
+        r[0] for r in pipeline.query("SELECT DISTINCT partition_key FROM kappa.batch_ledger")
+    } == {
+        first,
+        second,
+    }
+    checkpoints = pipeline.query(
+        "SELECT asset, partition_key, count(*) FROM kappa.checkpoint GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    assert {(a, k) for a, k, _ in checkpoints} == {(f, k) for f in FACTS for k in (first, second)}
+    before = edw_checksums(pipeline)
+    assert before["fact_order"][0] > 0 and before["fraud_alert"][0] > 0
+
+    for fact in FACTS:
+        for key in (first, second):
+            result = reprocess(pipeline, fact, key)
+            metadata = result.asset_materializations_for_node(fact)[0].metadata
+            assert metadata["mode"].value == "reprocess"
+            assert metadata["rows_removed"].value == metadata["rows_loaded"].value > 0
+            assert metadata["stale_from"].value == "none"
+            assert result.dagster_run.tags.get("kappa/resolved_offsets", "").startswith(key)
+    assert edw_checksums(pipeline) == before
+
+    # Both partitions in one run (a backfill of a range): the same again.
+    for fact in FACTS:
+        reprocess(pipeline, fact, first, second)
+    assert edw_checksums(pipeline) == before
+
+
+def test_a_change_of_the_state_a_partition_ends_with_marks_the_next_one_stale(
+    pipeline: Pipeline, instance, monkeypatch
+):
+    produce_at(pipeline, HOUR_1 + timedelta(minutes=30), 300, seed=3)
+    produce_at(pipeline, HOUR_2 + timedelta(minutes=30), 300, seed=4)
+    live(pipeline)
+    first, second = keys(pipeline)
+    check = pipeline.defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_check_selection={dg.AssetCheckKey(dg.AssetKey("fact_payment"), "state_continuity")}
+    )
+
+    def continuity() -> dg.AssetCheckEvaluation:
+        result = check.execute_in_process(instance=instance)
+        return result.get_asset_check_evaluations()[0]
+
+    assert continuity().passed
+    # "A code change": amounts enter the running statistics (the state) twice as large.
+    to_cents = stateful.to_cents
+    monkeypatch.setattr(stateful, "to_cents", lambda amounts: to_cents(amounts) * 2)
+    changed = pipeline
+    result = reprocess(changed, "fact_payment", first)
+    assert (
+        result.asset_materializations_for_node("fact_payment")[0].metadata["stale_from"].value
+        == second
+    )
+    evaluation = continuity()
+    assert not evaluation.passed
+    assert f"stale from partition {second}" in (evaluation.description or "")
+    # Reprocessing from the changed partition to now is one backfill (one run over the range).
+    reprocess(changed, "fact_payment", first, second)
+    assert continuity().passed
+
+
+def test_a_reset_log_fails_the_backfill_and_leaves_the_edw_untouched(pipeline: Pipeline):
+    produce_at(pipeline, HOUR_1 + timedelta(minutes=10), 200, seed=5)
+    live(pipeline)
+    first, _ = keys(pipeline)
+    before = edw_checksums(pipeline)
+    topic = pipeline.settings.topic_orders
+    admin = KafkaAdminClient(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"])
+    try:
+        admin.delete_topics([topic])
+    finally:
+        admin.close()
+    ensure_topics(pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], {topic: 4}, timeout_s=15)
+
+    result = reprocess(pipeline, "fact_order", first, raise_on_error=False)
+    assert not result.success
+    failure = result.failure_data_for_node("fact_order")
+    assert failure is not None
+    message = str(failure.user_failure_data.description if failure.user_failure_data else failure)
+    assert f"{topic}[" in message and "recreated" in message
+    assert "no EDW rows were touched" in message
+    assert edw_checksums(pipeline) == before
+
+
+def test_a_missing_state_checkpoint_fails_the_backfill_and_leaves_the_edw_untouched(
+    pipeline: Pipeline,
+):
+    produce_at(pipeline, HOUR_1 + timedelta(minutes=40), 300, seed=6)
+    produce_at(pipeline, HOUR_2 + timedelta(minutes=10), 300, seed=7)
+    live(pipeline)
+    _, second = keys(pipeline)
+    shard, position = pipeline.query(
+        "DELETE FROM kappa.checkpoint WHERE asset = 'fact_order' AND partition_key = %s "
+        "AND shard = (SELECT min(shard) FROM kappa.checkpoint WHERE asset = 'fact_order' "
+        "AND partition_key = %s AND position > 0) RETURNING shard, position",
+        (second, second),
+    )[0]
+    before = edw_checksums(pipeline)
+
+    result = reprocess(pipeline, "fact_order", second, raise_on_error=False)
+    assert not result.success
+    failure = result.failure_data_for_node("fact_order")
+    assert failure is not None and failure.user_failure_data is not None
+    message = failure.user_failure_data.description or ""
+    topic = pipeline.settings.topic_orders
+    assert f"partition {second}: {topic}[{shard}]" in message
+    assert f"no state checkpoint at offset {position}" in message
+    assert "Nothing in the EDW was changed" in message
+    assert edw_checksums(pipeline) == before
+
+
+def test_a_late_event_rematerialises_the_mart_partition_of_its_event_date(pipeline: Pipeline):
+    produce_at(pipeline, HOUR_2, 200, seed=8)
+    live(pipeline)
+    mart = pipeline.defs.get_sensor_def("mart_sensor")
+
+    def tick_mart() -> list[dg.RunRequest]:
+        with dg.build_sensor_context(
+            instance=pipeline.instance,
+            cursor=pipeline.cursors.get("mart"),
+            resources=pipeline.defs.resources,
+        ) as context:
+            result = mart(context)
+        assert isinstance(result, dg.SensorResult)
+        pipeline.cursors["mart"] = result.cursor
+        for request in result.run_requests or []:
+            assert pipeline.execute(request).success
+        return list(result.run_requests or [])
+
+    day = HOUR_2.date()
+    assert {r.partition_key for r in tick_mart()} == {day.isoformat()}
+    late_day = day - timedelta(days=1)
+    assert pipeline.query(
+        "SELECT count(*) FROM edw.mart_customer_daily WHERE activity_date = %s", (late_day,)
+    ) == [(0,)]
+    orders_before = pipeline.query(
+        "SELECT sum(orders) FROM edw.mart_customer_daily WHERE activity_date = %s", (day,)
+    )[0][0]
+    assert (
+        orders_before
+        == pipeline.query(
+            "SELECT count(*) FROM edw.fact_order WHERE event_time::date = %s", (day,)
+        )[0][0]
+    )
+
+    # An order that happened yesterday arrives now (its event time is a day before its
+    # broker time): the mart partition of yesterday is built with it counted.
+    late = simulator.SimulatorConfig(
+        topic_orders=pipeline.settings.topic_orders,
+        topic_payments=pipeline.settings.topic_payments,
+        customers=30,
+        seed=9,
+        duplicate_rate=0.0,
+        late_rate=0.0,
+        invalid_rate=0.0,
+    )
+    message = next(
+        m
+        for m in simulator.generate(late, start=HOUR_2 - timedelta(days=1), rate=1.0)
+        if m.topic == pipeline.settings.topic_orders and m.kind == "valid"
+    )
+    producer = KafkaProducer(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], acks="all")
+    producer.send(
+        message.topic,
+        key=message.key,
+        value=message.value,
+        timestamp_ms=int((HOUR_2 + timedelta(minutes=20)).timestamp() * 1000),
+    )
+    producer.flush()
+    producer.close()
+    live(pipeline)
+    assert late_day.isoformat() in {r.partition_key for r in tick_mart()}
+    assert pipeline.query(
+        "SELECT sum(orders) FROM edw.mart_customer_daily WHERE activity_date = %s", (late_day,)
+    ) == [(1,)]
