@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-unit test-integration test-pg15 test-browser screenshots lint format typecheck check clean reset bench-cache chaos
+.PHONY: help run test test-unit test-integration test-pg15 test-browser screenshots lint format typecheck check clean reset bench-cache chaos bench bench-freshness
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 venv: $(STAMP) ## Create or refresh the virtual environment
 
@@ -57,6 +63,12 @@ chaos: $(STAMP) ## Fault and bad-input suite at full scale (kills, restarts, bad
 
 bench-cache: $(STAMP) ## Benchmark the state cache against per-message EDW queries (figures in bench/results/)
 	$(BIN)/python -m bench.cache_vs_queries $(ARGS)
+
+bench: $(BENCH_STAMP) ## Pipeline vs row by row, Quix Streams and the ceiling (BENCH_SCALE=quick|full; bench/results/latest.json)
+	BENCH_SCALE=$${BENCH_SCALE:-quick} $(BIN)/python -m bench.suite $(ARGS)
+
+bench-freshness: $(BENCH_STAMP) ## Produce-to-EDW latency on the running stack, 5 s sensor interval, 5 min (merged into latest.json)
+	$(BIN)/python -m bench.freshness $(ARGS)
 
 lint: $(STAMP) ## Lint and check formatting
 	$(BIN)/ruff check .

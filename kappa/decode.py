@@ -54,37 +54,48 @@ class DecodedBatch:
 
 
 def _parse(
-    values: list[bytes | None], max_bytes: int
-) -> tuple[list[dict | None], list[str | None]]:
-    """Parse each message once; the only per-message Python in the decode path."""
-    parsed: list[dict | None] = []
+    values: list[bytes | None], max_bytes: int, payload_fields: tuple[str, ...]
+) -> tuple[dict[str, list], dict[str, list], list[str | None]]:
+    """Parse each message once and keep only its envelope and payload fields, by column
+    (the only per-message Python in the decode path). The parsed objects are dropped as
+    the loop goes, so a batch never holds every message as a dict at once."""
+    envelope: dict[str, list] = {name: [] for name in _ENVELOPE}
+    payload: dict[str, list] = {name: [] for name in payload_fields}
+    envelope_columns = [(name, envelope[name].append) for name in _ENVELOPE]
+    payload_columns = [(name, payload[name].append) for name in payload_fields]
+    absent = [column.append for column in (*envelope.values(), *payload.values())]
     reasons: list[str | None] = []
     loads = orjson.loads
     for value in values:
+        reason: str | None = None
+        obj = None
         if value is None:
-            parsed.append(None)
-            reasons.append("empty message (null value)")
-            continue
-        if len(value) > max_bytes:
-            parsed.append(None)
-            reasons.append(f"message of {len(value)} bytes exceeds the {max_bytes}-byte limit")
-            continue
-        try:
-            obj = loads(value)
-        except orjson.JSONDecodeError as exc:
-            parsed.append(None)
-            reasons.append(f"invalid JSON: {exc}")
-            continue
-        if not isinstance(obj, dict):
-            parsed.append(None)
-            reasons.append(f"envelope is a JSON {type(obj).__name__}, not an object")
-        elif not isinstance(obj.get("payload"), dict):
-            parsed.append(None)
-            reasons.append("envelope has no 'payload' object")
+            reason = "empty message (null value)"
+        elif len(value) > max_bytes:
+            reason = f"message of {len(value)} bytes exceeds the {max_bytes}-byte limit"
         else:
-            parsed.append(obj)
-            reasons.append(None)
-    return parsed, reasons
+            try:
+                obj = loads(value)
+            except orjson.JSONDecodeError as exc:
+                reason = f"invalid JSON: {exc}"
+            else:
+                if not isinstance(obj, dict):
+                    reason = f"envelope is a JSON {type(obj).__name__}, not an object"
+                elif not isinstance(obj.get("payload"), dict):
+                    reason = "envelope has no 'payload' object"
+        reasons.append(reason)
+        if reason is not None:
+            for append in absent:
+                append(None)
+            continue
+        assert isinstance(obj, dict)
+        get = obj.get
+        for name, append in envelope_columns:
+            append(get(name))
+        get = obj["payload"].get
+        for name, append in payload_columns:
+            append(get(name))
+    return envelope, payload, reasons
 
 
 class _Reasons:
@@ -172,12 +183,12 @@ def _check_field(field: PayloadField, col: pd.Series, reasons: _Reasons) -> pd.S
 
 def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
     """Decode and validate ``batch``; never raises for bad messages."""
-    parsed, initial = _parse(batch.values, contract.max_message_bytes)
+    envelope, payload, initial = _parse(
+        batch.values, contract.max_message_bytes, contract.field_names
+    )
     reasons = _Reasons(initial)
-    empty: dict = {}
-    envelope = {name: [(p or empty).get(name) for p in parsed] for name in _ENVELOPE}
-    payloads = [(p or empty).get("payload") or empty for p in parsed]
     frame = pd.DataFrame(envelope, dtype=object)
+    del envelope
     for name in _ENVELOPE:
         reasons.flag(frame[name].isna().to_numpy(), f"missing field '{name}'")
 
@@ -230,9 +241,8 @@ def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
         f"'event_time' is more than {contract.max_age.days} days before the broker time",
     )
 
-    payload_frame = pd.DataFrame(
-        {f.name: [p.get(f.name) for p in payloads] for f in contract.fields}, dtype=object
-    )
+    payload_frame = pd.DataFrame(payload, dtype=object)
+    del payload
     converted = {f.name: _check_field(f, payload_frame[f.name], reasons) for f in contract.fields}
 
     keys = pd.Series(

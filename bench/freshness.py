@@ -1,0 +1,264 @@
+"""``make bench-freshness``: how long an event takes from its producer to the EDW, on the
+running stack.
+
+Starts the local stack as ``kappa up --reset`` does (embedded PostgreSQL, local broker,
+event and OLTP simulators, Dagster daemon and webserver) in a temporary ``KAPPA_HOME`` on
+free ports, with a 5 s sensor interval and the simulator at a steady rate. After a warm-up
+it measures for ``--duration`` seconds, waits for the runs to catch up, and reads, for
+every event produced in the window, produce time (the record's CreateTime, ``broker_time``
+in the fact) to commit time (``committed_at`` of the ledger batch holding its offset,
+written in the batch's transaction just before it commits). Then it stops the stack.
+
+Figures go to ``bench/results/freshness.json`` and are merged into ``latest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from kappa.localstack import free_port
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+LATENCY = """
+WITH f AS (
+  SELECT topic, kafka_partition, kafka_offset, broker_time FROM edw.fact_order
+   WHERE broker_time >= %(start)s AND broker_time < %(end)s
+  UNION ALL
+  SELECT topic, kafka_partition, kafka_offset, broker_time FROM edw.fact_payment
+   WHERE broker_time >= %(start)s AND broker_time < %(end)s
+)
+SELECT extract(epoch FROM l.committed_at - f.broker_time)::float8
+FROM f JOIN kappa.batch_ledger l
+  ON l.asset IN ('fact_order', 'fact_payment') AND l.source = f.topic
+ AND l.shard = f.kafka_partition
+ AND f.kafka_offset >= l.start_position AND f.kafka_offset < l.end_position
+"""
+
+
+def _wait(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[bytes]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the stack exited ({proc.returncode}) while waiting for {what}")
+        try:
+            value = predicate()
+        except psycopg.Error:
+            value = None
+        if value:
+            return value
+        time.sleep(2)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _first_batch(url: str) -> bool:
+    with psycopg.connect(url, connect_timeout=3) as conn:
+        row = conn.execute(
+            "SELECT count(DISTINCT asset) FROM kappa.batch_ledger "
+            "WHERE asset IN ('fact_order', 'fact_payment')"
+        ).fetchone()
+        return bool(row and row[0] == 2)
+
+
+TOPICS = {"fact_order": "orders", "fact_payment": "payments"}
+
+
+def log_ends(env: dict[str, str]) -> dict[tuple[str, str, int], int]:
+    """(asset, topic, partition) -> end offset of the log now."""
+    from kappa.event_store import EventStore
+
+    ends = {}
+    with EventStore(f"127.0.0.1:{env['KAPPA_BROKER_PORT']}", timeout_s=15) as store:
+        for asset, topic in TOPICS.items():
+            for partition, bounds in store.log_bounds(topic, store.partitions(topic)).items():
+                ends[(asset, topic, partition)] = bounds.end
+    return ends
+
+
+def covered(url: str, ends: dict[tuple[str, str, int], int]) -> bool:
+    with psycopg.connect(url, connect_timeout=3) as conn:
+        heads = {
+            (a, t, p): e
+            for a, t, p, e in conn.execute(
+                "SELECT asset, source, shard, end_position FROM kappa.ledger_head"
+            ).fetchall()
+        }
+    return all(heads.get(key, -1) >= end for key, end in ends.items())
+
+
+RUN_PHASES = """
+SELECT r.run_id, r.create_timestamp,
+  min(e.timestamp) FILTER (WHERE e.dagster_event_type = 'PIPELINE_STARTING'),
+  min(e.timestamp) FILTER (WHERE e.dagster_event_type = 'PIPELINE_START'),
+  min(e.timestamp) FILTER (WHERE e.dagster_event_type = 'STEP_START'),
+  min(e.timestamp) FILTER (WHERE e.dagster_event_type = 'STEP_SUCCESS')
+FROM runs r
+JOIN run_tags t ON t.run_id = r.run_id AND t.key = 'kappa/asset'
+ AND t.value IN ('fact_order', 'fact_payment')
+JOIN event_logs e ON e.run_id = r.run_id
+WHERE r.create_timestamp >= %s AND r.create_timestamp < %s
+GROUP BY r.run_id, r.create_timestamp
+"""
+
+
+def run_phases(dagster_url: str, start: datetime, end: datetime) -> dict[str, Any]:
+    """Medians of where a micro-batch run's time goes, from Dagster's run storage (UTC)."""
+    naive = (start.astimezone(UTC).replace(tzinfo=None), end.astimezone(UTC).replace(tzinfo=None))
+    with psycopg.connect(dagster_url) as conn:
+        rows = conn.execute(RUN_PHASES, naive).fetchall()
+    phases: dict[str, list[float]] = {
+        "queued_s": [],
+        "process_start_s": [],
+        "to_step_s": [],
+        "step_s": [],
+    }
+    for _, created, starting, started, step, done in rows:
+        if None in (starting, started, step, done):
+            continue
+        phases["queued_s"].append((starting - created).total_seconds())
+        phases["process_start_s"].append((started - starting).total_seconds())
+        phases["to_step_s"].append((step - started).total_seconds())
+        phases["step_s"].append((done - step).total_seconds())
+    result: dict[str, Any] = {"runs": len(rows)}
+    for name, values in phases.items():
+        result[f"median_{name}"] = round(float(np.median(values)), 2) if values else None
+    return result
+
+
+def measure(url: str, start: datetime, end: datetime) -> dict[str, Any]:
+    with psycopg.connect(url) as conn:
+        latencies = np.array(
+            [r[0] for r in conn.execute(LATENCY, {"start": start, "end": end}).fetchall()]
+        )
+        batches = conn.execute(
+            "SELECT count(*), avg(received) FROM kappa.batch_ledger "
+            "WHERE asset IN ('fact_order', 'fact_payment') AND committed_at >= %s "
+            "AND committed_at < %s",
+            (start, end),
+        ).fetchone()
+    if latencies.size == 0:
+        raise RuntimeError("no event of the window reached the EDW")
+    return {
+        "freshness_p50_s": round(float(np.percentile(latencies, 50)), 2),
+        "freshness_p95_s": round(float(np.percentile(latencies, 95)), 2),
+        "freshness_max_s": round(float(latencies.max()), 2),
+        "events": int(latencies.size),
+        "batches_in_window": int(batches[0]) if batches else None,
+        "avg_batch_received": round(float(batches[1]), 1) if batches and batches[1] else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.freshness", description=__doc__)
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds measured (300)")
+    parser.add_argument("--warmup", type=float, default=30.0, help="seconds before (30)")
+    parser.add_argument("--rate", type=float, default=200.0, help="events/s produced (200)")
+    parser.add_argument("--sensor-interval", type=int, default=5)
+    parser.add_argument(
+        "--catch-up", type=float, default=600.0, help="seconds allowed to load the window (600)"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "freshness.json")
+    parser.add_argument("--latest", type=Path, default=RESULTS_DIR / "latest.json")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="kappa-bench-fresh-"))
+    home = work / "home"  # `kappa up --reset` empties it: the stack's log lives beside it
+    pg_port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith("KAPPA_") or k == "KAFKA_BOOTSTRAP_SERVERS")
+    }
+    env.update(
+        {
+            "KAPPA_HOME": str(home),
+            "KAPPA_PG_PORT": str(pg_port),
+            "KAPPA_BROKER_PORT": str(free_port()),
+            "KAPPA_UI_PORT": str(free_port()),
+            "KAPPA_SENSOR_INTERVAL_S": str(args.sensor_interval),
+            "KAPPA_SIM_RATE": f"{args.rate:g}",
+        }
+    )
+    url = f"postgresql://postgres@127.0.0.1:{pg_port}/kappa_edw"
+    log_path = work / "stack.log"
+    print(f"starting the stack (KAPPA_HOME={home}, log {log_path}) ...", flush=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kappa.cli", "up", "--reset"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        _wait(lambda: _first_batch(url), 600, "the first batch of both facts", proc)
+        print(f"first batches committed; warm-up {args.warmup:g} s", flush=True)
+        time.sleep(args.warmup)
+        start = datetime.now(UTC)
+        print(f"measuring {args.duration:g} s at {args.rate:g} events/s ...", flush=True)
+        time.sleep(args.duration)
+        end = datetime.now(UTC)
+        # Everything produced in the window must land before it is measured: wait until
+        # the ledger covers the log ends seen at the window's end.
+        ends = log_ends(env)
+        covered_after = time.monotonic()
+        _wait(lambda: covered(url, ends), args.catch_up, "the runs to load the window", proc)
+        figures = measure(url, start, end)
+        figures["catch_up_s"] = round(time.monotonic() - covered_after, 1)
+        figures["run_phases"] = run_phases(url.replace("/kappa_edw", "/kappa_dagster"), start, end)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(90)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+    produced = args.rate * (end - start) / timedelta(seconds=1)
+    figures.update(
+        {
+            "duration_s": args.duration,
+            "rate_eps": args.rate,
+            "sensor_interval_s": args.sensor_interval,
+            "expected_events_approx": round(produced),
+            "window": [start.isoformat(timespec="seconds"), end.isoformat(timespec="seconds")],
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    if args.latest.exists():
+        latest = json.loads(args.latest.read_text(encoding="utf-8"))
+        latest["freshness_p50_s"] = figures["freshness_p50_s"]
+        latest["freshness_p95_s"] = figures["freshness_p95_s"]
+        latest.setdefault("details", {})["freshness"] = figures
+        latest["details"].get("notes", {}).pop("freshness", None)
+        args.latest.write_text(json.dumps(latest, indent=2) + "\n", encoding="utf-8")
+    print(
+        f"freshness over {figures['events']:,} events: p50 {figures['freshness_p50_s']} s, "
+        f"p95 {figures['freshness_p95_s']} s, max {figures['freshness_max_s']} s"
+    )
+    print(f"figures written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
