@@ -7,7 +7,7 @@ ledger reaches the requested end of every partition. It is also a command, so th
 benchmark can run it in a process of its own and read its peak memory::
 
     python -m bench.pipeline --asset fact_order --bootstrap HOST:PORT --edw-url URL \
-        --watermark ISO [--limit PARTITION=END ...] [--mode pipeline|consume] [--profile]
+        --watermark ISO [--limit PARTITION=END ...] [--mode pipeline|consume|backfill] [--profile]
 
 The last line printed is a JSON object: events, seconds, batches, peak RSS.
 """
@@ -30,7 +30,14 @@ import psycopg
 from kappa.capture import CaptureSpec, load_captures
 from kappa.catalog import topic_ingests
 from kappa.event_store import EventStore, LogBounds
-from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, plan_ranges, run_batch
+from kappa.ingest import (
+    BatchOutcome,
+    OffsetRange,
+    TopicIngest,
+    plan_ranges,
+    reprocess_window,
+    run_batch,
+)
 from kappa.settings import REPO_ROOT, Settings
 from kappa.state import PostgresStateBackend, StateCache
 from kappa.stateful import VersionCache, WarehouseDimensions
@@ -177,6 +184,55 @@ def drain(
     return result
 
 
+def backfill(
+    *,
+    bootstrap: str,
+    edw_url: str,
+    spec: TopicIngest,
+    settings: Settings,
+    complete_until: pd.Timestamp,
+    max_batch: int = 50_000,
+) -> DrainResult:
+    """Reprocess the time partition holding the topic's first record, as a backfill run does
+    (``reprocess_window``: every topic partition of the window deleted and reloaded in one
+    transaction, state restored as of the window's start)."""
+    schemas = Schemas()
+    captures = {c.name: c for c in load_captures(REPO_ROOT / "capture.yaml")}
+    result = DrainResult(asset=spec.asset, topic=spec.topic, mode="backfill")
+    with EventStore(bootstrap) as store, connect(edw_url) as conn:
+        first = store.log_bounds(spec.topic, [0])[0].start
+        window = settings.windows.at_ms(store.timestamp_at(spec.topic, 0, first))
+        dimensions = CompleteDimensions(
+            conn,
+            schemas,
+            customers=captures["customers"],
+            calls=captures["call_center_calls"],
+            versions=VersionCache(),
+            complete_until=complete_until,
+        )
+        result.started_at = time.time()
+        started = time.perf_counter()
+        outcomes = reprocess_window(
+            store,
+            conn,
+            schemas,
+            spec,
+            settings.windows,
+            window,
+            run_id=f"bench-backfill-{spec.asset}",
+            max_batch=max_batch,
+            dimensions=dimensions,
+        )
+        result.seconds = time.perf_counter() - started
+        result.ended_at = time.time()
+    result.runs = 1
+    for outcome in outcomes:
+        result.events += outcome.received
+        result.loaded += outcome.loaded
+        result.batches += outcome.batches
+    return result
+
+
 def consume_only(
     *, bootstrap: str, topic: str, limits: dict[int, int] | None, max_batch: int = 50_000
 ) -> DrainResult:
@@ -224,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topic", required=True)
     parser.add_argument("--watermark", help="change capture complete until (ISO time)")
     parser.add_argument("--limit", action="append", default=[], help="PARTITION=END")
-    parser.add_argument("--mode", choices=("pipeline", "consume"), default="pipeline")
+    parser.add_argument("--mode", choices=("pipeline", "consume", "backfill"), default="pipeline")
     parser.add_argument("--max-batch", type=int, default=50_000)
     parser.add_argument("--max-run", type=int, default=200_000)
     parser.add_argument("--parallel", type=int, default=PARALLEL_PARTITIONS)
@@ -253,6 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "consume":
         result = consume_only(
             bootstrap=args.bootstrap, topic=args.topic, limits=limits, max_batch=args.max_batch
+        )
+    elif args.mode == "backfill":
+        result = backfill(
+            bootstrap=args.bootstrap,
+            edw_url=args.edw_url,
+            spec=spec_for(args.asset, settings),
+            settings=settings,
+            complete_until=pd.Timestamp(args.watermark),
+            max_batch=args.max_batch,
         )
     else:
         result = drain(

@@ -21,7 +21,8 @@ events; ``BENCH_SCALE`` sets the default):
    slow) and its rows are checked against the pipeline's;
 6. **peer**: Quix Streams on the orders (enrichment and running statistics into
    ``edw.fact_order``), checked against the pipeline's rows too;
-7. **backfill** of one partition against live throughput (see ``backfill_to_live``);
+7. **backfill** of one time partition (``reprocess_window``, as a backfill run) against the
+   live micro-batches' throughput on the same events (see ``backfill_to_live``);
 8. **freshness** comes from ``make bench-freshness`` (``bench.freshness``), merged in.
 
 Figures go to ``bench/results/latest.json`` and a table is printed.
@@ -265,7 +266,7 @@ def reset_outputs(conn: psycopg.Connection) -> None:
     """Every contender starts from the same EDW: dimensions filled, no facts, no state."""
     conn.execute(
         "TRUNCATE edw.fact_order, edw.fact_payment, edw.fraud_alert, kappa.batch_ledger, "
-        "kappa.ledger_head, kappa.state, kappa.dead_letter, bench.customer_stats, "
+        "kappa.ledger_head, kappa.state, kappa.dead_letter, kappa.checkpoint, bench.customer_stats, "
         "bench.payment_seen"
     )
 
@@ -674,11 +675,18 @@ def peer(edw_url: str, bootstrap: str, produced: Produced) -> dict[str, Any]:
 # -- backfill (issue 5) -------------------------------------------------------------------------------
 
 
-def backfill_to_live() -> tuple[float | None, str]:
-    """Throughput of a partitioned backfill of one partition over the live micro-batches on
-    the same data. Partitioned backfills are being built (issue 5); until they land there
-    is nothing to measure, and no number is made up."""
-    return None, "partitioned backfills (issue 5) are not on main yet: nothing to measure"
+def backfill_to_live(
+    produced: Produced, edw_url: str, bootstrap: str, live: dict[str, Any]
+) -> tuple[dict[str, Any], float | None, str]:
+    """Reprocess the time partition holding the events (each fact's workers at the same
+    time, as two backfills would run) over the EDW the live run just loaded, against the
+    live micro-batches' throughput on the same events."""
+    result = run_workers(produced, edw_url, bootstrap, fraction=1.0, mode="backfill", profile=False)
+    note = (
+        f"one time partition ({result['events']:,} events) reprocessed in one transaction per "
+        f"fact against the live micro-batches over the same {live['events']:,} events"
+    )
+    return result, _ratio(result["eps"], live["eps"]), note
 
 
 # -- the command ---------------------------------------------------------------------------------------
@@ -748,6 +756,16 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             pipeline = scaling["10x"]
+            print("backfill of the partition the live runs just loaded ...", flush=True)
+            backfilled, backfill, backfill_note = backfill_to_live(
+                produced, url, bootstrap, pipeline
+            )
+            notes["backfill_to_live_ratio"] = backfill_note
+            print(
+                f"  {backfilled['events']:,} events in {backfilled['seconds']:.1f} s "
+                f"({backfilled['eps']:,.0f}/s; live {pipeline['eps']:,.0f}/s)",
+                flush=True,
+            )
             keep_pipeline_output(conn)
             print("COPY-only ...", flush=True)
             copied = copy_only(conn, pipeline["events"])
@@ -780,8 +798,6 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 notes["peer"] = "skipped (--no-peer)"
 
-    backfill, backfill_note = backfill_to_live()
-    notes["backfill_to_live_ratio"] = backfill_note
     freshness: dict[str, Any] = {}
     if FRESHNESS.exists():
         freshness = json.loads(FRESHNESS.read_text(encoding="utf-8"))
