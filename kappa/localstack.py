@@ -995,6 +995,8 @@ def dagster_config(settings: Settings) -> dict[str, Any]:
             "enabled": True,
             "start_timeout_seconds": 180,
             "cancel_timeout_seconds": 180,
+            # Micro-batch runs carry a maximum runtime (KAPPA_RUN_MAX_RUNTIME_S): check often.
+            "poll_interval_seconds": 30,
         },
         "sensors": {"use_threads": True, "num_workers": 4},
         "retention": {

@@ -88,6 +88,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("KAPPA_KAFKA_TIMEOUT_S", "5", "Timeout of each broker call, in seconds."),
     Setting("KAPPA_RUN_RETRIES", "3", "Automatic retries of a failed micro-batch run."),
+    Setting(
+        "KAPPA_RUN_MAX_RUNTIME_S",
+        "600",
+        "A micro-batch run still going after this many seconds is failed (then retried): "
+        "a run whose process died with the daemon or its machine stops holding its partitions.",
+    ),
     Setting("KAPPA_MAX_CONCURRENT_RUNS", "4", "Runs the Dagster run queue lets run at once."),
     Setting("KAPPA_UI_PORT", "3000", "Port of the Dagster webserver (bound to 127.0.0.1)."),
     Setting("KAPPA_SIM_RATE", "50", "Simulated events per second (orders and payments together)."),
@@ -268,6 +274,7 @@ class Settings:
     windows: TimeWindows
     kafka_timeout_s: float
     run_retries: int
+    run_max_runtime_s: int
     max_concurrent_runs: int
     ui_port: int
     sim_rate: float
@@ -333,6 +340,7 @@ class Settings:
             windows=time_windows(env),
             kafka_timeout_s=_float(env, "KAPPA_KAFKA_TIMEOUT_S", minimum=0.1, maximum=300),
             run_retries=_int(env, "KAPPA_RUN_RETRIES", minimum=0, maximum=100),
+            run_max_runtime_s=_int(env, "KAPPA_RUN_MAX_RUNTIME_S", minimum=10, maximum=86_400),
             max_concurrent_runs=_int(env, "KAPPA_MAX_CONCURRENT_RUNS", minimum=1, maximum=256),
             ui_port=_int(env, "KAPPA_UI_PORT", minimum=1, maximum=65535),
             sim_rate=_float(env, "KAPPA_SIM_RATE", minimum=0.0, maximum=1_000_000),

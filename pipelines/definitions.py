@@ -100,6 +100,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 spec,
                 windows=settings.windows,
                 topic_setting=setting,
+                max_runtime_s=settings.run_max_runtime_s,
                 interval_s=interval,
                 selection=sorted(facts[spec.asset].keys),
                 **limits,
@@ -107,7 +108,12 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             for spec, setting in ingests
         ]
         + [
-            build_capture_sensor(spec, interval_s=interval, max_changes=settings.batch_max_records)
+            build_capture_sensor(
+                spec,
+                interval_s=interval,
+                max_changes=settings.batch_max_records,
+                max_runtime_s=settings.run_max_runtime_s,
+            )
             for spec in captures
         ]
         + [

@@ -24,7 +24,7 @@ from sensors.micro_batch import (
 
 
 def build_capture_sensor(
-    spec: CaptureSpec, *, interval_s: int, max_changes: int
+    spec: CaptureSpec, *, interval_s: int, max_changes: int, max_runtime_s: int | None = None
 ) -> dg.SensorDefinition:
     """The sensor that launches ``spec.asset``'s micro-batches when changes commit."""
 
@@ -85,6 +85,7 @@ def build_capture_sensor(
             )
         request = micro_batch_request(
             asset=spec.asset,
+            max_runtime_s=max_runtime_s,
             cursor=cursor,
             epoch=epoch,
             source=source,

@@ -29,6 +29,7 @@ def build_offset_sensor(
     *,
     windows: TimeWindows,
     topic_setting: str,
+    max_runtime_s: int | None = None,
     interval_s: int,
     max_batch: int,
     max_run: int,
@@ -138,6 +139,7 @@ def build_offset_sensor(
                 epoch=epoch,
                 source=spec.topic,
                 partition_key=key,
+                max_runtime_s=max_runtime_s,
                 spans={r.partition: (r.start, r.end) for r in group},
                 selection=selection,
                 config={

@@ -9,6 +9,7 @@ ASSET_TAG = "kappa/asset"
 SENSOR_STATEMENT_TIMEOUT_S = 20.0
 PARTITIONS_TAG = "kappa/partitions"
 RANGES_TAG = "kappa/ranges"
+MAX_RUNTIME_TAG = "dagster/max_runtime"
 
 #: Runs that hold their partitions: queued, starting, running or being cancelled.
 IN_FLIGHT = [
@@ -39,6 +40,7 @@ def micro_batch_request(
     config: dict,
     selection: list[dg.AssetKey] | None = None,
     partition_key: str | None = None,
+    max_runtime_s: int | None = None,
 ) -> dg.RunRequest:
     """A run for ``asset`` over ``spans`` (shard -> [start, end)): positions in the config,
     shards in the tags (``selection``: every asset the step writes, default ``asset``), the time
@@ -56,5 +58,8 @@ def micro_batch_request(
             ASSET_TAG: asset,
             PARTITIONS_TAG: ",".join(str(shard) for shard in sorted(spans)),
             RANGES_TAG: f"{source}:{text}",
+            # Run monitoring fails a run past this (a worker that died with the daemon
+            # would otherwise hold its partitions forever: the run stays STARTED).
+            **({MAX_RUNTIME_TAG: str(max_runtime_s)} if max_runtime_s else {}),
         },
     )

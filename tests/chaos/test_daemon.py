@@ -94,6 +94,8 @@ def test_a_daemon_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
         **chaos_env,
         "KAPPA_DAGSTER_PG_URL": _database(pg_server_url),
         "KAPPA_SENSOR_INTERVAL_S": "2",
+        # Runs killed with the daemon stay STARTED: run monitoring fails them after this.
+        "KAPPA_RUN_MAX_RUNTIME_S": "60",
     }
     settings = Settings.from_env(env)
     home = tmp_path / "dagster_home"
@@ -129,7 +131,17 @@ def test_a_daemon_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
             "SELECT 1 FROM kappa.batch_ledger LIMIT 1"
         ):
             time.sleep(1)
-        time.sleep(rng.uniform(2, 6))
+        # ... and kill it while a run is executing (its worker dies with it).
+        deadline = time.monotonic() + 120
+        with psycopg.connect(env["KAPPA_DAGSTER_PG_URL"], autocommit=True) as dagster_db:
+            while time.monotonic() < deadline:
+                row = dagster_db.execute(
+                    "SELECT count(*) FROM runs WHERE status = 'STARTED'"
+                ).fetchone()
+                if row and row[0]:
+                    break
+                time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 1.0))
         killed_children = _kill_tree(daemon)
         time.sleep(3)
         daemon = _start_daemon(daemon_env, log)
