@@ -299,27 +299,19 @@ def run_batch(
     check_continuity(spec.asset, topic, partition, head, bounds, epoch)
     start = head.end if head is not None else bounds.start
     end = min(requested.end, start + max_batch, bounds.end)
-    if start < requested.start:
-        # The ledger was rewound after this range was planned (a replay): the range may
-        # belong to another time partition now; the sensor plans afresh.
+    # start < requested.start: the ledger was rewound after this range was planned (a
+    # replay); the range may belong to another time partition now, the sensor plans afresh.
+    skipped = (
+        "superseded" if start < requested.start else "already loaded" if end <= start else None
+    )
+    if skipped is not None:
         return BatchOutcome(
             spec.asset,
             topic,
             partition,
             start,
             start,
-            status="superseded",
-            lag_after=bounds.end - start,
-            seconds=time.monotonic() - started,
-        )
-    if end <= start:
-        return BatchOutcome(
-            spec.asset,
-            topic,
-            partition,
-            start,
-            start,
-            status="already loaded",
+            status=skipped,
             lag_after=bounds.end - start,
             seconds=time.monotonic() - started,
         )
