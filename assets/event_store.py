@@ -22,7 +22,12 @@ from kappa.ingest import (
     run_batch,
 )
 from kappa.partitions import TimeWindows
-from kappa.reconcile import ShardReconciliation, compare_with_log, reconcile_topic
+from kappa.reconcile import (
+    PartitionComparison,
+    ShardReconciliation,
+    compare_with_log,
+    reconcile_topic,
+)
 from kappa.stateful import VersionCache, WarehouseDimensions
 from kappa.warehouse import read_checkpoints
 from resources.event_store import EventStoreResource
@@ -118,13 +123,15 @@ class FactServices:
     max_wait_s: float = 0.0
 
 
-def _window_table(outcomes: list[WindowOutcome]) -> dg.TableMetadataValue:
+def window_table(
+    outcomes: list[WindowOutcome], positions: str = "offsets"
+) -> dg.TableMetadataValue:
     return metadata_table(
         [
             {
                 "window": o.window,
                 "partition": o.partition,
-                "offsets": f"[{o.start}, {o.end})",
+                positions: f"[{o.start}, {o.end})",
                 "status": o.status,
                 "removed": o.removed_rows,
                 "received": o.received,
@@ -143,6 +150,18 @@ def _window_table(outcomes: list[WindowOutcome]) -> dg.TableMetadataValue:
 RESOLVED_TAG = "kappa/resolved_offsets"
 #: Run tags are short: the resolved offsets of a long range are in the materialisation.
 _MAX_TAG_LENGTH = 4000
+
+
+def tag_resolved_positions(
+    context: dg.AssetExecutionContext, outcomes: list[WindowOutcome]
+) -> None:
+    """Freeze on the run the positions each reprocessed partition resolved to (a tag, when
+    short enough; the materialisation's table always has them)."""
+    resolved = ";".join(
+        f"{o.window}={o.partition}:{o.start}-{o.end}" for o in outcomes if o.end > o.start
+    )
+    if resolved and len(resolved) <= _MAX_TAG_LENGTH:
+        context.instance.add_run_tags(context.run.run_id, {RESOLVED_TAG: resolved})
 
 
 def build_fact_asset(
@@ -349,11 +368,7 @@ def build_fact_asset(
                         else ""
                     )
                 )
-        resolved_tag = ";".join(
-            f"{o.window}={o.partition}:{o.start}-{o.end}" for o in outcomes if o.end > o.start
-        )
-        if resolved_tag and len(resolved_tag) <= _MAX_TAG_LENGTH:
-            context.instance.add_run_tags(context.run.run_id, {RESOLVED_TAG: resolved_tag})
+        tag_resolved_positions(context, outcomes)
         stale_from = sorted({o.stale_from for o in outcomes if o.stale_from})
         yield dg.MaterializeResult(
             asset_key=spec.asset,
@@ -362,7 +377,7 @@ def build_fact_asset(
                 "partitions": ", ".join(keys)
                 if len(keys) <= 3
                 else f"{keys[0]} .. {keys[-1]} ({len(keys)})",
-                "resolved_offsets": _window_table(outcomes),
+                "resolved_offsets": window_table(outcomes),
                 "rows_removed": sum(o.removed_rows for o in outcomes),
                 "rows_received": sum(o.received for o in outcomes),
                 "rows_loaded": sum(o.loaded for o in outcomes),
@@ -402,35 +417,42 @@ def build_replay_check(spec: TopicIngest) -> dg.AssetChecksDefinition:
     ) -> dg.AssetCheckResult:
         with event_store.open() as store, warehouse.connect() as conn:
             comparisons = compare_with_log(store, conn, warehouse.schemas, spec)
-        differing = [c for c in comparisons if not c.equal]
-        return dg.AssetCheckResult(
-            passed=not differing,
-            description=(
-                "; ".join(f"{spec.topic}[{c.partition}] {c.describe()}" for c in differing)
-                if differing
-                else f"{len(comparisons)} (time partition, topic partition) ranges equal to the log"
-            ),
-            metadata={
-                "partitions": metadata_table(
-                    [
-                        {
-                            "window": c.window or "",
-                            "partition": c.partition,
-                            "offsets": f"[{c.start}, {c.end})",
-                            "log_rows": c.log_rows,
-                            "edw_rows": c.edw_rows,
-                            "log_dead_letters": c.log_dead_letters,
-                            "edw_dead_letters": c.edw_dead_letters,
-                            "checksums_equal": c.log_checksum == c.edw_checksum,
-                        }
-                        for c in comparisons
-                    ]
-                ),
-                "rows_differing": sum(abs(c.log_rows - c.edw_rows) for c in comparisons),
-            },
-        )
+        return replay_result(spec.topic, comparisons)
 
     return replay_equivalence
+
+
+def replay_result(
+    source: str, comparisons: list[PartitionComparison], positions: str = "offsets"
+) -> dg.AssetCheckResult:
+    """The check result of a replay comparison: passes when every range is equal."""
+    differing = [c for c in comparisons if not c.equal]
+    return dg.AssetCheckResult(
+        passed=not differing,
+        description=(
+            "; ".join(f"{source}[{c.partition}] {c.describe()}" for c in differing)
+            if differing
+            else f"{len(comparisons)} (time partition, shard) ranges equal to the log"
+        ),
+        metadata={
+            "partitions": metadata_table(
+                [
+                    {
+                        "window": c.window or "",
+                        "partition": c.partition,
+                        positions: f"[{c.start}, {c.end})",
+                        "log_rows": c.log_rows,
+                        "edw_rows": c.edw_rows,
+                        "log_dead_letters": c.log_dead_letters,
+                        "edw_dead_letters": c.edw_dead_letters,
+                        "checksums_equal": c.log_checksum == c.edw_checksum,
+                    }
+                    for c in comparisons
+                ]
+            ),
+            "rows_differing": sum(abs(c.log_rows - c.edw_rows) for c in comparisons),
+        },
+    )
 
 
 def reconciliation_result(accounts: list[ShardReconciliation]) -> dg.AssetCheckResult:

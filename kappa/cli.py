@@ -438,18 +438,20 @@ def backfill(
     """Launch a Dagster backfill of ``asset``'s time partitions from ``since`` (default: the
     first) to ``until`` (default: now), on the running webserver, as the UI would."""
     topics = {spec.asset: spec for spec, _ in topic_ingests(settings)}
-    if asset not in topics:
+    captured = {spec.asset for spec in load_captures(settings.capture_config)}
+    if asset not in topics and asset not in captured:
         raise KappaError(
-            f"{asset!r} has no time partitions; partitioned assets: {', '.join(sorted(topics))}"
+            f"{asset!r} has no time partitions; partitioned assets: "
+            f"{', '.join(sorted([*topics, *captured]))}"
         )
-    spec = topics[asset]
+    step = topics[asset].step if asset in topics else None
     windows = settings.windows
     first = windows.at(since or windows.start)
     last = windows.at(until or datetime.now(UTC))
     if last.start < first.start:
         raise KappaError(f"--to {last.key} is before --from {first.key}")
     keys = [w.key for w in windows.span(first.key, last.key)]
-    selection = [asset, *(spec.step.side_tables if spec.step is not None else ())]
+    selection = [asset, *(step.side_tables if step is not None else ())]
     server = url or f"http://127.0.0.1:{settings.ui_port}"
     backfill_id = launch_backfill(
         server, selection, keys, title=f"reprocess {asset} {keys[0]} .. {keys[-1]}"

@@ -23,11 +23,15 @@ import psycopg
 from psycopg import sql
 
 from kappa.capture import CaptureSpec, Column
+from kappa.exceptions import LogResetError, ReprocessError
 from kappa.warehouse import (
+    BatchCounts,
     BatchRecord,
     Schemas,
     copy_frame,
+    insert_ledger_row,
     ledger_transaction,
+    lock_head,
     stage_frame,
     write_dead_letters,
 )
@@ -324,11 +328,16 @@ WHERE d.is_current AND {same_key}
     conn.execute(
         sql.SQL(
             """
-INSERT INTO {dim} ({sk}, {columns}, valid_from, valid_to, is_current, source_xid, source_change_id, change_op)
-SELECT source_change_id, {columns}, valid_from, next_from, next_from IS NULL, source_xid, source_change_id, op
+INSERT INTO {dim} ({sk}, {columns}, valid_from, valid_to, is_current, source_xid, source_change_id,
+  change_op, closed_by_xid, closed_by_change_id)
+SELECT source_change_id, {columns}, valid_from, next_from, next_from IS NULL, source_xid, source_change_id,
+  op, next_xid, next_change_id
 FROM (
-  SELECT v.*, lead(valid_from) OVER (PARTITION BY {keys} ORDER BY {order}) AS next_from
+  -- A version closed within the batch names its closer, as one closed by a later batch does.
+  SELECT v.*, lead(valid_from) OVER w AS next_from, lead(source_xid) OVER w AS next_xid,
+         lead(source_change_id) OVER w AS next_change_id
   FROM scd_versions v
+  WINDOW w AS (PARTITION BY {keys} ORDER BY {order})
 ) versions
 WHERE op <> 'D'
 ORDER BY {order}
@@ -381,6 +390,38 @@ def _merge_current(
     conn.execute("DROP TABLE current_last")
 
 
+def _key_matches(spec: CaptureSpec) -> sql.Composable:
+    """``(key columns as text) IN (unnest of one text array per key column)``."""
+    keys = [sql.Identifier(k) for k in spec.keys]
+    return sql.SQL("({}) IN (SELECT * FROM unnest({}))").format(
+        sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in keys),
+        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in keys),
+    )
+
+
+def _restage_keys(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    spec: CaptureSpec,
+    stage: sql.Identifier,
+    keys: list[tuple[str, ...]],
+    history: Callable[[list[tuple[str, ...]]], pd.DataFrame],
+) -> int:
+    """Drop ``keys`` from the target and the stage, and stage their whole history instead:
+    the merge then computes them exactly as a replay from the beginning would. Returns how
+    many target rows went."""
+    if not keys:
+        return 0
+    rebuilt = validate_changes(spec, history(keys)).rows
+    columns = tuple([row[i] for row in keys] for i in range(len(spec.keys)))
+    matches = _key_matches(spec)
+    target = sql.Identifier(schemas.edw, spec.target)
+    removed = conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(target, matches), columns)
+    conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(stage, matches), columns)
+    copy_frame(conn, stage, rebuilt)
+    return removed.rowcount
+
+
 def _rebuild_late_keys(
     conn: psycopg.Connection,
     schemas: Schemas,
@@ -399,24 +440,23 @@ def _rebuild_late_keys(
             "SELECT DISTINCT {s_keys} FROM {stage} s JOIN {dim} d ON {same_key} "
             "WHERE greatest(d.source_change_id, coalesce(d.closed_by_change_id, 0)) > s.source_change_id"
         ).format(
-            s_keys=sql.SQL(", ").join(sql.SQL("s.{}").format(k) for k in keys),
+            s_keys=sql.SQL(", ").join(sql.SQL("s.{}::text").format(k) for k in keys),
             stage=stage,
             dim=dim,
             same_key=same_key,
         )
     ).fetchall()
-    if not late:
-        return 0
-    rebuilt = validate_changes(spec, history([tuple(str(v) for v in row) for row in late])).rows
-    columns = tuple([str(row[i]) for row in late] for i in range(len(keys)))
-    key_text = sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in keys)
-    text_matches = sql.SQL("({}) IN (SELECT * FROM unnest({}))").format(
-        key_text, sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in keys)
-    )
-    conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(dim, text_matches), columns)
-    conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(stage, text_matches), columns)
-    copy_frame(conn, stage, rebuilt)
+    _restage_keys(conn, schemas, spec, stage, [tuple(row) for row in late], history)
     return len(late)
+
+
+def _merge(
+    conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec, stage: sql.Identifier
+) -> None:
+    if spec.mode == "scd2":
+        _merge_scd2(conn, schemas, spec, stage)
+    else:
+        _merge_current(conn, schemas, spec, stage)
 
 
 def apply_changes(
@@ -441,14 +481,201 @@ def apply_changes(
             conn, f"stage_{spec.name}", None, validated.rows, columns_ddl=_stage_ddl(spec)
         )
         if not validated.rows.empty:
-            if spec.mode == "scd2":
-                if history is not None:
-                    _rebuild_late_keys(conn, schemas, spec, stage, history)
-                _merge_scd2(conn, schemas, spec, stage)
-            else:
-                _merge_current(conn, schemas, spec, stage)
+            if spec.mode == "scd2" and history is not None:
+                _rebuild_late_keys(conn, schemas, spec, stage, history)
+            _merge(conn, schemas, spec, stage)
         counts.received = len(changes)
         # A key-changing update is two rows of one change: count changes, not rows.
         counts.loaded = int(validated.rows["source_change_id"].nunique())
         counts.dead_lettered = write_dead_letters(conn, schemas, record, validated.dead_letters)
     return counts.received, counts.loaded, counts.dead_lettered
+
+
+# -- reprocessing a time partition ------------------------------------------------------------
+#
+# A change table's time partition is the transactions its ledger batches cover: a batch
+# belongs to the partition in which the sensor saw its changes committed (visibility time,
+# recorded in the ledger), because a transaction's own timestamp can lie in a partition
+# that has already closed. So partition P is [first start, last end) of P's ledger batches;
+# the ledger is the only record of that mapping, and it never changes once P has closed.
+#
+# Replacing P re-applies those transactions: every key they touch is rebuilt from its whole
+# history up to the ledger head (the same computation as a replay from the beginning), so a
+# version that a later change closed is closed again, and nothing after P goes stale.
+
+
+@dataclass
+class CaptureWindowReplacement:
+    """What replacing one time partition of a captured table did."""
+
+    start: int = 0
+    end: int = 0
+    received: int = 0
+    loaded: int = 0
+    dead_lettered: int = 0
+    removed_rows: int = 0
+    removed_batches: int = 0
+    rebuilt_keys: int = 0
+
+
+def replace_capture_window(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    spec: CaptureSpec,
+    *,
+    epoch: str,
+    window: str,
+    run_id: str,
+    read: Callable[[int, int], pd.DataFrame],
+    history: Callable[[list[tuple[str, ...]], int], pd.DataFrame],
+) -> CaptureWindowReplacement | None:
+    """Replace time partition ``window`` of ``spec.asset`` in one transaction: its ledger
+    batches, dead letters and every row of the keys its transactions touched.
+
+    ``read(start, end)`` gives the changes of transactions ``[start, end)``, ``history(keys,
+    end)`` every change of ``keys`` below ``end``. Returns None when the ledger holds no batch
+    of the partition (nothing became visible in it). Raises :class:`LogResetError` for a
+    recreated change table and :class:`ReprocessError` when the change table no longer holds
+    what the ledger loaded; in both cases nothing is changed.
+    """
+    meta = sql.Identifier(schemas.meta)
+    source = str(spec.change_table)
+    with conn.transaction():
+        head = lock_head(conn, schemas, spec.asset, source, 0)
+        if head is None:
+            return None
+        if head.epoch != epoch:
+            raise LogResetError(
+                spec.asset,
+                source,
+                0,
+                f"was recreated: the ledger loaded transactions up to {head.end} of change table "
+                f"{head.epoch}, the OLTP database now has {epoch}.",
+            )
+        batches = conn.execute(
+            sql.SQL(
+                "SELECT start_position, end_position, received, watermark FROM {}.batch_ledger "
+                "WHERE asset = %s AND source = %s AND shard = 0 AND partition_key = %s "
+                "ORDER BY start_position"
+            ).format(meta),
+            (spec.asset, source, window),
+        ).fetchall()
+        if not batches:
+            return None
+        result = CaptureWindowReplacement(start=batches[0][0], end=batches[-1][1])
+
+        def refuse(detail: str) -> ReprocessError:
+            return ReprocessError(
+                spec.asset,
+                source,
+                0,
+                window,
+                result.start,
+                result.end,
+                detail,
+                positions="transactions",
+            )
+
+        foreign = conn.execute(
+            sql.SQL(
+                "SELECT start_position, end_position, partition_key FROM {}.batch_ledger "
+                "WHERE asset = %s AND source = %s AND shard = 0 AND start_position >= %s "
+                "AND start_position < %s AND partition_key IS DISTINCT FROM %s LIMIT 1"
+            ).format(meta),
+            (spec.asset, source, result.start, result.end, window),
+        ).fetchone()
+        if foreign is not None:
+            raise refuse(
+                f"ledger batch [{foreign[0]}, {foreign[1]}) of partition {foreign[2] or '(none)'} "
+                "lies inside it: replay the asset from the beginning."
+            )
+        changes = read(result.start, result.end)
+        expected = sum(int(b[2]) for b in batches)
+        if len(changes) != expected:
+            raise refuse(
+                f"the change table holds {len(changes)} changes of these transactions, the ledger "
+                f"loaded {expected}: changes were purged or rewritten and cannot be read again."
+            )
+        validated = validate_changes(spec, changes)
+        stage = stage_frame(
+            conn, f"stage_{spec.name}", None, validated.rows, columns_ddl=_stage_ddl(spec)
+        )
+        keys = _touched_keys(conn, schemas, spec, stage, result.start, result.end)
+        change_ids = [int(c) for c in changes["change_id"]]
+        conn.execute(
+            sql.SQL(
+                "DELETE FROM {}.dead_letter WHERE asset = %s AND source = %s AND shard = 0 "
+                "AND position = ANY(%s)"
+            ).format(meta),
+            (spec.asset, source, change_ids),
+        )
+        result.removed_batches = conn.execute(
+            sql.SQL(
+                "DELETE FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = 0 "
+                "AND partition_key = %s"
+            ).format(meta),
+            (spec.asset, source, window),
+        ).rowcount
+        result.removed_rows = _restage_keys(
+            conn, schemas, spec, stage, keys, lambda k: history(k, head.end)
+        )
+        _merge(conn, schemas, spec, stage)
+        result.rebuilt_keys = len(keys)
+        record = BatchRecord(
+            spec.asset,
+            source,
+            0,
+            epoch,
+            result.start,
+            result.end,
+            run_id,
+            window,
+            watermark=batches[-1][3],
+        )
+        counts = BatchCounts(
+            received=len(changes),
+            loaded=int(validated.rows["source_change_id"].nunique()),
+            dead_lettered=write_dead_letters(conn, schemas, record, validated.dead_letters),
+        )
+        insert_ledger_row(conn, schemas, record, counts)
+        conn.execute(
+            sql.SQL(
+                "UPDATE {meta}.ledger_head SET updated_at = clock_timestamp(), batches = "
+                "(SELECT count(*) FROM {meta}.batch_ledger WHERE asset = %s AND source = %s "
+                "AND shard = 0) WHERE asset = %s AND source = %s AND shard = 0"
+            ).format(meta=meta),
+            (spec.asset, source, spec.asset, source),
+        )
+        result.received, result.loaded, result.dead_lettered = (
+            counts.received,
+            counts.loaded,
+            counts.dead_lettered,
+        )
+    return result
+
+
+def _touched_keys(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    spec: CaptureSpec,
+    stage: sql.Identifier,
+    start: int,
+    end: int,
+) -> list[tuple[str, ...]]:
+    """The keys (as text) of the staged changes, and of the target rows that transactions
+    ``[start, end)`` wrote or closed (a change that is now a dead letter still touched its key)."""
+    keys = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in spec.keys)
+    written: sql.Composable = sql.SQL("source_xid >= %(start)s AND source_xid < %(end)s")
+    if spec.mode == "scd2":
+        written = sql.SQL("{} OR (closed_by_xid >= %(start)s AND closed_by_xid < %(end)s)").format(
+            written
+        )
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT {keys} FROM {stage} UNION SELECT {keys} FROM {target} WHERE {written}"
+        ).format(
+            keys=keys, stage=stage, target=sql.Identifier(schemas.edw, spec.target), written=written
+        ),
+        {"start": start, "end": end},
+    ).fetchall()
+    return sorted(tuple(row) for row in rows)

@@ -63,7 +63,16 @@ class ReprocessError(KappaError):
     """
 
     def __init__(
-        self, asset: str, topic: str, partition: int, window: str, start: int, end: int, detail: str
+        self,
+        asset: str,
+        topic: str,
+        partition: int,
+        window: str,
+        start: int,
+        end: int,
+        detail: str,
+        *,
+        positions: str = "offsets",
     ) -> None:
         self.asset = asset
         self.topic = topic
@@ -72,6 +81,6 @@ class ReprocessError(KappaError):
         self.start = start
         self.end = end
         super().__init__(
-            f"{asset} partition {window}: {topic}[{partition}] offsets [{start}, {end}): {detail} "
+            f"{asset} partition {window}: {topic}[{partition}] {positions} [{start}, {end}): {detail} "
             "Nothing in the EDW was changed."
         )

@@ -19,9 +19,9 @@ from kappa import cdc
 from kappa.capture import CaptureSpec
 from kappa.contracts import EventContract
 from kappa.decode import DecodedBatch, decode_batch, describe_reason
-from kappa.dimensions import apply_changes
+from kappa.dimensions import apply_changes, replace_capture_window
 from kappa.event_store import EventStore, LogBounds
-from kappa.exceptions import EventStoreTimeoutError, LogResetError
+from kappa.exceptions import BatchSupersededError, EventStoreTimeoutError, LogResetError
 from kappa.partitions import TimeWindows, Window
 from kappa.state import (
     AsOfStateCache,
@@ -397,6 +397,13 @@ def run_capture_batch(
     epoch = cdc.source_epoch(oltp, spec)
     head = read_head(edw, schemas, spec.asset, source, 0)
     check_capture_continuity(spec, head, epoch)
+    last = head.partition_key if head is not None else None
+    if partition_key is not None and last is not None and partition_key < last:
+        # Visibility times only move forward: a closed partition takes no new batch.
+        raise BatchSupersededError(
+            f"{spec.asset}: partition {partition_key} is closed, the ledger already has "
+            f"batches of {last}; the sensor plans the next batch there"
+        )
     start = head.end if head is not None else 0
     complete_until = cdc.complete_until(oltp)  # before the horizon: see complete_until
     end = cdc.plan_end(oltp, spec, start, max_changes=max_changes)
@@ -595,3 +602,49 @@ def reprocess_window(
             outcome.stale_from = replaced.stale_from
             outcome.seconds = time.monotonic() - started
     return outcomes
+
+
+def reprocess_capture_window(
+    oltp: psycopg.Connection,
+    edw: psycopg.Connection,
+    schemas: Schemas,
+    spec: CaptureSpec,
+    window: str,
+    *,
+    run_id: str,
+) -> WindowOutcome:
+    """Replace time partition ``window`` of a captured table, in one transaction: the
+    transactions its ledger batches cover are read again from the change table and every key
+    they touched is rebuilt (see :func:`kappa.dimensions.replace_capture_window`)."""
+    started = time.monotonic()
+    source = str(spec.change_table)
+    epoch = cdc.source_epoch(oltp, spec)
+    replaced = replace_capture_window(
+        edw,
+        schemas,
+        spec,
+        epoch=epoch,
+        window=window,
+        run_id=run_id,
+        read=lambda start, end: cdc.read_changes(oltp, spec, start, end),
+        history=lambda keys, end: cdc.read_key_history(oltp, spec, keys, end),
+    )
+    if replaced is None:
+        return WindowOutcome(
+            spec.asset, source, window, 0, 0, 0, "empty", seconds=time.monotonic() - started
+        )
+    return WindowOutcome(
+        spec.asset,
+        source,
+        window,
+        0,
+        replaced.start,
+        replaced.end,
+        "replaced",
+        received=replaced.received,
+        loaded=replaced.loaded,
+        dead_lettered=replaced.dead_lettered,
+        removed_rows=replaced.removed_rows,
+        batches=1,
+        seconds=time.monotonic() - started,
+    )

@@ -86,6 +86,17 @@ class TimeWindows:
     def at_ms(self, ts_ms: int) -> Window:
         return self.at(datetime.fromtimestamp(ts_ms / 1000, UTC))
 
+    def visible_at(self, now: datetime, last: str | None) -> Window:
+        """The window of a change-table batch seen committed at ``now``: ``now``'s window, or
+        the window of the shard's last batch (``last``) if the clock went back behind it, so
+        visibility windows never go back. A ``last`` of another grain is ignored."""
+        window = self.at(now)
+        try:
+            previous = self.window(last) if last else None
+        except ValueError:
+            previous = None
+        return previous if previous is not None and previous.start > window.start else window
+
     def next(self, window: Window) -> Window:
         return self.at(window.end)
 

@@ -282,6 +282,17 @@ _SELECT_HEAD_FOR_UPDATE = (
 )
 
 
+def lock_head(
+    conn: psycopg.Connection, schemas: Schemas, asset: str, source: str, shard: int
+) -> LedgerHead | None:
+    """The ledger head of one shard, locked until the transaction ends (None: no head)."""
+    row = conn.execute(
+        sql.SQL(_SELECT_HEAD_FOR_UPDATE).format(sql.Identifier(schemas.meta)),
+        (asset, source, shard),
+    ).fetchone()
+    return LedgerHead(asset, source, shard, *row) if row is not None else None
+
+
 def _lock_head(conn: psycopg.Connection, schemas: Schemas, record: BatchRecord) -> LedgerHead:
     meta = sql.Identifier(schemas.meta)
     select = sql.SQL(_SELECT_HEAD_FOR_UPDATE).format(meta)
@@ -861,10 +872,7 @@ def replace_window(
 
     result = WindowReplacement(new_end=end)
     with conn.transaction():
-        row = conn.execute(
-            sql.SQL(_SELECT_HEAD_FOR_UPDATE).format(meta), (asset, source, shard)
-        ).fetchone()
-        head = LedgerHead(asset, source, shard, *row) if row is not None else None
+        head = lock_head(conn, schemas, asset, source, shard)
         if head is not None and head.epoch != record.epoch:
             raise LogResetError(
                 asset,

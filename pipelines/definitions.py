@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.cdc import build_capture_asset, build_capture_reconciliation_check, change_table_source
+from assets.cdc import (
+    build_capture_asset,
+    build_capture_reconciliation_check,
+    build_capture_replay_check,
+    change_table_source,
+)
 from assets.checks import build_freshness_checks, build_freshness_sensor
 from assets.event_store import (
     FactServices,
@@ -76,6 +81,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         + [build_reconciliation_check(spec) for spec, _ in ingests]
         + [build_staleness_check(spec) for spec, _ in ingests if spec.step is not None]
         + [build_capture_reconciliation_check(spec) for spec in captures]
+        + [build_capture_replay_check(spec) for spec in captures]
         + build_freshness_checks(topics, captures, max_lag_s=settings.freshness_max_lag_s)
     )
     return dg.Definitions(
@@ -93,7 +99,12 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         assets=[topic_source(spec) for spec, _ in ingests]
         + list(facts.values())
         + [change_table_source(spec) for spec in captures]
-        + [build_capture_asset(spec, max_changes=settings.batch_max_records) for spec in captures]
+        + [
+            build_capture_asset(
+                spec, windows=settings.windows, max_changes=settings.batch_max_records
+            )
+            for spec in captures
+        ]
         + [build_customer_daily(settings.windows, sorted(facts))],
         sensors=[
             build_offset_sensor(
@@ -110,6 +121,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         + [
             build_capture_sensor(
                 spec,
+                windows=settings.windows,
                 interval_s=interval,
                 max_changes=settings.batch_max_records,
                 max_runtime_s=settings.run_max_runtime_s,

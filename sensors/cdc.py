@@ -5,6 +5,8 @@ the ledger head from the EDW; it writes nothing. The observation it records on t
 table shows the lag, and which open transactions hold the horizon back.
 """
 
+from datetime import UTC, datetime
+
 import dagster as dg
 
 from assets.cdc import change_table_key
@@ -12,6 +14,7 @@ from kappa import cdc
 from kappa.capture import CaptureSpec
 from kappa.cursor import OffsetCursor
 from kappa.ingest import check_capture_continuity
+from kappa.partitions import TimeWindows
 from kappa.warehouse import read_head
 from resources.oltp import OltpResource
 from resources.warehouse import WarehouseResource
@@ -24,16 +27,27 @@ from sensors.micro_batch import (
 
 
 def build_capture_sensor(
-    spec: CaptureSpec, *, interval_s: int, max_changes: int, max_runtime_s: int | None = None
+    spec: CaptureSpec,
+    *,
+    windows: TimeWindows,
+    interval_s: int,
+    max_changes: int,
+    max_runtime_s: int | None = None,
 ) -> dg.SensorDefinition:
-    """The sensor that launches ``spec.asset``'s micro-batches when changes commit."""
+    """The sensor that launches ``spec.asset``'s micro-batches when changes commit.
+
+    A batch belongs to the time partition in which the tick saw its changes committed (its
+    visibility time, never earlier than the last batch's partition): the run carries it as
+    its partition key and the ledger records it.
+    """
 
     @dg.sensor(
         name=f"{spec.asset}_sensor",
         description=(
             f"Polls `{spec.change_table}` for changes of transactions below the snapshot "
             f"horizon and requests runs of `{spec.asset}` with explicit transaction ranges "
-            f"(at most {max_changes} changes, whole transactions)."
+            f"(at most {max_changes} changes, whole transactions), in the time partition "
+            "where the changes became visible."
         ),
         asset_selection=[dg.AssetKey(spec.asset)],
         minimum_interval_seconds=interval_s,
@@ -83,8 +97,10 @@ def build_capture_sensor(
                 cursor=cursor.dump(),
                 asset_events=events,
             )
+        window = windows.visible_at(datetime.now(UTC), head.partition_key if head else None)
         request = micro_batch_request(
             asset=spec.asset,
+            partition_key=window.key,
             max_runtime_s=max_runtime_s,
             cursor=cursor,
             epoch=epoch,

@@ -1,6 +1,7 @@
-"""End to end: live micro-batches over two hourly partitions, then a partition backfill
-launched as the UI launches it (GraphQL on the webserver, through `kappa backfill`) and run by
-the Dagster daemon; the EDW ends exactly as the live runs left it."""
+"""End to end: live micro-batches over two hourly partitions of the facts, and changes
+captured from the OLTP database into the partition where they became visible; then partition
+backfills launched as the UI launches them (GraphQL on the webserver, through `kappa
+backfill`) and run by the Dagster daemon; the EDW ends exactly as the live runs left it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -57,6 +58,9 @@ CHECKSUMS = {
     "fact_order": "SELECT md5(string_agg(t::text, ',' ORDER BY t::text)), count(*) FROM edw.fact_order t",
     "fact_payment": "SELECT md5(string_agg(t::text, ',' ORDER BY t::text)), count(*) FROM edw.fact_payment t",
     "fraud_alert": "SELECT md5(string_agg(t::text, ',' ORDER BY t::text)), count(*) FROM edw.fraud_alert t",
+    "dim_customer": "SELECT md5(string_agg(t::text, ',' ORDER BY t::text)), count(*) FROM edw.dim_customer t",
+    "fact_call_center_call": "SELECT md5(string_agg(t::text, ',' ORDER BY t::text)), count(*) "
+    "FROM edw.fact_call_center_call t",
     "state": "SELECT md5(string_agg(v, ',' ORDER BY v)), count(*) FROM (SELECT DISTINCT ON "
     "(store, shard, key) store || shard || key || value::text AS v FROM kappa.state "
     "ORDER BY store, shard, key, position DESC) s",
@@ -77,6 +81,73 @@ def loaded_to_log_end(state: LocalState, expected: int) -> bool:
     return row is not None and row[0] >= expected
 
 
+def write_oltp(state: LocalState) -> int:
+    """Customers and calls written, updated and deleted in the OLTP database, as several
+    transactions; returns how many changes they captured."""
+    statements = [
+        *(
+            f"INSERT INTO customers VALUES ('e2e-{i}', 'N{i}', 'retail', 'DE', {100 + i})"
+            for i in range(40)
+        ),
+        *(
+            f"INSERT INTO call_center_calls VALUES ('e2e-call-{i}', 'e2e-{i}', 'billing', "
+            f"'neutral', {30 + i}, now())"
+            for i in range(20)
+        ),
+        "UPDATE customers SET segment = 'smb' WHERE customer_id LIKE 'e2e-1%'",
+        "UPDATE customers SET credit_limit = 5 WHERE customer_id LIKE 'e2e-2%'",
+        "DELETE FROM customers WHERE customer_id = 'e2e-3'",
+        "UPDATE call_center_calls SET duration_s = 1 WHERE call_id LIKE 'e2e-call-1%'",
+    ]
+    with psycopg.connect(state.settings.resolved_oltp_url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM cdc.customers_changes) "
+            "+ (SELECT count(*) FROM cdc.call_center_calls_changes)"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def captured(state: LocalState) -> tuple[int, set[str]]:
+    """Changes the ledger holds of both change tables, and the partitions they fell in."""
+    with psycopg.connect(state.edw_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT partition_key, sum(received) FROM kappa.batch_ledger WHERE asset IN "
+            "('dim_customer', 'fact_call_center_call') GROUP BY partition_key"
+        ).fetchall()
+    return sum(int(r[1]) for r in rows), {r[0] for r in rows}
+
+
+def launch_backfill(state: LocalState, stack: StackProcess, asset: str, first, last) -> str:
+    """`kappa backfill ASSET --from --to`, as a runbook would; returns the backfill id."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kappa.cli",
+            "backfill",
+            asset,
+            "--from",
+            first.isoformat(),
+            "--to",
+            last.isoformat(),
+            "--url",
+            state.ui,
+        ],
+        cwd=REPO_ROOT,
+        env=state.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr + stack.diagnostics()
+    found = re.search(r"backfill (\w+) of \d+ partitions", done.stdout)
+    assert found, done.stdout
+    return found.group(1)
+
+
 @pytest.mark.timeout(600)
 def test_a_backfill_launched_like_the_ui_reproduces_the_live_partitions(
     hourly_state: HourlyState,
@@ -93,9 +164,15 @@ def test_a_backfill_launched_like_the_ui_reproduces_the_live_partitions(
             sent += produce_in_hour(producer, settings, HOUR_2 + timedelta(minutes=5), 300, seed=12)
         finally:
             producer.close()
+        changes = write_oltp(state)
         stack.wait_until(
             "the sensors' micro-batches loading every produced message",
             lambda: loaded_to_log_end(state, sent),
+            timeout_s=240,
+        )
+        stack.wait_until(
+            "the capture sensors' micro-batches applying every change",
+            lambda: captured(state)[0] >= changes,
             timeout_s=240,
         )
         with psycopg.connect(state.edw_url, autocommit=True) as conn:
@@ -111,43 +188,41 @@ def test_a_backfill_launched_like_the_ui_reproduces_the_live_partitions(
         live = checksums(state)
         assert live["fact_order"][1] > 0 and live["fraud_alert"][1] > 0
 
-        # Both facts' backfills at once, as two users would launch them from the UI.
-        launched = {}
-        for fact in ("fact_order", "fact_payment"):
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "kappa.cli",
-                    "backfill",
-                    fact,
-                    "--from",
-                    HOUR_1.isoformat(),
-                    "--to",
-                    HOUR_2.isoformat(),
-                    "--url",
-                    state.ui,
-                ],
-                cwd=REPO_ROOT,
-                env=state.env,
-                capture_output=True,
-                text=True,
-                timeout=120,
+        # Partitions of arrival (facts) and of visibility (change tables): the change tables'
+        # are the hours in which the sensors saw the changes committed, i.e. now.
+        visible = sorted(captured(state)[1], key=lambda key: windows.window(key).start)
+        assert visible and windows.window(visible[-1]).start <= windows.at(datetime.now(UTC)).start
+        assert live["dim_customer"][1] > 0 and live["fact_call_center_call"][1] > 0
+
+        # Every backfill at once, as several users would launch them from the UI.
+        launched = {
+            fact: launch_backfill(state, stack, fact, HOUR_1, HOUR_2)
+            for fact in ("fact_order", "fact_payment")
+        }
+        for table in ("dim_customer", "fact_call_center_call"):
+            launched[table] = launch_backfill(
+                state,
+                stack,
+                table,
+                windows.window(visible[0]).start,
+                windows.window(visible[-1]).start,
             )
-            assert done.returncode == 0, done.stdout + done.stderr + stack.diagnostics()
-            found = re.search(r"backfill (\w+) of 2 partitions", done.stdout)
-            assert found, done.stdout
-            launched[fact] = found.group(1)
-        for fact, backfill_id in launched.items():
+        for asset, backfill_id in launched.items():
             status = wait_for_backfill(state.ui, backfill_id, timeout_s=300)
             assert status in SUCCEEDED, (
-                f"{fact} backfill {backfill_id}: {status}\n{stack.diagnostics()}"
+                f"{asset} backfill {backfill_id}: {status}\n{stack.diagnostics()}"
             )
         with psycopg.connect(state.edw_url, autocommit=True) as conn:
             reprocessed = conn.execute(
-                "SELECT count(DISTINCT run_id) FROM kappa.batch_ledger WHERE run_id IN "
-                "(SELECT run_id FROM kappa.checkpoint)"
+                "SELECT count(DISTINCT run_id) FROM kappa.batch_ledger WHERE asset IN "
+                "('fact_order', 'fact_payment') AND run_id IN (SELECT run_id FROM kappa.checkpoint)"
             ).fetchone()
+            replaced = conn.execute(
+                "SELECT asset, count(*), count(DISTINCT partition_key) FROM kappa.batch_ledger "
+                "WHERE asset IN ('dim_customer', 'fact_call_center_call') GROUP BY asset"
+            ).fetchall()
         assert reprocessed is not None and reprocessed[0] >= 2
+        # A replaced partition of a change table is one ledger batch.
+        assert len(replaced) == 2 and all(batches == keys for _, batches, keys in replaced)
         assert checksums(state) == live
         assert stack.interrupt() == 0

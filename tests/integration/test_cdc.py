@@ -50,7 +50,7 @@ def writer(url: str) -> psycopg.Connection:
 def dim_rows(url: str, schema: str = "edw") -> list[tuple]:
     with connect(url) as conn:
         return conn.execute(
-            f"SELECT customer_sk, customer_id, segment, valid_from, valid_to, is_current, source_change_id "
+            f"SELECT customer_sk, customer_id, segment, valid_from, valid_to, is_current, source_change_id, closed_by_xid, closed_by_change_id "
             f"FROM {schema}.dim_customer ORDER BY customer_sk"
         ).fetchall()
 
