@@ -22,7 +22,7 @@ from kappa.decode import DecodedBatch, decode_batch, describe_reason
 from kappa.dimensions import apply_changes, replace_capture_window
 from kappa.event_store import EventStore, LogBounds
 from kappa.exceptions import BatchSupersededError, EventStoreTimeoutError, LogResetError
-from kappa.partitions import TimeWindows, Window
+from kappa.partitions import TimeWindows, Window, parse_key
 from kappa.state import (
     AsOfStateCache,
     PostgresStateBackend,
@@ -397,12 +397,13 @@ def run_capture_batch(
     epoch = cdc.source_epoch(oltp, spec)
     head = read_head(edw, schemas, spec.asset, source, 0)
     check_capture_continuity(spec, head, epoch)
-    last = head.partition_key if head is not None else None
-    if partition_key is not None and last is not None and partition_key < last:
+    requested = parse_key(partition_key) if partition_key else None
+    last = parse_key(head.partition_key) if head is not None and head.partition_key else None
+    if requested is not None and last is not None and requested.end <= last.start:
         # Visibility times only move forward: a closed partition takes no new batch.
         raise BatchSupersededError(
-            f"{spec.asset}: partition {partition_key} is closed, the ledger already has "
-            f"batches of {last}; the sensor plans the next batch there"
+            f"{spec.asset}: partition {requested.key} is closed, the ledger already has "
+            f"batches of {last.key}; the sensor plans the next batch there"
         )
     start = head.end if head is not None else 0
     complete_until = cdc.complete_until(oltp)  # before the horizon: see complete_until

@@ -42,6 +42,17 @@ class Window:
         return int(self.end.timestamp() * 1000)
 
 
+def parse_key(key: str) -> Window | None:
+    """The window of a partition key of any grain (None: not a partition key)."""
+    for fmt, length in GRAINS.values():
+        try:
+            start = datetime.strptime(key, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        return Window(key, start, start + length)
+    return None
+
+
 @dataclass(frozen=True)
 class TimeWindows:
     """The partitioning of arrival time: ``grain`` windows from ``start`` on (UTC)."""

@@ -312,3 +312,16 @@ def test_replay_equivalence_check_compares_each_partition_and_changes_nothing(tw
     assert [c.equal for c in found] == [True, False]
     assert found[1].log_rows == found[1].edw_rows + 1
     assert "log gives" in found[1].describe()
+
+
+def test_a_change_of_grain_does_not_close_the_day_of_the_last_hour(two_hours, captured):
+    """Hourly to daily: the day holding the last hourly batch is still open; an hour before
+    a later day is closed."""
+    url = captured
+    write(url, customer(31))
+    assert load(url, "2026-11-20") == 1
+    write(url, customer(32))
+    assert load(url, "2026-11-21") == 1
+    write(url, customer(33))
+    with pytest.raises(BatchSupersededError, match="2026-11-20-08:00 is closed"):
+        load(url, HOUR_1)
