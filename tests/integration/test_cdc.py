@@ -9,11 +9,9 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from kappa import cdc
 from kappa.capture import load_captures
 from kappa.dimensions import ensure_target
 from kappa.ingest import run_capture_batch
-from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.warehouse import Schemas, connect, ensure_schema
 
@@ -23,17 +21,6 @@ SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "capture.yaml")}
 CUSTOMERS = SPECS["customers"]
 CALLS = SPECS["call_center_calls"]
 SCHEMAS = Schemas()
-
-
-@pytest.fixture
-def captured(database_url):
-    with connect(database_url) as conn:
-        ensure_source_tables(conn)
-        ensure_schema(conn, SCHEMAS, [])
-        for spec in SPECS.values():
-            cdc.install_capture(conn, spec)
-            ensure_target(conn, SCHEMAS, spec)
-    return database_url
 
 
 def batch(url: str, spec=CUSTOMERS, *, max_changes: int = 10_000):

@@ -13,14 +13,12 @@ import pytest
 
 from kappa import cdc
 from kappa.capture import load_captures
-from kappa.dimensions import ensure_target
 from kappa.exceptions import BatchSupersededError, LogResetError, ReprocessError
 from kappa.ingest import reprocess_capture_window, run_capture_batch
-from kappa.oltp import ensure_source_tables
 from kappa.partitions import TimeWindows
 from kappa.reconcile import compare_capture_with_log, reconcile_capture
 from kappa.settings import REPO_ROOT
-from kappa.warehouse import Schemas, connect, ensure_schema
+from kappa.warehouse import Schemas, connect
 
 pytestmark = pytest.mark.integration
 
@@ -42,17 +40,6 @@ CHECKSUMS = {
     "min(start_position) s, max(end_position) e, sum(received) r, sum(loaded) l, "
     "sum(dead_lettered) d FROM kappa.batch_ledger GROUP BY asset, partition_key) g",
 }
-
-
-@pytest.fixture
-def captured(database_url: str) -> str:
-    with connect(database_url) as conn:
-        ensure_source_tables(conn)
-        ensure_schema(conn, SCHEMAS, [])
-        for spec in SPECS.values():
-            cdc.install_capture(conn, spec)
-            ensure_target(conn, SCHEMAS, spec)
-    return database_url
 
 
 def checksums(url: str) -> dict[str, tuple]:

@@ -6,14 +6,13 @@ import time
 import psycopg
 import pytest
 
-from kappa import cdc, cli
+from kappa import cli
 from kappa.capture import load_captures
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
+from kappa.contracts import ORDER_PLACED
 from kappa.decode import DecodedBatch
 from kappa.dimensions import ensure_target
 from kappa.exceptions import BatchSupersededError
 from kappa.ingest import run_capture_batch
-from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.stateful import WarehouseDimensions
 from kappa.warehouse import (
@@ -29,17 +28,6 @@ from tests.integration.harness import Pipeline
 pytestmark = pytest.mark.integration
 SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "capture.yaml")}
 SCHEMAS = Schemas()
-
-
-@pytest.fixture
-def captured(database_url):
-    with connect(database_url) as conn:
-        ensure_schema(conn, SCHEMAS, [ORDER_PLACED, PAYMENT_ATTEMPTED])
-        ensure_source_tables(conn)
-        for spec in SPECS.values():
-            ensure_target(conn, SCHEMAS, spec)
-            cdc.install_capture(conn, spec)
-    return database_url
 
 
 def drain(url: str, spec, *, max_changes: int = 1000) -> list:
