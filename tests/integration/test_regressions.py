@@ -2,9 +2,12 @@
 
 import itertools
 import time
+from datetime import UTC, datetime
 
+import pandas as pd
 import psycopg
 import pytest
+from psycopg import sql
 
 from kappa import cli
 from kappa.capture import load_captures
@@ -20,6 +23,7 @@ from kappa.warehouse import (
     Schemas,
     commit_batch,
     connect,
+    copy_frame,
     ensure_schema,
     reset_for_replay,
 )
@@ -300,3 +304,27 @@ def test_replay_from_a_point_in_time_rewinds_rows_alerts_and_state_and_reloads_t
     ) == [(0,)]
     pipeline.drain("fact_payment")
     assert snapshot() == live
+
+
+def test_copy_writes_zoned_timestamps_as_the_instants_they_are(database_url):
+    """COPY text is made by numpy for zone-aware columns: other zones, NaT and microseconds
+    come back as the same instants, and text columns are untouched."""
+    frame = pd.DataFrame(
+        {
+            "at": pd.to_datetime(
+                ["2026-11-26T10:00:00.123456+02:00", None, "1999-12-31T23:59:59.000000+00:00"],
+                utc=True,
+                format="ISO8601",
+            ).tz_convert("Europe/Berlin"),
+            "note": ["a,b", "line\r\nbreak", None],
+        }
+    )
+    with connect(database_url) as conn, conn.transaction():
+        conn.execute("CREATE TEMP TABLE copied (at timestamptz, note text)")
+        copy_frame(conn, sql.Identifier("copied"), frame)
+        rows = conn.execute("SELECT at, note FROM copied ORDER BY note NULLS LAST").fetchall()
+    assert rows == [
+        (datetime(2026, 11, 26, 8, 0, 0, 123456, tzinfo=UTC), "a,b"),
+        (None, "line\r\nbreak"),
+        (datetime(1999, 12, 31, 23, 59, 59, tzinfo=UTC), None),
+    ]
