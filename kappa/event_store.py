@@ -238,6 +238,7 @@ class EventStore:
         ts_ms: int,
         *,
         floor: Mapping[int, int] | None = None,
+        bounds: Mapping[int, LogBounds] | None = None,
     ) -> dict[int, int | None]:
         """Earliest offset whose timestamp is >= ``ts_ms`` per partition; None where the log
         holds no such record yet (some brokers answer that as offset 0 with timestamp -1).
@@ -246,6 +247,7 @@ class EventStore:
         it; a broker whose time index disagrees with its records gets a binary search over
         record timestamps instead (which assumes they do not go backwards). ``floor[p]``:
         an offset known to be at or below the answer (the ledger head), to search less.
+        ``bounds``: the log bounds, when the caller has just read them.
         """
         tps = [TopicPartition(topic, p) for p in partitions]
         if not tps:
@@ -253,7 +255,8 @@ class EventStore:
         found = self._consumer.offsets_for_times(
             {tp: ts_ms for tp in tps}, timeout_ms=int(self.timeout_s * 1000)
         )
-        bounds = self.log_bounds(topic, [tp.partition for tp in tps])
+        if bounds is None or any(tp.partition not in bounds for tp in tps):
+            bounds = self.log_bounds(topic, [tp.partition for tp in tps])
         result: dict[int, int | None] = {}
         for tp in tps:
             p = tp.partition
@@ -295,6 +298,13 @@ class EventStore:
 
     def _search(self, topic: str, partition: int, ts_ms: int, low: int, high: int) -> int | None:
         """First offset in ``[low, high)`` whose record's timestamp is >= ``ts_ms``."""
+        if low >= high:
+            return None
+        tail = self.fetch(topic, partition, max(low, high - 64), high)
+        if tail.timestamps and max(tail.timestamps) < ts_ms:
+            # The live case (the open window has no record past its end yet): one fetch, not
+            # log2(lag) of them.
+            return None
         found: int | None = None
         while low < high:
             middle = (low + high) // 2

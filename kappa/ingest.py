@@ -193,7 +193,7 @@ def locate_windows(
     windows: TimeWindows,
     starts: Mapping[int, int],
     hints: Mapping[int, str | None],
-    log_ends: Mapping[int, int],
+    bounds: Mapping[int, LogBounds],
 ) -> dict[int, tuple[Window, int]]:
     """For each partition's next position ``starts[p]`` (which the log holds): the time
     partition it belongs to, and the offset where that partition ends (the log end while
@@ -220,14 +220,18 @@ def locate_windows(
             by_end.setdefault(window.end_ms, []).append(partition)
         for end_ms, partitions in by_end.items():
             found = store.boundaries(
-                topic, partitions, end_ms, floor={p: starts[p] for p in partitions}
+                topic,
+                partitions,
+                end_ms,
+                floor={p: starts[p] for p in partitions},
+                bounds=bounds,
             )
             for partition, boundary in found.items():
                 window, start = pending[partition], starts[partition]
                 if boundary is None or boundary > start:
                     located[partition] = (
                         window,
-                        boundary if boundary is not None else log_ends[partition],
+                        boundary if boundary is not None else bounds[partition].end,
                     )
                     del pending[partition]
                     continue

@@ -87,7 +87,7 @@ def build_offset_sensor(
                 windows,
                 starts,
                 {p: heads[p].partition_key if p in heads else None for p in starts},
-                {p: bounds[p].end for p in starts},
+                bounds,
             )
 
         events: list[dg.AssetObservation] = []
