@@ -51,19 +51,25 @@ def start_worker(pipeline: Pipeline, request: dg.RunRequest) -> tuple[subprocess
 
 def reap(worker: subprocess.Popen[str], started: float, *, kill_after: float | None) -> WorkerExit:
     """Wait for ``worker``; with ``kill_after``, SIGKILL it that many seconds after it started
-    its run unless it has ended by then. Returns how it ended and its peak memory."""
-    if kill_after is not None:
-        deadline = started + kill_after
-        while time.monotonic() < deadline and worker.poll() is None:
-            time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
-    killed = False
-    if kill_after is not None and worker.poll() is None:
-        os.kill(worker.pid, signal.SIGKILL)
-        killed = True
-    _, status, usage = os.wait4(worker.pid, 0)
+    its run unless it has ended by then. Returns how it ended and its peak memory.
+
+    The worker is reaped with ``wait4`` only (never ``poll``, which would reap it first and
+    lose its resource usage when it ends before the deadline)."""
+    deadline = started + kill_after if kill_after is not None else None
+    while True:
+        pid, status, usage = os.wait4(worker.pid, 0 if deadline is None else os.WNOHANG)
+        if pid:
+            break
+        assert deadline is not None
+        if time.monotonic() >= deadline:
+            os.kill(worker.pid, signal.SIGKILL)  # a worker that has just ended is a zombie: no-op
+            _, status, usage = os.wait4(worker.pid, 0)
+            break
+        time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
     worker.returncode = os.waitstatus_to_exitcode(status)
     if worker.stdout is not None:
         worker.stdout.close()
+    killed = worker.returncode == -signal.SIGKILL
     return WorkerExit(killed, worker.returncode, time.monotonic() - started, int(usage.ru_maxrss))
 
 
