@@ -907,6 +907,18 @@ def replace_window(
                 f"the partition before it is not loaded: the ledger ends at {head.end}. "
                 "Reprocess the earlier partitions first (a backfill runs them in order)."
             )
+        first = conn.execute(
+            sql.SQL(
+                "SELECT min(start_position) FROM {}.batch_ledger WHERE asset = %s AND source = %s "
+                "AND shard = %s AND partition_key = %s"
+            ).format(meta),
+            (asset, source, shard, window),
+        ).fetchone()
+        if first is not None and first[0] is not None and first[0] < log_start:
+            raise refuse(
+                f"the log now starts at {log_start}: offsets [{first[0]}, {log_start}) of this "
+                "partition have expired (retention) and cannot be read again."
+            )
         cut = min(head.end, end) if head is not None else start
         straddling = conn.execute(
             sql.SQL(
@@ -920,18 +932,6 @@ def replace_window(
             raise refuse(
                 f"ledger batch [{straddling[0]}, {straddling[1]}) straddles a boundary of the "
                 "partition (loaded before partitions were cut): replay the asset from the beginning."
-            )
-        first = conn.execute(
-            sql.SQL(
-                "SELECT min(start_position) FROM {}.batch_ledger WHERE asset = %s AND source = %s "
-                "AND shard = %s AND partition_key = %s"
-            ).format(meta),
-            (asset, source, shard, window),
-        ).fetchone()
-        if first is not None and first[0] is not None and first[0] < log_start:
-            raise refuse(
-                f"the log now starts at {log_start}: offsets [{first[0]}, {log_start}) of this "
-                "partition have expired (retention) and cannot be read again."
             )
         if first is not None and first[0] is not None and first[0] != start:
             raise refuse(

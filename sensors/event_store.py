@@ -5,6 +5,8 @@ by a timeout), the ledger heads, and the run storage; it has no side effects, so
 may evaluate a tick twice. Run requests carry offset ranges, never payloads.
 """
 
+from datetime import UTC, datetime
+
 import dagster as dg
 
 from assets.event_store import topic_asset_key
@@ -90,6 +92,18 @@ def build_offset_sensor(
                 bounds,
             )
 
+        # A window that starts after the current one is not a Dagster partition yet (a
+        # producer's clock ahead stamped the records): its shard waits, nothing is skipped.
+        current = windows.at(datetime.now(UTC))
+        ahead = {p: w for p, (w, _) in located.items() if w.start > current.start}
+        for partition, window in sorted(ahead.items()):
+            context.log.warning(
+                f"{spec.topic}[{partition}] from offset {starts[partition]} belongs to time "
+                f"partition {window.key}, which starts after the current one ({current.key}): "
+                "its records are stamped ahead of this clock (a producer's clock ahead?); "
+                "the shard waits until that partition exists"
+            )
+
         events: list[dg.AssetObservation] = []
         log_end = {str(p): b.end for p, b in bounds.items()}
         if log_end != cursor.log_end:
@@ -110,18 +124,26 @@ def build_offset_sensor(
             spec.topic,
             heads,
             bounds,
-            busy=busy,
+            busy=busy | frozenset(ahead),
             max_batch=max_batch,
             max_run=max_run,
             limits={p: end for p, (_, end) in located.items()},
         )
         if not ranges:
             waiting = [p for p in partitions if p in busy]
+            reasons = []
+            if waiting:
+                reasons.append(
+                    "batch in flight for " + ", ".join(f"{spec.topic}[{p}]" for p in waiting)
+                )
+            if ahead:
+                reasons.append(
+                    "records stamped ahead of the clock wait for their time partition: "
+                    + ", ".join(f"{spec.topic}[{p}] -> {w.key}" for p, w in sorted(ahead.items()))
+                )
             reason = (
-                "batch in flight for "
-                + ", ".join(f"{spec.topic}[{p}]" for p in waiting)
-                + "; no new offsets elsewhere"
-                if waiting
+                "; ".join(reasons) + "; no new offsets elsewhere"
+                if reasons
                 else f"no new offsets in {spec.topic} (ledger at the log end of every partition)"
             )
             return dg.SensorResult(

@@ -15,6 +15,7 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
 from kappa import simulator, stateful
+from kappa.event_store import EventStore, LogBounds
 from kappa.localstack import ensure_topics
 from kappa.settings import Settings
 from tests.integration.harness import Pipeline
@@ -354,3 +355,48 @@ def test_a_late_event_rematerialises_the_mart_partition_of_its_event_date(pipeli
     assert pipeline.query(
         "SELECT sum(orders) FROM edw.mart_customer_daily WHERE activity_date = %s", (late_day,)
     ) == [(1,)]
+
+
+def test_expired_offsets_fail_the_backfill_and_leave_the_edw_untouched(
+    pipeline: Pipeline, monkeypatch
+):
+    """Retention took the first offsets of a loaded partition (the local broker cannot expire
+    records, so its log start is moved for the topic): nothing is deleted."""
+    produce_at(pipeline, HOUR_1 + timedelta(minutes=10), 200, seed=8)
+    live(pipeline)
+    first, _ = keys(pipeline)
+    before = edw_checksums(pipeline)
+    topic = pipeline.settings.topic_orders
+    real = EventStore.log_bounds
+
+    def retained(self: EventStore, name: str, partitions) -> dict[int, LogBounds]:
+        bounds = real(self, name, partitions)
+        if name != topic or 0 not in bounds:
+            return bounds
+        return {
+            **bounds,
+            0: LogBounds(start=min(bounds[0].end, bounds[0].start + 3), end=bounds[0].end),
+        }
+
+    monkeypatch.setattr(EventStore, "log_bounds", retained)
+    result = reprocess(pipeline, "fact_order", first, raise_on_error=False)
+    assert not result.success
+    failure = result.failure_data_for_node("fact_order")
+    assert failure is not None and failure.user_failure_data is not None
+    message = failure.user_failure_data.description or ""
+    assert f"partition {first}: {topic}[0]" in message
+    assert "have expired (retention)" in message and "Nothing in the EDW was changed" in message
+    assert edw_checksums(pipeline) == before
+
+
+def test_records_stamped_ahead_of_the_clock_wait_for_their_partition(pipeline: Pipeline):
+    """A producer clock hours ahead makes a time partition Dagster does not have yet: the
+    shards holding such records wait (the tick says so), the others load."""
+    produce_at(pipeline, NOW + timedelta(hours=3), 40, seed=9)
+    result = pipeline.tick("fact_order")
+    assert not result.run_requests
+    reason = result.skip_reason.skip_message if result.skip_reason else ""
+    assert "stamped ahead of the clock" in (reason or "")
+    ahead = pipeline.settings.windows.at(NOW + timedelta(hours=3)).key
+    assert f"-> {ahead}" in (reason or "")
+    assert pipeline.query("SELECT count(*) FROM kappa.batch_ledger") == [(0,)]
