@@ -19,6 +19,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,7 +71,7 @@ class CompleteDimensions(WarehouseDimensions):
         )
         self._complete_until = complete_until
 
-    def watermark(self) -> pd.Timestamp | None:
+    def watermark(self, customer_ids: Sequence[str] = ()) -> pd.Timestamp | None:
         return self._complete_until
 
 

@@ -223,6 +223,21 @@ def _select_changes(
     return pd.DataFrame(rows, columns=["change_id", "xid", "op", "change_time", "before", "after"])
 
 
+def has_pending(
+    conn: psycopg.Connection, spec: CaptureSpec, loaded_until: int, column: str, values: list[str]
+) -> bool:
+    """Whether a committed change of transactions at or after ``loaded_until`` (not loaded
+    yet, below the horizon or not) has ``column`` in ``values`` in its before or after image."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT 1 FROM {} WHERE xid >= %s::text::xid8 AND ((after ->> %s) = ANY(%s) "
+            "OR (before ->> %s) = ANY(%s)) LIMIT 1"
+        ).format(sql.Identifier(spec.change_table.schema, spec.change_table.table)),
+        (str(loaded_until), column, values, column, values),
+    ).fetchone()
+    return row is not None
+
+
 @dataclass(frozen=True)
 class CaptureLag:
     """How far the EDW is behind a change table, and who holds the horizon back."""

@@ -30,7 +30,13 @@ from kappa.state import (
     StateAccess,
     StateCache,
 )
-from kappa.stateful import Dimensions, StatefulStep, StepOutput, wait_for_dimensions
+from kappa.stateful import (
+    CUSTOMER_COLUMN,
+    Dimensions,
+    StatefulStep,
+    StepOutput,
+    wait_for_dimensions,
+)
 from kappa.warehouse import (
     BatchCounts,
     BatchRecord,
@@ -267,7 +273,14 @@ def _apply_step(
     seen = existing_event_ids(conn, schemas, spec.contract, rows["event_id"].astype(str).tolist())
     rows = rows[~rows["event_id"].isin(seen)]
     watermark = (
-        wait_for_dimensions(dimensions, rows["event_time"].max(), max_wait_s=max_wait_s)
+        wait_for_dimensions(
+            dimensions,
+            rows["event_time"].max(),
+            max_wait_s=max_wait_s,
+            customer_ids=rows[CUSTOMER_COLUMN].astype(str).unique().tolist()
+            if CUSTOMER_COLUMN in rows
+            else (),
+        )
         if not rows.empty
         else None
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,7 +42,9 @@ class StepOutput:
 class Dimensions(Protocol):
     """What stateful steps need from the CDC side, in bulk."""
 
-    def watermark(self) -> pd.Timestamp | None: ...
+    def watermark(self, customer_ids: Sequence[str] = ()) -> pd.Timestamp | None:
+        """The time up to which every change is loaded (of ``customer_ids``, when given)."""
+        ...
 
     def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame: ...
 
@@ -51,6 +53,8 @@ class Dimensions(Protocol):
     ) -> pd.DataFrame: ...
 
 
+#: The column that ties both captured tables to the events (customer versions, calls).
+CUSTOMER_COLUMN = "customer_id"
 VERSION_COLUMNS = ["customer_id", "customer_sk", "segment", "country", "valid_from", "valid_to"]
 
 
@@ -118,7 +122,8 @@ class WarehouseDimensions:
     The watermark is the time up to which ``dim_customer`` and ``fact_call_center_call``
     hold every change: if nothing committed waits past a capture's ledger, it is now,
     bounded by the start of the oldest transaction still writing; otherwise it is what the
-    capture's last batch recorded.
+    capture's last batch recorded. Asked for some customers, only their changes count: a
+    batch need not wait for change capture to load other customers' changes.
     """
 
     def __init__(
@@ -139,7 +144,7 @@ class WarehouseDimensions:
         self.customers = customers
         self.calls_spec = calls
 
-    def watermark(self) -> pd.Timestamp | None:
+    def watermark(self, customer_ids: Sequence[str] = ()) -> pd.Timestamp | None:
         if self.oltp is None or not self.captures:
             return None
         now_complete = cdc.complete_until(self.oltp)
@@ -147,10 +152,13 @@ class WarehouseDimensions:
         for spec in self.captures:
             head = read_head(self.edw, self.schemas, spec.asset, str(spec.change_table), 0)
             loaded_until = head.end if head is not None else 0
-            if cdc.plan_end(self.oltp, spec, loaded_until, max_changes=1) > loaded_until:
-                mark = head.watermark if head is not None else None
-            else:
-                mark = now_complete
+            waiting = cdc.plan_end(self.oltp, spec, loaded_until, max_changes=1) > loaded_until
+            if waiting and customer_ids:
+                waiting = cdc.has_pending(
+                    self.oltp, spec, loaded_until, CUSTOMER_COLUMN, list(customer_ids)
+                )
+            # Waiting changes: complete only as far as the capture's last batch recorded.
+            mark = (head.watermark if head is not None else None) if waiting else now_complete
             if mark is None:
                 return None
             marks.append(pd.Timestamp(mark))
@@ -184,12 +192,14 @@ def wait_for_dimensions(
     needed: pd.Timestamp,
     *,
     max_wait_s: float,
+    customer_ids: Sequence[str] = (),
     sleep: Callable[[float], None] = time.sleep,
 ) -> pd.Timestamp | None:
-    """Wait (bounded) until change capture has loaded everything up to ``needed``."""
+    """Wait (bounded) until change capture has loaded everything of ``customer_ids`` up to
+    ``needed``."""
     deadline = time.monotonic() + max_wait_s
     while True:
-        mark = dimensions.watermark()
+        mark = dimensions.watermark(customer_ids)
         if mark is not None and mark >= needed:
             return mark
         if time.monotonic() >= deadline:

@@ -155,6 +155,31 @@ def test_an_event_beyond_what_cdc_has_loaded_waits_then_is_marked_provisional(
     ]
 
 
+def test_changes_of_other_customers_waiting_for_capture_do_not_hold_a_batch_back(
+    pipeline_env, instance, monkeypatch
+):
+    """Completeness is asked for the batch's customers: a committed change of c-2 not loaded
+    yet leaves c-1's order final (as of its event time) and c-2's provisional."""
+    monkeypatch.setenv("KAPPA_ENRICH_MAX_WAIT_S", "1")
+    pipeline = Pipeline(env={**pipeline_env, "KAPPA_ENRICH_MAX_WAIT_S": "1"}, instance=instance)
+    oltp(
+        pipeline,
+        "INSERT INTO customers (customer_id, name, segment, country, credit_limit) VALUES "
+        "('c-1', 'Ada', 'retail', 'DE', 100), ('c-2', 'Bob', 'retail', 'FR', 100)",
+    )
+    pipeline.drain("dim_customer")
+    oltp(pipeline, "UPDATE customers SET segment = 'smb' WHERE customer_id = 'c-2'")  # not loaded
+    now = datetime.now(UTC)
+    pipeline.produce([order(pipeline, "c-1", 10.00, now), order(pipeline, "c-2", 20.00, now)])
+    pipeline.drain("fact_order")
+    rows = pipeline.query(
+        "SELECT customer_id, customer_segment, enrichment, kafka_partition FROM edw.fact_order "
+        "ORDER BY 1"
+    )
+    assert rows[0][3] != rows[1][3], "premise: the two customers' orders are in two batches"
+    assert [r[:3] for r in rows] == [("c-1", "retail", "as_of"), ("c-2", "retail", "provisional")]
+
+
 def test_fraud_rules_each_raise_their_alert(pipeline: Pipeline):
     oltp(
         pipeline,

@@ -138,7 +138,7 @@ class StaticDimensions:
         calls["called_at"] = _times(calls["called_at"].tolist())
         self.call_rows = calls
 
-    def watermark(self) -> pd.Timestamp | None:
+    def watermark(self, customer_ids: Sequence[str] = ()) -> pd.Timestamp | None:
         return self.mark
 
     def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame:

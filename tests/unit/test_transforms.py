@@ -602,7 +602,7 @@ class StaticDimensions:
         self.call_rows = calls
         self.mark = mark
 
-    def watermark(self) -> pd.Timestamp | None:
+    def watermark(self, customer_ids: Sequence[str] = ()) -> pd.Timestamp | None:
         return self.mark
 
     def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame:
