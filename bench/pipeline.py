@@ -41,7 +41,7 @@ from kappa.ingest import (
 )
 from kappa.settings import REPO_ROOT, Settings
 from kappa.state import PostgresStateBackend, StateCache
-from kappa.stateful import VersionCache, WarehouseDimensions
+from kappa.stateful import Completeness, VersionCache, WarehouseDimensions
 from kappa.warehouse import Schemas, connect, read_heads
 
 #: As the fact asset: partitions of one run loaded at the same time.
@@ -71,8 +71,8 @@ class CompleteDimensions(WarehouseDimensions):
         )
         self._complete_until = complete_until
 
-    def watermark(self, customer_ids: Sequence[str] = ()) -> pd.Timestamp | None:
-        return self._complete_until
+    def watermark(self, customer_ids: Sequence[str] = ()) -> Completeness | None:
+        return Completeness(self._complete_until) if self._complete_until is not None else None
 
 
 @dataclass

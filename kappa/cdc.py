@@ -223,19 +223,24 @@ def _select_changes(
     return pd.DataFrame(rows, columns=["change_id", "xid", "op", "change_time", "before", "after"])
 
 
-def has_pending(
+def pending_since(
     conn: psycopg.Connection, spec: CaptureSpec, loaded_until: int, column: str, values: list[str]
-) -> bool:
-    """Whether a committed change of transactions at or after ``loaded_until`` (not loaded
-    yet, below the horizon or not) has ``column`` in ``values`` in its before or after image."""
-    row = conn.execute(
+) -> dict[str, datetime]:
+    """For each of ``values`` with a committed change not loaded yet (transactions at or after
+    ``loaded_until``, below the horizon or not) that has it as ``column`` in its before or
+    after image: the earliest such change's clock time (never after its commit time)."""
+    table = sql.Identifier(spec.change_table.schema, spec.change_table.table)
+    rows = conn.execute(
         sql.SQL(
-            "SELECT 1 FROM {} WHERE xid >= %s::text::xid8 AND ((after ->> %s) = ANY(%s) "
-            "OR (before ->> %s) = ANY(%s)) LIMIT 1"
-        ).format(sql.Identifier(spec.change_table.schema, spec.change_table.table)),
-        (str(loaded_until), column, values, column, values),
-    ).fetchone()
-    return row is not None
+            "SELECT v, min(changed_at) FROM ("
+            "SELECT after ->> %(c)s AS v, changed_at FROM {t} WHERE xid >= %(x)s::text::xid8 "
+            "AND after ->> %(c)s = ANY(%(v)s) UNION ALL "
+            "SELECT before ->> %(c)s, changed_at FROM {t} WHERE xid >= %(x)s::text::xid8 "
+            "AND before ->> %(c)s = ANY(%(v)s)) p GROUP BY v"
+        ).format(t=table),
+        {"c": column, "x": str(loaded_until), "v": values},
+    ).fetchall()
+    return {str(v): at for v, at in rows}
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from kappa.state import (
     StateCache,
 )
 from kappa.stateful import (
-    CUSTOMER_COLUMN,
     Dimensions,
     StatefulStep,
     StepOutput,
@@ -272,19 +271,10 @@ def _apply_step(
     rows = decoded.rows
     seen = existing_event_ids(conn, schemas, spec.contract, rows["event_id"].astype(str).tolist())
     rows = rows[~rows["event_id"].isin(seen)]
-    watermark = (
-        wait_for_dimensions(
-            dimensions,
-            rows["event_time"].max(),
-            max_wait_s=max_wait_s,
-            customer_ids=rows[CUSTOMER_COLUMN].astype(str).unique().tolist()
-            if CUSTOMER_COLUMN in rows
-            else (),
-        )
-        if not rows.empty
-        else None
+    completeness = (
+        wait_for_dimensions(dimensions, rows, max_wait_s=max_wait_s) if not rows.empty else None
     )
-    return spec.step.apply(conn, state, dimensions, partition, rows, watermark)
+    return spec.step.apply(conn, state, dimensions, partition, rows, completeness)
 
 
 def run_batch(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,8 +42,9 @@ class StepOutput:
 class Dimensions(Protocol):
     """What stateful steps need from the CDC side, in bulk."""
 
-    def watermark(self, customer_ids: Sequence[str] = ()) -> pd.Timestamp | None:
-        """The time up to which every change is loaded (of ``customer_ids``, when given)."""
+    def watermark(self, customer_ids: Sequence[str] = ()) -> Completeness | None:
+        """Up to when every change is loaded (per customer of ``customer_ids``, when given);
+        None when that is not known."""
         ...
 
     def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame: ...
@@ -55,6 +56,29 @@ class Dimensions(Protocol):
 
 #: The column that ties both captured tables to the events (customer versions, calls).
 CUSTOMER_COLUMN = "customer_id"
+#: Change times are microseconds: "just before a change" is one microsecond before it.
+_JUST_BEFORE = pd.Timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """Up to when change capture has loaded every change: ``until`` for every customer but
+    those in ``pending``, which have a committed change not loaded yet and are complete only
+    up to just before their earliest such change."""
+
+    until: pd.Timestamp
+    pending: Mapping[str, pd.Timestamp] = field(default_factory=dict)
+
+    def marks(self, customers: pd.Series) -> pd.Series:
+        """Per row of ``customers`` (row-aligned), the time its customer is complete up to."""
+        until = pd.Timestamp(self.until).tz_convert("UTC")
+        marks = pd.Series(until, index=customers.index, dtype="datetime64[ns, UTC]")
+        if self.pending:
+            earliest = pd.to_datetime(customers.astype(str).map(self.pending), utc=True)
+            marks = earliest.where(earliest.notna() & (earliest < until), marks)
+        return marks
+
+
 VERSION_COLUMNS = ["customer_id", "customer_sk", "segment", "country", "valid_from", "valid_to"]
 
 
@@ -122,8 +146,10 @@ class WarehouseDimensions:
     The watermark is the time up to which ``dim_customer`` and ``fact_call_center_call``
     hold every change: if nothing committed waits past a capture's ledger, it is now,
     bounded by the start of the oldest transaction still writing; otherwise it is what the
-    capture's last batch recorded. Asked for some customers, only their changes count: a
-    batch need not wait for change capture to load other customers' changes.
+    capture's last batch recorded. Asked for some customers, it is per customer: now (so
+    bounded) for a customer none of whose changes waits, just before the earliest waiting
+    change for one that has some (a change's version is never valid before its change
+    time). A committed change not loaded yet holds back only its own customer's events.
     """
 
     def __init__(
@@ -144,25 +170,28 @@ class WarehouseDimensions:
         self.customers = customers
         self.calls_spec = calls
 
-    def watermark(self, customer_ids: Sequence[str] = ()) -> pd.Timestamp | None:
+    def watermark(self, customer_ids: Sequence[str] = ()) -> Completeness | None:
         if self.oltp is None or not self.captures:
             return None
-        now_complete = cdc.complete_until(self.oltp)
-        marks = []
+        until = pd.Timestamp(cdc.complete_until(self.oltp))
+        pending: dict[str, pd.Timestamp] = {}
         for spec in self.captures:
             head = read_head(self.edw, self.schemas, spec.asset, str(spec.change_table), 0)
             loaded_until = head.end if head is not None else 0
-            waiting = cdc.plan_end(self.oltp, spec, loaded_until, max_changes=1) > loaded_until
-            if waiting and customer_ids:
-                waiting = cdc.has_pending(
+            if customer_ids:
+                # Only these customers' changes waiting past the ledger hold them back.
+                since = cdc.pending_since(
                     self.oltp, spec, loaded_until, CUSTOMER_COLUMN, list(customer_ids)
                 )
-            # Waiting changes: complete only as far as the capture's last batch recorded.
-            mark = (head.watermark if head is not None else None) if waiting else now_complete
-            if mark is None:
-                return None
-            marks.append(pd.Timestamp(mark))
-        return min(marks)
+                for customer, earliest in since.items():
+                    mark = pd.Timestamp(earliest) - _JUST_BEFORE
+                    pending[customer] = min(pending.get(customer, mark), mark)
+            elif cdc.plan_end(self.oltp, spec, loaded_until, max_changes=1) > loaded_until:
+                # Changes wait: complete only as far as the capture's last batch recorded.
+                if head is None or head.watermark is None:
+                    return None
+                until = min(until, pd.Timestamp(head.watermark))
+        return Completeness(until, pending)
 
     def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame:
         if self.customers is None or not customer_ids:
@@ -189,22 +218,40 @@ class WarehouseDimensions:
 
 def wait_for_dimensions(
     dimensions: Dimensions,
-    needed: pd.Timestamp,
+    rows: pd.DataFrame,
     *,
     max_wait_s: float,
-    customer_ids: Sequence[str] = (),
     sleep: Callable[[float], None] = time.sleep,
-) -> pd.Timestamp | None:
-    """Wait (bounded) until change capture has loaded everything of ``customer_ids`` up to
-    ``needed``."""
+) -> Completeness | None:
+    """Wait (bounded) until change capture has loaded every change of the rows' customers
+    up to each row's event time."""
+    customers = rows[CUSTOMER_COLUMN].astype(str) if CUSTOMER_COLUMN in rows else None
+    ids = sorted(set(customers)) if customers is not None else []
     deadline = time.monotonic() + max_wait_s
     while True:
-        mark = dimensions.watermark(customer_ids)
-        if mark is not None and mark >= needed:
-            return mark
+        completeness = dimensions.watermark(ids)
+        if completeness is not None:
+            marks = (
+                completeness.marks(customers)
+                if customers is not None
+                else pd.Series(completeness.until, index=rows.index)
+            )
+            if bool((_utc_times(rows["event_time"]) <= marks).all()):
+                return completeness
         if time.monotonic() >= deadline:
-            return mark
+            return completeness
         sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def completeness_marks(completeness: Completeness | None, rows: pd.DataFrame) -> pd.Series | None:
+    """Per row (row-aligned), the time its customer's dimensions are complete up to."""
+    if completeness is None:
+        return None
+    return completeness.marks(rows[CUSTOMER_COLUMN])
+
+
+def _utc_times(values: pd.Series) -> pd.Series:
+    return pd.to_datetime(values, utc=True)
 
 
 class StatefulStep(Protocol):
@@ -220,7 +267,7 @@ class StatefulStep(Protocol):
         dimensions: Dimensions,
         shard: int,
         rows: pd.DataFrame,
-        watermark: pd.Timestamp | None,
+        completeness: Completeness | None,
     ) -> StepOutput: ...
 
 
@@ -237,11 +284,13 @@ class OrderEnrichment:
         dimensions: Dimensions,
         shard: int,
         rows: pd.DataFrame,
-        watermark: pd.Timestamp | None,
+        completeness: Completeness | None,
     ) -> StepOutput:
         customers = rows["customer_id"].astype(object).tolist()
         enriched = enrich_as_of(
-            rows, dimensions.customer_versions(sorted(set(customers))), watermark
+            rows,
+            dimensions.customer_versions(sorted(set(customers))),
+            completeness_marks(completeness, rows),
         )
         prior = cache.get_many(conn, self.store, shard, customers)
         stats = running_stats(rows["customer_id"], to_cents(rows["amount"]), prior)
@@ -272,12 +321,14 @@ class PaymentFraud:
         dimensions: Dimensions,
         shard: int,
         rows: pd.DataFrame,
-        watermark: pd.Timestamp | None,
+        completeness: Completeness | None,
     ) -> StepOutput:
         rows = rows.reset_index(drop=True)
         customers = rows["customer_id"].astype(object).tolist()
         distinct = sorted(set(customers))
-        enriched = enrich_as_of(rows, dimensions.customer_versions(distinct), watermark)
+        enriched = enrich_as_of(
+            rows, dimensions.customer_versions(distinct), completeness_marks(completeness, rows)
+        )
         stats_prior = cache.get_many(conn, "payment_stats", shard, customers)
         stats = running_stats(rows["customer_id"], to_cents(rows["amount"]), stats_prior)
         cards_prior = cache.get_many(

@@ -71,15 +71,16 @@ def running_stats(keys: pd.Series, cents: np.ndarray, prior: Mapping[str, State]
 
 
 def enrich_as_of(
-    events: pd.DataFrame, versions: pd.DataFrame, watermark: pd.Timestamp | None
+    events: pd.DataFrame, versions: pd.DataFrame, watermark: pd.Timestamp | pd.Series | None
 ) -> pd.DataFrame:
     """The dimension version valid at each event's time, row-aligned with ``events``.
 
     ``events`` has ``customer_id`` and ``event_time``; ``versions`` has ``customer_id``,
-    ``customer_sk``, ``segment``, ``country``, ``valid_from``, ``valid_to``. ``enrichment``
-    says ``as_of`` (the version valid then), ``provisional`` (the event is later than what
-    change capture has loaded: the newest known version, which may change) or
-    ``unknown_customer``.
+    ``customer_sk``, ``segment``, ``country``, ``valid_from``, ``valid_to``. ``watermark``:
+    the time change capture is complete up to, for every row or per row (a row-aligned
+    series). ``enrichment`` says ``as_of`` (the version valid then), ``provisional`` (the
+    event is later than what change capture has loaded: the newest known version, which may
+    change) or ``unknown_customer``.
     """
     left = pd.DataFrame(
         {
@@ -116,16 +117,19 @@ def enrich_as_of(
         )
     closed = joined["valid_to"].notna() & (joined["event_time"] >= joined["valid_to"])
     joined.loc[closed, ["customer_sk", "segment", "country"]] = pd.NA
-    found = joined["customer_sk"].notna()
-    late = (
-        joined["event_time"] > watermark
-        if watermark is not None
-        else pd.Series(True, index=joined.index)
-    )
+    joined = joined.sort_values("row").reset_index(drop=True)
+    found = joined["customer_sk"].notna().to_numpy()
+    if watermark is None:
+        late = np.ones(len(joined), dtype=bool)
+    elif isinstance(watermark, pd.Series):
+        late = (
+            joined["event_time"].to_numpy() > _utc(watermark).to_numpy()
+        ) | watermark.isna().to_numpy()
+    else:
+        late = (joined["event_time"] > watermark).to_numpy()
     joined["enrichment"] = np.where(
         ~found, "unknown_customer", np.where(late, "provisional", "as_of")
     )
-    joined = joined.sort_values("row").reset_index(drop=True)
     return pd.DataFrame(
         {
             "customer_sk": joined["customer_sk"].astype("Int64"),

@@ -33,7 +33,7 @@ from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED, EventContract
 from kappa.decode import decode_batch
 from kappa.event_store import RawBatch
 from kappa.state import State, StateCache
-from kappa.stateful import OrderEnrichment, PaymentFraud, StatefulStep
+from kappa.stateful import Completeness, OrderEnrichment, PaymentFraud, StatefulStep
 from kappa.transforms import FraudRules
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
@@ -138,8 +138,8 @@ class StaticDimensions:
         calls["called_at"] = _times(calls["called_at"].tolist())
         self.call_rows = calls
 
-    def watermark(self, customer_ids: Sequence[str] = ()) -> pd.Timestamp | None:
-        return self.mark
+    def watermark(self, customer_ids: Sequence[str] = ()) -> Completeness | None:
+        return Completeness(self.mark) if self.mark is not None else None
 
     def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame:
         return self.versions[self.versions["customer_id"].isin(customer_ids)].reset_index(drop=True)

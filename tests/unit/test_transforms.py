@@ -18,7 +18,7 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from kappa.state import State, StateCache
-from kappa.stateful import PaymentFraud
+from kappa.stateful import Completeness, PaymentFraud
 from kappa.transforms import (
     ALERT_COLUMNS,
     FraudRules,
@@ -203,6 +203,36 @@ def test_an_event_at_the_watermark_is_as_of_and_no_watermark_makes_all_provision
     unknown_mark = enrich_as_of(events, versions, None)
     assert unknown_mark["enrichment"].tolist() == ["provisional", "provisional"]
     assert unknown_mark["customer_sk"].tolist() == [11, 11]
+
+
+def test_a_customer_with_a_change_not_loaded_yet_is_complete_only_up_to_just_before_it():
+    """Per-customer completeness: c-1 has a change waiting (at 10:50), c-2 has none; change
+    capture is complete up to 11:30 otherwise."""
+    events = pd.DataFrame(
+        {
+            "customer_id": strings("c-1", "c-1", "c-2", "c-1"),
+            "event_time": utc(
+                "2024-03-01T10:49:59.999999Z",  # before c-1's waiting change: final
+                "2024-03-01T10:50:00Z",  # at it: the waiting change may be its version
+                "2024-03-01T10:30:00Z",  # c-2 waits for nothing: final up to 11:30
+                "2024-03-01T11:40:00Z",  # after everything known
+            ),
+        }
+    ).set_axis([3, 1, 2, 0])
+    completeness = Completeness(
+        pd.Timestamp("2024-03-01T11:30:00Z"),
+        {"c-1": pd.Timestamp("2024-03-01T10:50:00Z") - pd.Timedelta(microseconds=1)},
+    )
+    marks = completeness.marks(events["customer_id"])
+    assert marks.index.tolist() == [3, 1, 2, 0], "row-aligned with the events"
+    enriched = enrich_as_of(events, versions_frame(VERSIONS), marks)
+    assert enriched["enrichment"].tolist() == ["as_of", "provisional", "as_of", "provisional"]
+    assert (
+        Completeness(pd.Timestamp("2024-03-01T11:30:00Z"))
+        .marks(events["customer_id"])
+        .eq(pd.Timestamp("2024-03-01T11:30:00Z"))
+        .all()
+    )
 
 
 def test_without_versions_every_event_is_an_unknown_customer():
@@ -602,8 +632,8 @@ class StaticDimensions:
         self.call_rows = calls
         self.mark = mark
 
-    def watermark(self, customer_ids: Sequence[str] = ()) -> pd.Timestamp | None:
-        return self.mark
+    def watermark(self, customer_ids: Sequence[str] = ()) -> Completeness | None:
+        return Completeness(self.mark) if self.mark is not None else None
 
     def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame:
         return self.versions[self.versions["customer_id"].isin(customer_ids)].reset_index(drop=True)
