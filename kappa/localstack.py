@@ -987,6 +987,9 @@ def dagster_config(settings: Settings) -> dict[str, Any]:
                 "tag_concurrency_limits": [
                     {"key": "kappa/asset", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
                 ],
+                # A micro-batch waits in the queue up to this long (Dagster's default is 5 s,
+                # most of a short batch's latency).
+                "dequeue_interval_seconds": 1,
             },
         },
         "run_retries": {"enabled": True, "max_retries": settings.run_retries},
