@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Generator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import pandas as pd
@@ -520,27 +518,6 @@ def resolve_window(
     return bounds, resolved
 
 
-def decoded_ahead(
-    store: EventStore, topic: str, contract: EventContract, spans: Sequence[tuple[int, int, int]]
-) -> Generator[DecodedBatch, None, None]:
-    """Each ``(partition, start, end)`` of ``spans`` fetched and decoded, in order, one span
-    ahead of the caller: the next chunk is read from the log while the caller writes this
-    one. Only the prefetch thread uses ``store`` while the generator runs."""
-    if not spans:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kappa-prefetch") as pool:
-
-        def load(span: tuple[int, int, int]) -> DecodedBatch:
-            return decode_batch(store.fetch(topic, *span), contract)
-
-        pending = pool.submit(load, spans[0])
-        for following in [*spans[1:], None]:
-            decoded = pending.result()
-            if following is not None:
-                pending = pool.submit(load, following)
-            yield decoded
-
-
 def reprocess_window(
     store: EventStore,
     conn: psycopg.Connection,
@@ -571,13 +548,7 @@ def reprocess_window(
         check_continuity(spec.asset, topic, p, heads.get(p), bounds[p], epoch)
     backend = PostgresStateBackend(schemas)
     outcomes: list[WindowOutcome] = []
-    spans = [
-        (p, chunk, min(chunk + max_batch, resolved[p][1]))
-        for p in partitions
-        for chunk in range(resolved[p][0], resolved[p][1], max_batch)
-    ]
-    with closing(decoded_ahead(store, topic, spec.contract, spans)) as ahead, conn.transaction():
-        # Every topic partition of the window in one transaction, or none.
+    with conn.transaction():  # every topic partition of the window, or none
         for p in partitions:
             started = time.monotonic()
             start, end = resolved[p]
@@ -600,7 +571,9 @@ def reprocess_window(
                     chunk = replace(
                         record, start=chunk_start, end=min(chunk_start + max_batch, end)
                     )
-                    decoded = next(ahead)
+                    decoded = decode_batch(
+                        store.fetch(topic, p, chunk.start, chunk.end), spec.contract
+                    )
                     output = _apply_step(
                         conn, schemas, spec, decoded, p, state, dimensions, max_wait_s
                     )
