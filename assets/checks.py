@@ -11,8 +11,6 @@ check evaluation, so the UI shows it without a run per evaluation. The sensor on
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable, Sequence
 
 import dagster as dg
@@ -37,9 +35,6 @@ from resources.warehouse import WarehouseResource
 FRESHNESS_CHECK = "freshness"
 FRESHNESS_SENSOR = "freshness_sensor"
 FRESHNESS_INTERVAL_S = 30
-#: An unchanged verdict is recorded again only this often: every tick would write an
-#: evaluation per asset into the event log (thousands a day) that nothing prunes.
-FRESHNESS_HEARTBEAT_S = 300
 #: Freshness is about time, not correctness: a late asset warns, a wrong one errors.
 FRESHNESS_SEVERITY = dg.AssetCheckSeverity.WARN
 #: Queries of a sensor tick must answer well within Dagster's 60 s.
@@ -177,8 +172,7 @@ def evaluate_freshness(
 def build_freshness_sensor(
     topics: Sequence[TopicIngest], captures: Sequence[CaptureSpec], *, max_lag_s: float
 ) -> dg.SensorDefinition:
-    """Evaluates the freshness of every asset every FRESHNESS_INTERVAL_S seconds; records an
-    evaluation when an asset's verdict changes, or FRESHNESS_HEARTBEAT_S after the last."""
+    """Records a freshness evaluation of every asset every FRESHNESS_INTERVAL_S seconds."""
 
     @dg.sensor(
         name=FRESHNESS_SENSOR,
@@ -186,8 +180,7 @@ def build_freshness_sensor(
             f"Every {FRESHNESS_INTERVAL_S} s: the `{FRESHNESS_CHECK}` check of "
             f"{', '.join(t.asset for t in topics)} and {', '.join(c.asset for c in captures)} "
             "(oldest record or change not yet loaded against KAPPA_FRESHNESS_MAX_LAG_S), "
-            "recorded without launching runs when the verdict changes, and every "
-            f"{FRESHNESS_HEARTBEAT_S} s otherwise."
+            "recorded without launching runs."
         ),
         minimum_interval_seconds=FRESHNESS_INTERVAL_S,
         default_status=dg.DefaultSensorStatus.RUNNING,
@@ -219,24 +212,12 @@ def build_freshness_sensor(
                 max_lag_s=max_lag_s,
                 on_error=failed,
             )
-        # Cursor: per asset, the verdict last recorded and when (epoch seconds).
-        recorded: dict[str, list] = json.loads(context.cursor) if context.cursor else {}
-        now = time.time()
-        changed = [
-            v
-            for v in verdicts
-            if v.asset not in recorded
-            or recorded[v.asset][0] != v.passed
-            or now - recorded[v.asset][1] >= FRESHNESS_HEARTBEAT_S
-        ]
-        recorded.update({v.asset: [v.passed, now] for v in changed})
         summary = ", ".join(
             f"{v.asset} {'ok' if v.passed else 'STALE'} ({v.lag_s:.0f} s)" for v in verdicts
         )
         return dg.SensorResult(
-            asset_events=[freshness_evaluation(v) for v in changed],
-            cursor=json.dumps(recorded, sort_keys=True),
-            skip_reason=f"freshness {'recorded' if changed else 'unchanged'}: {summary}"
+            asset_events=[freshness_evaluation(v) for v in verdicts],
+            skip_reason=f"freshness recorded: {summary}"
             + (f"; not evaluated: {'; '.join(errors)}" if errors else ""),
         )
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import dagster as dg
 import pytest
 
-from assets.checks import FRESHNESS_CHECK, FRESHNESS_HEARTBEAT_S, FRESHNESS_SENSOR
+from assets.checks import FRESHNESS_CHECK, FRESHNESS_SENSOR
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -16,18 +15,13 @@ pytestmark = pytest.mark.integration
 ASSETS = {"fact_order", "fact_payment", "dim_customer", "fact_call_center_call"}
 
 
-def tick(pipeline: Pipeline, cursor: str | None = None) -> dg.SensorResult:
+def evaluate(pipeline: Pipeline) -> dict[str, dg.AssetCheckEvaluation]:
     sensor = pipeline.defs.get_sensor_def(FRESHNESS_SENSOR)
     with dg.build_sensor_context(
-        instance=pipeline.instance, resources=pipeline.defs.resources, cursor=cursor
+        instance=pipeline.instance, resources=pipeline.defs.resources
     ) as context:
         result = sensor(context)
     assert isinstance(result, dg.SensorResult)
-    return result
-
-
-def evaluate(pipeline: Pipeline) -> dict[str, dg.AssetCheckEvaluation]:
-    result = tick(pipeline)
     assert not result.run_requests, "the freshness sensor never launches runs"
     assert result.skip_reason is not None and "not evaluated" not in result.skip_reason.skip_message
     evaluations = {}
@@ -63,30 +57,6 @@ def test_the_sensor_evaluates_every_fact_and_captured_table(pipeline_env, instan
     fresh = evaluate(strict)["fact_order"]
     assert fresh.passed, fresh.description
     assert fresh.metadata["pending"].value == 0
-
-
-def test_an_unchanged_verdict_is_not_recorded_again_until_the_heartbeat(pipeline_env, instance):
-    pipeline = Pipeline(env=pipeline_env, instance=instance)
-    pipeline.simulate(50)
-    first = tick(pipeline)
-    assert len(first.asset_events) == len(ASSETS)
-    again = tick(pipeline, first.cursor)
-    assert again.asset_events == [], "nothing changed: nothing written to the event log"
-    assert "freshness unchanged" in (again.skip_reason.skip_message if again.skip_reason else "")
-
-    strict = Pipeline(env={**pipeline_env, "KAPPA_FRESHNESS_MAX_LAG_S": "1"}, instance=instance)
-    time.sleep(1.5)
-    flipped = tick(strict, again.cursor)
-    assert {e.asset_key.to_user_string() for e in flipped.asset_events} == {
-        "fact_order",
-        "fact_payment",
-    }, "only the verdicts that changed"
-
-    stale_cursor = json.loads(flipped.cursor or "{}")
-    for verdict in stale_cursor.values():
-        verdict[1] -= FRESHNESS_HEARTBEAT_S
-    beat = tick(strict, json.dumps(stale_cursor))
-    assert len(beat.asset_events) == len(ASSETS), "recorded again once the heartbeat is due"
 
 
 def test_the_check_runs_on_demand_and_its_result_is_stored(pipeline):
