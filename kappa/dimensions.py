@@ -514,8 +514,6 @@ class CaptureWindowReplacement:
     loaded: int = 0
     dead_lettered: int = 0
     removed_rows: int = 0
-    removed_batches: int = 0
-    rebuilt_keys: int = 0
 
 
 def replace_capture_window(
@@ -609,18 +607,17 @@ def replace_capture_window(
             ).format(meta),
             (spec.asset, source, change_ids),
         )
-        result.removed_batches = conn.execute(
+        conn.execute(
             sql.SQL(
                 "DELETE FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = 0 "
                 "AND partition_key = %s"
             ).format(meta),
             (spec.asset, source, window),
-        ).rowcount
+        )
         result.removed_rows = _restage_keys(
             conn, schemas, spec, stage, keys, lambda k: history(k, head.end)
         )
         _merge(conn, schemas, spec, stage)
-        result.rebuilt_keys = len(keys)
         record = BatchRecord(
             spec.asset,
             source,
@@ -654,6 +651,16 @@ def replace_capture_window(
     return result
 
 
+def written_by(spec: CaptureSpec) -> sql.Composable:
+    """The target rows that transactions ``[%(start)s, %(end)s)`` wrote (or, SCD2, closed)."""
+    written: sql.Composable = sql.SQL("source_xid >= %(start)s AND source_xid < %(end)s")
+    if spec.mode == "scd2":
+        written = sql.SQL("{} OR (closed_by_xid >= %(start)s AND closed_by_xid < %(end)s)").format(
+            written
+        )
+    return written
+
+
 def _touched_keys(
     conn: psycopg.Connection,
     schemas: Schemas,
@@ -665,16 +672,14 @@ def _touched_keys(
     """The keys (as text) of the staged changes, and of the target rows that transactions
     ``[start, end)`` wrote or closed (a change that is now a dead letter still touched its key)."""
     keys = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in spec.keys)
-    written: sql.Composable = sql.SQL("source_xid >= %(start)s AND source_xid < %(end)s")
-    if spec.mode == "scd2":
-        written = sql.SQL("{} OR (closed_by_xid >= %(start)s AND closed_by_xid < %(end)s)").format(
-            written
-        )
     rows = conn.execute(
         sql.SQL(
             "SELECT {keys} FROM {stage} UNION SELECT {keys} FROM {target} WHERE {written}"
         ).format(
-            keys=keys, stage=stage, target=sql.Identifier(schemas.edw, spec.target), written=written
+            keys=keys,
+            stage=stage,
+            target=sql.Identifier(schemas.edw, spec.target),
+            written=written_by(spec),
         ),
         {"start": start, "end": end},
     ).fetchall()

@@ -26,6 +26,7 @@ from psycopg import sql
 from kappa import cdc
 from kappa.capture import CaptureSpec
 from kappa.decode import decode_batch
+from kappa.dimensions import written_by
 from kappa.event_store import EventStore, LogBounds
 from kappa.ingest import TopicIngest, reprocess_capture_window
 from kappa.warehouse import Schemas, lock_head, read_heads
@@ -300,13 +301,8 @@ def compare_capture_with_log(
         ).format(meta),
         (spec.asset, source),
     ).fetchall()
-    written: sql.Composable = sql.SQL("source_xid >= %(start)s AND source_xid < %(end)s")
-    if spec.mode == "scd2":
-        written = sql.SQL("{} OR (closed_by_xid >= %(start)s AND closed_by_xid < %(end)s)").format(
-            written
-        )
     rows_of = sql.SQL("SELECT t::text FROM {} t WHERE {}").format(
-        sql.Identifier(schemas.edw, spec.target), written
+        sql.Identifier(schemas.edw, spec.target), written_by(spec)
     )
     comparisons = []
     for window, dead_letters in windows:

@@ -178,8 +178,10 @@ class WarehouseDimensions:
         for spec in self.captures:
             head = read_head(self.edw, self.schemas, spec.asset, str(spec.change_table), 0)
             loaded_until = head.end if head is not None else 0
-            if customer_ids:
-                # Only these customers' changes waiting past the ledger hold them back.
+            if customer_ids and head is not None:
+                # Only these customers' changes waiting past the ledger hold them back (a
+                # range scan from the ledger end; before the capture's first batch that would
+                # be the whole change table, on every batch: the common rule applies then).
                 since = cdc.pending_since(
                     self.oltp, spec, loaded_until, CUSTOMER_COLUMN, list(customer_ids)
                 )
@@ -236,7 +238,7 @@ def wait_for_dimensions(
                 if customers is not None
                 else pd.Series(completeness.until, index=rows.index)
             )
-            if bool((_utc_times(rows["event_time"]) <= marks).all()):
+            if bool((pd.to_datetime(rows["event_time"], utc=True) <= marks).all()):
                 return completeness
         if time.monotonic() >= deadline:
             return completeness
@@ -248,10 +250,6 @@ def completeness_marks(completeness: Completeness | None, rows: pd.DataFrame) ->
     if completeness is None:
         return None
     return completeness.marks(rows[CUSTOMER_COLUMN])
-
-
-def _utc_times(values: pd.Series) -> pd.Series:
-    return pd.to_datetime(values, utc=True)
 
 
 class StatefulStep(Protocol):

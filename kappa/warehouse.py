@@ -295,27 +295,26 @@ def lock_head(
 
 
 def _lock_head(conn: psycopg.Connection, schemas: Schemas, record: BatchRecord) -> LedgerHead:
-    meta = sql.Identifier(schemas.meta)
-    select = sql.SQL(_SELECT_HEAD_FOR_UPDATE).format(meta)
-    key = (record.asset, record.source, record.shard)
-    row = conn.execute(select, key).fetchone()
-    if row is None:
-        if not record.fresh:
-            # The head this batch was planned from is gone: the ledger was reset (replay).
-            raise BatchSupersededError(
-                f"{record.asset}: {record.source}[{record.shard}] ledger was reset while this "
-                f"batch [{record.start}, {record.end}) ran; the next batch starts afresh"
-            )
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {}.ledger_head (asset, source, shard, epoch, end_position) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
-            ).format(meta),
-            (*key, record.epoch, record.start),
+    """The shard's head, locked; created at the batch's start for a shard's first batch."""
+    head = lock_head(conn, schemas, record.asset, record.source, record.shard)
+    if head is not None:
+        return head
+    if not record.fresh:
+        # The head this batch was planned from is gone: the ledger was reset (replay).
+        raise BatchSupersededError(
+            f"{record.asset}: {record.source}[{record.shard}] ledger was reset while this "
+            f"batch [{record.start}, {record.end}) ran; the next batch starts afresh"
         )
-        row = conn.execute(select, key).fetchone()
-    assert row is not None
-    return LedgerHead(record.asset, record.source, record.shard, *row)
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.ledger_head (asset, source, shard, epoch, end_position) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        ).format(sql.Identifier(schemas.meta)),
+        (record.asset, record.source, record.shard, record.epoch, record.start),
+    )
+    head = lock_head(conn, schemas, record.asset, record.source, record.shard)
+    assert head is not None
+    return head
 
 
 def _iso_utc(column: pd.Series) -> np.ndarray:
