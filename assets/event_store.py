@@ -2,25 +2,13 @@
 
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
 
 from assets.partitions import arrival_partitions, previous_partition_dep
 from assets.recent_batches import recent_batches_metadata
-from kappa.capture import CaptureSpec
-from kappa.exceptions import BatchSupersededError, KappaError
-from kappa.ingest import (
-    BatchOutcome,
-    OffsetRange,
-    TopicIngest,
-    WindowOutcome,
-    reprocess_window,
-    run_batch,
-)
+from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, WindowOutcome
 from kappa.partitions import TimeWindows
 from kappa.reconcile import (
     PartitionComparison,
@@ -28,7 +16,12 @@ from kappa.reconcile import (
     compare_with_log,
     reconcile_topic,
 )
-from kappa.stateful import VersionCache, WarehouseDimensions
+from kappa.run import (
+    Connections,
+    FactServices,
+    reprocess_partitions,
+    run_micro_batches,
+)
 from kappa.warehouse import read_checkpoints
 from resources.event_store import EventStoreResource
 from resources.oltp import OltpResource
@@ -36,8 +29,6 @@ from resources.state import StateCacheResource
 from resources.warehouse import WarehouseResource
 
 OWNERS = ["team:data-platform"]
-#: Partitions of one run loaded at the same time (each with its own consumer and connection).
-PARALLEL_PARTITIONS = 4
 
 
 class OffsetRangeConfig(dg.Config):
@@ -114,15 +105,6 @@ def _outcomes_table(outcomes: list[BatchOutcome]) -> dg.TableMetadataValue:
     )
 
 
-@dataclass(frozen=True)
-class FactServices:
-    """What a fact's stateful step reads besides its topic: the captured dimensions."""
-
-    customers: CaptureSpec | None = None
-    calls: CaptureSpec | None = None
-    max_wait_s: float = 0.0
-
-
 def window_table(
     outcomes: list[WindowOutcome], positions: str = "offsets"
 ) -> dg.TableMetadataValue:
@@ -170,7 +152,7 @@ def build_fact_asset(
     windows: TimeWindows,
     max_batch: int,
     max_run: int,
-    services: FactServices = FactServices(),
+    services: FactServices | None = None,
     side_assets: tuple[dg.AssetSpec, ...] = (),
 ) -> dg.AssetsDefinition:
     """The EDW fact loaded from one topic in micro-batches (and side tables such as fraud
@@ -181,6 +163,7 @@ def build_fact_asset(
     its partitions, oldest first, each in one transaction: see
     :func:`kappa.ingest.reprocess_window`.
     """
+    services = services or FactServices()
     upstream: list[dg.AssetKey | dg.AssetDep] = [topic_asset_key(spec.topic)]
     if spec.step is not None:
         upstream += [
@@ -212,76 +195,31 @@ def build_fact_asset(
         oltp: OltpResource,
         state_cache: StateCacheResource,
     ) -> Iterator[dg.MaterializeResult]:
-        schemas = warehouse.schemas
-        versions = VersionCache()  # dimension versions, shared by the partitions of the run
-
-        def dimensions(stack: ExitStack, conn: Any) -> WarehouseDimensions | None:
-            if spec.step is None:
-                return None
-            source = (
-                stack.enter_context(oltp.connect())
-                if services.customers or services.calls
-                else None
-            )
-            return WarehouseDimensions(
-                conn,
-                schemas,
-                oltp=source,
-                customers=services.customers,
-                calls=services.calls,
-                versions=versions,
-            )
-
+        connections = Connections(
+            schemas=warehouse.schemas,
+            event_store=event_store.open,
+            edw=warehouse.connect,
+            oltp=oltp.connect,
+        )
         if not config.ranges:
-            yield from _reprocess(context, event_store, warehouse, dimensions)
+            yield from _reprocess(context, connections)
             return
-        ranges = [OffsetRange(r.topic, r.partition, r.start, r.end) for r in config.ranges]
-        cache = state_cache.cache(schemas)
-
-        def load(requested: OffsetRange) -> BatchOutcome:
-            # Each partition has its own consumer and connections: partitions load in parallel.
-            with ExitStack() as stack:
-                store = stack.enter_context(event_store.open())
-                conn = stack.enter_context(warehouse.connect())
-                return run_batch(
-                    store,
-                    conn,
-                    schemas,
-                    spec,
-                    requested,
-                    run_id=context.run.run_id,
-                    max_batch=max_batch,
-                    partition_key=context.partition_key,
-                    cache=cache,
-                    dimensions=dimensions(stack, conn),
-                    max_wait_s=services.max_wait_s,
-                )
-
-        outcomes: list[BatchOutcome] = []
-        failures: list[str] = []
-        with ThreadPoolExecutor(max_workers=max(1, min(len(ranges), PARALLEL_PARTITIONS))) as pool:
-            futures = {pool.submit(load, requested): requested for requested in ranges}
-            for future in as_completed(futures):
-                requested = futures[future]
-                try:
-                    outcome = future.result()
-                except BatchSupersededError as exc:
-                    context.log.warning(str(exc))
-                    continue
-                except KappaError as exc:
-                    context.log.error(str(exc))
-                    failures.append(str(exc))
-                    continue
-                outcomes.append(outcome)
-                context.log.info(
-                    f"{requested.shard} [{outcome.start}, {outcome.end}) {outcome.status}: "
-                    f"{outcome.loaded} loaded, {outcome.dead_lettered} dead-lettered, "
-                    f"{outcome.deduplicated} deduplicated, lag {outcome.lag_after}"
-                )
-        outcomes.sort(key=lambda o: o.partition)
-        if failures:
+        cache = state_cache.cache(warehouse.schemas)
+        run = run_micro_batches(
+            connections,
+            spec,
+            [OffsetRange(r.topic, r.partition, r.start, r.end) for r in config.ranges],
+            run_id=context.run.run_id,
+            partition_key=context.partition_key,
+            max_batch=max_batch,
+            cache=cache,
+            services=services,
+            log=context.log,
+        )
+        outcomes = run.outcomes
+        if run.failures:
             raise dg.Failure(
-                description="\n".join(failures),
+                description="\n".join(run.failures),
                 metadata={"committed_partitions": [o.partition for o in outcomes]},
             )
         reasons: Counter[str] = Counter()
@@ -321,53 +259,28 @@ def build_fact_asset(
             )
 
     def _reprocess(
-        context: dg.AssetExecutionContext,
-        event_store: EventStoreResource,
-        warehouse: WarehouseResource,
-        dimensions: Any,
+        context: dg.AssetExecutionContext, connections: Connections
     ) -> Iterator[dg.MaterializeResult]:
         keys = list(context.partition_keys)
-        outcomes: list[WindowOutcome] = []
-        with ExitStack() as stack:
-            store = stack.enter_context(event_store.open())
-            conn = stack.enter_context(warehouse.connect())
-            dims = dimensions(stack, conn)
-            for key in keys:
-                try:
-                    done = reprocess_window(
-                        store,
-                        conn,
-                        warehouse.schemas,
-                        spec,
-                        windows,
-                        windows.window(key),
-                        run_id=context.run.run_id,
-                        max_batch=max_batch,
-                        dimensions=dims,
-                        max_wait_s=services.max_wait_s,
-                    )
-                except KappaError as exc:
-                    context.log.error(str(exc))
-                    raise dg.Failure(
-                        description=str(exc),
-                        metadata={
-                            "partitions_reprocessed": sorted({o.window for o in outcomes}),
-                            "failed_partition": key,
-                        },
-                    ) from None
-                outcomes.extend(done)
-                resolved = ", ".join(f"{o.topic}[{o.partition}]:{o.start}-{o.end}" for o in done)
-                stale = sorted({o.stale_from for o in done if o.stale_from})
-                context.log.info(
-                    f"{spec.asset} partition {key}: replaced {resolved or 'nothing (no records)'}; "
-                    f"{sum(o.loaded for o in done)} loaded, {sum(o.removed_rows for o in done)} "
-                    "removed"
-                    + (
-                        f"; the state it ends with changed: {', '.join(stale)} and later are stale"
-                        if stale
-                        else ""
-                    )
-                )
+        run = reprocess_partitions(
+            connections,
+            spec,
+            windows,
+            keys,
+            run_id=context.run.run_id,
+            max_batch=max_batch,
+            services=services,
+            log=context.log,
+        )
+        outcomes = run.outcomes
+        if run.error is not None:
+            raise dg.Failure(
+                description=run.error,
+                metadata={
+                    "partitions_reprocessed": sorted({o.window for o in outcomes}),
+                    "failed_partition": run.failed_partition or "",
+                },
+            )
         tag_resolved_positions(context, outcomes)
         stale_from = sorted({o.stale_from for o in outcomes if o.stale_from})
         yield dg.MaterializeResult(

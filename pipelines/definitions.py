@@ -16,7 +16,6 @@ from assets.cdc import (
 )
 from assets.checks import build_freshness_checks, build_freshness_sensor
 from assets.event_store import (
-    FactServices,
     build_fact_asset,
     build_reconciliation_check,
     build_replay_check,
@@ -26,6 +25,7 @@ from assets.event_store import (
 from assets.marts import build_customer_daily
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
+from kappa.run import FactServices
 from kappa.settings import Settings
 from resources.event_store import EventStoreResource
 from resources.oltp import OltpResource

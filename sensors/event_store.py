@@ -13,8 +13,9 @@ from assets.event_store import topic_asset_key
 from kappa.cursor import OffsetCursor
 from kappa.event_store import UnknownTopicError
 from kappa.exceptions import ConfigurationError
-from kappa.ingest import OffsetRange, TopicIngest, check_continuity, locate_windows, plan_ranges
+from kappa.ingest import TopicIngest, check_continuity
 from kappa.partitions import TimeWindows
+from kappa.run import plan_runs
 from kappa.warehouse import read_heads
 from resources.event_store import EventStoreResource
 from resources.warehouse import WarehouseResource
@@ -75,33 +76,30 @@ def build_offset_sensor(
                     epoch,
                 )
             busy = busy_partitions(context.instance, spec.asset)
-            starts = {
-                p: heads[p].end if p in heads else bounds[p].start
-                for p in partitions
-                if p not in busy
-                and (heads[p].end if p in heads else bounds[p].start) < bounds[p].end
-            }
-            # The time partition of each shard's next record, and where it ends: a batch
-            # never crosses a partition boundary.
-            located = locate_windows(
+            now = datetime.now(UTC)
+            # Batches never cross a time partition's boundary; a shard whose next record
+            # belongs to a partition that starts after the current one (a producer's clock
+            # ahead stamped it) is not a Dagster partition yet: it waits, nothing is skipped.
+            plan = plan_runs(
                 store,
-                spec.topic,
+                spec,
                 windows,
-                starts,
-                {p: heads[p].partition_key if p in heads else None for p in starts},
+                heads,
                 bounds,
+                busy=busy,
+                max_batch=max_batch,
+                max_run=max_run,
+                now=now,
             )
-
-        # A window that starts after the current one is not a Dagster partition yet (a
-        # producer's clock ahead stamped the records): its shard waits, nothing is skipped.
-        current = windows.at(datetime.now(UTC))
-        ahead = {p: w for p, (w, _) in located.items() if w.start > current.start}
+        ahead = plan.ahead
+        current = windows.at(now)
         for partition, window in sorted(ahead.items()):
             context.log.warning(
-                f"{spec.topic}[{partition}] from offset {starts[partition]} belongs to time "
-                f"partition {window.key}, which starts after the current one ({current.key}): "
-                "its records are stamped ahead of this clock (a producer's clock ahead?); "
-                "the shard waits until that partition exists"
+                f"{spec.topic}[{partition}] from offset "
+                f"{heads[partition].end if partition in heads else bounds[partition].start} "
+                f"belongs to time partition {window.key}, which starts after the current one "
+                f"({current.key}): its records are stamped ahead of this clock (a producer's "
+                "clock ahead?); the shard waits until that partition exists"
             )
 
         events: list[dg.AssetObservation] = []
@@ -120,16 +118,7 @@ def build_offset_sensor(
             )
             cursor.log_end = log_end
 
-        ranges = plan_ranges(
-            spec.topic,
-            heads,
-            bounds,
-            busy=busy | frozenset(ahead),
-            max_batch=max_batch,
-            max_run=max_run,
-            limits={p: end for p, (_, end) in located.items()},
-        )
-        if not ranges:
+        if not plan.runs:
             waiting = [p for p in partitions if p in busy]
             reasons = []
             if waiting:
@@ -149,12 +138,10 @@ def build_offset_sensor(
             return dg.SensorResult(
                 skip_reason=reason, cursor=cursor.dump(), asset_events=list(events)
             )
-        by_window: dict[str, list[OffsetRange]] = {}
-        for r in ranges:
-            by_window.setdefault(located[r.partition][0].key, []).append(r)
         requests = []
-        for key in sorted(by_window, key=lambda k: windows.window(k).start):
-            group = by_window[key]
+        for planned in plan.runs:
+            group = planned.ranges
+            key = planned.partition_key
             request = micro_batch_request(
                 asset=spec.asset,
                 cursor=cursor,

@@ -1,0 +1,329 @@
+"""What one Dagster run of an event fact does, as plain functions.
+
+The fact asset builds its clients from Dagster resources, calls these and turns the
+outcomes into metadata; the benchmark (``bench.pipeline``) calls the very same functions,
+so what it measures is the path a run takes:
+
+- :func:`plan_runs`: the sensor's planning (ledger heads, log bounds, in-flight shards,
+  time-partition cuts), as the runs it requests, one per time partition;
+- :func:`run_micro_batches`: a micro-batch run over the planned ranges, partitions loaded in
+  parallel, each with its own consumer and connections;
+- :func:`reprocess_partitions`: a backfill run over time partitions, oldest first, each
+  replaced in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import Protocol
+
+import psycopg
+
+from kappa.capture import CaptureSpec
+from kappa.event_store import EventStore, LogBounds
+from kappa.exceptions import BatchSupersededError, KappaError
+from kappa.ingest import (
+    BatchOutcome,
+    OffsetRange,
+    TopicIngest,
+    WindowOutcome,
+    locate_windows,
+    plan_ranges,
+    reprocess_window,
+    run_batch,
+)
+from kappa.partitions import TimeWindows, Window
+from kappa.state import StateCache
+from kappa.stateful import VersionCache, WarehouseDimensions
+from kappa.warehouse import LedgerHead, Schemas
+
+#: Partitions of one run loaded at the same time (each with its own consumer and connection).
+PARALLEL_PARTITIONS = 4
+
+_LOG = logging.getLogger(__name__)
+
+
+class RunLog(Protocol):
+    """Where a run reports progress (Dagster's ``context.log``, or a ``logging.Logger``)."""
+
+    def info(self, msg: str) -> object: ...
+
+    def warning(self, msg: str) -> object: ...
+
+    def error(self, msg: str) -> object: ...
+
+
+@dataclass(frozen=True)
+class FactServices:
+    """What a fact's stateful step reads besides its topic: the captured dimensions, and how
+    long a batch waits for their change capture (``KAPPA_ENRICH_MAX_WAIT_S``)."""
+
+    customers: CaptureSpec | None = None
+    calls: CaptureSpec | None = None
+    max_wait_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Connections:
+    """How a run opens its clients; each call opens a new one (a partition loaded in
+    parallel has its own)."""
+
+    schemas: Schemas
+    event_store: Callable[[], AbstractContextManager[EventStore]]
+    edw: Callable[[], AbstractContextManager[psycopg.Connection]]
+    oltp: Callable[[], AbstractContextManager[psycopg.Connection]] | None = None
+
+
+def open_dimensions(
+    stack: ExitStack,
+    edw: psycopg.Connection,
+    spec: TopicIngest,
+    connections: Connections,
+    services: FactServices,
+    versions: VersionCache,
+) -> WarehouseDimensions | None:
+    """The dimensions of ``spec``'s stateful step (None without a step), completeness read
+    from the OLTP database through a connection closed with ``stack``."""
+    if spec.step is None:
+        return None
+    oltp = (
+        stack.enter_context(connections.oltp())
+        if connections.oltp is not None and (services.customers or services.calls)
+        else None
+    )
+    return WarehouseDimensions(
+        edw,
+        connections.schemas,
+        oltp=oltp,
+        customers=services.customers,
+        calls=services.calls,
+        versions=versions,
+    )
+
+
+# -- planning, as the sensor does it -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run request: ranges of one time partition."""
+
+    partition_key: str
+    ranges: list[OffsetRange]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The runs to request now, oldest time partition first, and the shards whose next
+    record belongs to a time partition after the current one (they wait)."""
+
+    runs: list[PlannedRun]
+    ahead: dict[int, Window]
+
+
+def plan_runs(
+    store: EventStore,
+    spec: TopicIngest,
+    windows: TimeWindows,
+    heads: Mapping[int, LedgerHead],
+    bounds: Mapping[int, LogBounds],
+    *,
+    busy: frozenset[int],
+    max_batch: int,
+    max_run: int,
+    now: datetime,
+) -> RunPlan:
+    """The micro-batch runs for ``spec`` from the ledger ``heads`` and the log ``bounds``:
+    shards in ``busy`` (a batch in flight) are left out, a batch never crosses a time
+    partition's boundary, and a shard whose next record belongs to a partition after the
+    one holding ``now`` waits (nothing is skipped)."""
+    starts = {
+        p: heads[p].end if p in heads else bounds[p].start
+        for p in bounds
+        if p not in busy and (heads[p].end if p in heads else bounds[p].start) < bounds[p].end
+    }
+    located = locate_windows(
+        store,
+        spec.topic,
+        windows,
+        starts,
+        {p: heads[p].partition_key if p in heads else None for p in starts},
+        bounds,
+    )
+    current = windows.at(now)
+    ahead = {p: w for p, (w, _) in located.items() if w.start > current.start}
+    ranges = plan_ranges(
+        spec.topic,
+        heads,
+        bounds,
+        busy=busy | frozenset(ahead),
+        max_batch=max_batch,
+        max_run=max_run,
+        limits={p: end for p, (_, end) in located.items()},
+    )
+    by_window: dict[str, list[OffsetRange]] = {}
+    for r in ranges:
+        by_window.setdefault(located[r.partition][0].key, []).append(r)
+    runs = [
+        PlannedRun(key, by_window[key])
+        for key in sorted(by_window, key=lambda k: windows.window(k).start)
+    ]
+    return RunPlan(runs=runs, ahead=ahead)
+
+
+# -- a micro-batch run ------------------------------------------------------------------------------
+
+
+@dataclass
+class MicroBatchRun:
+    """What a micro-batch run did: the outcomes of the batches that ran (by partition), the
+    batches another run committed first, and the errors of those that failed."""
+
+    outcomes: list[BatchOutcome] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def run_micro_batches(
+    connections: Connections,
+    spec: TopicIngest,
+    ranges: list[OffsetRange],
+    *,
+    run_id: str,
+    partition_key: str | None,
+    max_batch: int,
+    cache: StateCache,
+    services: FactServices,
+    parallel: int = PARALLEL_PARTITIONS,
+    log: RunLog = _LOG,
+) -> MicroBatchRun:
+    """Load ``ranges`` (one per topic partition) as one run appending to ``partition_key``.
+
+    Partitions load in parallel (at most ``parallel``; with 1, in the calling thread), each
+    batch exactly once (:func:`kappa.ingest.run_batch`). A batch another run committed first
+    is logged and left out; a failing batch does not stop the others: its error is returned
+    in ``failures`` for the caller to fail the run with.
+    """
+    versions = VersionCache()  # dimension versions, shared by the partitions of the run
+
+    def load(requested: OffsetRange) -> BatchOutcome:
+        with ExitStack() as stack:
+            store = stack.enter_context(connections.event_store())
+            conn = stack.enter_context(connections.edw())
+            return run_batch(
+                store,
+                conn,
+                connections.schemas,
+                spec,
+                requested,
+                run_id=run_id,
+                max_batch=max_batch,
+                partition_key=partition_key,
+                cache=cache,
+                dimensions=open_dimensions(stack, conn, spec, connections, services, versions),
+                max_wait_s=services.max_wait_s,
+            )
+
+    result = MicroBatchRun()
+
+    def record(requested: OffsetRange, outcome: Callable[[], BatchOutcome]) -> None:
+        try:
+            done = outcome()
+        except BatchSupersededError as exc:
+            log.warning(str(exc))
+            result.superseded.append(str(exc))
+            return
+        except KappaError as exc:
+            log.error(str(exc))
+            result.failures.append(str(exc))
+            return
+        result.outcomes.append(done)
+        log.info(
+            f"{requested.shard} [{done.start}, {done.end}) {done.status}: "
+            f"{done.loaded} loaded, {done.dead_lettered} dead-lettered, "
+            f"{done.deduplicated} deduplicated, lag {done.lag_after}"
+        )
+
+    workers = max(1, min(len(ranges), parallel))
+    if workers == 1:  # in this thread (a profiler of the main thread sees it)
+        for requested in ranges:
+            record(requested, partial(load, requested))
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(load, requested): requested for requested in ranges}
+            for future in as_completed(futures):
+                record(futures[future], future.result)
+    result.outcomes.sort(key=lambda o: o.partition)
+    return result
+
+
+# -- a backfill run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReprocessRun:
+    """What a backfill run did: the outcomes of the partitions it replaced, and the
+    partition it stopped at with the error, if one failed (later ones were not touched)."""
+
+    outcomes: list[WindowOutcome] = field(default_factory=list)
+    failed_partition: str | None = None
+    error: str | None = None
+
+
+def reprocess_partitions(
+    connections: Connections,
+    spec: TopicIngest,
+    windows: TimeWindows,
+    keys: list[str],
+    *,
+    run_id: str,
+    max_batch: int,
+    services: FactServices,
+    log: RunLog = _LOG,
+) -> ReprocessRun:
+    """Replace the time partitions ``keys`` of ``spec.asset`` from the log, in order, each
+    in one transaction (:func:`kappa.ingest.reprocess_window`), on one consumer and one
+    connection; stops at the first partition that fails."""
+    result = ReprocessRun()
+    with ExitStack() as stack:
+        store = stack.enter_context(connections.event_store())
+        conn = stack.enter_context(connections.edw())
+        dims = open_dimensions(stack, conn, spec, connections, services, VersionCache())
+        for key in keys:
+            try:
+                done = reprocess_window(
+                    store,
+                    conn,
+                    connections.schemas,
+                    spec,
+                    windows,
+                    windows.window(key),
+                    run_id=run_id,
+                    max_batch=max_batch,
+                    dimensions=dims,
+                    max_wait_s=services.max_wait_s,
+                )
+            except KappaError as exc:
+                log.error(str(exc))
+                result.failed_partition, result.error = key, str(exc)
+                return result
+            result.outcomes.extend(done)
+            resolved = ", ".join(f"{o.topic}[{o.partition}]:{o.start}-{o.end}" for o in done)
+            stale = sorted({o.stale_from for o in done if o.stale_from})
+            log.info(
+                f"{spec.asset} partition {key}: replaced {resolved or 'nothing (no records)'}; "
+                f"{sum(o.loaded for o in done)} loaded, {sum(o.removed_rows for o in done)} "
+                "removed"
+                + (
+                    f"; the state it ends with changed: {', '.join(stale)} and later are stale"
+                    if stale
+                    else ""
+                )
+            )
+    return result
