@@ -27,9 +27,11 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from kappa.capture import CaptureSpec, load_captures
+from kappa.cdc import install_capture
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.dimensions import ensure_target
 from kappa.localstack import EmbeddedPostgres, ensure_database, free_port
+from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.simulator import COUNTRIES, customer_profile
 from kappa.warehouse import Schemas, ensure_schema
@@ -56,6 +58,9 @@ def populate_edw(
 ) -> Edw:
     """Schemas, 1-3 SCD2 versions per known customer and calls, for events in [first, last].
 
+    The same database serves as the OLTP database (``--oltp-url`` of ``bench.pipeline``):
+    its change tables are installed and stay empty, nothing waits past the capture.
+
     The first version of each customer is valid long before the events; later versions
     start shortly before or during the events (a change of segment, sometimes a move to
     another country), so the as-of join matters.
@@ -63,7 +68,11 @@ def populate_edw(
     schemas = Schemas()
     specs = {s.name: s for s in load_captures(REPO_ROOT / "capture.yaml")}
     ensure_schema(conn, schemas, [ORDER_PLACED, PAYMENT_ATTEMPTED])
+    # The database is the OLTP side too: its captured tables and (empty) change tables, so
+    # completeness is read from a real OLTP horizon per batch, as a run reads it.
+    ensure_source_tables(conn)
     for spec in specs.values():
+        install_capture(conn, spec)
         ensure_target(conn, schemas, spec)
     rng = random.Random(f"kappa-bench-edw:{seed}")
     span = (last - first).total_seconds()

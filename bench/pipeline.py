@@ -1,13 +1,20 @@
-"""The micro-batch path without Dagster's scheduling, as one run worker executes it.
+"""The runs of a fact asset without Dagster's scheduling, on the product's own functions.
 
-``drain`` plans bounded runs from the ledger and the log (``plan_ranges``, as the sensor
-does) and loads each run's partitions in parallel threads, each with its own consumer and
-connection (``run_batch`` with the stateful step, as the fact asset does), until the
-ledger reaches the requested end of every partition. It is also a command, so that the
-benchmark can run it in a process of its own and read its peak memory::
+``drain`` plans runs as the sensor does (``kappa.run.plan_runs``: ledger heads, log bounds,
+time-partition cuts, partition keys) and executes each with the function the fact asset
+calls (``kappa.run.run_micro_batches``), with the product's default settings
+(``Settings`` defaults: batch and run bounds, ``KAPPA_ENRICH_MAX_WAIT_S``, state cache
+size), completeness read from the OLTP database per batch (``WarehouseDimensions``) and a
+fresh state cache per run, until the ledger reaches the requested end of every partition.
+``backfill`` reprocesses a time partition with ``kappa.run.reprocess_partitions``, as a
+backfill run does. What this leaves out (process launch, the run queue, the sensor's
+interval) is what ``bench.freshness`` measures on a running stack.
+
+It is also a command, so that the benchmark can run it in a process of its own and read
+its peak memory::
 
     python -m bench.pipeline --asset fact_order --bootstrap HOST:PORT --edw-url URL \
-        --watermark ISO [--limit PARTITION=END ...] [--mode pipeline|consume|backfill] [--profile]
+        [--oltp-url URL] [--limit PARTITION=END ...] [--mode pipeline|consume|backfill] [--profile]
 
 The last line printed is a JSON object: events, seconds, batches, peak RSS.
 """
@@ -16,63 +23,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import orjson
-import pandas as pd
-import psycopg
 
-from kappa.capture import CaptureSpec, load_captures
+from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.event_store import EventStore, LogBounds
-from kappa.ingest import (
-    BatchOutcome,
-    OffsetRange,
-    TopicIngest,
-    plan_ranges,
-    reprocess_window,
-    run_batch,
+from kappa.exceptions import KappaError
+from kappa.ingest import TopicIngest
+from kappa.run import (
+    PARALLEL_PARTITIONS,
+    Connections,
+    FactServices,
+    plan_runs,
+    reprocess_partitions,
+    run_micro_batches,
 )
-from kappa.settings import REPO_ROOT, Settings
+from kappa.settings import Settings
 from kappa.state import PostgresStateBackend, StateCache
-from kappa.stateful import Completeness, VersionCache, WarehouseDimensions
 from kappa.warehouse import Schemas, connect, read_heads
 
-#: As the fact asset: partitions of one run loaded at the same time.
-PARALLEL_PARTITIONS = 4
-
-
-class CompleteDimensions(WarehouseDimensions):
-    """EDW dimensions whose change capture is complete up to a fixed time.
-
-    The benchmark fills ``dim_customer`` directly (no OLTP database, no capture lag), so
-    the completeness watermark is given instead of read from the OLTP horizon (a few
-    one-row queries per batch in a deployment).
-    """
-
-    def __init__(
-        self,
-        edw: psycopg.Connection,
-        schemas: Schemas,
-        *,
-        customers: CaptureSpec,
-        calls: CaptureSpec,
-        versions: VersionCache,
-        complete_until: pd.Timestamp,
-    ) -> None:
-        super().__init__(
-            edw, schemas, oltp=None, customers=customers, calls=calls, versions=versions
-        )
-        self._complete_until = complete_until
-
-    def watermark(self, customer_ids: Sequence[str] = ()) -> Completeness | None:
-        return Completeness(self._complete_until) if self._complete_until is not None else None
+_LOG = logging.getLogger("bench.pipeline")
 
 
 @dataclass
@@ -105,129 +87,138 @@ def _capped(bounds: dict[int, int], limits: dict[int, int] | None) -> dict[int, 
     return {p: min(end, limits.get(p, end)) for p, end in bounds.items()}
 
 
+def product_settings(bootstrap: str, edw_url: str, oltp_url: str, **topics: str) -> Settings:
+    """The product's default settings for this broker and these databases (``topics``:
+    ``KAPPA_TOPIC_*`` values)."""
+    return Settings.from_env(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "KAPPA_EDW_URL": edw_url,
+            "KAPPA_OLTP_URL": oltp_url,
+            **topics,
+        }
+    )
+
+
+def connections(settings: Settings) -> Connections:
+    """Clients as the Dagster resources open them, from ``settings``."""
+    bootstrap = settings.resolved_bootstrap_servers
+
+    @contextmanager
+    def event_store() -> Iterator[EventStore]:
+        with EventStore(bootstrap, timeout_s=settings.kafka_timeout_s) as store:
+            yield store
+
+    return Connections(
+        schemas=Schemas(edw=settings.edw_schema, meta=settings.meta_schema),
+        event_store=event_store,
+        edw=partial(connect, settings.resolved_edw_url),
+        oltp=partial(connect, settings.resolved_oltp_url, setting="KAPPA_OLTP_URL"),
+    )
+
+
+def fact_services(settings: Settings) -> FactServices:
+    """The services the code location gives the facts (``pipelines.definitions``)."""
+    by_target = {c.target: c for c in load_captures(settings.capture_config)}
+    return FactServices(
+        customers=by_target.get("dim_customer"),
+        calls=by_target.get("fact_call_center_call"),
+        max_wait_s=settings.enrich_max_wait_s,
+    )
+
+
 def drain(
     *,
-    bootstrap: str,
-    edw_url: str,
+    settings: Settings,
     spec: TopicIngest,
-    complete_until: pd.Timestamp,
     limits: dict[int, int] | None = None,
-    max_batch: int = 50_000,
-    max_run: int = 200_000,
-    cache_keys: int = 200_000,
     parallel: int = PARALLEL_PARTITIONS,
 ) -> DrainResult:
-    """Load ``spec``'s topic up to ``limits`` (partition -> end offset; default the log end)."""
-    schemas = Schemas()
-    captures = {c.name: c for c in load_captures(REPO_ROOT / "capture.yaml")}
-    cache = StateCache(PostgresStateBackend(schemas), max_keys=cache_keys)
+    """Load ``spec``'s topic up to ``limits`` (partition -> end offset; default the log end)
+    in the runs the sensor would request, one after another."""
+    clients = connections(settings)
+    services = fact_services(settings)
     result = DrainResult(asset=spec.asset, topic=spec.topic, mode="pipeline")
     result.started_at = time.time()
     started = time.perf_counter()
-    run_number = 0
     while True:
-        # What the sensor does each tick: ledger heads and log bounds, bounded ranges.
-        with EventStore(bootstrap) as store, connect(edw_url) as conn:
+        # What the sensor does each tick (no run in flight: runs here go one at a time).
+        with clients.event_store() as store, clients.edw() as conn:
             bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
             ends = _capped({p: b.end for p, b in bounds.items()}, limits)
-            capped = {p: LogBounds(bounds[p].start, ends[p]) for p in bounds}
-            ranges = plan_ranges(
-                spec.topic,
-                read_heads(conn, schemas, spec.asset, spec.topic),
-                capped,
-                max_batch=max_batch,
-                max_run=max_run,
+            plan = plan_runs(
+                store,
+                spec,
+                settings.windows,
+                read_heads(conn, clients.schemas, spec.asset, spec.topic),
+                {p: LogBounds(bounds[p].start, ends[p]) for p in bounds},
+                busy=frozenset(),
+                max_batch=settings.batch_max_records,
+                max_run=settings.run_max_records,
+                now=datetime.now(UTC),
             )
-        if not ranges:
+        if not plan.runs:
+            if plan.ahead:
+                raise SystemExit(f"records stamped ahead of the clock wait: {plan.ahead}")
             break
-        run_number += 1
-        run_id = f"bench-{spec.asset}-{run_number}"
-        versions = VersionCache()
-
-        def load(
-            requested: OffsetRange, run_id: str = run_id, versions: VersionCache = versions
-        ) -> BatchOutcome:
-            with EventStore(bootstrap) as store, connect(edw_url) as conn:
-                dimensions = CompleteDimensions(
-                    conn,
-                    schemas,
-                    customers=captures["customers"],
-                    calls=captures["call_center_calls"],
-                    versions=versions,
-                    complete_until=complete_until,
-                )
-                return run_batch(
-                    store,
-                    conn,
-                    schemas,
-                    spec,
-                    requested,
-                    run_id=run_id,
-                    max_batch=max_batch,
-                    cache=cache,
-                    dimensions=dimensions,
-                    max_wait_s=0.0,
-                )
-
-        if parallel == 1:  # in this thread (a profiler sees it)
-            outcomes = [load(r) for r in ranges]
-        else:
-            with ThreadPoolExecutor(max_workers=min(len(ranges), parallel)) as pool:
-                outcomes = list(pool.map(load, ranges))
-        result.runs += 1
-        for outcome in outcomes:
-            result.events += outcome.received
-            result.loaded += outcome.loaded
-            result.batches += 1 if outcome.status == "committed" else 0
-            result.batch_seconds.append(round(outcome.seconds, 3))
+        for planned in plan.runs:
+            result.runs += 1
+            # A fresh cache per run, as the state cache resource is per run.
+            cache = StateCache(
+                PostgresStateBackend(clients.schemas), max_keys=settings.state_cache_keys
+            )
+            run = run_micro_batches(
+                clients,
+                spec,
+                planned.ranges,
+                run_id=f"bench-{spec.asset}-{result.runs}",
+                partition_key=planned.partition_key,
+                max_batch=settings.batch_max_records,
+                cache=cache,
+                services=services,
+                parallel=parallel,
+                log=_LOG,
+            )
+            if run.failures:
+                raise KappaError("; ".join(run.failures))
+            for outcome in run.outcomes:
+                result.events += outcome.received
+                result.loaded += outcome.loaded
+                result.batches += 1 if outcome.status == "committed" else 0
+                result.batch_seconds.append(round(outcome.seconds, 3))
     result.seconds = time.perf_counter() - started
     result.ended_at = time.time()
     return result
 
 
-def backfill(
-    *,
-    bootstrap: str,
-    edw_url: str,
-    spec: TopicIngest,
-    settings: Settings,
-    complete_until: pd.Timestamp,
-    max_batch: int = 50_000,
-) -> DrainResult:
-    """Reprocess the time partition holding the topic's first record, as a backfill run does
-    (``reprocess_window``: every topic partition of the window deleted and reloaded in one
-    transaction, state restored as of the window's start)."""
-    schemas = Schemas()
-    captures = {c.name: c for c in load_captures(REPO_ROOT / "capture.yaml")}
+def backfill(*, settings: Settings, spec: TopicIngest) -> DrainResult:
+    """Reprocess the time partition holding the topic's first record, as a backfill run
+    does (``reprocess_partitions``: every topic partition of the window deleted and
+    reloaded in one transaction, state restored as of the window's start, the default
+    enrichment wait)."""
+    clients = connections(settings)
     result = DrainResult(asset=spec.asset, topic=spec.topic, mode="backfill")
-    with EventStore(bootstrap) as store, connect(edw_url) as conn:
+    with clients.event_store() as store:
         first = store.log_bounds(spec.topic, [0])[0].start
-        window = settings.windows.at_ms(store.timestamp_at(spec.topic, 0, first))
-        dimensions = CompleteDimensions(
-            conn,
-            schemas,
-            customers=captures["customers"],
-            calls=captures["call_center_calls"],
-            versions=VersionCache(),
-            complete_until=complete_until,
-        )
-        result.started_at = time.time()
-        started = time.perf_counter()
-        outcomes = reprocess_window(
-            store,
-            conn,
-            schemas,
-            spec,
-            settings.windows,
-            window,
-            run_id=f"bench-backfill-{spec.asset}",
-            max_batch=max_batch,
-            dimensions=dimensions,
-        )
-        result.seconds = time.perf_counter() - started
-        result.ended_at = time.time()
+        key = settings.windows.at_ms(store.timestamp_at(spec.topic, 0, first)).key
+    result.started_at = time.time()
+    started = time.perf_counter()
+    run = reprocess_partitions(
+        clients,
+        spec,
+        settings.windows,
+        [key],
+        run_id=f"bench-backfill-{spec.asset}",
+        max_batch=settings.batch_max_records,
+        services=fact_services(settings),
+        log=_LOG,
+    )
+    result.seconds = time.perf_counter() - started
+    result.ended_at = time.time()
+    if run.error is not None:
+        raise KappaError(run.error)
     result.runs = 1
-    for outcome in outcomes:
+    for outcome in run.outcomes:
         result.events += outcome.received
         result.loaded += outcome.loaded
         result.batches += outcome.batches
@@ -278,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--asset", required=True, help="fact_order or fact_payment")
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--edw-url", required=True)
+    parser.add_argument(
+        "--oltp-url", help="the OLTP database with the change tables (default: --edw-url)"
+    )
     parser.add_argument("--topic", required=True)
-    parser.add_argument("--watermark", help="change capture complete until (ISO time)")
     parser.add_argument("--limit", action="append", default=[], help="PARTITION=END")
     parser.add_argument("--mode", choices=("pipeline", "consume", "backfill"), default="pipeline")
-    parser.add_argument("--max-batch", type=int, default=50_000)
-    parser.add_argument("--max-run", type=int, default=200_000)
     parser.add_argument("--parallel", type=int, default=PARALLEL_PARTITIONS)
     parser.add_argument(
         "--profile",
@@ -293,13 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     limits = {int(p): int(e) for p, e in (item.split("=", 1) for item in args.limit)}
-    settings = Settings.from_env(
-        {
-            "KAFKA_BOOTSTRAP_SERVERS": args.bootstrap,
-            "KAPPA_EDW_URL": args.edw_url,
-            "KAPPA_TOPIC_ORDERS": args.topic if args.asset == "fact_order" else "orders-unused",
-            "KAPPA_TOPIC_PAYMENTS": args.topic if args.asset == "fact_payment" else "pay-unused",
-        }
+    settings = product_settings(
+        args.bootstrap,
+        args.edw_url,
+        args.oltp_url or args.edw_url,
+        KAPPA_TOPIC_ORDERS=args.topic if args.asset == "fact_order" else "orders-unused",
+        KAPPA_TOPIC_PAYMENTS=args.topic if args.asset == "fact_payment" else "pay-unused",
     )
     profiler = None
     if args.profile:
@@ -309,26 +299,18 @@ def main(argv: list[str] | None = None) -> int:
         profiler.start()
     if args.mode == "consume":
         result = consume_only(
-            bootstrap=args.bootstrap, topic=args.topic, limits=limits, max_batch=args.max_batch
+            bootstrap=args.bootstrap,
+            topic=args.topic,
+            limits=limits,
+            max_batch=settings.batch_max_records,
         )
     elif args.mode == "backfill":
-        result = backfill(
-            bootstrap=args.bootstrap,
-            edw_url=args.edw_url,
-            spec=spec_for(args.asset, settings),
-            settings=settings,
-            complete_until=pd.Timestamp(args.watermark),
-            max_batch=args.max_batch,
-        )
+        result = backfill(settings=settings, spec=spec_for(args.asset, settings))
     else:
         result = drain(
-            bootstrap=args.bootstrap,
-            edw_url=args.edw_url,
+            settings=settings,
             spec=spec_for(args.asset, settings),
-            complete_until=pd.Timestamp(args.watermark),
             limits=limits,
-            max_batch=args.max_batch,
-            max_run=args.max_run,
             parallel=args.parallel,
         )
     if profiler is not None:
