@@ -66,9 +66,16 @@ from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.decode import decode_batch
 from kappa.event_store import RawBatch
 from kappa.exceptions import KappaError
+from kappa.settings import Settings
 from kappa.simulator import SimulatorConfig, generate
 from kappa.state import PostgresStateBackend, StateCache
-from kappa.stateful import OrderEnrichment, PaymentFraud, StatefulStep, WarehouseDimensions
+from kappa.stateful import (
+    OrderEnrichment,
+    PaymentFraud,
+    StatefulStep,
+    WarehouseDimensions,
+    wait_for_dimensions,
+)
 from kappa.transforms import FraudRules, to_cents
 from kappa.warehouse import connect
 
@@ -178,24 +185,27 @@ def _optional_float(value: Any) -> float | None:
 
 def run_cache_path(
     conn: psycopg.Connection,
+    oltp: psycopg.Connection,
     edw: Edw,
     workload: Workload,
     *,
     batch_size: int,
     rules: FraudRules,
+    max_wait_s: float,
     shard: int = 0,
     profiler: cProfile.Profile | None = None,
 ) -> Outcome:
     """Both stateful steps over every event, in batches, state saved per batch.
 
-    ``profiler``, if given, runs during the timed part only.
+    As in a run, each batch first waits (up to ``max_wait_s``) for change capture to cover
+    its event times, completeness read from the OLTP database (``oltp``: the bench database,
+    whose change tables are empty, so nothing holds a batch back). ``profiler``, if given,
+    runs during the timed part only.
     """
     cache = StateCache(PostgresStateBackend(edw.schemas))
     dimensions = WarehouseDimensions(
-        conn, edw.schemas, oltp=None, customers=edw.customers, calls=edw.calls
+        conn, edw.schemas, oltp=oltp, customers=edw.customers, calls=edw.calls
     )
-    # Change capture is complete past every event: all enrichment is as of event time.
-    watermark = pd.Timestamp(workload.last) + pd.Timedelta(seconds=1)
     plans: list[tuple[str, StatefulStep, pd.DataFrame]] = [
         ("orders", OrderEnrichment(), workload.orders),
         ("payments", PaymentFraud(rules), workload.payments),
@@ -208,7 +218,8 @@ def run_cache_path(
     for topic, step, rows in plans:
         for begin in range(0, len(rows), batch_size):
             batch = rows.iloc[begin : begin + batch_size]
-            output = step.apply(conn, cache, dimensions, shard, batch, watermark)
+            completeness = wait_for_dimensions(dimensions, batch, max_wait_s=max_wait_s)
+            output = step.apply(conn, cache, dimensions, shard, batch, completeness)
             end = begin + len(batch)
             with conn.transaction():
                 for store, values in output.state.items():
@@ -434,12 +445,26 @@ PROFILE_PARTS: tuple[tuple[str, str, str], ...] = (
 
 
 def _profile(
-    conn: psycopg.Connection, edw: Edw, workload: Workload, batch_size: int, rules: FraudRules
+    conn: psycopg.Connection,
+    oltp: psycopg.Connection,
+    edw: Edw,
+    workload: Workload,
+    batch_size: int,
+    rules: FraudRules,
+    max_wait_s: float,
 ) -> str:
     """The cache path again (fresh cache, another shard) under cProfile: where time goes."""
     profiler = cProfile.Profile()
     outcome = run_cache_path(
-        conn, edw, workload, batch_size=batch_size, rules=rules, shard=1, profiler=profiler
+        conn,
+        oltp,
+        edw,
+        workload,
+        batch_size=batch_size,
+        rules=rules,
+        max_wait_s=max_wait_s,
+        shard=1,
+        profiler=profiler,
     )
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
@@ -535,7 +560,13 @@ def main(argv: list[str] | None = None) -> int:
     workload = generate_workload(args.events, args.customers, args.seed, args.late_rate)
     caches: list[Outcome] = []
     baselines: list[Outcome] = []
-    with bench_database(args.pg_url) as (url, where), connect(url) as conn:
+    # The product's default wait for change capture (KAPPA_ENRICH_MAX_WAIT_S).
+    max_wait_s = Settings.from_env({}).enrich_max_wait_s
+    with (
+        bench_database(args.pg_url) as (url, where),
+        connect(url) as conn,
+        connect(url, setting="KAPPA_OLTP_URL") as oltp,
+    ):
         pg_version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         edw = populate_edw(conn, args.customers, args.seed, workload.first, workload.last)
         conn.execute(PER_MESSAGE_DDL)
@@ -549,7 +580,15 @@ def main(argv: list[str] | None = None) -> int:
             reset_state(conn, edw)
             print(f"run {run}/{args.repeat}: cache path ...", flush=True)
             caches.append(
-                run_cache_path(conn, edw, workload, batch_size=args.batch_size, rules=rules)
+                run_cache_path(
+                    conn,
+                    oltp,
+                    edw,
+                    workload,
+                    batch_size=args.batch_size,
+                    rules=rules,
+                    max_wait_s=max_wait_s,
+                )
             )
             print(
                 f"run {run}/{args.repeat}: per-message path on {args.baseline_events:,} events ...",
@@ -561,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = None
         if args.profile:
             reset_state(conn, edw)
-            profile = _profile(conn, edw, workload, args.batch_size, rules)
+            profile = _profile(conn, oltp, edw, workload, args.batch_size, rules, max_wait_s)
 
     cache_eps = statistics.median(o.rate for o in caches)
     baseline_eps = statistics.median(o.rate for o in baselines)

@@ -1,4 +1,5 @@
-"""The benchmark runs at a tiny scale and writes every figure (no timing is asserted)."""
+"""The benchmarks run at a tiny scale and write every figure (no timing is asserted); their
+contenders compute the same rows as the pipeline."""
 
 from __future__ import annotations
 
@@ -42,4 +43,42 @@ def test_bench_tiny_scale_writes_every_key(tmp_path: Path) -> None:
     agreement = figures["details"]["rbar"]["agreement"]
     assert agreement["orders_compared"] > 0
     assert agreement["orders_differing"] == 0
+    assert agreement["payments_compared"] > 0
+    assert agreement["payments_differing"] == 0, agreement.get("payments_sample")
+    peer = figures["details"].get("peer")
+    if peer is not None:
+        assert peer["agreement"]["orders_compared"] > 0
+        assert peer["agreement"]["orders_differing"] == 0
     assert "| pipeline_eps |" in result.stdout
+
+
+def test_bench_cache_small_scale_agrees_with_per_message(tmp_path: Path) -> None:
+    """``make bench-cache`` at a small scale: both paths run, agree, and write the figures."""
+    output = tmp_path / "cache_vs_queries.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.cache_vs_queries",
+        "--events",
+        "1500",
+        "--customers",
+        "100",
+        "--baseline-events",
+        "200",
+        "--batch-size",
+        "500",
+        "--repeat",
+        "1",
+        "--output",
+        str(output),
+    ]
+    if os.environ.get("KAPPA_TEST_PG_URL"):
+        argv += ["--pg-url", os.environ["KAPPA_TEST_PG_URL"]]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(output.read_text(encoding="utf-8"))
+    assert figures["agree"] is True
+    assert figures["events"] == 1500
+    assert figures["baseline_events"] > 0
+    assert figures["cache_eps"] > 0 and figures["per_message_eps"] > 0
+    assert figures["ratio"] > 0
