@@ -6,7 +6,7 @@ staleness after a change; late events re-materialising their mart partition."""
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from itertools import islice
 
 import dagster as dg
@@ -22,21 +22,34 @@ from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration
 
-NOW = datetime.now(UTC)
-HOUR_1 = NOW.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
-HOUR_2 = HOUR_1 + timedelta(hours=1)
 FACTS = ("fact_order", "fact_payment")
 
 
+def past_hours(now: datetime) -> tuple[datetime, datetime]:
+    """Two consecutive hours, closed well before ``now``: the time partitions a test's
+    records are stamped in (computed when the test starts, never when the module loads)."""
+    first = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    return first, first + timedelta(hours=1)
+
+
 @pytest.fixture
-def hourly(pipeline_env, monkeypatch) -> dict[str, str]:
-    env = {
-        **pipeline_env,
+def hours() -> tuple[datetime, datetime]:
+    return past_hours(datetime.now(UTC))
+
+
+def hourly_env(first_hour: datetime) -> dict[str, str]:
+    """Hourly partitions starting the day before ``first_hour``; the enrichment wait is the
+    product's default."""
+    return {
         "KAPPA_PARTITIONS": "hourly",
-        "KAPPA_PARTITIONS_START": (HOUR_1 - timedelta(days=1)).strftime("%Y-%m-%dT00:00"),
-        "KAPPA_ENRICH_MAX_WAIT_S": "0",
+        "KAPPA_PARTITIONS_START": (first_hour - timedelta(days=1)).strftime("%Y-%m-%dT00:00"),
         "KAPPA_BATCH_MAX_RECORDS": "150",
     }
+
+
+@pytest.fixture
+def hourly(pipeline_env, hours, monkeypatch) -> dict[str, str]:
+    env = {**pipeline_env, **hourly_env(hours[0])}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
@@ -136,18 +149,20 @@ def edw_checksums(pipeline: Pipeline) -> dict[str, tuple[int, str]]:
     }
 
 
-def keys(pipeline: Pipeline) -> tuple[str, str]:
+def keys(pipeline: Pipeline, hours: tuple[datetime, datetime]) -> tuple[str, str]:
     windows = pipeline.settings.windows
-    return windows.at(HOUR_1).key, windows.at(HOUR_2).key
+    return windows.at(hours[0]).key, windows.at(hours[1]).key
 
 
 def test_live_batches_are_cut_at_partition_boundaries_and_a_reprocessed_partition_is_identical(
     pipeline: Pipeline,
+    hours,
 ):
-    produce_at(pipeline, HOUR_1 + timedelta(minutes=50), 400, seed=1)
-    produce_at(pipeline, HOUR_2 + timedelta(minutes=5), 400, seed=2)
+    hour_1, hour_2 = hours
+    produce_at(pipeline, hour_1 + timedelta(minutes=50), 400, seed=1)
+    produce_at(pipeline, hour_2 + timedelta(minutes=5), 400, seed=2)
     live(pipeline)
-    first, second = keys(pipeline)
+    first, second = keys(pipeline, hours)
     # No batch crosses the boundary: every batch holds records of one hour only.
     crossing = pipeline.query(
         "SELECT l.asset, l.shard, l.start_position, l.end_position FROM kappa.batch_ledger l "
@@ -209,12 +224,13 @@ def test_live_batches_are_cut_at_partition_boundaries_and_a_reprocessed_partitio
 
 
 def test_a_change_of_the_state_a_partition_ends_with_marks_the_next_one_stale(
-    pipeline: Pipeline, instance, monkeypatch
+    pipeline: Pipeline, hours, instance, monkeypatch
 ):
-    produce_at(pipeline, HOUR_1 + timedelta(minutes=30), 300, seed=3)
-    produce_at(pipeline, HOUR_2 + timedelta(minutes=30), 300, seed=4)
+    hour_1, hour_2 = hours
+    produce_at(pipeline, hour_1 + timedelta(minutes=30), 300, seed=3)
+    produce_at(pipeline, hour_2 + timedelta(minutes=30), 300, seed=4)
     live(pipeline)
-    first, second = keys(pipeline)
+    first, second = keys(pipeline, hours)
     check = pipeline.defs.resolve_implicit_global_asset_job_def().get_subset(
         asset_check_selection={dg.AssetCheckKey(dg.AssetKey("fact_payment"), "state_continuity")}
     )
@@ -241,10 +257,11 @@ def test_a_change_of_the_state_a_partition_ends_with_marks_the_next_one_stale(
     assert continuity().passed
 
 
-def test_a_reset_log_fails_the_backfill_and_leaves_the_edw_untouched(pipeline: Pipeline):
-    produce_at(pipeline, HOUR_1 + timedelta(minutes=10), 200, seed=5)
+def test_a_reset_log_fails_the_backfill_and_leaves_the_edw_untouched(pipeline: Pipeline, hours):
+    hour_1 = hours[0]
+    produce_at(pipeline, hour_1 + timedelta(minutes=10), 200, seed=5)
     live(pipeline)
-    first, _ = keys(pipeline)
+    first, _ = keys(pipeline, hours)
     before = edw_checksums(pipeline)
     topic = pipeline.settings.topic_orders
     admin = KafkaAdminClient(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"])
@@ -266,11 +283,13 @@ def test_a_reset_log_fails_the_backfill_and_leaves_the_edw_untouched(pipeline: P
 
 def test_a_missing_state_checkpoint_fails_the_backfill_and_leaves_the_edw_untouched(
     pipeline: Pipeline,
+    hours,
 ):
-    produce_at(pipeline, HOUR_1 + timedelta(minutes=40), 300, seed=6)
-    produce_at(pipeline, HOUR_2 + timedelta(minutes=10), 300, seed=7)
+    hour_1, hour_2 = hours
+    produce_at(pipeline, hour_1 + timedelta(minutes=40), 300, seed=6)
+    produce_at(pipeline, hour_2 + timedelta(minutes=10), 300, seed=7)
     live(pipeline)
-    _, second = keys(pipeline)
+    _, second = keys(pipeline, hours)
     shard, position = pipeline.query(
         "DELETE FROM kappa.checkpoint WHERE asset = 'fact_order' AND partition_key = %s "
         "AND shard = (SELECT min(shard) FROM kappa.checkpoint WHERE asset = 'fact_order' "
@@ -291,8 +310,11 @@ def test_a_missing_state_checkpoint_fails_the_backfill_and_leaves_the_edw_untouc
     assert edw_checksums(pipeline) == before
 
 
-def test_a_late_event_rematerialises_the_mart_partition_of_its_event_date(pipeline: Pipeline):
-    produce_at(pipeline, HOUR_2, 200, seed=8)
+def test_a_late_event_rematerialises_the_mart_partition_of_its_event_date(
+    pipeline: Pipeline, hours
+):
+    hour_2 = hours[1]
+    produce_at(pipeline, hour_2, 200, seed=8)
     live(pipeline)
     mart = pipeline.defs.get_sensor_def("mart_sensor")
 
@@ -309,24 +331,34 @@ def test_a_late_event_rematerialises_the_mart_partition_of_its_event_date(pipeli
             assert pipeline.execute(request).success
         return list(result.run_requests or [])
 
-    day = HOUR_2.date()
-    assert {r.partition_key for r in tick_mart()} == {day.isoformat()}
-    late_day = day - timedelta(days=1)
+    # The event dates come from the data (simulated late events of a batch at 00:00 fall on
+    # the day before): each is a mart partition, built with every order of that date.
+    days = sorted(
+        d
+        for (d,) in pipeline.query(
+            "SELECT DISTINCT (event_time AT TIME ZONE 'UTC')::date FROM edw.fact_order "
+            "UNION SELECT DISTINCT (event_time AT TIME ZONE 'UTC')::date FROM edw.fact_payment"
+        )
+    )
+    assert days
+    assert {r.partition_key for r in tick_mart()} == {d.isoformat() for d in days}
+    for day in days:
+        assert pipeline.query(
+            "SELECT coalesce(sum(orders), 0) FROM edw.mart_customer_daily WHERE activity_date = %s",
+            (day,),
+        ) == pipeline.query(
+            "SELECT count(*) FROM edw.fact_order WHERE (event_time AT TIME ZONE 'UTC')::date = %s",
+            (day,),
+        )
+    # A day before every event date (still a mart partition: partitions start the day
+    # before the first hour) has no activity yet.
+    late_day = days[0] - timedelta(days=1)
     assert pipeline.query(
         "SELECT count(*) FROM edw.mart_customer_daily WHERE activity_date = %s", (late_day,)
     ) == [(0,)]
-    orders_before = pipeline.query(
-        "SELECT sum(orders) FROM edw.mart_customer_daily WHERE activity_date = %s", (day,)
-    )[0][0]
-    assert (
-        orders_before
-        == pipeline.query(
-            "SELECT count(*) FROM edw.fact_order WHERE event_time::date = %s", (day,)
-        )[0][0]
-    )
 
-    # An order that happened yesterday arrives now (its event time is a day before its
-    # broker time): the mart partition of yesterday is built with it counted.
+    # An order that happened on that day arrives now (its event time a day or more before
+    # its broker time): the mart partition of that day is built with it counted.
     late = simulator.SimulatorConfig(
         topic_orders=pipeline.settings.topic_orders,
         topic_payments=pipeline.settings.topic_payments,
@@ -338,7 +370,9 @@ def test_a_late_event_rematerialises_the_mart_partition_of_its_event_date(pipeli
     )
     message = next(
         m
-        for m in simulator.generate(late, start=HOUR_2 - timedelta(days=1), rate=1.0)
+        for m in simulator.generate(
+            late, start=datetime.combine(late_day, time(12), tzinfo=UTC), rate=1.0
+        )
         if m.topic == pipeline.settings.topic_orders and m.kind == "valid"
     )
     producer = KafkaProducer(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], acks="all")
@@ -346,7 +380,7 @@ def test_a_late_event_rematerialises_the_mart_partition_of_its_event_date(pipeli
         message.topic,
         key=message.key,
         value=message.value,
-        timestamp_ms=int((HOUR_2 + timedelta(minutes=20)).timestamp() * 1000),
+        timestamp_ms=int((hour_2 + timedelta(minutes=20)).timestamp() * 1000),
     )
     producer.flush()
     producer.close()
@@ -358,13 +392,14 @@ def test_a_late_event_rematerialises_the_mart_partition_of_its_event_date(pipeli
 
 
 def test_expired_offsets_fail_the_backfill_and_leave_the_edw_untouched(
-    pipeline: Pipeline, monkeypatch
+    pipeline: Pipeline, hours, monkeypatch
 ):
     """Retention took the first offsets of a loaded partition (the local broker cannot expire
     records, so its log start is moved for the topic): nothing is deleted."""
-    produce_at(pipeline, HOUR_1 + timedelta(minutes=10), 200, seed=8)
+    hour_1 = hours[0]
+    produce_at(pipeline, hour_1 + timedelta(minutes=10), 200, seed=8)
     live(pipeline)
-    first, _ = keys(pipeline)
+    first, _ = keys(pipeline, hours)
     before = edw_checksums(pipeline)
     topic = pipeline.settings.topic_orders
     real = EventStore.log_bounds
@@ -392,11 +427,12 @@ def test_expired_offsets_fail_the_backfill_and_leave_the_edw_untouched(
 def test_records_stamped_ahead_of_the_clock_wait_for_their_partition(pipeline: Pipeline):
     """A producer clock hours ahead makes a time partition Dagster does not have yet: the
     shards holding such records wait (the tick says so), the others load."""
-    produce_at(pipeline, NOW + timedelta(hours=3), 40, seed=9)
+    ahead_at = datetime.now(UTC) + timedelta(hours=3)
+    produce_at(pipeline, ahead_at, 40, seed=9)
     result = pipeline.tick("fact_order")
     assert not result.run_requests
     reason = result.skip_reason.skip_message if result.skip_reason else ""
     assert "stamped ahead of the clock" in (reason or "")
-    ahead = pipeline.settings.windows.at(NOW + timedelta(hours=3)).key
+    ahead = pipeline.settings.windows.at(ahead_at).key
     assert f"-> {ahead}" in (reason or "")
     assert pipeline.query("SELECT count(*) FROM kappa.batch_ledger") == [(0,)]
