@@ -7,9 +7,9 @@ none is produced by the code under test.
 from __future__ import annotations
 
 import math
-from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Any
 
 import numpy as np
