@@ -19,7 +19,14 @@ import pandas as pd
 
 from kappa.contracts import SQL_TYPES, EventContract, PayloadField, fact_columns
 from kappa.event_store import RawBatch
-from kappa.exact import NumericType, check_decimal, check_doubles, exact_payload, long_literals
+from kappa.exact import (
+    NumericType,
+    check_decimal,
+    check_doubles,
+    exact_payload,
+    long_literals,
+    shown,
+)
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _ISO_WITH_ZONE = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})"
@@ -140,11 +147,6 @@ def _has_nul(text: pd.Series) -> np.ndarray:
     return text.str.contains("\x00", regex=False).fillna(False).to_numpy(dtype=bool)
 
 
-def _shown(value: object) -> str:
-    """A refused number as the message had it (a double's repr is its short literal)."""
-    return repr(value) if isinstance(value, float) else str(value)
-
-
 def _check_amount(name: str, col: pd.Series, missing: np.ndarray, reasons: _Reasons) -> pd.Series:
     """Amounts must fit the EDW column exactly: never rounded, never overflowing the COPY.
 
@@ -173,12 +175,12 @@ def _check_amount(name: str, col: pd.Series, missing: np.ndarray, reasons: _Reas
         inexact[index] = verdict == "decimals"
     reasons.flag(
         too_large,
-        lambda mask: [f"'{name}' does not fit {AMOUNT_TYPE}: {_shown(v)}" for v in raw[mask]],
+        lambda mask: [f"'{name}' does not fit {AMOUNT_TYPE}: {shown(v)}" for v in raw[mask]],
     )
     reasons.flag(
         inexact,
         lambda mask: [
-            f"'{name}' has more than {AMOUNT_TYPE.scale} decimals: {_shown(v)}" for v in raw[mask]
+            f"'{name}' has more than {AMOUNT_TYPE.scale} decimals: {shown(v)}" for v in raw[mask]
         ],
     )
     return pd.Series(values, index=col.index)

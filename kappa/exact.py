@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 import numpy as np
+import orjson
+import pandas as pd
 
 #: A JSON number literal (after ``:``, ``,`` or ``[``) with 16 or more digits and dots: every
 #: literal of 16+ significant digits matches (a few shorter ones too, which only cost an
@@ -48,6 +50,11 @@ class NumericType:
         return 10 ** (self.precision - self.scale)
 
 
+def shown(value: object) -> str:
+    """A number as the message had it (a double's repr is its short literal)."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def long_literals(values: list[bytes | None]) -> np.ndarray:
     """Indices of the messages holding a number literal a double may not carry exactly,
     found with one regex scan over the joined batch (no per-message Python)."""
@@ -71,6 +78,16 @@ def exact_payload(value: bytes) -> dict | None:
         return None
     payload = obj.get("payload") if isinstance(obj, dict) else None
     return payload if isinstance(payload, dict) else None
+
+
+def loads_exact(text: str | bytes) -> object:
+    """A JSON document as orjson parses it, re-parsed with exact Decimals when it holds a
+    number literal a double may not carry exactly (see the module docstring)."""
+    value = orjson.loads(text)
+    raw = text.encode() if isinstance(text, str) else text
+    if _LONG_NUMBER.search(raw):
+        return json.loads(raw, parse_float=Decimal)
+    return value
 
 
 def check_doubles(values: np.ndarray, kind: NumericType) -> tuple[np.ndarray, np.ndarray]:
@@ -99,9 +116,29 @@ def check_decimal(value: Decimal, kind: NumericType) -> str | None:
     return None
 
 
-def fits_exactly(value: Decimal, kind: NumericType) -> bool:
-    """Whether ``value`` is stored by a ``kind`` column without rounding or overflow."""
-    return value.is_finite() and check_decimal(value, kind) is None
+def numeric_reasons(
+    name: str,
+    target: NumericType,
+    numeric: pd.Series,
+    converted: pd.Series,
+    why: np.ndarray,
+) -> None:
+    """Fill ``why`` with the reason of each value a numeric(p, s) column would round or
+    overflow: doubles (short literals) vectorised, exact Decimals (long literals) one by
+    one. ``numeric`` holds the parsed values, ``converted`` them as doubles."""
+    exact = numeric.map(lambda v: isinstance(v, Decimal)).to_numpy(dtype=bool)
+    too_large, inexact = check_doubles(converted.to_numpy(dtype=float, na_value=np.nan), target)
+    too_large &= ~exact
+    inexact &= ~exact
+    raw = numeric.to_numpy(dtype=object)
+    for index in np.flatnonzero(exact):
+        verdict = check_decimal(raw[index], target)
+        too_large[index] = verdict == "fit"
+        inexact[index] = verdict == "decimals"
+    why[too_large] = [f"'{name}' does not fit {target}: {shown(v)}" for v in raw[too_large]]
+    why[inexact] = [
+        f"'{name}' has more than {target.scale} decimals: {shown(v)}" for v in raw[inexact]
+    ]
 
 
 def round_half_even_div(numerator: int, denominator: int) -> int:

@@ -151,7 +151,7 @@ def test_a_valid_order_becomes_one_row_with_typed_columns():
         (
             with_amount(b"1000000000000.00"),
             b"c-00001",
-            "'payload.amount' does not fit numeric(14, 2): 1000000000000.0",
+            "'payload.amount' does not fit numeric(14, 2): 1000000000000.00",
         ),
         # Issue 13: loaded as 0.00 before (rounded silently).
         (with_amount(b"0.004"), b"c-00001", "'payload.amount' has more than 2 decimals: 0.004"),
