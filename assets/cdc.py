@@ -122,6 +122,7 @@ def build_capture_asset(
             "rows_received": outcome.received,
             "rows_loaded": outcome.loaded,
             "rows_dead_lettered": outcome.dead_lettered,
+            "poison_probes": outcome.probes,
             "rows_deduplicated": 0,
             "lag_after_batch": lag.pending_changes,
             "batch_seconds": round(outcome.seconds, 3),

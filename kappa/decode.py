@@ -11,18 +11,28 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 
 import numpy as np
 import orjson
 import pandas as pd
 
-from kappa.contracts import EventContract, PayloadField, fact_columns
+from kappa.contracts import SQL_TYPES, EventContract, PayloadField, fact_columns
 from kappa.event_store import RawBatch
+from kappa.exact import (
+    NumericType,
+    check_decimal,
+    check_doubles,
+    exact_payload,
+    long_literals,
+    shown,
+)
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _ISO_WITH_ZONE = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})"
-#: Limits of the EDW columns (numeric(14, 2), integer): beyond them a row is a dead letter.
-MAX_AMOUNT = 1e12
+#: The EDW column of amounts: a value that does not fit it exactly is a dead letter.
+AMOUNT_TYPE = NumericType.parse(SQL_TYPES["amount"]) or NumericType(14, 2)
+#: Limit of the EDW's integer column: beyond it a row is a dead letter.
 MAX_COUNT = 2**31 - 1
 _ENVELOPE = ("event_id", "event_type", "event_time", "source", "schema_version")
 
@@ -95,6 +105,13 @@ def _parse(
         get = obj["payload"].get
         for name, append in payload_columns:
             append(get(name))
+    # A number literal a double cannot carry exactly: re-parse those few messages exactly.
+    for index in long_literals(values).tolist():
+        value = values[index]
+        exact = exact_payload(value) if reasons[index] is None and value is not None else None
+        if exact is not None:
+            for name in payload_fields:
+                payload[name][index] = exact.get(name)
     return envelope, payload, reasons
 
 
@@ -130,21 +147,52 @@ def _has_nul(text: pd.Series) -> np.ndarray:
     return text.str.contains("\x00", regex=False).fillna(False).to_numpy(dtype=bool)
 
 
+def _check_amount(name: str, col: pd.Series, missing: np.ndarray, reasons: _Reasons) -> pd.Series:
+    """Amounts must fit the EDW column exactly: never rounded, never overflowing the COPY.
+
+    Doubles (from literals of at most 15 significant digits) are checked vectorised; the
+    rare values re-parsed as Decimal (longer literals) one by one.
+    """
+    exact = _of_type(col, Decimal).to_numpy()
+    numeric = _of_type(col, int, float).to_numpy() | exact
+    reasons.flag(~numeric & ~missing, f"'{name}' is not a number")
+    values = np.array(
+        pd.to_numeric(col.where(numeric & ~exact), errors="coerce").to_numpy(
+            dtype=float, na_value=np.nan
+        )
+    )
+    raw = col.to_numpy(dtype=object)
+    if exact.any():
+        values[exact] = [float(v) for v in raw[exact]]
+    bad = ~np.isfinite(values) | (values <= 0)
+    reasons.flag(bad & numeric, f"'{name}' must be a positive finite number")
+    too_large, inexact = check_doubles(values, AMOUNT_TYPE)
+    too_large &= ~exact
+    inexact &= ~exact
+    for index in np.flatnonzero(exact):
+        verdict = check_decimal(raw[index], AMOUNT_TYPE)
+        too_large[index] = verdict == "fit"
+        inexact[index] = verdict == "decimals"
+    reasons.flag(
+        too_large,
+        lambda mask: [f"'{name}' does not fit {AMOUNT_TYPE}: {shown(v)}" for v in raw[mask]],
+    )
+    reasons.flag(
+        inexact,
+        lambda mask: [
+            f"'{name}' has more than {AMOUNT_TYPE.scale} decimals: {shown(v)}" for v in raw[mask]
+        ],
+    )
+    return pd.Series(values, index=col.index)
+
+
 def _check_field(field: PayloadField, col: pd.Series, reasons: _Reasons) -> pd.Series:
     """Validate one payload column; returns the column converted for loading."""
     name = f"payload.{field.name}"
     missing = col.isna().to_numpy()
     reasons.flag(missing, f"missing field '{name}'")
     if field.kind == "amount":
-        numeric = _of_type(col, int, float).to_numpy()
-        reasons.flag(~numeric & ~missing, f"'{name}' is not a number")
-        values = pd.to_numeric(col.where(numeric), errors="coerce")
-        bad = ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan)) | (values <= 0).to_numpy()
-        reasons.flag(bad & numeric, f"'{name}' must be a positive finite number")
-        # The EDW column is numeric(14, 2): a larger amount would fail the whole batch's COPY.
-        too_large = (values >= MAX_AMOUNT).fillna(False).to_numpy()
-        reasons.flag(too_large & numeric, f"'{name}' must be below {MAX_AMOUNT:.0e}")
-        return values.round(2)
+        return _check_amount(name, col, missing, reasons)
     if field.kind == "count":
         is_int = _of_type(col, int).to_numpy()
         reasons.flag(~is_int & ~missing, f"'{name}' is not an integer")
@@ -292,5 +340,8 @@ def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
 
 
 def describe_reason(reason: str) -> str:
-    """A reason's category (the text before any quoted value), for counting in metadata."""
+    """A reason's category (the text before any quoted or trailing value), for counting in
+    metadata: a reason naming its field first keeps the field and drops the value."""
+    if reason.startswith("'"):
+        return reason.split(": ", 1)[0]
     return re.split(r"[:']", reason, maxsplit=1)[0].strip() or reason

@@ -13,8 +13,10 @@ transaction. The results do not depend on how the changes were cut into batches:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 
 import numpy as np
 import orjson
@@ -23,7 +25,9 @@ import psycopg
 from psycopg import sql
 
 from kappa.capture import CaptureSpec, Column
+from kappa.exact import NumericType, loads_exact, numeric_reasons, shown
 from kappa.exceptions import LogResetError, ReprocessError
+from kappa.poison import write_rows_isolated
 from kappa.warehouse import (
     BatchCounts,
     BatchRecord,
@@ -116,40 +120,74 @@ def _image(raw: object) -> dict | None:
     if raw is None or (isinstance(raw, float) and np.isnan(raw)):
         return None
     try:
-        value = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
-    except orjson.JSONDecodeError:
+        value = loads_exact(raw) if isinstance(raw, str | bytes) else raw
+    except (orjson.JSONDecodeError, ValueError):
         return None
     return value if isinstance(value, dict) else None
 
 
-def _convert(column: Column, values: pd.Series) -> tuple[pd.Series, np.ndarray]:
-    """Typed values and a mask of values that do not convert (nulls are not failures)."""
+#: Ranges of the integer column types.
+_INTEGER_RANGES = {"integer": (-(2**31), 2**31 - 1), "bigint": (-(2**63), 2**63 - 1)}
+
+
+def _convert(column: Column, values: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """Typed values, a mask of values that do not convert (nulls are not failures), and the
+    reason of each failing value (None: the generic "not a valid <type>"). A value the
+    column would round, truncate or refuse (numeric scale and precision, integer range,
+    char(n) length) fails here, exactly, instead of being changed or failing the COPY."""
     present = values.notna().to_numpy()
-    kind = column.sql_type.split("(")[0]
+    why = np.full(len(values), None, dtype=object)
+    kind = column.sql_type.split("(")[0].strip()
     if kind in ("numeric", "integer", "bigint", "double precision"):
         numeric = values.map(
-            lambda v: v if isinstance(v, int | float) and not isinstance(v, bool) else np.nan
+            lambda v: (
+                v if isinstance(v, int | float | Decimal) and not isinstance(v, bool) else np.nan
+            )
         )
-        converted = pd.to_numeric(numeric, errors="coerce")
-        if kind in ("integer", "bigint"):
+        converted = pd.to_numeric(numeric.map(float), errors="coerce")
+        if kind in _INTEGER_RANGES:
+            low, high = _INTEGER_RANGES[kind]
             whole = converted.isna() | (converted == converted.round())
-            converted = converted.where(whole.to_numpy())
-            return converted.astype("Int64"), present & converted.isna().to_numpy()
-        return converted, present & converted.isna().to_numpy()
+            outside = numeric.map(
+                lambda v: isinstance(v, int | float | Decimal) and v == v and not low <= v <= high
+            ).to_numpy(dtype=bool)
+            why[outside] = [
+                f"'{column.name}' is outside the {kind} range: {shown(v)}" for v in values[outside]
+            ]
+            converted = converted.where(whole.to_numpy() & ~outside)
+            return converted.astype("Int64"), present & converted.isna().to_numpy(), why
+        target = NumericType.parse(column.sql_type)
+        if target is not None:
+            numeric_reasons(column.name, target, numeric, converted, why)
+            converted = converted.where(pd.isna(why))
+        return converted, present & converted.isna().to_numpy(), why
     if kind in ("timestamptz", "date"):
         text = values.where(values.map(lambda v: isinstance(v, str)).to_numpy())
         converted = pd.to_datetime(text, utc=True, format="ISO8601", errors="coerce")
         if kind == "date":
             converted = converted.dt.date
-        return converted, present & pd.isna(converted).to_numpy()
+        return converted, present & pd.isna(converted).to_numpy(), why
     if kind == "boolean":
         ok = values.map(lambda v: isinstance(v, bool)).to_numpy()
-        return values.where(ok).astype("boolean"), present & ~ok
+        return values.where(ok).astype("boolean"), present & ~ok, why
     ok = values.map(lambda v: isinstance(v, str)).to_numpy()
     converted = values.where(ok).astype("string")
     if kind == "char":
         converted = converted.str.rstrip(" ")
-    return converted, present & ~ok
+    length = re.fullmatch(
+        r"\s*(char|character|varchar|character varying)\s*\((\d+)\)\s*", column.sql_type
+    )
+    if length is not None:
+        # PostgreSQL refuses a longer value (unless only spaces are cut): say so per change.
+        limit = int(length.group(2))
+        measured = converted.str.rstrip(" ") if kind.startswith("char") else converted
+        longer = (measured.str.len() > limit).fillna(False).to_numpy(dtype=bool)
+        why[longer] = [
+            f"'{column.name}' is longer than {column.sql_type}: {shown(v)}" for v in values[longer]
+        ]
+        ok = ok & ~longer
+        converted = converted.where(ok)
+    return converted, present & ~ok, why
 
 
 def split_key_changes(spec: CaptureSpec, changes: pd.DataFrame) -> pd.DataFrame:
@@ -231,8 +269,11 @@ def validate_changes(spec: CaptureSpec, changes: pd.DataFrame) -> ValidatedChang
         is_key = column.name in spec.keys
         needed = ~is_delete | is_key
         flag(needed & ~has, f"row image lacks column '{column.name}'")
-        converted, bad = _convert(column, raw)
-        flag(needed & has & bad, f"'{column.name}' is not a valid {column.sql_type}")
+        converted, bad, why = _convert(column, raw)
+        flag(
+            needed & has & bad,
+            np.where(pd.isna(why), f"'{column.name}' is not a valid {column.sql_type}", why),
+        )
         if is_key:
             flag(raw.isna().to_numpy(), f"key column '{column.name}' is null")
         rows[column.name] = converted.where(needed) if not is_key else converted
@@ -248,7 +289,13 @@ def validate_changes(spec: CaptureSpec, changes: pd.DataFrame) -> ValidatedChang
     valid = pd.isna(reasons)
     dead = changes[~valid]
     first = ~dead["change_id"].duplicated(keep="first").to_numpy()
-    dead, dead_reasons = dead[first], reasons[~valid][first]
+    dead_letters = change_dead_letters(dead[first], reasons[~valid][first])
+    return ValidatedChanges(rows=rows[valid].reset_index(drop=True), dead_letters=dead_letters)
+
+
+def change_dead_letters(dead: pd.DataFrame, reasons: np.ndarray | list[str]) -> pd.DataFrame:
+    """Dead letters of changes (rows of the change table): the change id is the position,
+    the value the change as JSON (operation, transaction, row images)."""
     dead_letters = pd.DataFrame(
         {
             "position": dead["change_id"].astype("int64").to_numpy(),
@@ -258,11 +305,11 @@ def validate_changes(spec: CaptureSpec, changes: pd.DataFrame) -> ValidatedChang
                 orjson.dumps({"op": r.op, "xid": int(r.xid), "before": r.before, "after": r.after})
                 for r in dead.itertuples(index=False)
             ],
-            "reason": dead_reasons,
+            "reason": np.asarray(reasons, dtype=object),
         }
     )
     dead_letters["broker_time"] = pd.to_datetime(dead_letters["broker_time"], utc=True)
-    return ValidatedChanges(rows=rows[valid].reset_index(drop=True), dead_letters=dead_letters)
+    return dead_letters
 
 
 def _stage_ddl(spec: CaptureSpec) -> sql.Composable:
@@ -467,28 +514,57 @@ def apply_changes(
     changes: pd.DataFrame,
     *,
     history: Callable[[list[tuple[str, ...]]], pd.DataFrame] | None = None,
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, int]:
     """Apply one batch of changes with its dead letters and ledger row, exactly once.
 
     ``history`` gives every change of some keys up to the batch's end (see
     :func:`kappa.cdc.read_key_history`); with it, an SCD2 key whose changes arrived out of
     order across batches is rebuilt instead of getting a wrong current version.
-    Returns (received, applied, dead-lettered).
+    Changes the target refuses are isolated into dead letters (see :mod:`kappa.poison`).
+    Returns (received, applied, dead-lettered, probes).
     """
     validated = validate_changes(spec, changes)
     with ledger_transaction(conn, schemas, record) as counts:
-        stage = stage_frame(
-            conn, f"stage_{spec.name}", None, validated.rows, columns_ddl=_stage_ddl(spec)
-        )
-        if not validated.rows.empty:
-            if spec.mode == "scd2" and history is not None:
-                _rebuild_late_keys(conn, schemas, spec, stage, history)
-            _merge(conn, schemas, spec, stage)
+        refused: set[int] = set()
+
+        def known(keys: list[tuple[str, ...]]) -> pd.DataFrame:
+            # A rebuilt key's history leaves out the changes the target refused.
+            assert history is not None
+            found = history(keys)
+            return found[~found["change_id"].isin(list(refused))]
+
+        def write(rows: pd.DataFrame) -> None:
+            stage = stage_frame(
+                conn, f"stage_{spec.name}", None, rows, columns_ddl=_stage_ddl(spec)
+            )
+            if not rows.empty:
+                if spec.mode == "scd2" and history is not None:
+                    _rebuild_late_keys(conn, schemas, spec, stage, known)
+                _merge(conn, schemas, spec, stage)
+            conn.execute(sql.SQL("DROP TABLE {}").format(stage))
+
+        # Changes the target refuses (a constraint the validation cannot know) become dead
+        # letters with the database's message; the rest applies (see kappa.poison).
+        isolated = write_rows_isolated(conn, validated.rows, "source_change_id", write)
+        refused.update(isolated.refused)
+        dead = validated.dead_letters
+        if isolated.refused:
+            ids = list(isolated.refused)
+            refusals = changes[changes["change_id"].isin(ids)]
+            dead = pd.concat(
+                [
+                    dead,
+                    change_dead_letters(
+                        refusals, [isolated.refused[int(c)] for c in refusals["change_id"]]
+                    ),
+                ],
+                ignore_index=True,
+            )
         counts.received = len(changes)
         # A key-changing update is two rows of one change: count changes, not rows.
-        counts.loaded = int(validated.rows["source_change_id"].nunique())
-        counts.dead_lettered = write_dead_letters(conn, schemas, record, validated.dead_letters)
-    return counts.received, counts.loaded, counts.dead_lettered
+        counts.loaded = int(isolated.rows["source_change_id"].nunique())
+        counts.dead_lettered = write_dead_letters(conn, schemas, record, dead)
+    return counts.received, counts.loaded, counts.dead_lettered, isolated.probes
 
 
 # -- reprocessing a time partition ------------------------------------------------------------

@@ -23,6 +23,7 @@ from kappa.dimensions import apply_changes, replace_capture_window
 from kappa.event_store import EventStore, LogBounds
 from kappa.exceptions import BatchSupersededError, EventStoreTimeoutError, LogResetError
 from kappa.partitions import TimeWindows, Window, parse_key
+from kappa.poison import Rerun, commit_isolated, write_isolated
 from kappa.state import (
     AsOfStateCache,
     PostgresStateBackend,
@@ -41,13 +42,11 @@ from kappa.warehouse import (
     BatchRecord,
     LedgerHead,
     Schemas,
-    commit_batch,
     existing_event_ids,
     insert_ledger_row,
     read_head,
     read_heads,
     replace_window,
-    write_batch,
 )
 
 
@@ -98,6 +97,8 @@ class BatchOutcome:
     capture_lag: cdc.CaptureLag | None = None
     #: Event dates (UTC, ISO) of the events the batch loaded: the mart partitions it touched.
     event_dates: set[str] = field(default_factory=set)
+    #: Extra writes it took to isolate records the database refused (0: none refused).
+    probes: int = 0
 
 
 def event_dates(rows: pd.DataFrame) -> set[str]:
@@ -258,23 +259,31 @@ def _apply_step(
     state: StateAccess | None,
     dimensions: Dimensions | None,
     max_wait_s: float,
-) -> StepOutput | None:
-    """Run the asset's stateful step over a decoded batch (None for a stateless asset).
+) -> tuple[StepOutput | None, Rerun | None]:
+    """Run the asset's stateful step over a decoded batch ((None, None) for a stateless
+    asset); also returns how to re-run it on the records that survive the load.
 
     Events the EDW holds already are dropped first: state never counts an event twice.
-    The step waits up to ``max_wait_s`` for change capture to cover the batch's event times.
+    The step waits up to ``max_wait_s`` for change capture to cover the batch's event times;
+    a re-run (records the database refused taken out) uses the same completeness, no wait.
     """
     if spec.step is None:
-        return None
+        return None, None
     if state is None or dimensions is None:
         raise ValueError(f"{spec.asset} has a stateful step: pass a state cache and dimensions")
+    step = spec.step
     rows = decoded.rows
     seen = existing_event_ids(conn, schemas, spec.contract, rows["event_id"].astype(str).tolist())
     rows = rows[~rows["event_id"].isin(seen)]
     completeness = (
         wait_for_dimensions(dimensions, rows, max_wait_s=max_wait_s) if not rows.empty else None
     )
-    return spec.step.apply(conn, state, dimensions, partition, rows, completeness)
+
+    def rerun(survivors: DecodedBatch) -> StepOutput:
+        kept = rows[rows["kafka_offset"].isin(survivors.rows["kafka_offset"])]
+        return step.apply(conn, state, dimensions, partition, kept, completeness)
+
+    return step.apply(conn, state, dimensions, partition, rows, completeness), rerun
 
 
 def run_batch(
@@ -322,9 +331,12 @@ def run_batch(
             lag_after=bounds.end - start,
             seconds=time.monotonic() - started,
         )
-    decoded = decode_batch(store.fetch(topic, partition, start, end), spec.contract)
+    raw = store.fetch(topic, partition, start, end)
+    decoded = decode_batch(raw, spec.contract)
     scoped = ScopedStateCache(cache, spec.asset) if cache is not None else None
-    output = _apply_step(conn, schemas, spec, decoded, partition, scoped, dimensions, max_wait_s)
+    output, rerun = _apply_step(
+        conn, schemas, spec, decoded, partition, scoped, dimensions, max_wait_s
+    )
     record = BatchRecord(
         asset=spec.asset,
         source=topic,
@@ -336,20 +348,10 @@ def run_batch(
         partition_key=partition_key,
         fresh=head is None,
     )
-    if output is None:
-        final = commit_batch(conn, schemas, spec.contract, record, decoded)
-    else:
-        final = commit_batch(
-            conn,
-            schemas,
-            spec.contract,
-            record,
-            decoded,
-            rows=output.rows,
-            side_tables=output.side_tables,
-            state=output.state,
-            cache=scoped,
-        )
+    final, load = commit_isolated(
+        conn, schemas, spec.contract, record, raw, decoded, output=output, rerun=rerun, cache=scoped
+    )
+    decoded, output = load.decoded, load.output
     return BatchOutcome(
         asset=spec.asset,
         topic=topic,
@@ -368,6 +370,7 @@ def run_batch(
             name: len(frame) for name, frame in (output.side_tables if output else {}).items()
         },
         event_dates=event_dates(output.rows if output is not None else decoded.rows),
+        probes=load.probes,
     )
 
 
@@ -444,7 +447,7 @@ def run_capture_batch(
         watermark=watermark,
         fresh=head is None,
     )
-    received, applied, dead = apply_changes(
+    received, applied, dead, probes = apply_changes(
         edw,
         schemas,
         spec,
@@ -467,6 +470,7 @@ def run_capture_batch(
         lag_after=lag.pending_changes,
         seconds=time.monotonic() - started,
         capture_lag=lag,
+        probes=probes,
     )
 
 
@@ -491,6 +495,8 @@ class WindowOutcome:
     stale_from: str | None = None
     side_rows: Counter[str] = field(default_factory=Counter)
     event_dates: set[str] = field(default_factory=set)
+    #: Extra writes it took to isolate records the database refused (0: none refused).
+    probes: int = 0
 
 
 def resolve_window(
@@ -571,25 +577,27 @@ def reprocess_window(
                     chunk = replace(
                         record, start=chunk_start, end=min(chunk_start + max_batch, end)
                     )
-                    decoded = decode_batch(
-                        store.fetch(topic, p, chunk.start, chunk.end), spec.contract
-                    )
-                    output = _apply_step(
+                    raw = store.fetch(topic, p, chunk.start, chunk.end)
+                    decoded = decode_batch(raw, spec.contract)
+                    output, rerun = _apply_step(
                         conn, schemas, spec, decoded, p, state, dimensions, max_wait_s
                     )
                     counts = BatchCounts()
-                    write_batch(
+                    # The same isolation as live batches: replay gives the same dead letters.
+                    load = write_isolated(
                         conn,
                         schemas,
                         spec.contract,
                         chunk,
+                        raw,
                         decoded,
                         counts,
-                        rows=output.rows if output else None,
-                        side_tables=output.side_tables if output else None,
-                        state=output.state if output else None,
+                        output=output,
+                        rerun=rerun,
                         cache=state,
                     )
+                    decoded, output = load.decoded, load.output
+                    outcome.probes += load.probes
                     insert_ledger_row(conn, schemas, chunk, counts)
                     if output is not None and state is not None:
                         for name, values in output.state.items():

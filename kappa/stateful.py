@@ -298,7 +298,7 @@ class OrderEnrichment:
             customer_country=enriched["customer_country"],
             enrichment=enriched["enrichment"],
             customer_orders_before=stats.count_before,
-            customer_avg_amount_before=pd.Series(stats.mean_before).round(2),
+            customer_avg_amount_before=stats.mean_cents_before,
             customer_stddev_amount_before=pd.Series(stats.stddev_before).round(4),
         )
         return StepOutput(rows=out, state={self.store: stats.after})

@@ -16,11 +16,13 @@ import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import numpy as np
 import orjson
 import pandas as pd
 
+from kappa.exact import round_half_even_div
 from kappa.state import State
 
 
@@ -35,6 +37,9 @@ class RunningStats:
 
     count_before: np.ndarray
     mean_before: np.ndarray
+    #: The mean before each row in cents, exactly rounded half to even (NaN: no history),
+    #: divided by 100: what a numeric(p, 2) column stores, with no float rounding on the way.
+    mean_cents_before: np.ndarray
     stddev_before: np.ndarray
     after: dict[str, State]
 
@@ -50,6 +55,7 @@ def running_stats(keys: pd.Series, cents: np.ndarray, prior: Mapping[str, State]
     size = len(cents)
     count = np.zeros(size, dtype=np.int64)
     mean = np.full(size, np.nan)
+    mean_cents = np.full(size, np.nan)
     variance = np.full(size, np.nan)
     for i, (key, c) in enumerate(zip(keys.to_numpy(dtype=object), cents.tolist(), strict=True)):
         acc = totals.get(key)
@@ -60,6 +66,7 @@ def running_stats(keys: pd.Series, cents: np.ndarray, prior: Mapping[str, State]
         count[i] = n
         if n > 0:
             mean[i] = total / n / 100.0
+            mean_cents[i] = round_half_even_div(total, n)
         if n > 1:
             variance[i] = (n * squares - total * total) / (n * (n - 1))
         acc[0], acc[1], acc[2] = n + 1, total + c, squares + c * c
@@ -67,7 +74,13 @@ def running_stats(keys: pd.Series, cents: np.ndarray, prior: Mapping[str, State]
     after = {
         key: {"n": n, "sum": total, "sumsq": squares} for key, (n, total, squares) in totals.items()
     }
-    return RunningStats(count_before=count, mean_before=mean, stddev_before=stddev, after=after)
+    return RunningStats(
+        count_before=count,
+        mean_before=mean,
+        mean_cents_before=mean_cents / 100.0,
+        stddev_before=stddev,
+        after=after,
+    )
 
 
 def enrich_as_of(
@@ -157,12 +170,25 @@ class FraudRules:
 ALERT_COLUMNS = ["event_id", "rule", "score", "evidence", "customer_id", "event_time"]
 
 
+_MILLI = Decimal("0.001")
+
+
+def round_score(scores: np.ndarray) -> np.ndarray:
+    """Scores to the 3 decimals of their numeric(4, 3) column, rounding each double's exact
+    value half to even (``np.round`` scales by 1000 in floating point first, which can
+    round a value the other way). Alerts are few: one Decimal per alert."""
+    return np.array(
+        [float(Decimal(float(s)).quantize(_MILLI, rounding=ROUND_HALF_EVEN)) for s in scores],
+        dtype=float,
+    )
+
+
 def _alerts(frame: pd.DataFrame, rule: str, score: pd.Series, evidence: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "event_id": frame["event_id"].to_numpy(),
             "rule": rule,
-            "score": np.round(score.to_numpy(dtype=float), 3),
+            "score": round_score(score.to_numpy(dtype=float)),
             "evidence": [
                 orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY).decode() for e in evidence
             ],
@@ -226,8 +252,17 @@ def fraud_alerts(
             _alerts(
                 rows,
                 "velocity",
+                # n / (2 max) is rational: rounded exactly in integers, not as a double.
                 pd.Series(
-                    np.minimum(1.0, velocity_counts[fast] / (2 * rules.velocity_max_payments))
+                    [
+                        round_half_even_div(
+                            min(int(n), 2 * rules.velocity_max_payments) * 1000,
+                            2 * rules.velocity_max_payments,
+                        )
+                        / 1000
+                        for n in velocity_counts[fast]
+                    ],
+                    dtype=float,
                 ),
                 [
                     {
@@ -257,14 +292,14 @@ def fraud_alerts(
                 [
                     {
                         "amount": a,
-                        "mean_before": round(m, 2),
+                        "mean_before": m,
                         "stddev_before": round(s, 2),
                         "z": round(zz, 2),
                         "payments_before": int(n),
                     }
                     for a, m, s, zz, n in zip(
                         amount[unusual],
-                        stats.mean_before[unusual],
+                        stats.mean_cents_before[unusual],
                         stats.stddev_before[unusual],
                         z[unusual],
                         stats.count_before[unusual],

@@ -34,6 +34,11 @@ def order(n: int, **overrides) -> dict:
     return envelope
 
 
+def with_amount(literal: bytes) -> bytes:
+    """An order whose amount is the JSON number ``literal`` exactly as written."""
+    return orjson.dumps(order(1, payload={"amount": "AMOUNT"})).replace(b'"AMOUNT"', literal)
+
+
 def batch(values: list[bytes | None], keys: list[bytes | None] | None = None) -> RawBatch:
     n = len(values)
     return RawBatch(
@@ -135,7 +140,26 @@ def test_a_valid_order_becomes_one_row_with_typed_columns():
         (
             orjson.dumps(order(1, payload={"amount": 1e13})),
             b"c-00001",
-            "'payload.amount' must be below 1e+12",
+            "'payload.amount' does not fit numeric(14, 2): 10000000000000.0",
+        ),
+        # Issue 13: rounded to 1000000000000.00 it overflowed the COPY and stalled the partition.
+        (
+            with_amount(b"999999999999.995"),
+            b"c-00001",
+            "'payload.amount' has more than 2 decimals: 999999999999.995",
+        ),
+        (
+            with_amount(b"1000000000000.00"),
+            b"c-00001",
+            "'payload.amount' does not fit numeric(14, 2): 1000000000000.00",
+        ),
+        # Issue 13: loaded as 0.00 before (rounded silently).
+        (with_amount(b"0.004"), b"c-00001", "'payload.amount' has more than 2 decimals: 0.004"),
+        # 19 significant digits: the double is 1.0, only the exact re-parse sees the decimals.
+        (
+            with_amount(b"1.000000000000000001"),
+            b"c-00001",
+            "'payload.amount' has more than 2 decimals: 1.000000000000000001",
         ),
         (
             orjson.dumps(order(1, payload={"item_count": 3_000_000_000})),

@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Any
 
 import numpy as np
 import orjson
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pandas.testing import assert_frame_equal
 
 from kappa.state import State, StateCache
@@ -109,6 +112,8 @@ def test_running_stats_before_each_row_continue_the_prior_state():
     assert mean[2] == pytest.approx(7.50)
     assert mean[3] == pytest.approx(7.00)
     assert mean[4] == pytest.approx(11.67, abs=0.005)
+    # The column's value: exact cents, half to even (35/3 = 11.666... -> 11.67).
+    assert stats.mean_cents_before[[0, 2, 3, 4]].tolist() == [5.00, 7.50, 7.00, 11.67]
 
     # Sample deviation (n - 1), only from two values on:
     # {5, 10}: deviations -2.5, +2.5 -> (6.25 + 6.25) / 1 = 12.5 -> sqrt 3.5355339
@@ -403,6 +408,7 @@ def no_stats(n: int) -> RunningStats:
     return RunningStats(
         count_before=np.zeros(n, dtype=np.int64),
         mean_before=np.full(n, np.nan),
+        mean_cents_before=np.full(n, np.nan),
         stddev_before=np.full(n, np.nan),
         after={},
     )
@@ -439,6 +445,7 @@ def test_amount_anomaly_needs_z_of_3_over_5_payments_of_history():
     stats = RunningStats(
         count_before=np.array([5, 5, 4, 6, 5]),
         mean_before=np.array([10.0, 10.0, 10.0, 10.0, 10.0]),
+        mean_cents_before=np.array([10.0, 10.0, 10.0, 10.0, 10.0]),
         stddev_before=np.array([2.0, 2.0, 2.0, 0.0, 2.0]),
         after={},
     )
@@ -754,3 +761,51 @@ def test_state_of_a_very_large_amount_survives_the_round_trip_to_json():
     )
     assert stats.after["c-1"] == {"n": 1, "sum": 5_000_000_000, "sumsq": 25_000_000_000_000_000_000}
     assert json.loads(_json(stats.after["c-1"])) == stats.after["c-1"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["A", "B", "C"]), st.integers(1, 10**14 - 1)),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_the_running_mean_column_is_the_exact_mean_rounded_half_to_even(orders):
+    """customer_avg_amount_before (numeric(14, 2)) equals the Decimal mean of the cents
+    before each row, rounded half to even: no float division or float rounding on the way."""
+    keys = strings(*(k for k, _ in orders))
+    cents = np.array([c for _, c in orders], dtype=np.int64)
+    stats = running_stats(keys, cents, {})
+    seen: dict[str, list[int]] = {}
+    for i, (key, c) in enumerate(orders):
+        before = seen.setdefault(key, [])
+        if before:
+            with localcontext() as ctx:
+                ctx.prec = 50
+                exact = (Decimal(sum(before)) / len(before) / 100).quantize(
+                    Decimal("0.01"), rounding=ROUND_HALF_EVEN
+                )
+            assert Decimal(repr(float(stats.mean_cents_before[i]))) == exact
+        else:
+            assert math.isnan(stats.mean_cents_before[i])
+        before.append(c)
+
+
+def test_half_cent_means_round_to_even_cents():
+    # 0.01 and 0.02 -> 0.015 -> 0.02; 0.02 and 0.03 -> 0.025 -> 0.02 (float division gives
+    # 0.025000000000000001 and np.round 0.03 for some such values).
+    stats = running_stats(strings("A", "A", "A", "B", "B", "B"), np.array([1, 2, 0, 2, 3, 0]), {})
+    assert stats.mean_cents_before[[2, 5]].tolist() == [0.02, 0.02]
+
+
+def test_scores_round_exactly_half_to_even():
+    from kappa.transforms import round_score
+
+    # 0.0625 is a double exactly: a true tie, to even. 0.0005 as a double is a hair above.
+    assert round_score(np.array([0.0625, 0.6666666, 1.0, 0.0005])).tolist() == [
+        0.062,
+        0.667,
+        1.0,
+        0.001,
+    ]

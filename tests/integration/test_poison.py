@@ -1,0 +1,282 @@
+"""Records the database refuses are isolated, not retried forever (issue 13).
+
+Against the real broker, PostgreSQL and a Dagster instance: a CHECK constraint the decoder
+cannot know about makes one record in the middle of a batch of thousands unloadable, which
+is exactly the "validation can never be complete" case.
+"""
+
+import math
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+
+import orjson
+import psycopg
+import pytest
+from kafka import KafkaProducer
+
+from tests.integration.harness import Pipeline, wait_for
+from tests.integration.test_reprocess import reprocess
+
+pytestmark = pytest.mark.integration
+
+HOUR = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+ORDERS = 3000
+POISON_AT = 1500  # the record's index in the batch (and its offset: partition 0 starts at 0)
+POISON_AMOUNT = "666.66"  # what the test's CHECK constraint refuses
+CUSTOMERS = 30
+
+
+@pytest.fixture
+def pipeline(pipeline_env, instance, monkeypatch) -> Pipeline:
+    env = {
+        **pipeline_env,
+        "KAPPA_PARTITIONS": "hourly",
+        "KAPPA_PARTITIONS_START": (HOUR - timedelta(days=1)).strftime("%Y-%m-%dT00:00"),
+        "KAPPA_ENRICH_MAX_WAIT_S": "0",
+        # The whole hour in one batch: the poison sits in the middle of 3000 records.
+        "KAPPA_BATCH_MAX_RECORDS": "5000",
+        "KAPPA_RUN_MAX_RECORDS": "5000",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Pipeline(env=env, instance=instance)
+
+
+def order_bytes(customer: str, amount: str, at: datetime) -> bytes:
+    """An order whose amount is the JSON literal ``amount`` exactly as written."""
+    body = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": "order_placed",
+        "event_time": (at - timedelta(seconds=1)).isoformat(),
+        "source": "test",
+        "schema_version": 1,
+        "payload": {
+            "order_id": f"o-{uuid.uuid4().hex[:8]}",
+            "customer_id": customer,
+            "amount": "AMOUNT",
+            "currency": "EUR",
+            "item_count": 1,
+            "channel": "web",
+        },
+    }
+    return orjson.dumps(body).replace(b'"AMOUNT"', amount.encode())
+
+
+def produce(pipeline: Pipeline, records: list[tuple[str, bytes, datetime]]) -> None:
+    """Into partition 0 of the orders topic, broker timestamps as given."""
+    producer = KafkaProducer(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], acks="all")
+    try:
+        for key, value, at in records:
+            producer.send(
+                pipeline.settings.topic_orders,
+                key=key.encode(),
+                value=value,
+                partition=0,
+                timestamp_ms=int(at.timestamp() * 1000),
+            )
+        producer.flush()
+    finally:
+        producer.close()
+
+
+def amount_of(i: int) -> str:
+    return f"{10 + i % 50}.{i % 100:02d}"
+
+
+def customer_of(i: int) -> str:
+    return f"c-{i % CUSTOMERS:02d}"
+
+
+def poison_batch(pipeline: Pipeline) -> list[tuple[str, bytes, datetime]]:
+    """3000 orders in one hour, the poison at index 1500; one order in the next hour closes it."""
+    records = []
+    for i in range(ORDERS):
+        at = HOUR + timedelta(minutes=10, milliseconds=i)
+        amount = POISON_AMOUNT if i == POISON_AT else amount_of(i)
+        records.append((customer_of(i), order_bytes(customer_of(i), amount, at), at))
+    later = HOUR + timedelta(hours=1, minutes=5)
+    records.append(("c-99", order_bytes("c-99", "1.00", later), later))
+    return records
+
+
+def refuse_poison(pipeline: Pipeline) -> None:
+    with psycopg.connect(pipeline.edw_url, autocommit=True) as conn:
+        conn.execute(
+            f"ALTER TABLE edw.fact_order ADD CONSTRAINT fact_order_no_666 "
+            f"CHECK (amount <> {POISON_AMOUNT})"
+        )
+
+
+def expected_stats(customer: str) -> list[tuple[int, int, Decimal | None]]:
+    """(offset, orders before, mean before rounded half-even) of the customer's loaded orders,
+    computed by hand from the produced amounts, the poison left out."""
+    out: list[tuple[int, int, Decimal | None]] = []
+    before: list[Decimal] = []
+    for i in range(ORDERS):
+        if customer_of(i) != customer or i == POISON_AT:
+            continue
+        mean = (
+            (sum(before) / len(before)).quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN)
+            if before
+            else None
+        )
+        out.append((i, len(before), mean))
+        before.append(Decimal(amount_of(i)))
+    return out
+
+
+def dead_letters(pipeline: Pipeline) -> list[tuple]:
+    return pipeline.query(
+        "SELECT source, shard, position, raw_key, raw_value, reason FROM kappa.dead_letter "
+        "WHERE asset = 'fact_order' ORDER BY position"
+    )
+
+
+def test_a_record_the_database_refuses_is_dead_lettered_and_the_rest_of_the_batch_loads(
+    pipeline: Pipeline,
+):
+    records = poison_batch(pipeline)
+    produce(pipeline, records)
+    refuse_poison(pipeline)
+
+    results = pipeline.drain("fact_order")
+
+    topic = pipeline.settings.topic_orders
+    [(loaded,)] = pipeline.query(
+        "SELECT count(*) FROM edw.fact_order WHERE kafka_partition = 0 AND kafka_offset < %s",
+        (ORDERS,),
+    )
+    assert loaded == ORDERS - 1, "every valid event behind the poison loaded"
+    [dead] = dead_letters(pipeline)
+    assert dead[:5] == (topic, 0, POISON_AT, records[POISON_AT][0].encode(), records[POISON_AT][1])
+    assert 'violates check constraint "fact_order_no_666"' in dead[5], dead[5]
+    assert dead[5].startswith("refused by the database [23514]")
+    # The ledger moved on past it: both hours loaded, nothing left to do.
+    [(end,)] = pipeline.query(
+        "SELECT end_position FROM kappa.ledger_head WHERE asset = 'fact_order' AND shard = 0"
+    )
+    assert end == ORDERS + 1
+    [(received, loaded_rows, dead_lettered)] = pipeline.query(
+        "SELECT received, loaded, dead_lettered FROM kappa.batch_ledger "
+        "WHERE asset = 'fact_order' AND shard = 0 AND start_position = 0"
+    )
+    assert (received, loaded_rows, dead_lettered) == (ORDERS, ORDERS - 1, 1)
+
+    # Bounded work: two probes per halving of the batch at most, reported in the metadata.
+    probes = [
+        m.metadata["poison_probes"].value
+        for r in results
+        for m in r.asset_materializations_for_node("fact_order")
+    ]
+    assert sum(probes) > 0
+    assert sum(probes) <= 2 * math.ceil(math.log2(ORDERS)), probes
+
+    # The running statistics never counted the refused amount.
+    customer = customer_of(POISON_AT)
+    rows = pipeline.query(
+        "SELECT kafka_offset, customer_orders_before, customer_avg_amount_before "
+        "FROM edw.fact_order WHERE customer_id = %s ORDER BY kafka_offset",
+        (customer,),
+    )
+    assert rows == expected_stats(customer)
+    [(state,)] = pipeline.query(
+        "SELECT value FROM kappa.state WHERE store = 'fact_order/order_stats' AND key = %s "
+        "ORDER BY position DESC LIMIT 1",
+        (customer,),
+    )
+    kept = [Decimal(amount_of(i)) for i, _, _ in expected_stats(customer)]
+    assert state["n"] == len(kept) and state["sum"] == int(sum(kept) * 100)
+
+    # A backfill of that partition isolates the same record: same rows, same dead letters.
+    facts = pipeline.query("SELECT * FROM edw.fact_order ORDER BY kafka_offset")
+    letters = dead_letters(pipeline)
+    window = pipeline.settings.windows.at(HOUR + timedelta(minutes=10)).key
+    result = reprocess(pipeline, "fact_order", window)
+    metadata = result.asset_materializations_for_node("fact_order")[0].metadata
+    assert metadata["rows_dead_lettered"].value == 1
+    assert 0 < metadata["poison_probes"].value <= 2 * math.ceil(math.log2(ORDERS))
+    assert pipeline.query("SELECT * FROM edw.fact_order ORDER BY kafka_offset") == facts
+    assert dead_letters(pipeline) == letters
+
+
+def test_amounts_a_column_would_round_or_overflow_are_dead_lettered_with_their_reasons(
+    pipeline: Pipeline,
+):
+    literals = ["12.50", "0.004", "999999999999.995", "1000000000000.00", "999999999999.99"]
+    at = HOUR + timedelta(minutes=10)
+    produce(
+        pipeline,
+        [(f"c-{i}", order_bytes(f"c-{i}", a, at), at) for i, a in enumerate(literals)],
+    )
+
+    pipeline.drain("fact_order")
+
+    assert pipeline.query("SELECT amount FROM edw.fact_order ORDER BY kafka_offset") == [
+        (Decimal("12.50"),),
+        (Decimal("999999999999.99"),),
+    ]
+    assert [(p, r) for _, _, p, _, _, r in dead_letters(pipeline)] == [
+        (1, "'payload.amount' has more than 2 decimals: 0.004"),
+        (2, "'payload.amount' has more than 2 decimals: 999999999999.995"),
+        (3, "'payload.amount' does not fit numeric(14, 2): 1000000000000.00"),
+    ]
+
+
+def test_a_change_the_target_refuses_is_dead_lettered_with_its_change_id(
+    pipeline: Pipeline,
+):
+    with psycopg.connect(pipeline.edw_url, autocommit=True) as conn:
+        conn.execute(
+            "ALTER TABLE edw.dim_customer ADD CONSTRAINT dim_customer_no_blocked "
+            "CHECK (segment <> 'blocked')"
+        )
+    with psycopg.connect(pipeline.env["KAPPA_OLTP_URL"], autocommit=True) as conn:
+        for i in range(40):
+            segment = "blocked" if i == 17 else "retail"
+            conn.execute(
+                "INSERT INTO customers (customer_id, name, segment, country, credit_limit) "
+                "VALUES (%s, %s, %s, 'DE', 100)",
+                (f"c-{i:02d}", f"n-{i}", segment),
+            )
+        conn.execute("UPDATE customers SET credit_limit = 250 WHERE customer_id = 'c-20'")
+        [(refused_id,)] = conn.execute(
+            "SELECT change_id FROM cdc.customers_changes WHERE after->>'segment' = 'blocked'"
+        ).fetchall()
+
+    results = []
+
+    def all_applied() -> bool:
+        # Transactions still open elsewhere on the server hold changes back: drain until
+        # the ledger has taken all 41.
+        results.extend(pipeline.drain("dim_customer"))
+        [(received,)] = pipeline.query(
+            "SELECT coalesce(sum(received), 0) FROM kappa.batch_ledger WHERE asset = 'dim_customer'"
+        )
+        return received == 41
+
+    wait_for(all_applied, timeout=120, what="the 41 changes to be taken by dim_customer batches")
+
+    rows = pipeline.query(
+        "SELECT customer_id, credit_limit, is_current FROM edw.dim_customer ORDER BY 1, 2"
+    )
+    expected = [(f"c-{i:02d}", Decimal("100.00"), i != 20) for i in range(40) if i != 17]
+    expected.insert(20, ("c-20", Decimal("250.00"), True))
+    assert rows == expected
+    [(position, value, reason)] = pipeline.query(
+        "SELECT position, raw_value, reason FROM kappa.dead_letter WHERE asset = 'dim_customer'"
+    )
+    assert position == refused_id
+    assert orjson.loads(value)["after"] is not None and "blocked" in value.decode()
+    assert 'violates check constraint "dim_customer_no_blocked"' in reason, reason
+    assert pipeline.query(
+        "SELECT sum(received), sum(loaded), sum(dead_lettered) FROM kappa.batch_ledger "
+        "WHERE asset = 'dim_customer'"
+    ) == [(41, 40, 1)]
+    probes = [
+        m.metadata["poison_probes"].value
+        for r in results
+        for m in r.asset_materializations_for_node("dim_customer")
+        if "poison_probes" in m.metadata
+    ]
+    assert probes and 0 < sum(probes) <= 2 * math.ceil(math.log2(41))
