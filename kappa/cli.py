@@ -31,8 +31,9 @@ from kappa.cdc import install_capture
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.dimensions import ensure_target
 from kappa.event_store import EventStore, UnknownTopicError
-from kappa.exceptions import ConfigurationError, KappaError, LogResetError
-from kappa.ingest import check_continuity
+from kappa.exceptions import ConfigurationError, KappaError
+from kappa.freshness import ShardFreshness
+from kappa.health import RunFailures, failure_threshold, recent_failures, topic_stop
 from kappa.settings import Settings, redact
 from kappa.warehouse import (
     LedgerHead,
@@ -169,12 +170,11 @@ def ledger_problems(settings: Settings) -> list[str]:
             epoch = store.topic_id(topic) or ""
             heads = read_heads(conn, schemas, asset, topic)
             for partition in partitions:
-                try:
-                    check_continuity(
-                        asset, topic, partition, heads.get(partition), bounds[partition], epoch
-                    )
-                except LogResetError as exc:
-                    problems.append(str(exc))
+                problem = topic_stop(
+                    asset, topic, partition, heads.get(partition), bounds[partition], epoch
+                )
+                if problem is not None:
+                    problems.append(problem)
     return problems
 
 
@@ -547,12 +547,15 @@ def _shorten(text: str, width: int = 100) -> str:
 def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
     """Lag per shard, the last batches and the failing asset checks, as compact tables.
 
-    Exit 0 when every check the Dagster instance knows of passes (or the instance cannot be
-    read, which is said), 1 when a check fails.
+    A shard that cannot load (:mod:`kappa.health`) shows ``stopped`` as its lag, and the
+    reason below the table. Exit 0 when no shard is stopped and every check the Dagster
+    instance knows of passes (or the instance cannot be read, which is said), 1 otherwise.
     """
     from kappa.freshness import capture_freshness, topic_freshness
 
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
+    failures: dict[str, dict[int, RunFailures]]
+    failures, runs_note = _run_failures(settings) if checks else ({}, "not read (--no-checks)")
     header = (
         "asset",
         "shard",
@@ -567,6 +570,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
         "last batch",
     )
     rows: list[tuple[str, ...]] = []
+    stopped: list[tuple[str, str, str]] = []
     with connect(settings.resolved_edw_url) as edw:
         meta = sql.Identifier(schemas.meta)
         totals = {
@@ -587,17 +591,20 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
             end: int | str,
             head: LedgerHead | None,
             lag: int,
-            oldest_s: float | None,
+            fresh: ShardFreshness | None,
         ) -> None:
             loaded, dead, dedup, age = totals.get((asset, source, shard), (0, 0, 0, None))
+            why = fresh.stopped if fresh is not None else None
+            if why is not None:
+                stopped.append((asset, f"{source}[{shard}]", why))
             rows.append(
                 (
                     asset,
                     f"{source}[{shard}]",
                     str(end),
                     str(head.end if head else "-"),
-                    str(lag),
-                    _age(oldest_s),
+                    "stopped" if why is not None else str(lag),
+                    _age(fresh.lag_s if fresh is not None else None),
                     str(head.batches if head else 0),
                     str(loaded),
                     str(dead),
@@ -612,7 +619,12 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
             for spec, _ in topic_ingests(settings):
                 bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
                 heads = read_heads(edw, schemas, spec.asset, spec.topic)
-                ages = {f.shard: f.lag_s for f in topic_freshness(store, edw, schemas, spec)}
+                shards = {
+                    f.shard: f
+                    for f in topic_freshness(
+                        store, edw, schemas, spec, failures=failures.get(spec.asset)
+                    )
+                }
                 for partition, bound in sorted(bounds.items()):
                     head = heads.get(partition)
                     row(
@@ -622,7 +634,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                         bound.end,
                         head,
                         bound.end - (head.end if head else bound.start),
-                        ages.get(f"{spec.topic}[{partition}]"),
+                        shards.get(f"{spec.topic}[{partition}]"),
                     )
         with connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as oltp:
             for capture in load_captures(settings.capture_config):
@@ -635,7 +647,9 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                     f"xid {lag.horizon}",
                     head,
                     lag.pending_changes,
-                    capture_freshness(oltp, edw, schemas, capture).lag_s,
+                    capture_freshness(
+                        oltp, edw, schemas, capture, failures=failures.get(capture.asset)
+                    ),
                 )
         recent = edw.execute(
             sql.SQL(
@@ -650,6 +664,11 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
         f"lag per shard (oldest: age of the oldest record or change not loaded yet; bound {settings.freshness_max_lag_s:g} s)"
     )
     _print_table(header, rows)
+    if stopped:
+        _say(f"\n{len(stopped)} shard(s) stopped: they load nothing until an operator acts")
+        for asset, shard, why in stopped:
+            _say(f"  {asset} {shard}: {why}")
+    _say(f"\nfailed runs: {runs_note}")
     if batches > 0:
         _say(f"\nlast {len(recent)} batches")
         _print_table(
@@ -680,15 +699,16 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
             ]
             or [("-",) * 9],
         )
+    halted = 1 if stopped else 0
     if not checks:
-        return 0
+        return halted
     from kappa.check_status import InstanceUnavailable, read_check_states
 
     try:
         states = read_check_states(settings)
     except InstanceUnavailable as exc:
         _say(f"\nchecks: not read ({exc})")
-        return 0
+        return halted
     failing = [s for s in states if s.failing]
     counts = {name: sum(s.state == name for s in states) for name in ("passed", "running", "never")}
     _say(
@@ -710,7 +730,27 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                 for s in failing
             ],
         )
-    return 1 if failing else 0
+    return 1 if failing or stopped else 0
+
+
+def _run_failures(settings: Settings) -> tuple[dict[str, dict[int, RunFailures]], str]:
+    """Per asset, the shards whose last runs failed (from the Dagster instance), and a note
+    saying what was read; an instance that cannot be read leaves them unknown, said so."""
+    from kappa.check_status import InstanceUnavailable, open_instance
+
+    threshold = failure_threshold(settings.run_retries)
+    assets = [spec.asset for spec, _ in topic_ingests(settings)] + [
+        c.asset for c in load_captures(settings.capture_config)
+    ]
+    try:
+        with open_instance(settings) as instance:
+            found = {a: recent_failures(instance, a, threshold=threshold) for a in assets}
+    except InstanceUnavailable as exc:
+        return {}, f"not read ({exc})"
+    return found, (
+        f"read from the Dagster instance (a shard whose last {threshold} runs failed is stopped, "
+        "KAPPA_RUN_RETRIES + 1)"
+    )
 
 
 def reconcile(settings: Settings) -> int:
