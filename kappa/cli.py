@@ -107,11 +107,16 @@ def _topics(settings: Settings) -> dict[str, str]:
     return {setting: spec.topic for spec, setting in topic_ingests(settings)}
 
 
-def prepare(settings: Settings, *, create_topics: bool, demo_sources: bool) -> None:
+def prepare(
+    settings: Settings, *, create_topics: bool, demo_sources: bool, seed: bool = False
+) -> None:
     """Schemas, tables, capture triggers and topics: idempotent, safe to run on every start.
 
-    ``demo_sources`` creates the simulator's OLTP tables; against a real OLTP database the
-    captured tables exist already and only the change tables and triggers are added.
+    ``demo_sources`` creates the simulator's OLTP tables and seeds the demo customers, but
+    only into an empty ``customers`` table (the first start) or when ``seed`` asks for it
+    (``--seed``: tops up to the configured count): a restart changes no source data. Against
+    a real OLTP database the captured tables exist already and only the change tables and
+    triggers are added.
     """
     from kappa import oltp
     from kappa.localstack import ensure_topics
@@ -142,11 +147,20 @@ def prepare(settings: Settings, *, create_topics: bool, demo_sources: bool) -> N
             oltp.ensure_source_tables(conn)
         for spec in captures:
             install_capture(conn, spec)
-        if demo_sources:
-            # Most simulated customers exist from the start (captured, so they reach
-            # dim_customer); the OLTP writers insert the rest over time.
-            config = oltp.OltpConfig.from_settings(settings)
-            oltp.seed_customers(conn, config, count=settings.sim_customers * 9 // 10)
+    if demo_sources:
+        # Most simulated customers exist from the start (captured, so they reach
+        # dim_customer); the OLTP writers insert the rest over time.
+        config = oltp.OltpConfig.from_settings(settings)
+        count = settings.sim_customers * 9 // 10
+        with (
+            _step("demo customers" + (" (--seed)" if seed else "")),
+            connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as conn,
+        ):
+            seeded = oltp.seed_demo_customers(conn, config, count, top_up=seed)
+        if seeded is None:
+            _say("    customers has rows already: not seeded (`--seed` tops it up)")
+        else:
+            _say(f"    {seeded} customer(s) seeded")
 
 
 def ledger_problems(settings: Settings) -> list[str]:
@@ -233,8 +247,9 @@ def settle_previous_session(dagster_home: Path, env: dict[str, str]) -> int:
     return len(queued) + len(running)
 
 
-def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
-    """Run the local stack until Ctrl-C (or until one of its processes dies)."""
+def up(settings: Settings, *, reset: bool, simulate: bool, seed: bool = False) -> int:
+    """Run the local stack until Ctrl-C (or until one of its processes dies); ``seed``: top
+    up the demo customers even when the OLTP database has some (see :func:`prepare`)."""
     from kappa.localstack import (
         EmbeddedPostgres,
         LocalBroker,
@@ -289,7 +304,12 @@ def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
             stack.callback(broker.stop)
         # The embedded OLTP database is the demo's: its source tables exist with or without
         # the simulators (capture.yaml names them), so `--no-simulator` starts too.
-        prepare(settings, create_topics=True, demo_sources=simulate or settings.oltp_url is None)
+        prepare(
+            settings,
+            create_topics=True,
+            demo_sources=simulate or settings.oltp_url is None,
+            seed=seed,
+        )
         dagster_home = home / "dagster"
         with _step(f"Dagster instance config in {dagster_home}"):
             write_dagster_yaml(dagster_home, settings)
@@ -843,11 +863,23 @@ def main(argv: list[str] | None = None) -> int:
     up_parser.add_argument(
         "--no-simulator", action="store_true", help="do not start the event simulator"
     )
+    up_parser.add_argument(
+        "--seed",
+        action="store_true",
+        help="top up the demo customers (by default they are seeded only into an empty table)",
+    )
     init_parser = commands.add_parser(
         "init", help="create schemas, tables, capture triggers and topics (idempotent)"
     )
     init_parser.add_argument(
-        "--demo-sources", action="store_true", help="also create the simulator's OLTP tables"
+        "--demo-sources",
+        action="store_true",
+        help="also create the simulator's OLTP tables (seeded when empty)",
+    )
+    init_parser.add_argument(
+        "--seed",
+        action="store_true",
+        help="with --demo-sources: top up the demo customers even when the table has rows",
     )
     commands.add_parser("check", help="check that databases, broker and topics answer")
     status_parser = commands.add_parser(
@@ -901,9 +933,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         if args.command == "up":
-            return up(settings, reset=args.reset, simulate=not args.no_simulator)
+            return up(settings, reset=args.reset, simulate=not args.no_simulator, seed=args.seed)
         if args.command == "init":
-            prepare(settings, create_topics=True, demo_sources=args.demo_sources)
+            prepare(settings, create_topics=True, demo_sources=args.demo_sources, seed=args.seed)
             return 0
         if args.command == "check":
             return check(settings)
