@@ -2,16 +2,17 @@
 current.
 
 The check passes while the oldest record or change the EDW has not loaded yet is at most
-``KAPPA_FRESHNESS_MAX_LAG_S`` old (see :mod:`kappa.freshness`). It can be run on demand (the
+``KAPPA_FRESHNESS_MAX_LAG_S`` old (see :mod:`kappa.freshness`), and fails with ERROR severity,
+whatever the lag, while a shard is stopped (:mod:`kappa.health`: a lost or recreated log,
+expired offsets, a recreated change table, or the last ``KAPPA_RUN_RETRIES`` + 1 runs over
+the shard failed), with the reason. It can be run on demand (the
 ``edw_checks`` job, or "Execute" on the asset's Checks tab); the ``freshness_sensor``
 evaluates it every :data:`FRESHNESS_INTERVAL_S` seconds and records the result as a runless
 check evaluation, so the UI shows it without a run per evaluation. The sensor only reads
 (log bounds, one small fetch per lagging partition, the ledger heads, the change tables).
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import dagster as dg
 import psycopg
@@ -26,6 +27,7 @@ from kappa.freshness import (
     topic_freshness,
     verdict,
 )
+from kappa.health import RunFailures, recent_failures
 from kappa.ingest import TopicIngest
 from kappa.warehouse import Schemas
 from resources.event_store import EventStoreResource
@@ -37,11 +39,13 @@ FRESHNESS_SENSOR = "freshness_sensor"
 FRESHNESS_INTERVAL_S = 30
 #: Freshness is about time, not correctness: a late asset warns, a wrong one errors.
 FRESHNESS_SEVERITY = dg.AssetCheckSeverity.WARN
+#: A stopped asset does not catch up by waiting: an operator has to act.
+STOPPED_SEVERITY = dg.AssetCheckSeverity.ERROR
 #: Queries of a sensor tick must answer well within Dagster's 60 s.
 _STATEMENT_TIMEOUT_S = 20.0
 
 
-def freshness_metadata(result: FreshnessVerdict) -> dict[str, dg.RawMetadataValue]:
+def freshness_metadata(result: FreshnessVerdict) -> dict[str, "dg.RawMetadataValue"]:
     from assets.event_store import metadata_table
 
     return {
@@ -55,6 +59,7 @@ def freshness_metadata(result: FreshnessVerdict) -> dict[str, dg.RawMetadataValu
                     "pending": s.pending,
                     "oldest_pending_age_s": -1.0 if s.lag_s is None else float(s.lag_s),
                     "within_bound": s.within(result.max_lag_s),
+                    "stopped": s.stopped or "",
                 }
                 for s in result.shards
             ]
@@ -62,12 +67,16 @@ def freshness_metadata(result: FreshnessVerdict) -> dict[str, dg.RawMetadataValu
     }
 
 
+def _severity(result: FreshnessVerdict) -> dg.AssetCheckSeverity:
+    return STOPPED_SEVERITY if result.stopped else FRESHNESS_SEVERITY
+
+
 def freshness_evaluation(result: FreshnessVerdict) -> dg.AssetCheckEvaluation:
     return dg.AssetCheckEvaluation(
         asset_key=dg.AssetKey(result.asset),
         check_name=FRESHNESS_CHECK,
         passed=result.passed,
-        severity=FRESHNESS_SEVERITY,
+        severity=_severity(result),
         description=result.describe(),
         metadata=freshness_metadata(result),
     )
@@ -76,7 +85,7 @@ def freshness_evaluation(result: FreshnessVerdict) -> dg.AssetCheckEvaluation:
 def freshness_result(result: FreshnessVerdict) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=result.passed,
-        severity=FRESHNESS_SEVERITY,
+        severity=_severity(result),
         description=result.describe(),
         metadata=freshness_metadata(result),
     )
@@ -90,7 +99,9 @@ def _description(source: str, max_lag_s: float) -> str:
     )
 
 
-def build_topic_freshness_check(spec: TopicIngest, *, max_lag_s: float) -> dg.AssetChecksDefinition:
+def build_topic_freshness_check(
+    spec: TopicIngest, *, max_lag_s: float, failure_threshold: int
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=spec.asset,
         name=FRESHNESS_CHECK,
@@ -99,17 +110,20 @@ def build_topic_freshness_check(spec: TopicIngest, *, max_lag_s: float) -> dg.As
         description=_description(f"record of `{spec.topic}`", max_lag_s),
     )
     def freshness(
-        event_store: EventStoreResource, warehouse: WarehouseResource
+        context: dg.AssetCheckExecutionContext,
+        event_store: EventStoreResource,
+        warehouse: WarehouseResource,
     ) -> dg.AssetCheckResult:
+        failures = recent_failures(context.instance, spec.asset, threshold=failure_threshold)
         with event_store.open() as store, warehouse.connect() as conn:
-            shards = topic_freshness(store, conn, warehouse.schemas, spec)
+            shards = topic_freshness(store, conn, warehouse.schemas, spec, failures=failures)
         return freshness_result(verdict(spec.asset, shards, max_lag_s))
 
     return freshness
 
 
 def build_capture_freshness_check(
-    spec: CaptureSpec, *, max_lag_s: float
+    spec: CaptureSpec, *, max_lag_s: float, failure_threshold: int
 ) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=spec.asset,
@@ -118,20 +132,32 @@ def build_capture_freshness_check(
         additional_deps=[change_table_key(spec)],
         description=_description(f"change in `{spec.change_table}`", max_lag_s),
     )
-    def freshness(oltp: OltpResource, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    def freshness(
+        context: dg.AssetCheckExecutionContext, oltp: OltpResource, warehouse: WarehouseResource
+    ) -> dg.AssetCheckResult:
+        failures = recent_failures(context.instance, spec.asset, threshold=failure_threshold)
         with oltp.connect() as source, warehouse.connect() as conn:
-            shard = capture_freshness(source, conn, warehouse.schemas, spec)
+            shard = capture_freshness(source, conn, warehouse.schemas, spec, failures=failures)
         return freshness_result(verdict(spec.asset, [shard], max_lag_s))
 
     return freshness
 
 
 def build_freshness_checks(
-    topics: Sequence[TopicIngest], captures: Sequence[CaptureSpec], *, max_lag_s: float
+    topics: Sequence[TopicIngest],
+    captures: Sequence[CaptureSpec],
+    *,
+    max_lag_s: float,
+    failure_threshold: int,
 ) -> list[dg.AssetChecksDefinition]:
-    """The freshness check of every fact loaded from a topic and every captured table."""
-    return [build_topic_freshness_check(t, max_lag_s=max_lag_s) for t in topics] + [
-        build_capture_freshness_check(c, max_lag_s=max_lag_s) for c in captures
+    """The freshness check of every fact loaded from a topic and every captured table
+    (``failure_threshold``: failed runs in a row that stop a shard)."""
+    return [
+        build_topic_freshness_check(t, max_lag_s=max_lag_s, failure_threshold=failure_threshold)
+        for t in topics
+    ] + [
+        build_capture_freshness_check(c, max_lag_s=max_lag_s, failure_threshold=failure_threshold)
+        for c in captures
     ]
 
 
@@ -144,24 +170,24 @@ def evaluate_freshness(
     captures: Sequence[CaptureSpec],
     *,
     max_lag_s: float,
+    failures: Callable[[str], Mapping[int, RunFailures]],
     on_error: Callable[[str, Exception], None],
 ) -> list[FreshnessVerdict]:
-    """Every asset's verdict; an asset whose sources do not answer is reported and left out
-    (its previous evaluation stays the latest), so one broken source hides no other."""
+    """Every asset's verdict (``failures``: an asset's shards whose runs keep failing); an
+    asset whose sources do not answer is reported and left out (its previous evaluation
+    stays the latest), so one broken source hides no other."""
     verdicts: list[FreshnessVerdict] = []
     for topic in topics:
         try:
-            verdicts.append(
-                verdict(topic.asset, topic_freshness(store, edw, schemas, topic), max_lag_s)
-            )
+            shards = topic_freshness(store, edw, schemas, topic, failures=failures(topic.asset))
+            verdicts.append(verdict(topic.asset, shards, max_lag_s))
         except Exception as exc:
             edw.rollback()
             on_error(topic.asset, exc)
     for capture in captures:
         try:
-            verdicts.append(
-                verdict(capture.asset, [capture_freshness(oltp, edw, schemas, capture)], max_lag_s)
-            )
+            shard = capture_freshness(oltp, edw, schemas, capture, failures=failures(capture.asset))
+            verdicts.append(verdict(capture.asset, [shard], max_lag_s))
         except Exception as exc:
             edw.rollback()
             oltp.rollback()
@@ -170,7 +196,11 @@ def evaluate_freshness(
 
 
 def build_freshness_sensor(
-    topics: Sequence[TopicIngest], captures: Sequence[CaptureSpec], *, max_lag_s: float
+    topics: Sequence[TopicIngest],
+    captures: Sequence[CaptureSpec],
+    *,
+    max_lag_s: float,
+    failure_threshold: int,
 ) -> dg.SensorDefinition:
     """Records a freshness evaluation of every asset every FRESHNESS_INTERVAL_S seconds."""
 
@@ -210,10 +240,19 @@ def build_freshness_sensor(
                 topics,
                 captures,
                 max_lag_s=max_lag_s,
+                failures=lambda asset: recent_failures(
+                    context.instance, asset, threshold=failure_threshold
+                ),
                 on_error=failed,
             )
+        for v in verdicts:
+            for shard in v.stopped:
+                context.log.warning(f"{v.asset} {shard.shard} stopped: {shard.stopped}")
         summary = ", ".join(
-            f"{v.asset} {'ok' if v.passed else 'STALE'} ({v.lag_s:.0f} s)" for v in verdicts
+            f"{v.asset} STOPPED ({', '.join(s.shard for s in v.stopped)})"
+            if v.stopped
+            else f"{v.asset} {'ok' if v.passed else 'STALE'} ({v.lag_s:.0f} s)"
+            for v in verdicts
         )
         return dg.SensorResult(
             asset_events=[freshness_evaluation(v) for v in verdicts],

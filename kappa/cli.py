@@ -31,8 +31,9 @@ from kappa.cdc import install_capture
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.dimensions import ensure_target
 from kappa.event_store import EventStore, UnknownTopicError
-from kappa.exceptions import ConfigurationError, KappaError, LogResetError
-from kappa.ingest import check_continuity
+from kappa.exceptions import ConfigurationError, KappaError
+from kappa.freshness import ShardFreshness
+from kappa.health import RunFailures, failure_threshold, recent_failures, topic_stop
 from kappa.settings import Settings, redact
 from kappa.warehouse import (
     LedgerHead,
@@ -106,11 +107,16 @@ def _topics(settings: Settings) -> dict[str, str]:
     return {setting: spec.topic for spec, setting in topic_ingests(settings)}
 
 
-def prepare(settings: Settings, *, create_topics: bool, demo_sources: bool) -> None:
+def prepare(
+    settings: Settings, *, create_topics: bool, demo_sources: bool, seed: bool = False
+) -> None:
     """Schemas, tables, capture triggers and topics: idempotent, safe to run on every start.
 
-    ``demo_sources`` creates the simulator's OLTP tables; against a real OLTP database the
-    captured tables exist already and only the change tables and triggers are added.
+    ``demo_sources`` creates the simulator's OLTP tables and seeds the demo customers, but
+    only into an empty ``customers`` table (the first start) or when ``seed`` asks for it
+    (``--seed``: tops up to the configured count): a restart changes no source data. Against
+    a real OLTP database the captured tables exist already and only the change tables and
+    triggers are added.
     """
     from kappa import oltp
     from kappa.localstack import ensure_topics
@@ -141,11 +147,20 @@ def prepare(settings: Settings, *, create_topics: bool, demo_sources: bool) -> N
             oltp.ensure_source_tables(conn)
         for spec in captures:
             install_capture(conn, spec)
-        if demo_sources:
-            # Most simulated customers exist from the start (captured, so they reach
-            # dim_customer); the OLTP writers insert the rest over time.
-            config = oltp.OltpConfig.from_settings(settings)
-            oltp.seed_customers(conn, config, count=settings.sim_customers * 9 // 10)
+    if demo_sources:
+        # Most simulated customers exist from the start (captured, so they reach
+        # dim_customer); the OLTP writers insert the rest over time.
+        config = oltp.OltpConfig.from_settings(settings)
+        count = settings.sim_customers * 9 // 10
+        with (
+            _step("demo customers" + (" (--seed)" if seed else "")),
+            connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as conn,
+        ):
+            seeded = oltp.seed_demo_customers(conn, config, count, top_up=seed)
+        if seeded is None:
+            _say("    customers has rows already: not seeded (`--seed` tops it up)")
+        else:
+            _say(f"    {seeded} customer(s) seeded")
 
 
 def ledger_problems(settings: Settings) -> list[str]:
@@ -169,12 +184,11 @@ def ledger_problems(settings: Settings) -> list[str]:
             epoch = store.topic_id(topic) or ""
             heads = read_heads(conn, schemas, asset, topic)
             for partition in partitions:
-                try:
-                    check_continuity(
-                        asset, topic, partition, heads.get(partition), bounds[partition], epoch
-                    )
-                except LogResetError as exc:
-                    problems.append(str(exc))
+                problem = topic_stop(
+                    asset, topic, partition, heads.get(partition), bounds[partition], epoch
+                )
+                if problem is not None:
+                    problems.append(problem)
     return problems
 
 
@@ -233,8 +247,9 @@ def settle_previous_session(dagster_home: Path, env: dict[str, str]) -> int:
     return len(queued) + len(running)
 
 
-def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
-    """Run the local stack until Ctrl-C (or until one of its processes dies)."""
+def up(settings: Settings, *, reset: bool, simulate: bool, seed: bool = False) -> int:
+    """Run the local stack until Ctrl-C (or until one of its processes dies); ``seed``: top
+    up the demo customers even when the OLTP database has some (see :func:`prepare`)."""
     from kappa.localstack import (
         EmbeddedPostgres,
         LocalBroker,
@@ -289,7 +304,12 @@ def up(settings: Settings, *, reset: bool, simulate: bool) -> int:
             stack.callback(broker.stop)
         # The embedded OLTP database is the demo's: its source tables exist with or without
         # the simulators (capture.yaml names them), so `--no-simulator` starts too.
-        prepare(settings, create_topics=True, demo_sources=simulate or settings.oltp_url is None)
+        prepare(
+            settings,
+            create_topics=True,
+            demo_sources=simulate or settings.oltp_url is None,
+            seed=seed,
+        )
         dagster_home = home / "dagster"
         with _step(f"Dagster instance config in {dagster_home}"):
             write_dagster_yaml(dagster_home, settings)
@@ -547,12 +567,15 @@ def _shorten(text: str, width: int = 100) -> str:
 def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
     """Lag per shard, the last batches and the failing asset checks, as compact tables.
 
-    Exit 0 when every check the Dagster instance knows of passes (or the instance cannot be
-    read, which is said), 1 when a check fails.
+    A shard that cannot load (:mod:`kappa.health`) shows ``stopped`` as its lag, and the
+    reason below the table. Exit 0 when no shard is stopped and every check the Dagster
+    instance knows of passes (or the instance cannot be read, which is said), 1 otherwise.
     """
     from kappa.freshness import capture_freshness, topic_freshness
 
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
+    failures: dict[str, dict[int, RunFailures]]
+    failures, runs_note = _run_failures(settings) if checks else ({}, "not read (--no-checks)")
     header = (
         "asset",
         "shard",
@@ -567,6 +590,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
         "last batch",
     )
     rows: list[tuple[str, ...]] = []
+    stopped: list[tuple[str, str, str]] = []
     with connect(settings.resolved_edw_url) as edw:
         meta = sql.Identifier(schemas.meta)
         totals = {
@@ -587,17 +611,20 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
             end: int | str,
             head: LedgerHead | None,
             lag: int,
-            oldest_s: float | None,
+            fresh: ShardFreshness | None,
         ) -> None:
             loaded, dead, dedup, age = totals.get((asset, source, shard), (0, 0, 0, None))
+            why = fresh.stopped if fresh is not None else None
+            if why is not None:
+                stopped.append((asset, f"{source}[{shard}]", why))
             rows.append(
                 (
                     asset,
                     f"{source}[{shard}]",
                     str(end),
                     str(head.end if head else "-"),
-                    str(lag),
-                    _age(oldest_s),
+                    "stopped" if why is not None else str(lag),
+                    _age(fresh.lag_s if fresh is not None else None),
                     str(head.batches if head else 0),
                     str(loaded),
                     str(dead),
@@ -612,7 +639,12 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
             for spec, _ in topic_ingests(settings):
                 bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
                 heads = read_heads(edw, schemas, spec.asset, spec.topic)
-                ages = {f.shard: f.lag_s for f in topic_freshness(store, edw, schemas, spec)}
+                shards = {
+                    f.shard: f
+                    for f in topic_freshness(
+                        store, edw, schemas, spec, failures=failures.get(spec.asset)
+                    )
+                }
                 for partition, bound in sorted(bounds.items()):
                     head = heads.get(partition)
                     row(
@@ -622,7 +654,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                         bound.end,
                         head,
                         bound.end - (head.end if head else bound.start),
-                        ages.get(f"{spec.topic}[{partition}]"),
+                        shards.get(f"{spec.topic}[{partition}]"),
                     )
         with connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as oltp:
             for capture in load_captures(settings.capture_config):
@@ -635,7 +667,9 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                     f"xid {lag.horizon}",
                     head,
                     lag.pending_changes,
-                    capture_freshness(oltp, edw, schemas, capture).lag_s,
+                    capture_freshness(
+                        oltp, edw, schemas, capture, failures=failures.get(capture.asset)
+                    ),
                 )
         recent = edw.execute(
             sql.SQL(
@@ -650,6 +684,11 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
         f"lag per shard (oldest: age of the oldest record or change not loaded yet; bound {settings.freshness_max_lag_s:g} s)"
     )
     _print_table(header, rows)
+    if stopped:
+        _say(f"\n{len(stopped)} shard(s) stopped: they load nothing until an operator acts")
+        for asset, shard, why in stopped:
+            _say(f"  {asset} {shard}: {why}")
+    _say(f"\nfailed runs: {runs_note}")
     if batches > 0:
         _say(f"\nlast {len(recent)} batches")
         _print_table(
@@ -680,15 +719,16 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
             ]
             or [("-",) * 9],
         )
+    halted = 1 if stopped else 0
     if not checks:
-        return 0
+        return halted
     from kappa.check_status import InstanceUnavailable, read_check_states
 
     try:
         states = read_check_states(settings)
     except InstanceUnavailable as exc:
         _say(f"\nchecks: not read ({exc})")
-        return 0
+        return halted
     failing = [s for s in states if s.failing]
     counts = {name: sum(s.state == name for s in states) for name in ("passed", "running", "never")}
     _say(
@@ -710,7 +750,27 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                 for s in failing
             ],
         )
-    return 1 if failing else 0
+    return 1 if failing or stopped else 0
+
+
+def _run_failures(settings: Settings) -> tuple[dict[str, dict[int, RunFailures]], str]:
+    """Per asset, the shards whose last runs failed (from the Dagster instance), and a note
+    saying what was read; an instance that cannot be read leaves them unknown, said so."""
+    from kappa.check_status import InstanceUnavailable, open_instance
+
+    threshold = failure_threshold(settings.run_retries)
+    assets = [spec.asset for spec, _ in topic_ingests(settings)] + [
+        c.asset for c in load_captures(settings.capture_config)
+    ]
+    try:
+        with open_instance(settings) as instance:
+            found = {a: recent_failures(instance, a, threshold=threshold) for a in assets}
+    except InstanceUnavailable as exc:
+        return {}, f"not read ({exc})"
+    return found, (
+        f"read from the Dagster instance (a shard whose last {threshold} runs failed is stopped, "
+        "KAPPA_RUN_RETRIES + 1)"
+    )
 
 
 def reconcile(settings: Settings) -> int:
@@ -803,11 +863,23 @@ def main(argv: list[str] | None = None) -> int:
     up_parser.add_argument(
         "--no-simulator", action="store_true", help="do not start the event simulator"
     )
+    up_parser.add_argument(
+        "--seed",
+        action="store_true",
+        help="top up the demo customers (by default they are seeded only into an empty table)",
+    )
     init_parser = commands.add_parser(
         "init", help="create schemas, tables, capture triggers and topics (idempotent)"
     )
     init_parser.add_argument(
-        "--demo-sources", action="store_true", help="also create the simulator's OLTP tables"
+        "--demo-sources",
+        action="store_true",
+        help="also create the simulator's OLTP tables (seeded when empty)",
+    )
+    init_parser.add_argument(
+        "--seed",
+        action="store_true",
+        help="with --demo-sources: top up the demo customers even when the table has rows",
     )
     commands.add_parser("check", help="check that databases, broker and topics answer")
     status_parser = commands.add_parser(
@@ -861,9 +933,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         if args.command == "up":
-            return up(settings, reset=args.reset, simulate=not args.no_simulator)
+            return up(settings, reset=args.reset, simulate=not args.no_simulator, seed=args.seed)
         if args.command == "init":
-            prepare(settings, create_topics=True, demo_sources=args.demo_sources)
+            prepare(settings, create_topics=True, demo_sources=args.demo_sources, seed=args.seed)
             return 0
         if args.command == "check":
             return check(settings)

@@ -5,13 +5,18 @@ table) that the ledger has not loaded yet; a shard with nothing pending has no l
 long ago its last batch was. Ages are measured on the source's clock where it has one: the
 broker timestamp of the record, the change time of the change row.
 
-No Dagster here: the asset checks, their sensor and ``kappa status`` share these functions.
+A shard that cannot load (see :mod:`kappa.health`: a lost or recreated log, expired
+offsets, a change table recreated, runs that keep failing) is *stopped*: it fails the bound
+whatever its lag, and says why.
+
+No Dagster here: the asset checks, their sensor and ``kappa status`` share these functions;
+the callers read the runs that failed (:func:`kappa.health.recent_failures`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -19,6 +24,7 @@ import psycopg
 from kappa import cdc
 from kappa.capture import CaptureSpec
 from kappa.event_store import EventStore
+from kappa.health import RunFailures, capture_stop, topic_stop
 from kappa.ingest import TopicIngest
 from kappa.warehouse import Schemas, read_head, read_heads
 
@@ -34,8 +40,11 @@ class ShardFreshness:
     shard: str
     pending: int
     lag_s: float | None  # None: nothing pending (or no timestamp could be read)
+    stopped: str | None = None  # why the shard cannot load; None while it can
 
     def within(self, max_lag_s: float) -> bool:
+        if self.stopped is not None:
+            return False
         return self.lag_s is None or self.lag_s <= max_lag_s
 
 
@@ -60,13 +69,19 @@ class FreshnessVerdict:
         return [s for s in self.shards if not s.within(self.max_lag_s)]
 
     @property
+    def stopped(self) -> list[ShardFreshness]:
+        return [s for s in self.shards if s.stopped is not None]
+
+    @property
     def passed(self) -> bool:
         return not self.stale
 
     def describe(self) -> str:
         if self.stale:
             return "; ".join(
-                f"{s.shard}: oldest of {s.pending} pending is {s.lag_s:.0f} s old "
+                f"{s.shard}: stopped: {s.stopped}"
+                if s.stopped is not None
+                else f"{s.shard}: oldest of {s.pending} pending is {s.lag_s:.0f} s old "
                 f"(bound {self.max_lag_s:g} s, KAPPA_FRESHNESS_MAX_LAG_S)"
                 for s in self.stale
             )
@@ -85,29 +100,43 @@ def topic_freshness(
     spec: TopicIngest,
     *,
     now_s: float | None = None,
+    failures: Mapping[int, RunFailures] | None = None,
 ) -> list[ShardFreshness]:
-    """Per partition of ``spec.topic``: records past the ledger head and the age of the first."""
+    """Per partition of ``spec.topic``: records past the ledger head, the age of the first,
+    and why the partition is stopped (``failures``: its runs failing in a row)."""
     now = time.time() if now_s is None else now_s
     bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
+    epoch = store.topic_id(spec.topic) or ""
     heads = read_heads(conn, schemas, spec.asset, spec.topic)
     shards: list[ShardFreshness] = []
     for partition, bound in sorted(bounds.items()):
         head = heads.get(partition)
+        broken = topic_stop(spec.asset, spec.topic, partition, head, bound, epoch)
         start = max(head.end if head else bound.start, bound.start)
         pending = max(bound.end - start, 0)
         lag: float | None = None
-        if pending:
+        if pending and broken is None:  # a broken log has no next record to age
             probe = store.fetch(spec.topic, partition, start, min(bound.end, start + _PROBE_WINDOW))
             if probe.timestamps:
                 lag = round(max(now - probe.timestamps[0] / 1000.0, 0.0), 1)
-        shards.append(ShardFreshness(spec.asset, f"{spec.topic}[{partition}]", pending, lag))
+        failed = (failures or {}).get(partition)
+        stopped = broken or (failed.describe() if failed is not None else None)
+        shards.append(
+            ShardFreshness(spec.asset, f"{spec.topic}[{partition}]", pending, lag, stopped)
+        )
     return shards
 
 
 def capture_freshness(
-    oltp: psycopg.Connection, edw: psycopg.Connection, schemas: Schemas, spec: CaptureSpec
+    oltp: psycopg.Connection,
+    edw: psycopg.Connection,
+    schemas: Schemas,
+    spec: CaptureSpec,
+    *,
+    failures: Mapping[int, RunFailures] | None = None,
 ) -> ShardFreshness:
-    """The change table: changes past the ledger head and the age of the oldest of them."""
+    """The change table: changes past the ledger head, the age of the oldest of them, and
+    why it is stopped (recreated, or ``failures``: its runs failing in a row)."""
     head = read_head(edw, schemas, spec.asset, str(spec.change_table), 0)
     lag = cdc.capture_lag(oltp, spec, head.end if head else 0)
     return ShardFreshness(
@@ -115,6 +144,7 @@ def capture_freshness(
         str(spec.change_table),
         lag.pending_changes,
         lag.oldest_pending_age_s if lag.pending_changes else None,
+        capture_stop(spec, head, cdc.source_epoch(oltp, spec), (failures or {}).get(0)),
     )
 
 

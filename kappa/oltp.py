@@ -596,6 +596,26 @@ def seed_customers(conn: psycopg.Connection[Any], config: OltpConfig, count: int
         return cursor.rowcount
 
 
+def seed_demo_customers(
+    conn: psycopg.Connection[Any], config: OltpConfig, total: int, *, top_up: bool
+) -> int | None:
+    """Seed the demo customers at a stack's start: ``total`` of them into an empty
+    ``public.customers`` (the first start); into a table with rows only when ``top_up``
+    asks (``--seed``: lowest missing ids first, until ``total`` exist).
+
+    Returns how many were inserted, or None when the table had rows and ``top_up`` was not
+    asked: then nothing is written, so a restart leaves the source data as it was. The
+    table lock makes two starts at once seed once. ``conn`` must be in autocommit.
+    """
+    with conn.transaction():
+        conn.execute("LOCK TABLE public.customers IN SHARE ROW EXCLUSIVE MODE")
+        row = conn.execute("SELECT count(*) FROM public.customers").fetchone()
+        existing = int(row[0]) if row is not None else 0
+        if existing and not top_up:
+            return None
+        return seed_customers(conn, config, max(total - existing, 0))
+
+
 # -- execution --------------------------------------------------------------------------------
 
 

@@ -87,7 +87,12 @@ SETTINGS: tuple[Setting, ...] = (
         "First partition (UTC date, or date and hour for `hourly`); older records belong to it.",
     ),
     Setting("KAPPA_KAFKA_TIMEOUT_S", "5", "Timeout of each broker call, in seconds."),
-    Setting("KAPPA_RUN_RETRIES", "3", "Automatic retries of a failed micro-batch run."),
+    Setting(
+        "KAPPA_RUN_RETRIES",
+        "3",
+        "Automatic retries of a failed micro-batch run; a shard whose last "
+        "KAPPA_RUN_RETRIES + 1 runs failed shows as stopped.",
+    ),
     Setting(
         "KAPPA_RUN_MAX_RUNTIME_S",
         "600",

@@ -25,6 +25,7 @@ from assets.event_store import (
 from assets.marts import build_customer_daily
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
+from kappa.health import failure_threshold
 from kappa.run import FactServices
 from kappa.settings import Settings
 from resources.event_store import EventStoreResource
@@ -82,7 +83,12 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         + [build_staleness_check(spec) for spec, _ in ingests if spec.step is not None]
         + [build_capture_reconciliation_check(spec) for spec in captures]
         + [build_capture_replay_check(spec) for spec in captures]
-        + build_freshness_checks(topics, captures, max_lag_s=settings.freshness_max_lag_s)
+        + build_freshness_checks(
+            topics,
+            captures,
+            max_lag_s=settings.freshness_max_lag_s,
+            failure_threshold=failure_threshold(settings.run_retries),
+        )
     )
     return dg.Definitions(
         asset_checks=checks,
@@ -114,6 +120,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 max_runtime_s=settings.run_max_runtime_s,
                 interval_s=interval,
                 selection=sorted(facts[spec.asset].keys),
+                failure_threshold=failure_threshold(settings.run_retries),
                 **limits,
             )
             for spec, setting in ingests
@@ -124,6 +131,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 windows=settings.windows,
                 interval_s=interval,
                 max_changes=settings.batch_max_records,
+                failure_threshold=failure_threshold(settings.run_retries),
                 max_runtime_s=settings.run_max_runtime_s,
             )
             for spec in captures
@@ -135,7 +143,12 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 windows=settings.windows,
                 interval_s=max(interval, MART_INTERVAL_S),
             ),
-            build_freshness_sensor(topics, captures, max_lag_s=settings.freshness_max_lag_s),
+            build_freshness_sensor(
+                topics,
+                captures,
+                max_lag_s=settings.freshness_max_lag_s,
+                failure_threshold=failure_threshold(settings.run_retries),
+            ),
         ],
         resources={
             "event_store": EventStoreResource(

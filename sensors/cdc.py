@@ -5,6 +5,7 @@ the ledger head from the EDW; it writes nothing. The observation it records on t
 table shows the lag, and which open transactions hold the horizon back.
 """
 
+import time
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -23,6 +24,7 @@ from sensors.micro_batch import (
     SENSOR_STATEMENT_TIMEOUT_S,
     busy_partitions,
     micro_batch_request,
+    stopped_shards,
 )
 
 
@@ -32,9 +34,14 @@ def build_capture_sensor(
     windows: TimeWindows,
     interval_s: int,
     max_changes: int,
+    failure_threshold: int,
     max_runtime_s: int | None = None,
 ) -> dg.SensorDefinition:
     """The sensor that launches ``spec.asset``'s micro-batches when changes commit.
+
+    A recreated change table fails the tick with the reason; a change table whose last
+    ``failure_threshold`` runs failed gets a warning and no run until its cool-down is over
+    (:func:`sensors.micro_batch.stopped_shards`).
 
     A batch belongs to the time partition in which the tick saw its changes committed (its
     visibility time, never earlier than the last batch's partition): the run carries it as
@@ -82,6 +89,15 @@ def build_capture_sensor(
         if busy_partitions(context.instance, spec.asset):
             return dg.SensorResult(
                 skip_reason=f"batch in flight for {source}",
+                cursor=cursor.dump(),
+                asset_events=events,
+            )
+        stopped = stopped_shards(
+            context, spec.asset, names={0: source}, threshold=failure_threshold, now_s=time.time()
+        )
+        if stopped:
+            return dg.SensorResult(
+                skip_reason=f"{source} stopped: {stopped[0].describe()}",
                 cursor=cursor.dump(),
                 asset_events=events,
             )

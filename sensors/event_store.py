@@ -3,8 +3,13 @@
 A sensor evaluation only reads metadata (partitions, log bounds, topic id: each call bounded
 by a timeout), the ledger heads, and the run storage; it has no side effects, so the daemon
 may evaluate a tick twice. Run requests carry offset ranges, never payloads.
+
+A stopped partition (:mod:`kappa.health`) says so: a log that cannot continue where the
+ledger ends fails the tick with the reason; a partition whose runs keep failing gets a
+warning and no run until its cool-down is over (see :func:`sensors.micro_batch.stopped_shards`).
 """
 
+import time
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -24,6 +29,7 @@ from sensors.micro_batch import (
     SENSOR_STATEMENT_TIMEOUT_S,
     busy_partitions,
     micro_batch_request,
+    stopped_shards,
 )
 
 
@@ -36,9 +42,11 @@ def build_offset_sensor(
     interval_s: int,
     max_batch: int,
     max_run: int,
+    failure_threshold: int,
     selection: list[dg.AssetKey] | None = None,
 ) -> dg.SensorDefinition:
-    """The sensor that launches ``spec.asset``'s micro-batches when its topic grows."""
+    """The sensor that launches ``spec.asset``'s micro-batches when its topic grows
+    (``failure_threshold``: failed runs in a row that stop a partition)."""
 
     @dg.sensor(
         name=f"{spec.asset}_sensor",
@@ -76,6 +84,14 @@ def build_offset_sensor(
                     epoch,
                 )
             busy = busy_partitions(context.instance, spec.asset)
+            stopped = stopped_shards(
+                context,
+                spec.asset,
+                names={p: f"{spec.topic}[{p}]" for p in partitions if p not in busy},
+                threshold=failure_threshold,
+                now_s=time.time(),
+            )
+            busy |= frozenset(stopped)
             now = datetime.now(UTC)
             # Batches never cross a time partition's boundary; a shard whose next record
             # belongs to a partition that starts after the current one (a producer's clock
@@ -119,8 +135,11 @@ def build_offset_sensor(
             cursor.log_end = log_end
 
         if not plan.runs:
-            waiting = [p for p in partitions if p in busy]
-            reasons = []
+            waiting = [p for p in partitions if p in busy and p not in stopped]
+            reasons = [
+                f"{spec.topic}[{p}] stopped: {failure.describe()}"
+                for p, failure in sorted(stopped.items())
+            ]
             if waiting:
                 reasons.append(
                     "batch in flight for " + ", ".join(f"{spec.topic}[{p}]" for p in waiting)

@@ -3,11 +3,10 @@
 import dagster as dg
 
 from kappa.cursor import OffsetCursor
+from kappa.health import ASSET_TAG, PARTITIONS_TAG, RunFailures, held, recent_failures
 
-ASSET_TAG = "kappa/asset"
 #: Dagster abandons a sensor evaluation after 60 s: no query of a tick may take longer.
 SENSOR_STATEMENT_TIMEOUT_S = 20.0
-PARTITIONS_TAG = "kappa/partitions"
 RANGES_TAG = "kappa/ranges"
 MAX_RUNTIME_TAG = "dagster/max_runtime"
 
@@ -28,6 +27,31 @@ def busy_partitions(instance: dg.DagsterInstance, asset: str) -> frozenset[int]:
     for run in runs:
         busy.update(int(p) for p in run.tags.get(PARTITIONS_TAG, "").split(",") if p)
     return frozenset(busy)
+
+
+def stopped_shards(
+    context: dg.SensorEvaluationContext,
+    asset: str,
+    *,
+    names: dict[int, str],
+    threshold: int,
+    now_s: float,
+) -> dict[int, RunFailures]:
+    """Shards of ``asset`` whose last ``threshold`` runs failed and that wait out their
+    cool-down (:data:`kappa.health.RETRY_STOPPED_AFTER_S`): the tick logs a warning for
+    each and requests no run for them. Once the cool-down is over one new attempt goes
+    out (its warning says so): a transient cause heals by itself, a refused batch costs a
+    few failed runs an hour instead of one per tick. ``names``: shard -> its name."""
+    failures = {
+        p: f
+        for p, f in recent_failures(context.instance, asset, threshold=threshold).items()
+        if p in names
+    }
+    holding = held(failures, now_s=now_s)
+    for shard, failure in sorted(failures.items()):
+        what = "no run requested" if shard in holding else "one new attempt requested"
+        context.log.warning(f"{asset} {names[shard]} stopped: {failure.describe()} ({what})")
+    return holding
 
 
 def micro_batch_request(
