@@ -298,10 +298,21 @@ def up(settings: Settings, *, reset: bool, simulate: bool, seed: bool = False) -
             check_postgres("KAPPA_DAGSTER_PG_URL", settings.resolved_dagster_pg_url)
             check_postgres("KAPPA_OLTP_URL", settings.resolved_oltp_url)
         if settings.uses_local_broker:
-            broker = LocalBroker(settings.broker_port, logs / "broker.log")
-            with _step(f"local broker (Tansu, memory storage) on {broker.bootstrap_servers}"):
-                broker.start()
+            broker = LocalBroker(
+                settings.broker_port,
+                logs / "broker.log",
+                storage=settings.broker_storage,
+                data_dir=settings.broker_data_dir,
+            )
+            # broker.stop stops its S3 server too, after the broker.
             stack.callback(broker.stop)
+            if broker.object_store is not None:
+                with _step(f"local S3 server for the broker's log in {settings.broker_data_dir}"):
+                    broker.object_store.start()
+            with _step(
+                f"local broker (Tansu, {settings.broker_storage} storage) on {broker.bootstrap_servers}"
+            ):
+                broker.start()
         # The embedded OLTP database is the demo's: its source tables exist with or without
         # the simulators (capture.yaml names them), so `--no-simulator` starts too.
         prepare(
@@ -383,7 +394,11 @@ def up(settings: Settings, *, reset: bool, simulate: bool, seed: bool = False) -
         _say(f"  Dagster UI      {ui}  (assets: {ui}/assets, sensors: {ui}/overview/automation)")
         _say(
             f"  broker          {settings.resolved_bootstrap_servers}"
-            + ("  (local, memory storage)" if settings.uses_local_broker else "")
+            + (
+                f"  (local, {settings.broker_storage} storage)"
+                if settings.uses_local_broker
+                else ""
+            )
         )
         _say(
             f"  EDW             {redact(settings.resolved_edw_url)}  (schemas {settings.edw_schema}, {settings.meta_schema})"
@@ -398,8 +413,13 @@ def up(settings: Settings, *, reset: bool, simulate: bool, seed: bool = False) -
         for problem in problems:
             _say(f"\n  ! {problem}")
         if problems and settings.uses_local_broker:
+            lost = (
+                "The local broker keeps nothing across restarts (KAPPA_BROKER_STORAGE=memory)"
+                if settings.broker_storage == "memory"
+                else f"The local broker's log in {settings.broker_data_dir} was lost or recreated"
+            )
             _say(
-                "  ! The local broker keeps nothing across restarts while PostgreSQL keeps the ledger:"
+                f"  ! {lost} while PostgreSQL keeps the ledger:"
                 " start from empty local state with `make reset` (kappa up --reset)."
             )
         _say("\nPress Ctrl-C to stop.")

