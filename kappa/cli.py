@@ -32,7 +32,7 @@ from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.dimensions import ensure_target
 from kappa.event_store import EventStore, UnknownTopicError
 from kappa.exceptions import ConfigurationError, KappaError
-from kappa.freshness import ShardFreshness
+from kappa.freshness import ShardFreshness, capture_freshness, topic_freshness
 from kappa.health import RunFailures, failure_threshold, recent_failures, topic_stop
 from kappa.settings import Settings, redact
 from kappa.warehouse import (
@@ -591,8 +591,6 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
     reason below the table. Exit 0 when no shard is stopped and every check the Dagster
     instance knows of passes (or the instance cannot be read, which is said), 1 otherwise.
     """
-    from kappa.freshness import capture_freshness, topic_freshness
-
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
     failures: dict[str, dict[int, RunFailures]]
     failures, runs_note = _run_failures(settings) if checks else ({}, "not read (--no-checks)")
@@ -909,7 +907,9 @@ def main(argv: list[str] | None = None) -> int:
         "--batches", type=int, default=5, help="how many of the last batches to list (default 5)"
     )
     status_parser.add_argument(
-        "--no-checks", action="store_true", help="do not read check results from Dagster"
+        "--no-checks",
+        action="store_true",
+        help="do not read Dagster (check results, failed runs)",
     )
     commands.add_parser(
         "reconcile", help="source = received = loaded + dead-lettered + deduplicated, per shard"

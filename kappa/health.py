@@ -39,7 +39,7 @@ ASSET_TAG = "kappa/asset"
 PARTITIONS_TAG = "kappa/partitions"
 
 #: How many finished runs of an asset are read to count its shards' failures in a row.
-_RUNS_READ = 200
+_RUNS_READ = 100
 
 #: A shard stopped by failing runs gets one new attempt once its newest failure is this old:
 #: a transient cause (a database restarting) heals by itself, a refused batch costs a few

@@ -38,10 +38,11 @@ def stopped_shards(
     now_s: float,
 ) -> dict[int, RunFailures]:
     """Shards of ``asset`` whose last ``threshold`` runs failed and that wait out their
-    cool-down (:data:`kappa.health.RETRY_STOPPED_AFTER_S`): the tick logs a warning for
-    each and requests no run for them. Once the cool-down is over one new attempt goes
-    out (its warning says so): a transient cause heals by itself, a refused batch costs a
-    few failed runs an hour instead of one per tick. ``names``: shard -> its name."""
+    cool-down (:data:`kappa.health.RETRY_STOPPED_AFTER_S`): the tick requests no run for
+    them. Every stopped shard gets a warning in the tick log; once its cool-down is over it
+    is planned again (its warning says so): a transient cause heals by itself, a refused
+    batch costs a few failed runs an hour instead of one per tick. ``names``: shard -> its
+    name."""
     failures = {
         p: f
         for p, f in recent_failures(context.instance, asset, threshold=threshold).items()
@@ -49,7 +50,7 @@ def stopped_shards(
     }
     holding = held(failures, now_s=now_s)
     for shard, failure in sorted(failures.items()):
-        what = "no run requested" if shard in holding else "one new attempt requested"
+        what = "held: no run requested" if shard in holding else "cool-down over: planned again"
         context.log.warning(f"{asset} {names[shard]} stopped: {failure.describe()} ({what})")
     return holding
 
