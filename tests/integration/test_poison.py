@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from kafka import KafkaProducer
 
+from kappa.poison import bisect_refused, is_data_error
 from tests.integration.harness import Pipeline, wait_for
 from tests.integration.test_reprocess import reprocess
 
@@ -280,3 +281,77 @@ def test_a_change_the_target_refuses_is_dead_lettered_with_its_change_id(
         if "poison_probes" in m.metadata
     ]
     assert probes and 0 < sum(probes) <= 2 * math.ceil(math.log2(41))
+
+
+def probe_table(conn: psycopg.Connection) -> None:
+    conn.execute("DROP TABLE IF EXISTS probe_target")
+    conn.execute("CREATE TABLE probe_target (n integer PRIMARY KEY CHECK (n >= 0))")
+
+
+def insert_range(conn: psycopg.Connection, values: list[int]):  # type: ignore[no-untyped-def]
+    def write(lo: int, hi: int) -> None:
+        with conn.cursor().copy("COPY probe_target (n) FROM STDIN") as copy:
+            for n in values[lo:hi]:
+                copy.write_row((n,))
+
+    return write
+
+
+def test_bisection_finds_each_refused_record_in_logarithmic_probes(database_url: str):
+    values = list(range(4096))
+    values[1000] = -1
+    values[3000] = 5  # a duplicate of an earlier key: refused when written after it
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        probe_table(conn)
+        write = insert_range(conn, values)
+        with conn.transaction():
+            with pytest.raises(psycopg.errors.CheckViolation) as failed, conn.transaction():
+                write(0, len(values))
+            found = bisect_refused(conn, len(values), write, failed.value)
+            [(left,)] = conn.execute("SELECT count(*) FROM probe_target").fetchall()
+        assert sorted(found.refused) == [1000, 3000]
+        assert 'violates check constraint "probe_target_n_check"' in found.refused[1000]
+        assert "[23505]" in found.refused[3000] and "duplicate key" in found.refused[3000]
+        assert found.probes <= 2 * 2 * 12, "two probes per halving, per refused record"
+        assert left == 0, "the probes were rolled back"
+
+
+def test_a_failure_no_single_record_causes_fails_with_the_original_error(database_url: str):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        probe_table(conn)
+        # Refuses a statement that writes more than 100 rows: only the rows together fail.
+        conn.execute(
+            """
+CREATE OR REPLACE FUNCTION probe_target_limit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF (SELECT count(*) FROM written) > 100 THEN
+    RAISE EXCEPTION 'too many rows at once' USING ERRCODE = '23514';
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER probe_target_limit AFTER INSERT ON probe_target
+  REFERENCING NEW TABLE AS written FOR EACH STATEMENT EXECUTE FUNCTION probe_target_limit();
+"""
+        )
+        write = insert_range(conn, list(range(1000)))
+        with conn.transaction():
+            with pytest.raises(psycopg.errors.CheckViolation) as failed, conn.transaction():
+                write(0, 1000)
+            with pytest.raises(psycopg.errors.CheckViolation) as raised:
+                bisect_refused(conn, 1000, write, failed.value)
+        assert raised.value is failed.value
+
+
+def test_a_lost_connection_is_not_isolated_but_fails(database_url: str):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        probe_table(conn)
+        with psycopg.connect(database_url, autocommit=True) as killer:
+
+            def write(lo: int, hi: int) -> None:
+                pid = conn.info.backend_pid
+                killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                conn.execute("SELECT 1")
+
+            with pytest.raises(psycopg.OperationalError) as raised, conn.transaction():
+                bisect_refused(conn, 10, write, psycopg.errors.CheckViolation("refused"))
+            assert not is_data_error(raised.value)
