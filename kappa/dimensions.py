@@ -183,7 +183,7 @@ def _convert(column: Column, values: pd.Series) -> tuple[pd.Series, np.ndarray, 
         measured = converted.str.rstrip(" ") if kind.startswith("char") else converted
         longer = (measured.str.len() > limit).fillna(False).to_numpy(dtype=bool)
         why[longer] = [
-            f"'{column.name}' is longer than {column.sql_type}: {shown(v)}" for v in values[longer]
+            f"'{column.name}' is longer than {column.sql_type}: {v!r}" for v in values[longer]
         ]
         ok = ok & ~longer
         converted = converted.where(ok)

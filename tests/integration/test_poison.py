@@ -15,7 +15,11 @@ import psycopg
 import pytest
 from kafka import KafkaProducer
 
+from kappa.catalog import topic_ingests
+from kappa.event_store import EventStore
 from kappa.poison import bisect_refused, is_data_error
+from kappa.reconcile import compare_with_log
+from kappa.warehouse import connect
 from tests.integration.harness import Pipeline, wait_for
 from tests.integration.test_reprocess import reprocess
 
@@ -188,6 +192,15 @@ def test_a_record_the_database_refuses_is_dead_lettered_and_the_rest_of_the_batc
     )
     kept = [Decimal(amount_of(i)) for i, _, _ in expected_stats(customer)]
     assert state["n"] == len(kept) and state["sum"] == int(sum(kept) * 100)
+
+    # The replay-equivalence check agrees: the log, decoded, gives the same account.
+    with (
+        EventStore(pipeline.env["KAFKA_BOOTSTRAP_SERVERS"]) as store,
+        connect(pipeline.edw_url) as conn,
+    ):
+        spec = next(t for t, _ in topic_ingests(pipeline.settings) if t.asset == "fact_order")
+        comparisons = compare_with_log(store, conn, pipeline.schemas, spec)
+    assert comparisons and all(c.equal for c in comparisons), [c.describe() for c in comparisons]
 
     # A backfill of that partition isolates the same record: same rows, same dead letters.
     facts = pipeline.query("SELECT * FROM edw.fact_order ORDER BY kafka_offset")

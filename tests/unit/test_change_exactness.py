@@ -57,7 +57,7 @@ def literal(credit_limit: str) -> str:
             literal("1.000000000000000001"),
             "'credit_limit' has more than 2 decimals: 1.000000000000000001",
         ),
-        (image(country="DEU"), "'country' is longer than char(2): DEU"),
+        (image(country="DEU"), "'country' is longer than char(2): 'DEU'"),
     ],
 )
 def test_a_value_the_column_cannot_hold_exactly_is_a_dead_letter(after, reason):
