@@ -394,3 +394,66 @@ def test_a_lost_connection_is_not_isolated_but_fails(database_url: str):
             with pytest.raises(psycopg.OperationalError) as raised, conn.transaction():
                 bisect_refused(conn, 10, write, psycopg.errors.CheckViolation("refused"))
             assert not is_data_error(raised.value)
+
+
+def payment_bytes(event_id: str, amount: str, at: datetime) -> bytes:
+    body = {
+        "event_id": event_id,
+        "event_type": "payment_attempted",
+        "event_time": (at - timedelta(seconds=1)).isoformat(),
+        "source": "test",
+        "schema_version": 1,
+        "payload": {
+            "payment_id": f"p-{event_id[:8]}",
+            "order_id": "o-1",
+            "customer_id": "c-1",
+            "card_id": "card-1",
+            "amount": "AMOUNT",
+            "currency": "EUR",
+            "merchant_country": "DE",
+            "status": "approved",
+        },
+    }
+    return orjson.dumps(body).replace(b'"AMOUNT"', amount.encode())
+
+
+def test_a_refused_payment_counts_in_no_fraud_state_and_raises_no_alert(pipeline: Pipeline):
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    at = [HOUR + timedelta(minutes=10, seconds=i) for i in range(5)]
+    producer = KafkaProducer(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], acks="all")
+    try:
+        for i in range(5):
+            amount = POISON_AMOUNT if i == 1 else "20.00"
+            producer.send(
+                pipeline.settings.topic_payments,
+                key=b"c-1",
+                value=payment_bytes(ids[i], amount, at[i]),
+                partition=0,
+                timestamp_ms=int(at[i].timestamp() * 1000),
+            )
+        producer.flush()
+    finally:
+        producer.close()
+    with psycopg.connect(pipeline.edw_url, autocommit=True) as conn:
+        conn.execute(
+            f"ALTER TABLE edw.fact_payment ADD CONSTRAINT fact_payment_no_666 "
+            f"CHECK (amount <> {POISON_AMOUNT})"
+        )
+
+    pipeline.drain("fact_payment")
+
+    loaded = pipeline.query("SELECT event_id::text FROM edw.fact_payment ORDER BY kafka_offset")
+    assert [r[0] for r in loaded] == [ids[0], *ids[2:]]
+    [(position, reason)] = pipeline.query(
+        "SELECT position, reason FROM kappa.dead_letter WHERE asset = 'fact_payment'"
+    )
+    assert position == 1 and 'violates check constraint "fact_payment_no_666"' in reason
+    # Four payments of the card, not five: only the fourth passes the velocity limit of 3,
+    # and it saw 4 payments in the window.
+    alerts = pipeline.query("SELECT event_id::text, rule, evidence FROM edw.fraud_alert")
+    assert [(e, r, ev["payments_in_window"]) for e, r, ev in alerts] == [(ids[4], "velocity", 4)]
+    [(state,)] = pipeline.query(
+        "SELECT value FROM kappa.state WHERE store = 'fact_payment/card_velocity' "
+        "AND key = 'card-1' ORDER BY position DESC LIMIT 1"
+    )
+    assert len(state["times"]) == 4
