@@ -6,7 +6,7 @@ rounds to the same double. So for such a literal, "the double equals cents / 100
 integer cents" decides exactly whether the literal has at most 2 decimals, and the double's
 shortest repr is the literal's value. Only a literal with 16 or more significant digits can
 collapse onto a double that looks harmless (``1.000000000000000001`` parses to ``1.0``):
-messages holding one are found with one regex scan of the whole batch and re-parsed
+messages holding one are found with one numpy scan of the whole batch and re-parsed
 exactly (``json.loads(..., parse_float=Decimal)``), message by message.
 """
 
