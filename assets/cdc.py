@@ -177,6 +177,7 @@ def build_capture_asset(
                 "rows_received": sum(o.received for o in outcomes),
                 "rows_loaded": sum(o.loaded for o in outcomes),
                 "rows_dead_lettered": sum(o.dead_lettered for o in outcomes),
+                "poison_probes": sum(o.probes for o in outcomes),
                 "batch_seconds": round(sum(o.seconds for o in outcomes), 3),
             }
         )

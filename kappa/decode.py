@@ -153,8 +153,9 @@ def _check_amount(name: str, col: pd.Series, missing: np.ndarray, reasons: _Reas
     Doubles (from literals of at most 15 significant digits) are checked vectorised; the
     rare values re-parsed as Decimal (longer literals) one by one.
     """
-    exact = _of_type(col, Decimal).to_numpy()
-    numeric = _of_type(col, int, float).to_numpy() | exact
+    types = col.map(type)
+    exact = types.isin([Decimal]).to_numpy()
+    numeric = types.isin([int, float]).to_numpy() | exact
     reasons.flag(~numeric & ~missing, f"'{name}' is not a number")
     values = np.array(
         pd.to_numeric(col.where(numeric & ~exact), errors="coerce").to_numpy(

@@ -183,7 +183,7 @@ def _convert(column: Column, values: pd.Series) -> tuple[pd.Series, np.ndarray, 
         measured = converted.str.rstrip(" ") if kind.startswith("char") else converted
         longer = (measured.str.len() > limit).fillna(False).to_numpy(dtype=bool)
         why[longer] = [
-            f"'{column.name}' is longer than {column.sql_type}: {shown(v)}" for v in values[longer]
+            f"'{column.name}' is longer than {column.sql_type}: {v!r}" for v in values[longer]
         ]
         ok = ok & ~longer
         converted = converted.where(ok)
@@ -446,6 +446,37 @@ def _key_matches(spec: CaptureSpec) -> sql.Composable:
     )
 
 
+def _delete_keys(
+    conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec, keys: list[tuple[str, ...]]
+) -> int:
+    """Delete every target row of ``keys``; returns how many went."""
+    if not keys:
+        return 0
+    columns = tuple([row[i] for row in keys] for i in range(len(spec.keys)))
+    target = sql.Identifier(schemas.edw, spec.target)
+    removed = conn.execute(
+        sql.SQL("DELETE FROM {} WHERE {}").format(target, _key_matches(spec)), columns
+    )
+    return removed.rowcount
+
+
+def _without_dead_letters(
+    conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec, changes: pd.DataFrame
+) -> pd.DataFrame:
+    """``changes`` less those the capture dead-lettered already (invalid, or refused by the
+    target): a key rebuilt from its history must not meet them again."""
+    if changes.empty:
+        return changes
+    dead = conn.execute(
+        sql.SQL(
+            "SELECT position FROM {}.dead_letter WHERE asset = %s AND source = %s AND shard = 0 "
+            "AND position = ANY(%s)"
+        ).format(sql.Identifier(schemas.meta)),
+        (spec.asset, str(spec.change_table), [int(c) for c in changes["change_id"]]),
+    ).fetchall()
+    return changes[~changes["change_id"].isin([int(r[0]) for r in dead])]
+
+
 def _restage_keys(
     conn: psycopg.Connection,
     schemas: Schemas,
@@ -461,12 +492,10 @@ def _restage_keys(
         return 0
     rebuilt = validate_changes(spec, history(keys)).rows
     columns = tuple([row[i] for row in keys] for i in range(len(spec.keys)))
-    matches = _key_matches(spec)
-    target = sql.Identifier(schemas.edw, spec.target)
-    removed = conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(target, matches), columns)
-    conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(stage, matches), columns)
+    removed = _delete_keys(conn, schemas, spec, keys)
+    conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(stage, _key_matches(spec)), columns)
     copy_frame(conn, stage, rebuilt)
-    return removed.rowcount
+    return removed
 
 
 def _rebuild_late_keys(
@@ -528,9 +557,10 @@ def apply_changes(
         refused: set[int] = set()
 
         def known(keys: list[tuple[str, ...]]) -> pd.DataFrame:
-            # A rebuilt key's history leaves out the changes the target refused.
+            # A rebuilt key's history leaves out the changes the target refused, in this
+            # batch or before.
             assert history is not None
-            found = history(keys)
+            found = _without_dead_letters(conn, schemas, spec, history(keys))
             return found[~found["change_id"].isin(list(refused))]
 
         def write(rows: pd.DataFrame) -> None:
@@ -590,6 +620,8 @@ class CaptureWindowReplacement:
     loaded: int = 0
     dead_lettered: int = 0
     removed_rows: int = 0
+    #: Extra writes it took to isolate changes the target refused (0: none refused).
+    probes: int = 0
 
 
 def replace_capture_window(
@@ -690,10 +722,41 @@ def replace_capture_window(
             ).format(meta),
             (spec.asset, source, window),
         )
-        result.removed_rows = _restage_keys(
-            conn, schemas, spec, stage, keys, lambda k: history(k, head.end)
+        conn.execute(sql.SQL("DROP TABLE {}").format(stage))
+        # Every touched key is rebuilt from its whole history (less the changes dead-lettered
+        # by other partitions' batches), the changes the target refuses isolated.
+        known = _without_dead_letters(
+            conn, schemas, spec, history(keys, head.end) if keys else changes.iloc[0:0]
         )
-        _merge(conn, schemas, spec, stage)
+        rebuilt = validate_changes(spec, known).rows
+        result.removed_rows = _delete_keys(conn, schemas, spec, keys)
+
+        def write(rows: pd.DataFrame) -> None:
+            staged = stage_frame(
+                conn, f"stage_{spec.name}", None, rows, columns_ddl=_stage_ddl(spec)
+            )
+            if not rows.empty:
+                _merge(conn, schemas, spec, staged)
+            conn.execute(sql.SQL("DROP TABLE {}").format(staged))
+
+        isolated = write_rows_isolated(conn, rebuilt, "source_change_id", write)
+        elsewhere = sorted(set(isolated.refused) - set(change_ids))
+        if elsewhere:
+            raise refuse(
+                f"the target now refuses changes of other partitions (change ids "
+                f"{', '.join(map(str, elsewhere[:5]))}): reprocess those partitions, or replay "
+                "the asset from the beginning."
+            )
+        refusals = changes[changes["change_id"].isin(list(isolated.refused))]
+        dead = pd.concat(
+            [
+                validated.dead_letters,
+                change_dead_letters(
+                    refusals, [isolated.refused[int(c)] for c in refusals["change_id"]]
+                ),
+            ],
+            ignore_index=True,
+        )
         record = BatchRecord(
             spec.asset,
             source,
@@ -707,8 +770,8 @@ def replace_capture_window(
         )
         counts = BatchCounts(
             received=len(changes),
-            loaded=int(validated.rows["source_change_id"].nunique()),
-            dead_lettered=write_dead_letters(conn, schemas, record, validated.dead_letters),
+            loaded=int(validated.rows["source_change_id"].nunique()) - len(isolated.refused),
+            dead_lettered=write_dead_letters(conn, schemas, record, dead),
         )
         insert_ledger_row(conn, schemas, record, counts)
         conn.execute(
@@ -719,10 +782,11 @@ def replace_capture_window(
             ).format(meta=meta),
             (spec.asset, source, spec.asset, source),
         )
-        result.received, result.loaded, result.dead_lettered = (
+        result.received, result.loaded, result.dead_lettered, result.probes = (
             counts.received,
             counts.loaded,
             counts.dead_lettered,
+            isolated.probes,
         )
     return result
 

@@ -663,4 +663,5 @@ def reprocess_capture_window(
         removed_rows=replaced.removed_rows,
         batches=1,
         seconds=time.monotonic() - started,
+        probes=replaced.probes,
     )

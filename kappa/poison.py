@@ -38,6 +38,8 @@ from kappa.warehouse import (
     write_batch,
 )
 
+#: How the reason of a record the database refused starts.
+REFUSED_PREFIX = "refused by the database"
 #: SQLSTATE classes of errors caused by the data written, not by the server or the link.
 DATA_ERROR_CLASSES = ("22", "23")
 
@@ -52,7 +54,7 @@ def database_message(exc: psycopg.Error) -> str:
     diag = exc.diag
     primary = diag.message_primary or str(exc).strip().splitlines()[0]
     detail = f" ({diag.message_detail})" if diag.message_detail else ""
-    return f"refused by the database [{exc.sqlstate}]: {primary}{detail}"
+    return f"{REFUSED_PREFIX} [{exc.sqlstate}]: {primary}{detail}"
 
 
 class NoSingleRecordError(Exception):

@@ -29,6 +29,7 @@ from kappa.decode import decode_batch
 from kappa.dimensions import written_by
 from kappa.event_store import EventStore, LogBounds
 from kappa.ingest import TopicIngest, reprocess_capture_window
+from kappa.poison import REFUSED_PREFIX
 from kappa.warehouse import Schemas, lock_head, read_heads
 
 _MASK = (1 << 60) - 1
@@ -114,17 +115,19 @@ def compare_with_log(
                 (spec.topic, partition, start, head.end),
             ).fetchall()
         ]
-        log_dead = decoded.dead_letters["offset"].astype(int).tolist()
-        edw_dead = [
-            int(r[0])
-            for r in conn.execute(
-                sql.SQL(
-                    "SELECT position FROM {}.dead_letter WHERE asset = %s AND source = %s "
-                    "AND shard = %s AND position >= %s AND position < %s"
-                ).format(meta),
-                (spec.asset, spec.topic, partition, start, head.end),
-            ).fetchall()
-        ]
+        dead_rows = conn.execute(
+            sql.SQL(
+                "SELECT position, reason FROM {}.dead_letter WHERE asset = %s AND source = %s "
+                "AND shard = %s AND position >= %s AND position < %s"
+            ).format(meta),
+            (spec.asset, spec.topic, partition, start, head.end),
+        ).fetchall()
+        edw_dead = [int(position) for position, _ in dead_rows]
+        # Records the database refused at load (see kappa.poison) decode as valid: the log's
+        # account takes the database's word for them, recorded with their raw bytes.
+        refused = {int(p) for p, reason in dead_rows if reason.startswith(REFUSED_PREFIX)}
+        log_pairs = [pair for pair in log_pairs if pair[1] not in refused]
+        log_dead = decoded.dead_letters["offset"].astype(int).tolist() + sorted(refused)
         for window, low, high in windows or [(None, start, head.end)]:
             log_in = [p for p in log_pairs if low <= p[1] < high]
             edw_in = [p for p in edw_pairs if low <= p[1] < high]

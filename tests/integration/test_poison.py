@@ -15,6 +15,11 @@ import psycopg
 import pytest
 from kafka import KafkaProducer
 
+from kappa.catalog import topic_ingests
+from kappa.event_store import EventStore
+from kappa.poison import bisect_refused, is_data_error
+from kappa.reconcile import compare_with_log
+from kappa.warehouse import connect
 from tests.integration.harness import Pipeline, wait_for
 from tests.integration.test_reprocess import reprocess
 
@@ -188,6 +193,15 @@ def test_a_record_the_database_refuses_is_dead_lettered_and_the_rest_of_the_batc
     kept = [Decimal(amount_of(i)) for i, _, _ in expected_stats(customer)]
     assert state["n"] == len(kept) and state["sum"] == int(sum(kept) * 100)
 
+    # The replay-equivalence check agrees: the log, decoded, gives the same account.
+    with (
+        EventStore(pipeline.env["KAFKA_BOOTSTRAP_SERVERS"]) as store,
+        connect(pipeline.edw_url) as conn,
+    ):
+        spec = next(t for t, _ in topic_ingests(pipeline.settings) if t.asset == "fact_order")
+        comparisons = compare_with_log(store, conn, pipeline.schemas, spec)
+    assert comparisons and all(c.equal for c in comparisons), [c.describe() for c in comparisons]
+
     # A backfill of that partition isolates the same record: same rows, same dead letters.
     facts = pipeline.query("SELECT * FROM edw.fact_order ORDER BY kafka_offset")
     letters = dead_letters(pipeline)
@@ -280,3 +294,166 @@ def test_a_change_the_target_refuses_is_dead_lettered_with_its_change_id(
         if "poison_probes" in m.metadata
     ]
     assert probes and 0 < sum(probes) <= 2 * math.ceil(math.log2(41))
+
+    # Reprocessing the capture's partitions isolates the same change: same rows, same letters.
+    letters = pipeline.query(
+        "SELECT position, reason FROM kappa.dead_letter WHERE asset = 'dim_customer'"
+    )
+    replayed = []
+    for (window,) in pipeline.query(
+        "SELECT DISTINCT partition_key FROM kappa.batch_ledger WHERE asset = 'dim_customer'"
+    ):
+        result = reprocess(pipeline, "dim_customer", window)
+        metadata = result.asset_materializations_for_node("dim_customer")[0].metadata
+        assert metadata["mode"].value == "reprocess"
+        replayed.append((metadata["rows_dead_lettered"].value, metadata["poison_probes"].value))
+    assert sum(d for d, _ in replayed) == 1 and sum(p for _, p in replayed) > 0, replayed
+    assert (
+        pipeline.query(
+            "SELECT customer_id, credit_limit, is_current FROM edw.dim_customer ORDER BY 1, 2"
+        )
+        == expected
+    )
+    assert (
+        pipeline.query(
+            "SELECT position, reason FROM kappa.dead_letter WHERE asset = 'dim_customer'"
+        )
+        == letters
+    )
+
+
+def probe_table(conn: psycopg.Connection) -> None:
+    conn.execute("DROP TABLE IF EXISTS probe_target")
+    conn.execute("CREATE TABLE probe_target (n integer PRIMARY KEY CHECK (n >= 0))")
+
+
+def insert_range(conn: psycopg.Connection, values: list[int]):  # type: ignore[no-untyped-def]
+    def write(lo: int, hi: int) -> None:
+        with conn.cursor().copy("COPY probe_target (n) FROM STDIN") as copy:
+            for n in values[lo:hi]:
+                copy.write_row((n,))
+
+    return write
+
+
+def test_bisection_finds_each_refused_record_in_logarithmic_probes(database_url: str):
+    values = list(range(4096))
+    values[1000] = -1
+    values[3000] = 5  # a duplicate of an earlier key: refused when written after it
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        probe_table(conn)
+        write = insert_range(conn, values)
+        with conn.transaction():
+            with pytest.raises(psycopg.errors.CheckViolation) as failed, conn.transaction():
+                write(0, len(values))
+            found = bisect_refused(conn, len(values), write, failed.value)
+            [(left,)] = conn.execute("SELECT count(*) FROM probe_target").fetchall()
+        assert sorted(found.refused) == [1000, 3000]
+        assert 'violates check constraint "probe_target_n_check"' in found.refused[1000]
+        assert "[23505]" in found.refused[3000] and "duplicate key" in found.refused[3000]
+        assert found.probes <= 2 * 2 * 12, "two probes per halving, per refused record"
+        assert left == 0, "the probes were rolled back"
+
+
+def test_a_failure_no_single_record_causes_fails_with_the_original_error(database_url: str):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        probe_table(conn)
+        # Refuses a statement that writes more than 100 rows: only the rows together fail.
+        conn.execute(
+            """
+CREATE OR REPLACE FUNCTION probe_target_limit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF (SELECT count(*) FROM written) > 100 THEN
+    RAISE EXCEPTION 'too many rows at once' USING ERRCODE = '23514';
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER probe_target_limit AFTER INSERT ON probe_target
+  REFERENCING NEW TABLE AS written FOR EACH STATEMENT EXECUTE FUNCTION probe_target_limit();
+"""
+        )
+        write = insert_range(conn, list(range(1000)))
+        with conn.transaction():
+            with pytest.raises(psycopg.errors.CheckViolation) as failed, conn.transaction():
+                write(0, 1000)
+            with pytest.raises(psycopg.errors.CheckViolation) as raised:
+                bisect_refused(conn, 1000, write, failed.value)
+        assert raised.value is failed.value
+
+
+def test_a_lost_connection_is_not_isolated_but_fails(database_url: str):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        probe_table(conn)
+        with psycopg.connect(database_url, autocommit=True) as killer:
+
+            def write(lo: int, hi: int) -> None:
+                pid = conn.info.backend_pid
+                killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                conn.execute("SELECT 1")
+
+            with pytest.raises(psycopg.OperationalError) as raised, conn.transaction():
+                bisect_refused(conn, 10, write, psycopg.errors.CheckViolation("refused"))
+            assert not is_data_error(raised.value)
+
+
+def payment_bytes(event_id: str, amount: str, at: datetime) -> bytes:
+    body = {
+        "event_id": event_id,
+        "event_type": "payment_attempted",
+        "event_time": (at - timedelta(seconds=1)).isoformat(),
+        "source": "test",
+        "schema_version": 1,
+        "payload": {
+            "payment_id": f"p-{event_id[:8]}",
+            "order_id": "o-1",
+            "customer_id": "c-1",
+            "card_id": "card-1",
+            "amount": "AMOUNT",
+            "currency": "EUR",
+            "merchant_country": "DE",
+            "status": "approved",
+        },
+    }
+    return orjson.dumps(body).replace(b'"AMOUNT"', amount.encode())
+
+
+def test_a_refused_payment_counts_in_no_fraud_state_and_raises_no_alert(pipeline: Pipeline):
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    at = [HOUR + timedelta(minutes=10, seconds=i) for i in range(5)]
+    producer = KafkaProducer(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], acks="all")
+    try:
+        for i in range(5):
+            amount = POISON_AMOUNT if i == 1 else "20.00"
+            producer.send(
+                pipeline.settings.topic_payments,
+                key=b"c-1",
+                value=payment_bytes(ids[i], amount, at[i]),
+                partition=0,
+                timestamp_ms=int(at[i].timestamp() * 1000),
+            )
+        producer.flush()
+    finally:
+        producer.close()
+    with psycopg.connect(pipeline.edw_url, autocommit=True) as conn:
+        conn.execute(
+            f"ALTER TABLE edw.fact_payment ADD CONSTRAINT fact_payment_no_666 "
+            f"CHECK (amount <> {POISON_AMOUNT})"
+        )
+
+    pipeline.drain("fact_payment")
+
+    loaded = pipeline.query("SELECT event_id::text FROM edw.fact_payment ORDER BY kafka_offset")
+    assert [r[0] for r in loaded] == [ids[0], *ids[2:]]
+    [(position, reason)] = pipeline.query(
+        "SELECT position, reason FROM kappa.dead_letter WHERE asset = 'fact_payment'"
+    )
+    assert position == 1 and 'violates check constraint "fact_payment_no_666"' in reason
+    # Four payments of the card, not five: only the fourth passes the velocity limit of 3,
+    # and it saw 4 payments in the window.
+    alerts = pipeline.query("SELECT event_id::text, rule, evidence FROM edw.fraud_alert")
+    assert [(e, r, ev["payments_in_window"]) for e, r, ev in alerts] == [(ids[4], "velocity", 4)]
+    [(state,)] = pipeline.query(
+        "SELECT value FROM kappa.state WHERE store = 'fact_payment/card_velocity' "
+        "AND key = 'card-1' ORDER BY position DESC LIMIT 1"
+    )
+    assert len(state["times"]) == 4
