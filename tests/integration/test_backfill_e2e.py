@@ -178,7 +178,7 @@ def launch_backfill(state: LocalState, stack: StackProcess, asset: str, first, l
     return found.group(1)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1500)
 def test_a_backfill_launched_like_the_ui_reproduces_the_live_partitions(
     hourly_state: HourlyState,
 ) -> None:
@@ -199,12 +199,12 @@ def test_a_backfill_launched_like_the_ui_reproduces_the_live_partitions(
         stack.wait_until(
             "the sensors' micro-batches loading every produced message",
             lambda: loaded_to_log_end(state, sent),
-            timeout_s=240,
+            timeout_s=480,
         )
         stack.wait_until(
             "the capture sensors' micro-batches applying every change",
             lambda: captured(state)[0] >= changes,
-            timeout_s=240,
+            timeout_s=480,
         )
         with psycopg.connect(state.edw_url, autocommit=True) as conn:
             partitions = {
