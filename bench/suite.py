@@ -7,8 +7,9 @@ events; ``BENCH_SCALE`` sets the default):
 1. the simulator's events (valid ones: every contender does the same work) go to two
    topics on one broker, created with explicit ``retention.ms`` (see ``peer_quix``);
    ``dim_customer`` and the calls are filled for the simulated customers;
-2. **scaling and pipeline**: the micro-batch path (``bench.pipeline``: sensor planning,
-   ``run_batch`` with the stateful step, the ledger commit) on 1/10, 4/10 and all of the
+2. **scaling and pipeline**: the micro-batch path (``bench.pipeline``: the ``kappa.run``
+   functions a fact asset's run calls, planned as the sensor plans, with the product's
+   default settings) on 1/10, 4/10 and all of the
    events, one process per asset as Dagster runs them; wall time and peak RSS of each.
    The run on all events gives ``pipeline_eps``;
 3. **COPY-only**: the pipeline's output rows (facts and fraud alerts) COPYed into the empty
@@ -21,7 +22,8 @@ events; ``BENCH_SCALE`` sets the default):
    slow) and its rows are checked against the pipeline's;
 6. **peer**: Quix Streams on the orders (enrichment and running statistics into
    ``edw.fact_order``), checked against the pipeline's rows too;
-7. **backfill** of one time partition (``reprocess_window``, as a backfill run) against the
+7. **backfill** of one time partition (``kappa.run.reprocess_partitions``, the function a
+   backfill run calls, default waits) against the
    live micro-batches' throughput on the same events (see ``backfill_to_live``);
 8. **freshness** comes from ``make bench-freshness`` (``bench.freshness``), merged in.
 
@@ -914,7 +916,7 @@ def render_details(figures: dict[str, Any]) -> str:
             )
 
     pipe = d["pipeline"]
-    row("pipeline (both facts)", pipe, "run_batch + stateful step + ledger, 2 run processes")
+    row("pipeline (both facts)", pipe, "kappa.run functions, default settings, 2 run processes")
     row("pipeline, fact_order alone", d.get("pipeline_orders_alone"), "compared with the peer")
     rb = d["rbar"]
     row("row by row", rb, f"{rb['round_trips_per_event']} statements per event, commit each")

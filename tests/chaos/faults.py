@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+import psycopg
 
 from tests.integration.harness import Pipeline, wait_for
 
@@ -66,11 +69,56 @@ def reap(worker: subprocess.Popen[str], started: float, *, kill_after: float | N
             _, status, usage = os.wait4(worker.pid, 0)
             break
         time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+    return _exited(worker, started, status, usage)
+
+
+def kill_when(
+    worker: subprocess.Popen[str],
+    started: float,
+    condition: Callable[[], bool],
+    *,
+    what: str,
+    timeout_s: float = 300.0,
+) -> WorkerExit:
+    """SIGKILL ``worker`` as soon as ``condition()`` holds (polled), unless it has ended
+    first. A run that neither ends nor reaches ``what`` within ``timeout_s`` fails the test."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pid, status, usage = os.wait4(worker.pid, os.WNOHANG)
+        if pid:
+            break
+        if condition():
+            os.kill(worker.pid, signal.SIGKILL)
+            _, status, usage = os.wait4(worker.pid, 0)
+            break
+        if time.monotonic() >= deadline:
+            os.kill(worker.pid, signal.SIGKILL)
+            os.wait4(worker.pid, 0)
+            raise AssertionError(f"the run neither ended nor reached {what} in {timeout_s:.0f} s")
+        time.sleep(0.005)
+    return _exited(worker, started, status, usage)
+
+
+def _exited(
+    worker: subprocess.Popen[str], started: float, status: int, usage: resource.struct_rusage
+) -> WorkerExit:
     worker.returncode = os.waitstatus_to_exitcode(status)
     if worker.stdout is not None:
         worker.stdout.close()
     killed = worker.returncode == -signal.SIGKILL
     return WorkerExit(killed, worker.returncode, time.monotonic() - started, int(usage.ru_maxrss))
+
+
+def open_batch_transaction(conn: psycopg.Connection) -> bool:
+    """A run's connection holds a transaction that has written (an xid) and not committed:
+    a kill now lands before that batch's commit."""
+    return bool(
+        conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = 'kappa-etl' "
+            "AND datname = current_database() AND backend_xid IS NOT NULL "
+            "AND pid <> pg_backend_pid() LIMIT 1"
+        ).fetchall()
+    )
 
 
 def wait_backends_gone(pipeline: Pipeline) -> None:

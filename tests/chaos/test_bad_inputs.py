@@ -18,8 +18,51 @@ from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration
 
-#: What the dead letter's reason must say, per kind (None: the message is valid, or a duplicate).
-KINDS: dict[str, str | None] = {}
+#: What the dead letter's reason must say, per kind (None: the message is valid, or a
+#: duplicate, and is never dead-lettered): a pattern of the reason's stable category (the
+#: check and the field it names, not the exact wording of the values), matched ignoring case.
+KINDS: dict[str, str | None] = {
+    "valid": None,
+    "invalid JSON": r"\bJSON\b",
+    "not UTF-8 (UTF-16)": r"\bJSON\b|UTF-8",
+    "not UTF-8 (Latin-1 byte)": r"\bJSON\b|UTF-8",
+    "not a JSON object": r"not an object",
+    "missing field (event_id)": r"missing field 'event_id'",
+    "missing field (event_time)": r"missing field 'event_time'",
+    "missing field (payload.amount)": r"missing field '(payload\.)?amount'",
+    "missing field (payload.card_id)": r"missing field '(payload\.)?card_id'",
+    "wrong type (amount as string)": r"'(payload\.)?amount'",
+    "wrong type (item_count 2.5)": r"'(payload\.)?item_count'.*integer",
+    "wrong type (item_count true)": r"'(payload\.)?item_count'.*integer",
+    "wrong type (schema_version '1')": r"schema_version",
+    "wrong type (event_id 42)": r"'event_id'",
+    "wrong type (source 42)": r"'source'.*string",
+    "wrong type (status 1)": r"'(payload\.)?status'.*string",
+    "unknown event_type": r"event_type",
+    "event_type of the other topic": r"event_type",
+    "unknown schema_version": r"schema_version",
+    "oversize payload (> 1 MiB)": r"exceeds.*limit",
+    "large valid payload (900 KiB)": None,
+    "null key": r"no key",
+    "key differs from customer_id": r"key does not match",
+    "null value (tombstone)": r"null value",
+    "duplicate (byte-identical resend)": None,
+    "duplicate (same event_id, other payload)": None,
+    "duplicate (event_id in upper case)": None,
+    "event time 2 years in the past": r"'event_time'.*before the broker time",
+    "event time 2 hours in the future": r"'event_time'.*after the broker time",
+    "event time without a zone": r"'event_time'.*zone",
+    "event time not a date (month 13)": r"'event_time'.*valid time",
+    "amount out of range (1e15)": r"'(payload\.)?amount'",
+    "amount negative": r"'(payload\.)?amount'",
+    "item_count beyond integer (2**40)": r"'(payload\.)?item_count'.*range",
+    "empty source string": r"'source'.*empty",
+    "NUL character in a text field": r"'(payload\.)?order_id'.*NUL",
+    "carriage return in a text field": None,
+    "lone surrogate escape in a string": r"\bJSON\b|surrogate",
+    "line break and quotes in a text field": None,
+    "deeply nested JSON": r"\bJSON\b|depth|nest",
+}
 
 
 def _time(delta: timedelta = timedelta()) -> str:
@@ -226,6 +269,7 @@ def test_bad_events_of_every_kind_end_as_the_contract_says_and_no_partition_stal
 ):
     pipeline = chaos_pipeline
     pairs = catalogue(pipeline.settings.topic_orders, pipeline.settings.topic_payments)
+    assert {kind for kind, _ in pairs} == set(KINDS), "every kind has its expected reason"
     records = produce(pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], [m for _, m in pairs])
     kind_of = {
         (r.topic, r.partition, r.offset): kind for (kind, _), r in zip(pairs, records, strict=True)
@@ -260,11 +304,32 @@ def test_bad_events_of_every_kind_end_as_the_contract_says_and_no_partition_stal
             )
             found += f
             seen += s
-            why.update(
-                _reason(reasons[(r.partition, r.offset)])
+            given = [
+                reasons[(r.partition, r.offset)]
                 for r in subset
                 if (r.partition, r.offset) in reasons
-            )
+            ]
+            why.update(_reason(reason) for reason in given)
+            expected_reason = KINDS[kind]
+            for reason in given:
+                if expected_reason is None:
+                    found.note("unexpected", 1, f"{kind}: dead-lettered ({reason})")
+                elif not re.search(expected_reason, reason, flags=re.IGNORECASE):
+                    found.note(
+                        "unexpected",
+                        1,
+                        f"{kind}: reason {reason[:120]!r} is not /{expected_reason}/",
+                    )
+            if expected_reason is not None:
+                # Every message of a bad kind is dead-lettered (none loaded, none dropped).
+                missing = [
+                    r
+                    for r in subset
+                    if r.offset < ends.get(r.partition, 0)
+                    and (r.partition, r.offset) not in reasons
+                ]
+                if missing:
+                    found.note("dead_letters_missing", len(missing), f"{kind}: not dead-lettered")
         outcome = ", ".join(f"{v} {k}" for k, v in sorted(seen.items()))
         if why:
             outcome += f" ({', '.join(sorted(why))})"

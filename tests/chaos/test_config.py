@@ -19,7 +19,7 @@ from kappa.localstack import free_port
 from kappa.settings import Settings
 from kappa.warehouse import Schemas, ensure_schema
 from pipelines.definitions import build_definitions
-from tests.chaos.conftest import full_only, record
+from tests.chaos.conftest import record
 from tests.chaos.reference import Anomalies
 from tests.chaos.streams import produce, simulated
 from tests.integration.harness import Pipeline
@@ -44,7 +44,6 @@ def failure_text(result: dg.ExecuteInProcessResult) -> str:
     )
 
 
-@full_only
 def test_bad_configuration_fails_naming_the_setting(
     chaos_env, instance, tmp_path: Path, monkeypatch
 ):

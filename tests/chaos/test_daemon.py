@@ -59,17 +59,34 @@ def _start_daemon(env: dict[str, str], log: object) -> subprocess.Popen[bytes]:
     )
 
 
-def _kill_tree(proc: subprocess.Popen[bytes]) -> int:
-    """SIGKILL the daemon and everything it started (code server, run workers)."""
+def _kill_tree(proc: subprocess.Popen[bytes]) -> list[str]:
+    """SIGKILL the daemon and everything it started (code server, run workers); returns the
+    command lines of the children it killed."""
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
+    killed = []
     for p in [psutil.Process(proc.pid), *children]:
         with contextlib.suppress(psutil.NoSuchProcess):
+            command = " ".join(p.cmdline())
             p.kill()
+            if p.pid != proc.pid:
+                killed.append(command)
     proc.wait(30)
-    return len(children)
+    return killed
+
+
+def _wait(condition, *, timeout_s: float, what: str, log: Path):  # type: ignore[no-untyped-def]
+    """Poll ``condition`` until it returns something true; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.2)
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{tail}")
 
 
 def _lag(pipeline: Pipeline, records: list[Record]) -> int:
@@ -119,30 +136,33 @@ def test_a_daemon_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
             )
             time.sleep(1.0)
 
-    log = (tmp_path / "daemon.log").open("ab")
+    log_path = tmp_path / "daemon.log"
+    log = log_path.open("ab")
     daemon = _start_daemon(daemon_env, log)
     producer = threading.Thread(target=stream, name="stream", daemon=True)
-    killed_children = 0
+    killed: list[str] = []
     try:
         producer.start()
-        # Let the sensors launch runs, then kill the daemon while runs are in flight.
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not pipeline.query(
-            "SELECT 1 FROM kappa.batch_ledger LIMIT 1"
-        ):
-            time.sleep(1)
-        # ... and kill it while a run is executing (its worker dies with it).
-        deadline = time.monotonic() + 120
+        # Let the sensors launch runs, then kill the daemon while a run is executing.
+        _wait(
+            lambda: pipeline.query("SELECT 1 FROM kappa.batch_ledger LIMIT 1"),
+            timeout_s=180,
+            what="the sensors' first micro-batch in the ledger",
+            log=log_path,
+        )
         with psycopg.connect(env["KAPPA_DAGSTER_PG_URL"], autocommit=True) as dagster_db:
-            while time.monotonic() < deadline:
-                row = dagster_db.execute(
-                    "SELECT count(*) FROM runs WHERE status = 'STARTED'"
-                ).fetchone()
-                if row and row[0]:
-                    break
-                time.sleep(0.2)
-        time.sleep(rng.uniform(0.0, 1.0))
-        killed_children = _kill_tree(daemon)
+            in_flight = _wait(
+                lambda: [
+                    r[0]
+                    for r in dagster_db.execute(
+                        "SELECT run_id FROM runs WHERE status = 'STARTED'"
+                    ).fetchall()
+                ],
+                timeout_s=120,
+                what="a run to reach STARTED",
+                log=log_path,
+            )
+        killed = _kill_tree(daemon)
         time.sleep(3)
         daemon = _start_daemon(daemon_env, log)
         time.sleep(15)
@@ -152,10 +172,18 @@ def test_a_daemon_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
         while time.monotonic() < deadline and _lag(pipeline, records):
             time.sleep(3)
         lag = _lag(pipeline, records)
+        with psycopg.connect(env["KAPPA_DAGSTER_PG_URL"], autocommit=True) as dagster_db:
+            ended = dict(
+                dagster_db.execute(
+                    "SELECT run_id, status FROM runs WHERE run_id = ANY(%s)", (in_flight,)
+                ).fetchall()
+            )
     finally:
         stop.set()
         _kill_tree(daemon)
         log.close()
+    # The code server (`dagster api grpc`) executes each run in a spawned child process.
+    workers = [c for c in killed if "spawn_main" in c]
     found = audit(pipeline, records, complete=lag == 0)
     if lag:
         found += Anomalies(lost=lag)
@@ -163,9 +191,15 @@ def test_a_daemon_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
         "Dagster daemon SIGKILLed mid-stream (with its code server and runs), restarted",
         1,
         f"{len(records):,} events produced across the restart; "
-        f"{killed_children} child processes killed; lag after recovery {lag}",
+        f"{len(killed)} child processes killed ({len(workers)} run workers); "
+        f"lag after recovery {lag}",
         found,
     )
-    tail = (tmp_path / "daemon.log").read_text(errors="replace")[-3000:]
+    tail = log_path.read_text(errors="replace")[-3000:]
+    # The kill landed: the code server and a run worker died with the daemon, and the runs
+    # in flight then never succeeded (run monitoring failed them; their batches re-ran).
+    assert any("api grpc" in c for c in killed), killed
+    assert workers, f"no run worker was killed with the daemon: {killed}"
+    assert all(status != "SUCCESS" for status in ended.values()), ended
     assert lag == 0, f"the pipeline did not catch up after the restart\n{tail}"
     assert found.total == 0, found.describe()

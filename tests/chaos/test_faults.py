@@ -7,6 +7,7 @@ import random
 import signal
 import time
 from collections import Counter
+from functools import partial
 
 import psycopg
 import pytest
@@ -14,7 +15,14 @@ import pytest
 from kappa.oltp import OltpConfig, run_transactions, seed_customers
 from tests.chaos.cdc_reference import audit_captures
 from tests.chaos.conftest import full_only, record, trials
-from tests.chaos.faults import ledger_end, reap, start_worker, wait_backends_gone
+from tests.chaos.faults import (
+    kill_when,
+    ledger_end,
+    open_batch_transaction,
+    reap,
+    start_worker,
+    wait_backends_gone,
+)
 from tests.chaos.reference import Anomalies
 from tests.chaos.streams import audit, drain, produce, simulated
 from tests.integration.harness import Pipeline, wait_for
@@ -32,41 +40,68 @@ def audit_all(pipeline: Pipeline, records, *, complete: bool) -> Anomalies:
     return found
 
 
+def ledger_moved(pipeline: Pipeline, asset: str, before: int) -> bool:
+    return ledger_end(pipeline, asset) != before
+
+
+#: Where each trial's kill is aimed: inside a batch's open transaction, just after a batch
+#: committed (while the run goes on), or at a random time of the run.
+KILL_POINTS = ("in an open batch transaction", "right after a commit", "at a random time")
+
+
 def test_runs_sigkilled_at_random_points_lose_and_duplicate_nothing(chaos_pipeline: Pipeline):
     pipeline = chaos_pipeline
     rng = random.Random(SEED)
     oltp = OltpConfig(customers=60, seed=SEED % 1000, writers=2, max_hold_s=0.01)
     with psycopg.connect(pipeline.edw_url, autocommit=True) as conn:
         seed_customers(conn, oltp, 40)
-    count = trials(2, 30)
+    count = trials(len(KILL_POINTS), 30)
     records = []
     landed: Counter[str] = Counter()
     total = Anomalies()
     estimate = {asset: 1.5 for asset in ASSETS}
-    for trial in range(count):
-        records += produce(
-            pipeline.env["KAFKA_BOOTSTRAP_SERVERS"],
-            simulated(pipeline, rng.randint(800, 2500), seed=rng.randrange(2**31)),
-        )
-        run_transactions(pipeline.edw_url, oltp, transactions=rng.randint(5, 30))
-        asset = ASSETS[trial % len(ASSETS)]
-        [request] = pipeline.tick(asset).run_requests
-        before = ledger_end(pipeline, asset)
-        worker, started = start_worker(pipeline, request)
-        delay = rng.uniform(0.0, estimate[asset])
-        ended = reap(worker, started, kill_after=delay)
-        wait_backends_gone(pipeline)
-        moved = ledger_end(pipeline, asset) != before
-        if not ended.killed:
-            landed["after the run ended"] += 1
-            estimate[asset] = max(estimate[asset], ended.seconds * 1.1)
-        else:
-            landed["after commit" if moved else "before commit"] += 1
-        # Right after the kill: the ledger's prefix is consistent with the reference.
-        found = audit_all(pipeline, records, complete=False)
-        if found.total:
-            found.details.insert(0, f"trial {trial} ({asset}, killed at {delay:.2f} s)")
-        total += found
+    with psycopg.connect(pipeline.edw_url, autocommit=True) as watch:
+        for trial in range(count):
+            records += produce(
+                pipeline.env["KAFKA_BOOTSTRAP_SERVERS"],
+                simulated(pipeline, rng.randint(800, 2500), seed=rng.randrange(2**31)),
+            )
+            run_transactions(pipeline.edw_url, oltp, transactions=rng.randint(5, 30))
+            asset = ASSETS[trial % len(ASSETS)]
+            aim = KILL_POINTS[(trial + trial // len(ASSETS)) % len(KILL_POINTS)]
+            [request] = pipeline.tick(asset).run_requests
+            before = ledger_end(pipeline, asset)
+            worker, started = start_worker(pipeline, request)
+            if aim == KILL_POINTS[0]:
+                ended = kill_when(
+                    worker,
+                    started,
+                    lambda: open_batch_transaction(watch),
+                    what="an open batch transaction",
+                )
+            elif aim == KILL_POINTS[1]:
+                ended = kill_when(
+                    worker,
+                    started,
+                    partial(ledger_moved, pipeline, asset, before),
+                    what="a batch commit",
+                )
+            else:
+                ended = reap(worker, started, kill_after=rng.uniform(0.0, estimate[asset]))
+            wait_backends_gone(pipeline)
+            moved = ledger_end(pipeline, asset) != before
+            if not ended.killed:
+                landed["after the run ended"] += 1
+                estimate[asset] = max(estimate[asset], ended.seconds * 1.1)
+            else:
+                landed["after commit" if moved else "before commit"] += 1
+            # Right after the kill: the ledger's prefix is consistent with the reference.
+            found = audit_all(pipeline, records, complete=False)
+            if found.total:
+                found.details.insert(
+                    0, f"trial {trial} ({asset}, killed {aim} at {ended.seconds:.2f} s)"
+                )
+            total += found
     report = drain(pipeline, (*ASSETS, "fact_call_center_call"))
     final = audit_all(pipeline, records, complete=True)
     total += final
@@ -77,6 +112,10 @@ def test_runs_sigkilled_at_random_points_lose_and_duplicate_nothing(chaos_pipeli
     record("SIGKILL of a run at a random point", count, outcome, total)
     assert report.failed_runs == 0, report.errors
     assert total.total == 0, total.details
+    # The kills landed where they were aimed: at least one inside a batch before its commit,
+    # and one after a commit of a run still going (a run that ended first proves nothing).
+    assert landed["before commit"] >= 1, outcome
+    assert landed["after commit"] >= 1, outcome
 
 
 @full_only

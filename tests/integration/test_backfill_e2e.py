@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,21 +27,21 @@ from tests.integration.test_local_stack_e2e import (
     StackProcess,
     kill_leftovers,
 )
-from tests.integration.test_reprocess import HOUR_1, HOUR_2, produce_in_hour
+from tests.integration.test_reprocess import hourly_env, past_hours, produce_in_hour
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 
+@dataclass
 class HourlyState(LocalState):
+    """The stack with hourly partitions from the day before ``hours[0]``, and the product's
+    default enrichment wait (``KAPPA_ENRICH_MAX_WAIT_S``)."""
+
+    hours: tuple[datetime, datetime] = field(default_factory=lambda: past_hours(datetime.now(UTC)))
+
     @property
     def env(self) -> dict[str, str]:
-        return {
-            **super().env,
-            "KAPPA_PARTITIONS": "hourly",
-            "KAPPA_PARTITIONS_START": (HOUR_1 - timedelta(days=1)).strftime("%Y-%m-%dT00:00"),
-            "KAPPA_ENRICH_MAX_WAIT_S": "0",
-            "KAPPA_BATCH_MAX_RECORDS": "200",
-        }
+        return {**super().env, **hourly_env(self.hours[0]), "KAPPA_BATCH_MAX_RECORDS": "200"}
 
 
 @pytest.fixture
@@ -65,6 +66,35 @@ CHECKSUMS = {
     "(store, shard, key) store || shard || key || value::text AS v FROM kappa.state "
     "ORDER BY store, shard, key, position DESC) s",
 }
+
+
+FACTS = ("fact_order", "fact_payment")
+CAPTURES = ("dim_customer", "fact_call_center_call")
+#: A text column of each fact that a damaged row gets a wrong value in.
+DAMAGE = {"fact_order": "customer_segment", "fact_payment": "customer_country"}
+
+
+def ledger_runs(state: LocalState) -> dict[str, dict[str, set[str]]]:
+    """Per asset and time partition, the run ids of its ledger batches."""
+    with psycopg.connect(state.edw_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT asset, partition_key, array_agg(DISTINCT run_id) FROM kappa.batch_ledger "
+            "GROUP BY asset, partition_key"
+        ).fetchall()
+    found: dict[str, dict[str, set[str]]] = {}
+    for asset, key, run_ids in rows:
+        found.setdefault(asset, {})[key] = set(run_ids)
+    return found
+
+
+def backfill_runs(state: LocalState, backfill_id: str) -> set[str]:
+    """The ids of the runs Dagster launched for a backfill (its run storage's tags)."""
+    with psycopg.connect(state.settings.resolved_dagster_pg_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT run_id FROM run_tags WHERE key = 'dagster/backfill' AND value = %s",
+            (backfill_id,),
+        ).fetchall()
+    return {r[0] for r in rows}
 
 
 def checksums(state: LocalState) -> dict[str, tuple[str, int]]:
@@ -148,11 +178,12 @@ def launch_backfill(state: LocalState, stack: StackProcess, asset: str, first, l
     return found.group(1)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1500)
 def test_a_backfill_launched_like_the_ui_reproduces_the_live_partitions(
     hourly_state: HourlyState,
 ) -> None:
     state = hourly_state
+    hour_1, hour_2 = state.hours
     stack = StackProcess(state, reset=True)
     stack.argv.append("--no-simulator")
     with stack:
@@ -160,20 +191,20 @@ def test_a_backfill_launched_like_the_ui_reproduces_the_live_partitions(
         settings = state.settings
         producer = KafkaProducer(bootstrap_servers=settings.local_broker, acks="all")
         try:
-            sent = produce_in_hour(producer, settings, HOUR_1 + timedelta(minutes=50), 300, seed=11)
-            sent += produce_in_hour(producer, settings, HOUR_2 + timedelta(minutes=5), 300, seed=12)
+            sent = produce_in_hour(producer, settings, hour_1 + timedelta(minutes=50), 300, seed=11)
+            sent += produce_in_hour(producer, settings, hour_2 + timedelta(minutes=5), 300, seed=12)
         finally:
             producer.close()
         changes = write_oltp(state)
         stack.wait_until(
             "the sensors' micro-batches loading every produced message",
             lambda: loaded_to_log_end(state, sent),
-            timeout_s=240,
+            timeout_s=480,
         )
         stack.wait_until(
             "the capture sensors' micro-batches applying every change",
             lambda: captured(state)[0] >= changes,
-            timeout_s=240,
+            timeout_s=480,
         )
         with psycopg.connect(state.edw_url, autocommit=True) as conn:
             partitions = {
@@ -184,7 +215,7 @@ def test_a_backfill_launched_like_the_ui_reproduces_the_live_partitions(
                 )
             }
         windows = settings.windows
-        assert partitions == {windows.at(HOUR_1).key, windows.at(HOUR_2).key}
+        assert partitions == {windows.at(hour_1).key, windows.at(hour_2).key}
         live = checksums(state)
         assert live["fact_order"][1] > 0 and live["fraud_alert"][1] > 0
 
@@ -194,12 +225,22 @@ def test_a_backfill_launched_like_the_ui_reproduces_the_live_partitions(
         assert visible and windows.window(visible[-1]).start <= windows.at(datetime.now(UTC)).start
         assert live["dim_customer"][1] > 0 and live["fact_call_center_call"][1] > 0
 
+        live_runs = ledger_runs(state)
+        assert set(FACTS) | set(CAPTURES) <= set(live_runs)
+        # Damage one row of each fact (a wrong value, as a bug would leave it): a backfill
+        # that really replaces its partition repairs it.
+        with psycopg.connect(state.edw_url, autocommit=True) as conn:
+            for table, column in DAMAGE.items():
+                damaged = conn.execute(
+                    f"UPDATE edw.{table} SET {column} = 'damaged' WHERE event_id = "
+                    f"(SELECT event_id FROM edw.{table} ORDER BY event_id LIMIT 1) RETURNING event_id"
+                ).fetchall()
+                assert len(damaged) == 1, table
+        assert checksums(state) != live
+
         # Every backfill at once, as several users would launch them from the UI.
-        launched = {
-            fact: launch_backfill(state, stack, fact, HOUR_1, HOUR_2)
-            for fact in ("fact_order", "fact_payment")
-        }
-        for table in ("dim_customer", "fact_call_center_call"):
+        launched = {fact: launch_backfill(state, stack, fact, hour_1, hour_2) for fact in FACTS}
+        for table in CAPTURES:
             launched[table] = launch_backfill(
                 state,
                 stack,
@@ -212,17 +253,26 @@ def test_a_backfill_launched_like_the_ui_reproduces_the_live_partitions(
             assert status in SUCCEEDED, (
                 f"{asset} backfill {backfill_id}: {status}\n{stack.diagnostics()}"
             )
+        # Each backfilled partition's ledger batches are now the backfill's own: no batch of
+        # a live run is left in it (a backfill that replaced nothing leaves them all).
+        after = ledger_runs(state)
+        for asset, backfill_id in launched.items():
+            runs = backfill_runs(state, backfill_id)
+            assert runs, f"{asset} backfill {backfill_id} launched no run"
+            assert set(after[asset]) == set(live_runs[asset]), asset
+            for key, run_ids in after[asset].items():
+                assert run_ids <= runs, (
+                    f"{asset} partition {key}: ledger batches of runs {sorted(run_ids - runs)} "
+                    f"are not the backfill's ({sorted(runs)})"
+                )
+                assert not run_ids & live_runs[asset][key], (asset, key)
         with psycopg.connect(state.edw_url, autocommit=True) as conn:
-            reprocessed = conn.execute(
-                "SELECT count(DISTINCT run_id) FROM kappa.batch_ledger WHERE asset IN "
-                "('fact_order', 'fact_payment') AND run_id IN (SELECT run_id FROM kappa.checkpoint)"
-            ).fetchone()
             replaced = conn.execute(
                 "SELECT asset, count(*), count(DISTINCT partition_key) FROM kappa.batch_ledger "
                 "WHERE asset IN ('dim_customer', 'fact_call_center_call') GROUP BY asset"
             ).fetchall()
-        assert reprocessed is not None and reprocessed[0] >= 2
         # A replaced partition of a change table is one ledger batch.
         assert len(replaced) == 2 and all(batches == keys for _, batches, keys in replaced)
+        # The same rows as the live runs left, the damaged ones repaired.
         assert checksums(state) == live
         assert stack.interrupt() == 0

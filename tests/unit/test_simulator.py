@@ -451,7 +451,7 @@ def test_run_at_rate_zero_idles_without_a_producer(monkeypatch: pytest.MonkeyPat
     )
     worker.start()
     worker.join(0.2)
-    assert worker.is_alive()
+    assert worker.is_alive(), "the idle simulator ended without being asked to"
     stop.set()
-    worker.join(2)
-    assert not worker.is_alive()
+    worker.join(120)
+    assert not worker.is_alive(), "the idle simulator did not stop within 120 s of the stop event"
