@@ -121,6 +121,8 @@ class FactServices:
     customers: CaptureSpec | None = None
     calls: CaptureSpec | None = None
     max_wait_s: float = 0.0
+    #: A backfill's wait, in all, per partition (heal runs repair what it leaves provisional).
+    reprocess_wait_s: float = 0.0
 
 
 def window_table(
@@ -344,7 +346,7 @@ def build_fact_asset(
                         run_id=context.run.run_id,
                         max_batch=max_batch,
                         dimensions=dims,
-                        max_wait_s=services.max_wait_s,
+                        max_wait_s=services.reprocess_wait_s,
                     )
                 except KappaError as exc:
                     context.log.error(str(exc))
