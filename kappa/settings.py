@@ -110,7 +110,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_SIM_INVALID_RATE", "0.005", "Share of simulated messages that are malformed."),
     Setting(
         "KAPPA_ENRICH_MAX_WAIT_S",
-        "10",
+        "5",
         "How long a batch of events waits for change capture to cover its event times.",
     ),
     Setting(
