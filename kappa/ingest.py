@@ -35,6 +35,7 @@ from kappa.stateful import (
     Dimensions,
     StatefulStep,
     StepOutput,
+    WaitBudget,
     wait_for_dimensions,
 )
 from kappa.warehouse import (
@@ -258,13 +259,13 @@ def _apply_step(
     partition: int,
     state: StateAccess | None,
     dimensions: Dimensions | None,
-    max_wait_s: float,
+    budget: WaitBudget,
 ) -> tuple[StepOutput | None, Rerun | None]:
     """Run the asset's stateful step over a decoded batch ((None, None) for a stateless
     asset); also returns how to re-run it on the records that survive the load.
 
     Events the EDW holds already are dropped first: state never counts an event twice.
-    The step waits up to ``max_wait_s`` for change capture to cover the batch's event times;
+    The step waits, within ``budget``, for change capture to cover the batch's event times;
     a re-run (records the database refused taken out) uses the same completeness, no wait.
     """
     if spec.step is None:
@@ -275,9 +276,7 @@ def _apply_step(
     rows = decoded.rows
     seen = existing_event_ids(conn, schemas, spec.contract, rows["event_id"].astype(str).tolist())
     rows = rows[~rows["event_id"].isin(seen)]
-    completeness = (
-        wait_for_dimensions(dimensions, rows, max_wait_s=max_wait_s) if not rows.empty else None
-    )
+    completeness = wait_for_dimensions(dimensions, rows, budget=budget) if not rows.empty else None
 
     def rerun(survivors: DecodedBatch) -> StepOutput:
         kept = rows[rows["kafka_offset"].isin(survivors.rows["kafka_offset"])]
@@ -335,7 +334,7 @@ def run_batch(
     decoded = decode_batch(raw, spec.contract)
     scoped = ScopedStateCache(cache, spec.asset) if cache is not None else None
     output, rerun = _apply_step(
-        conn, schemas, spec, decoded, partition, scoped, dimensions, max_wait_s
+        conn, schemas, spec, decoded, partition, scoped, dimensions, WaitBudget(max_wait_s)
     )
     record = BatchRecord(
         asset=spec.asset,
@@ -536,12 +535,16 @@ def reprocess_window(
     max_batch: int,
     dimensions: Dimensions | None = None,
     max_wait_s: float = 0.0,
+    budget: WaitBudget | None = None,
 ) -> list[WindowOutcome]:
     """Replace time partition ``window`` of ``spec.asset`` from the log, in one transaction.
 
     Every topic partition's offsets of the window are resolved with ``offsets_for_times``;
     each is deleted and reloaded in batches of at most ``max_batch`` (ledger rows included),
-    a stateful step starting from the state checkpointed at the window's start. A reset log,
+    a stateful step starting from the state checkpointed at the window's start. The step
+    waits for change capture at most ``max_wait_s`` for the whole window (one deadline
+    shared by every chunk of every topic partition, or ``budget``); rows still newer than
+    change capture are ``provisional``, which healing re-derives. A reset log,
     expired offsets, a predecessor not loaded or a missing checkpoint raise before anything
     is deleted (:class:`LogResetError`, :class:`ReprocessError`).
     """
@@ -553,6 +556,7 @@ def reprocess_window(
     for p in partitions:
         check_continuity(spec.asset, topic, p, heads.get(p), bounds[p], epoch)
     backend = PostgresStateBackend(schemas)
+    budget = budget if budget is not None else WaitBudget(max_wait_s)
     outcomes: list[WindowOutcome] = []
     with conn.transaction():  # every topic partition of the window, or none
         for p in partitions:
@@ -580,7 +584,7 @@ def reprocess_window(
                     raw = store.fetch(topic, p, chunk.start, chunk.end)
                     decoded = decode_batch(raw, spec.contract)
                     output, rerun = _apply_step(
-                        conn, schemas, spec, decoded, p, state, dimensions, max_wait_s
+                        conn, schemas, spec, decoded, p, state, dimensions, budget
                     )
                     counts = BatchCounts()
                     # The same isolation as live batches: replay gives the same dead letters.

@@ -61,12 +61,15 @@ class RunLog(Protocol):
 
 @dataclass(frozen=True)
 class FactServices:
-    """What a fact's stateful step reads besides its topic: the captured dimensions, and how
-    long a batch waits for their change capture (``KAPPA_ENRICH_MAX_WAIT_S``)."""
+    """What a fact's stateful step reads besides its topic: the captured dimensions, how
+    long a micro-batch waits for their change capture (``KAPPA_ENRICH_MAX_WAIT_S``), and how
+    long a backfill waits, in all, per partition (``KAPPA_BACKFILL_MAX_WAIT_S``; heal runs
+    repair what it leaves provisional)."""
 
     customers: CaptureSpec | None = None
     calls: CaptureSpec | None = None
     max_wait_s: float = 0.0
+    reprocess_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -307,7 +310,7 @@ def reprocess_partitions(
                     run_id=run_id,
                     max_batch=max_batch,
                     dimensions=dims,
-                    max_wait_s=services.max_wait_s,
+                    max_wait_s=services.reprocess_wait_s,
                 )
             except KappaError as exc:
                 log.error(str(exc))

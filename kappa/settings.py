@@ -122,8 +122,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_SIM_INVALID_RATE", "0.005", "Share of simulated messages that are malformed."),
     Setting(
         "KAPPA_ENRICH_MAX_WAIT_S",
-        "10",
+        "5",
         "How long a batch of events waits for change capture to cover its event times.",
+    ),
+    Setting(
+        "KAPPA_BACKFILL_MAX_WAIT_S",
+        "0",
+        "How long a backfill (or heal) of one partition waits, in all, for change capture to "
+        "cover its event times; rows still newer are `provisional` and healed later.",
+    ),
+    Setting(
+        "KAPPA_HEAL_INTERVAL_S",
+        "30",
+        "Seconds between evaluations of the heal sensors, which re-derive partitions with "
+        "`provisional` rows once change capture covers them.",
     ),
     Setting(
         "KAPPA_STATE_CACHE_KEYS",
@@ -310,6 +322,8 @@ class Settings:
     oltp_rate: float
     oltp_writers: int
     enrich_max_wait_s: float
+    backfill_max_wait_s: float
+    heal_interval_s: int
     state_cache_keys: int
     fraud_velocity_max: int
     fraud_velocity_window_s: int
@@ -377,6 +391,8 @@ class Settings:
             oltp_rate=_float(env, "KAPPA_OLTP_RATE", minimum=0.0, maximum=100_000),
             oltp_writers=_int(env, "KAPPA_OLTP_WRITERS", minimum=1, maximum=64),
             enrich_max_wait_s=_float(env, "KAPPA_ENRICH_MAX_WAIT_S", minimum=0.0, maximum=3600),
+            backfill_max_wait_s=_float(env, "KAPPA_BACKFILL_MAX_WAIT_S", minimum=0.0, maximum=3600),
+            heal_interval_s=_int(env, "KAPPA_HEAL_INTERVAL_S", minimum=1, maximum=86400),
             state_cache_keys=_int(env, "KAPPA_STATE_CACHE_KEYS", minimum=1, maximum=100_000_000),
             fraud_velocity_max=_int(env, "KAPPA_FRAUD_VELOCITY_MAX", minimum=1, maximum=10_000),
             fraud_velocity_window_s=_int(

@@ -218,18 +218,43 @@ class WarehouseDimensions:
         return frame
 
 
+class WaitBudget:
+    """Time left to wait for change capture, shared by every batch that draws on it.
+
+    A live batch has its own; a backfill has one for its whole window (every chunk of every
+    topic partition), so a window whose events are newer than change capture pays the wait
+    once, not once per chunk and partition.
+    """
+
+    def __init__(
+        self,
+        seconds: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.clock = clock
+        self.sleep = sleep
+        self.deadline = clock() + max(0.0, seconds)
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - self.clock())
+
+
 def wait_for_dimensions(
     dimensions: Dimensions,
     rows: pd.DataFrame,
     *,
-    max_wait_s: float,
+    max_wait_s: float = 0.0,
     sleep: Callable[[float], None] = time.sleep,
+    budget: WaitBudget | None = None,
 ) -> Completeness | None:
-    """Wait (bounded) until change capture has loaded every change of the rows' customers
-    up to each row's event time."""
+    """Wait (bounded by ``budget``, or ``max_wait_s`` from now) until change capture has
+    loaded every change of the rows' customers up to each row's event time."""
+    budget = budget if budget is not None else WaitBudget(max_wait_s, sleep=sleep)
     customers = rows[CUSTOMER_COLUMN].astype(str) if CUSTOMER_COLUMN in rows else None
     ids = sorted(set(customers)) if customers is not None else []
-    deadline = time.monotonic() + max_wait_s
     while True:
         completeness = dimensions.watermark(ids)
         if completeness is not None:
@@ -240,9 +265,10 @@ def wait_for_dimensions(
             )
             if bool((pd.to_datetime(rows["event_time"], utc=True) <= marks).all()):
                 return completeness
-        if time.monotonic() >= deadline:
+        left = budget.remaining()
+        if left <= 0:
             return completeness
-        sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        budget.sleep(min(0.5, left))
 
 
 def completeness_marks(completeness: Completeness | None, rows: pd.DataFrame) -> pd.Series | None:

@@ -234,6 +234,8 @@ def ensure_schema(
     conn: psycopg.Connection, schemas: Schemas, contracts: Sequence[EventContract]
 ) -> None:
     """Create schemas and tables that do not exist yet; running it again changes nothing."""
+    from kappa.heal import heal_ddl, heals  # heal builds on this module
+
     with conn.transaction():
         # Serialise concurrent bootstraps (stack start, tests in parallel) on one lock.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('kappa-etl:ensure_schema'))")
@@ -242,6 +244,8 @@ def ensure_schema(
         conn.execute(sql.SQL(_META_DDL).format(meta=sql.Identifier(schemas.meta)))
         for contract in contracts:
             conn.execute(_fact_ddl(schemas, contract))
+            if heals(contract):
+                conn.execute(heal_ddl(schemas, contract))
         conn.execute(
             sql.SQL(_FRAUD_ALERT_DDL).format(table=sql.Identifier(schemas.edw, "fraud_alert"))
         )

@@ -27,6 +27,7 @@ from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.health import failure_threshold
 from kappa.run import FactServices
+from kappa.heal import heals
 from kappa.settings import Settings
 from resources.event_store import EventStoreResource
 from resources.oltp import OltpResource
@@ -34,6 +35,7 @@ from resources.state import StateCacheResource
 from resources.warehouse import WarehouseResource
 from sensors.cdc import build_capture_sensor
 from sensors.event_store import build_offset_sensor
+from sensors.heal import build_heal_sensor
 from sensors.marts import build_mart_sensor
 
 FRAUD_ALERT = dg.AssetSpec(
@@ -64,6 +66,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         customers=by_target.get("dim_customer"),
         calls=by_target.get("fact_call_center_call"),
         max_wait_s=settings.enrich_max_wait_s,
+        reprocess_wait_s=settings.backfill_max_wait_s,
     )
     limits = {"max_batch": settings.batch_max_records, "max_run": settings.run_max_records}
     interval = settings.sensor_interval_s
@@ -124,6 +127,18 @@ def build_definitions(settings: Settings) -> dg.Definitions:
                 **limits,
             )
             for spec, setting in ingests
+        ]
+        + [
+            build_heal_sensor(
+                spec,
+                services=services,
+                windows=settings.windows,
+                interval_s=settings.heal_interval_s,
+                selection=sorted(facts[spec.asset].keys),
+                max_runtime_s=settings.run_max_runtime_s,
+            )
+            for spec, _ in ingests
+            if spec.step is not None and heals(spec.contract)
         ]
         + [
             build_capture_sensor(

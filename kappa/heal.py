@@ -1,0 +1,174 @@
+"""Self-healing of provisional enrichment: which time partitions hold rows enriched before
+change capture covered them, and which of those can be re-derived now.
+
+A row is ``provisional`` when its event was newer than what change capture had loaded when
+its batch ran (see :class:`kappa.stateful.Completeness`). Once capture is complete past its
+event time for its customer, re-deriving its time partition through the backfill path
+(:func:`kappa.ingest.reprocess_window`) joins the version valid at the event time, and gives
+the rows a backfill gives, so replay equivalence holds. The heal sensor plans that run; this
+module finds the partitions, without Dagster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from kappa.contracts import EventContract
+from kappa.partitions import TimeWindows
+from kappa.stateful import CUSTOMER_COLUMN, Completeness
+from kappa.warehouse import Schemas
+
+#: The derived column that says how a row was enriched.
+ENRICHMENT_COLUMN = "enrichment"
+PROVISIONAL = "provisional"
+
+
+def heals(contract: EventContract) -> bool:
+    """Whether ``contract``'s fact carries an enrichment that may be provisional."""
+    return any(name == ENRICHMENT_COLUMN for name, _ in contract.derived)
+
+
+def heal_ddl(schemas: Schemas, contract: EventContract) -> sql.Composed:
+    """Indexes that keep the heal sensor's query cheap: the provisional rows alone (a partial
+    index, empty when nothing is provisional), and the ledger batch holding an offset."""
+    return sql.SQL(
+        "CREATE INDEX IF NOT EXISTS {fact_index} ON {table} (topic, kafka_partition, "
+        "kafka_offset) INCLUDE ({customer}, event_time) WHERE {enrichment} = {provisional};"
+        "CREATE INDEX IF NOT EXISTS batch_ledger_position_idx ON {ledger} "
+        "(asset, source, shard, start_position);"
+    ).format(
+        fact_index=sql.Identifier(f"{contract.table}_provisional_idx"),
+        table=sql.Identifier(schemas.edw, contract.table),
+        customer=sql.Identifier(CUSTOMER_COLUMN),
+        enrichment=sql.Identifier(ENRICHMENT_COLUMN),
+        provisional=sql.Literal(PROVISIONAL),
+        ledger=sql.Identifier(schemas.meta, "batch_ledger"),
+    )
+
+
+@dataclass(frozen=True)
+class ProvisionalGroup:
+    """The provisional rows of one customer in one time partition.
+
+    ``partition_key`` is that of the ledger batch whose offset range holds the rows (None
+    when no batch holds them, which the ledger's tiling rules out).
+    """
+
+    partition_key: str | None
+    customer_id: str
+    earliest: pd.Timestamp
+    rows: int
+
+
+def provisional_groups(
+    conn: psycopg.Connection, schemas: Schemas, asset: str, contract: EventContract
+) -> list[ProvisionalGroup]:
+    """Every provisional row of ``asset``, by time partition (from the ledger) and customer."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT l.partition_key, f.{customer}, min(f.event_time), count(*) FROM {table} f "
+            "LEFT JOIN LATERAL (SELECT partition_key FROM {ledger} b WHERE b.asset = %s "
+            "AND b.source = f.topic AND b.shard = f.kafka_partition "
+            "AND b.start_position <= f.kafka_offset AND f.kafka_offset < b.end_position "
+            "ORDER BY b.start_position DESC LIMIT 1) l ON true "
+            "WHERE f.{enrichment} = {provisional} GROUP BY 1, 2"
+        ).format(
+            customer=sql.Identifier(CUSTOMER_COLUMN),
+            table=sql.Identifier(schemas.edw, contract.table),
+            ledger=sql.Identifier(schemas.meta, "batch_ledger"),
+            enrichment=sql.Identifier(ENRICHMENT_COLUMN),
+            provisional=sql.Literal(PROVISIONAL),
+        ),
+        (asset,),
+    ).fetchall()
+    return [
+        ProvisionalGroup(key, str(customer), pd.Timestamp(earliest).tz_convert("UTC"), int(n))
+        for key, customer, earliest, n in rows
+    ]
+
+
+@dataclass(frozen=True)
+class HealPlan:
+    """What to heal now: ``partition_key`` (None: nothing yet), and why the rest waits."""
+
+    partition_key: str | None
+    #: Provisional rows of the partition whose customer's capture is past their earliest event.
+    ready_rows: int
+    provisional_rows: int
+    waiting: str
+
+
+def plan_heal(
+    asset: str,
+    groups: Sequence[ProvisionalGroup],
+    completeness: Completeness | None,
+    windows: TimeWindows,
+) -> HealPlan:
+    """The oldest time partition with a provisional row that change capture now covers.
+
+    A customer's rows are ready once its completeness mark reaches their earliest event
+    time: re-deriving the partition turns at least that row final (rows newer still stay
+    provisional and are healed by a later run).
+    """
+    total = sum(g.rows for g in groups)
+    if not groups:
+        return HealPlan(None, 0, 0, f"no provisional rows in {asset}")
+    if completeness is None:
+        return HealPlan(
+            None,
+            0,
+            total,
+            f"{total} provisional rows in {asset} wait for change capture to record how far "
+            "it is complete (no capture batch yet, or changes wait past it)",
+        )
+    unplaced = [g for g in groups if g.partition_key is None]
+    placed = [g for g in groups if g.partition_key is not None]
+    marks = completeness.marks(pd.Series([g.customer_id for g in placed], dtype=object))
+    ready: dict[str, int] = {}
+    closest: tuple[pd.Timedelta, ProvisionalGroup, pd.Timestamp] | None = None
+    for group, mark in zip(placed, marks, strict=True):
+        assert group.partition_key is not None
+        if group.earliest <= mark:
+            ready[group.partition_key] = ready.get(group.partition_key, 0) + group.rows
+        elif closest is None or group.earliest - mark < closest[0]:
+            closest = (group.earliest - mark, group, mark)
+    notes = []
+    if unplaced:
+        notes.append(
+            f"{sum(g.rows for g in unplaced)} provisional rows in no ledger batch (not healed)"
+        )
+    if not ready:
+        if closest is not None:
+            _, group, mark = closest
+            notes.insert(
+                0,
+                f"{total} provisional rows in {asset} wait for change capture to pass their "
+                f"event times (closest: customer {group.customer_id}, complete up to "
+                f"{mark.isoformat()}, earliest provisional event {group.earliest.isoformat()}, "
+                f"partition {group.partition_key})",
+            )
+        return HealPlan(None, 0, total, "; ".join(notes))
+    key = min(ready, key=lambda k: windows.window(k).start)
+    return HealPlan(key, ready[key], total, "; ".join(notes))
+
+
+def ledger_fingerprint(
+    conn: psycopg.Connection, schemas: Schemas, asset: str, source: str, partition_key: str
+) -> str:
+    """Changes whenever a batch of the partition commits (a live batch or a re-derivation):
+    a heal run is asked for once per state of the partition, so a failed one is not
+    relaunched until the partition changes."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT coalesce(max(batch_id), 0), count(*) FROM {} "
+            "WHERE asset = %s AND source = %s AND partition_key = %s"
+        ).format(sql.Identifier(schemas.meta, "batch_ledger")),
+        (asset, source, partition_key),
+    ).fetchone()
+    assert row is not None
+    return f"{row[0]}.{row[1]}"

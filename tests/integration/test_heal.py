@@ -1,0 +1,247 @@
+"""Self-healing provisional enrichment, and a backfill that waits for change capture at most
+once per window: against the real broker, PostgreSQL and a Dagster instance (sensors
+evaluated and runs executed through Dagster, as the daemon does)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import dagster as dg
+import psycopg
+import pytest
+from dagster._core.test_utils import create_run_for_test
+
+from kappa.catalog import topic_ingests
+from kappa.event_store import EventStore
+from kappa.ingest import reprocess_window
+from kappa.stateful import WaitBudget, WarehouseDimensions
+from kappa.warehouse import connect
+from sensors.heal import HEAL_KEY_TAG, HEAL_TAG
+from sensors.micro_batch import ASSET_TAG, PARTITIONS_TAG
+from tests.integration.harness import Pipeline
+from tests.integration.test_stateful import oltp, order, payment
+
+pytestmark = pytest.mark.integration
+
+
+def heal_tick(pipeline: Pipeline, asset: str) -> dg.SensorResult:
+    sensor = pipeline.defs.get_sensor_def(f"{asset}_heal_sensor")
+    with dg.build_sensor_context(
+        instance=pipeline.instance, resources=pipeline.defs.resources
+    ) as context:
+        result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
+def reason(result: dg.SensorResult) -> str:
+    skip = result.skip_reason
+    return (skip.skip_message or "") if skip is not None else ""
+
+
+def replay_checks(pipeline: Pipeline) -> dict[str, dg.AssetCheckEvaluation]:
+    result = pipeline.defs.resolve_job_def("edw_checks").execute_in_process(
+        instance=pipeline.instance, raise_on_error=False
+    )
+    return {
+        e.asset_key.path[-1]: e
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == "replay_equivalence"
+    }
+
+
+def test_rows_enriched_before_a_held_customer_change_are_healed_without_an_operator(
+    pipeline_env, instance
+):
+    pipeline = Pipeline(env={**pipeline_env, "KAPPA_ENRICH_MAX_WAIT_S": "1"}, instance=instance)
+    oltp(
+        pipeline,
+        "INSERT INTO customers (customer_id, name, segment, country, credit_limit) VALUES "
+        "('c-1', 'Ada', 'retail', 'DE', 100)",
+    )
+    pipeline.drain("dim_customer")
+    [(retail_sk,)] = pipeline.query("SELECT customer_sk FROM edw.dim_customer")
+    # An OLTP transaction holds c-1's change open past the batches' wait.
+    held = psycopg.connect(pipeline.env["KAPPA_OLTP_URL"], autocommit=False)
+    try:
+        held.execute(
+            "UPDATE customers SET segment = 'smb', country = 'FR' WHERE customer_id = 'c-1'"
+        )
+        at = datetime.now(UTC)  # after the change: its version is the one valid at the events
+        pipeline.produce(
+            [
+                order(pipeline, "c-1", 10.00, at),
+                payment(pipeline, "c-1", 30.00, at, card="k-1", country="FR"),
+            ]
+        )
+        pipeline.drain("fact_order")
+        pipeline.drain("fact_payment")
+        loaded_at = time.monotonic()
+        assert pipeline.query(
+            "SELECT customer_sk, customer_segment, customer_country, enrichment FROM edw.fact_order"
+        ) == [(retail_sk, "retail", "DE", "provisional")]
+        # Provisionally DE, the merchant FR: a geo alert the real version would not raise.
+        assert pipeline.query("SELECT rule FROM edw.fraud_alert") == [("geo_mismatch",)]
+        waiting = heal_tick(pipeline, "fact_order")
+        assert not waiting.run_requests
+        assert "wait for change capture" in reason(waiting), reason(waiting)
+        held.commit()
+    finally:
+        held.rollback()
+        held.close()
+    # Committed but not captured yet: c-1 is complete only up to just before its change.
+    waiting = heal_tick(pipeline, "fact_order")
+    assert not waiting.run_requests and "customer c-1" in reason(waiting), reason(waiting)
+
+    pipeline.drain("dim_customer")
+    captured_at = time.monotonic()
+    [(smb_sk,)] = pipeline.query(
+        "SELECT customer_sk FROM edw.dim_customer WHERE segment = 'smb' AND valid_to IS NULL"
+    )
+    for asset in ("fact_order", "fact_payment"):
+        tick = heal_tick(pipeline, asset)
+        [request] = tick.run_requests
+        shards = "0,1,2,3" if asset == "fact_order" else "0,1"
+        assert request.tags[ASSET_TAG] == asset and request.tags[PARTITIONS_TAG] == shards
+        assert request.tags[HEAL_TAG] == request.partition_key
+        assert not request.run_config  # no offset ranges: the backfill path
+        assert pipeline.execute(request).success
+    healed_at = time.monotonic()
+
+    assert pipeline.query(
+        "SELECT customer_sk, customer_segment, customer_country, enrichment FROM edw.fact_order"
+    ) == [(smb_sk, "smb", "FR", "as_of")]
+    assert pipeline.query(
+        "SELECT customer_sk, customer_country, enrichment FROM edw.fact_payment"
+    ) == [(smb_sk, "FR", "as_of")]
+    assert pipeline.query("SELECT rule FROM edw.fraud_alert") == []
+    for asset in ("fact_order", "fact_payment"):
+        done = heal_tick(pipeline, asset)
+        assert not done.run_requests and reason(done) == f"no provisional rows in {asset}"
+    checks = replay_checks(pipeline)
+    assert checks["fact_order"].passed and checks["fact_payment"].passed, checks
+    print(
+        f"\nprovisional for {healed_at - loaded_at:.2f} s in all, of which "
+        f"{healed_at - captured_at:.2f} s after change capture covered the rows "
+        "(sensor ticks driven by the test, not the daemon's interval)"
+    )
+
+
+def test_a_heal_waits_for_its_asset_s_heal_in_flight_and_holds_the_live_sensor(
+    pipeline_env, instance
+):
+    pipeline = Pipeline(env={**pipeline_env, "KAPPA_ENRICH_MAX_WAIT_S": "0"}, instance=instance)
+    oltp(
+        pipeline,
+        "INSERT INTO customers (customer_id, name, segment, country, credit_limit) VALUES "
+        "('c-1', 'Ada', 'retail', 'DE', 100)",
+    )
+    pipeline.drain("dim_customer")
+    held = psycopg.connect(pipeline.env["KAPPA_OLTP_URL"], autocommit=False)
+    try:
+        held.execute("UPDATE customers SET segment = 'smb' WHERE customer_id = 'c-1'")
+        pipeline.produce([order(pipeline, "c-1", 10.00, datetime.now(UTC))])
+        pipeline.drain("fact_order")
+        held.commit()
+    finally:
+        held.rollback()
+        held.close()
+    pipeline.drain("dim_customer")
+    [request] = heal_tick(pipeline, "fact_order").run_requests
+    # Queued behind a live run or running, it holds every shard of the asset.
+    queued = create_run_for_test(
+        pipeline.instance,
+        job_name="__ASSET_JOB",
+        status=dg.DagsterRunStatus.STARTED,
+        tags=request.tags,
+    )
+    again = heal_tick(pipeline, "fact_order")
+    assert not again.run_requests
+    assert reason(again) == (
+        f"heal run {queued.run_id[:8]} of fact_order partition {request.partition_key} is started"
+    )
+    pipeline.produce([order(pipeline, "c-1", 11.00, datetime.now(UTC))])
+    live = pipeline.tick("fact_order")
+    assert not live.run_requests and "batch in flight" in reason(live)
+
+    # A failed heal is not asked for again until the partition changes.
+    pipeline.instance.report_run_failed(queued)
+    again = heal_tick(pipeline, "fact_order")
+    assert not again.run_requests and "did not succeed" in reason(again)
+    assert queued.tags[HEAL_KEY_TAG] == request.tags[HEAL_KEY_TAG]
+    pipeline.drain("fact_order")  # a batch of the partition commits: the heal is planned anew
+    [retry] = heal_tick(pipeline, "fact_order").run_requests
+    assert retry.run_key != request.run_key and retry.partition_key == request.partition_key
+    assert pipeline.execute(retry).success
+    assert pipeline.query("SELECT customer_segment, enrichment FROM edw.fact_order") == [
+        ("smb", "as_of"),
+        ("smb", "as_of"),
+    ]
+
+
+def test_a_backfill_waits_for_change_capture_once_per_window_not_per_chunk_and_shard(
+    pipeline_env, instance
+):
+    """Events newer than change capture (a held OLTP transaction), reprocessed in 4 topic
+    partitions x 4 chunks with a 10 s wait: the clock is the test's, so the wait is counted,
+    not timed."""
+    pipeline = Pipeline(env={**pipeline_env, "KAPPA_ENRICH_MAX_WAIT_S": "0"}, instance=instance)
+    oltp(
+        pipeline,
+        "INSERT INTO customers (customer_id, name, segment, country, credit_limit) VALUES "
+        + ", ".join(f"('c-{i}', 'N', 'retail', 'DE', 100)" for i in range(8)),
+    )
+    pipeline.drain("dim_customer")
+    held = psycopg.connect(pipeline.env["KAPPA_OLTP_URL"], autocommit=False)
+    try:
+        held.execute("UPDATE customers SET segment = 'smb' WHERE customer_id = 'c-0'")
+        at = datetime.now(UTC)
+        pipeline.produce([order(pipeline, f"c-{i % 8}", 1.0 + i, at) for i in range(160)])
+        pipeline.drain("fact_order")
+        now = [0.0]
+        slept: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            now[0] += seconds
+
+        spec = next(s for s, _ in topic_ingests(pipeline.settings) if s.asset == "fact_order")
+        services = _services(pipeline)
+        store = EventStore(pipeline.env["KAFKA_BOOTSTRAP_SERVERS"])
+        try:
+            with connect(pipeline.edw_url) as conn, connect(pipeline.env["KAPPA_OLTP_URL"]) as src:
+                dims = WarehouseDimensions(
+                    conn, pipeline.schemas, oltp=src, customers=services[0], calls=services[1]
+                )
+                windows = pipeline.settings.windows
+                outcomes = reprocess_window(
+                    store,
+                    conn,
+                    pipeline.schemas,
+                    spec,
+                    windows,
+                    windows.at(at),
+                    run_id="test-backfill",
+                    max_batch=10,
+                    dimensions=dims,
+                    budget=WaitBudget(10.0, clock=lambda: now[0], sleep=sleep),
+                )
+        finally:
+            store.close()
+    finally:
+        held.rollback()
+        held.close()
+    assert sum(o.batches for o in outcomes) == 16 and len(outcomes) == 4
+    # Before: up to 10 s for each of the 16 chunks (160 s); now 10 s for the window.
+    assert 0 < sum(slept) <= 10.0
+    assert pipeline.query(
+        "SELECT count(*) FILTER (WHERE enrichment = 'provisional'), count(*) FROM edw.fact_order"
+    ) == [(160, 160)]
+
+
+def _services(pipeline: Pipeline) -> tuple:
+    from kappa.capture import load_captures
+
+    by_target = {c.target: c for c in load_captures(pipeline.settings.capture_config)}
+    return by_target["dim_customer"], by_target["fact_call_center_call"]
