@@ -25,6 +25,7 @@ import contextlib
 import http.client
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -109,11 +110,11 @@ class LocalObjectStore:
         }
 
     def command(self) -> list[str]:
-        """The server's argv (the interpreter running kappa has localbucket installed)."""
+        """The server's argv: localbucket through :func:`serve` (quiet access log)."""
         return [
             sys.executable,
             "-m",
-            "localbucket",
+            "kappa.object_store",
             "--host",
             self.host,
             "--port",
@@ -227,3 +228,37 @@ class LocalObjectStore:
     def __repr__(self) -> str:
         where = self.endpoint if self.port is not None else "no port yet"
         return f"LocalObjectStore({where}, {self.data_dir}, pid={self.pid})"
+
+
+#: The access-log line of a successful request: one per broker read or write.
+_OK_REQUEST = re.compile(r'HTTP/1\.[01]" 2\d\d ')
+
+
+class _QuietRequests(logging.Filter):
+    """Drops successful requests from the server's log; errors and refusals stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _OK_REQUEST.search(record.getMessage())
+
+
+#: Keys in one ListObjectsV2 page. Tansu 0.6 reads only the first page of a partition's
+#: batch objects (it never sends the continuation token), so with S3's 1,000 a partition
+#: written in more than 1,000 producer batches could not be read past them.
+LIST_PAGE_KEYS = 2**31 - 1
+
+
+def serve(argv: list[str]) -> None:
+    """Run localbucket with ``argv`` (its own options): one list page holds every key, and
+    the log keeps all but successful requests (one line per broker write otherwise)."""
+    import localbucket
+
+    localbucket.MAX_KEYS_LIMIT = LIST_PAGE_KEYS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietRequests())
+    sys.argv = ["localbucket", *argv]
+    localbucket.main()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])
