@@ -48,9 +48,8 @@ test: $(STAMP) ## Run the test suite (unit + integration against a real broker, 
 test-unit: $(STAMP) ## Run only the fast unit tests
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-test-pg15: $(STAMP) ## Run the integration tests against the PostgreSQL server at 127.0.0.1:5432 (memory broker; make test runs the durable one)
+test-pg15: $(STAMP) ## Run the integration tests against the PostgreSQL server at 127.0.0.1:5432
 	KAPPA_TEST_PG_URL=$${KAPPA_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres} \
-	KAPPA_TEST_BROKER_STORAGE=$${KAPPA_TEST_BROKER_STORAGE:-memory} \
 		$(BIN)/python -m pytest tests/integration -m "not e2e" $(PYTEST_ARGS)
 
 test-browser: $(BROWSER_STAMP) $(CHROMIUM) ## Browser tests of the Dagster UI against a running local stack (screenshots in tests/artifacts/browser/)

@@ -28,9 +28,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from kappa.exceptions import KappaError
 
@@ -247,12 +248,41 @@ class _QuietRequests(logging.Filter):
 LIST_PAGE_KEYS = 2**31 - 1
 
 
+def _honour_if_match(localbucket: Any) -> None:
+    """Make PutObject honour ``If-Match`` (localbucket 1.2 ignores it).
+
+    Tansu updates its cluster metadata (``meta.json``: topics, producer sequences) by read,
+    modify and a write conditional on the ETag it read. Ignored, two concurrent updates (a
+    topic created while producers write) lose one of them: measured, a topic created under
+    the simulator's load vanished. The check and the replace happen under one lock, so a
+    conditional write is atomic against every other conditional write in this server.
+    """
+    handler = localbucket.S3Handler
+    write_object = handler._write_object
+    lock = threading.Lock()
+
+    def conditional_write_object(self: Any, bucket: str, key: str, write: Any) -> str:
+        expected = self.headers.get("If-Match")
+        if expected is None:
+            return str(write_object(self, bucket, key, write))
+        with lock:
+            target = self._object_path(bucket, key)
+            if not target.is_file() or not localbucket.etag_matches(
+                expected, localbucket.object_etag(target)
+            ):
+                raise self._precondition_failed_error()
+            return str(write_object(self, bucket, key, write))
+
+    handler._write_object = conditional_write_object
+
+
 def serve(argv: list[str]) -> None:
     """Run localbucket with ``argv`` (its own options): one list page holds every key, and
     the log keeps all but successful requests (one line per broker write otherwise)."""
     import localbucket
 
     localbucket.MAX_KEYS_LIMIT = LIST_PAGE_KEYS
+    _honour_if_match(localbucket)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s]: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietRequests())

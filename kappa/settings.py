@@ -73,8 +73,8 @@ SETTINGS: tuple[Setting, ...] = (
         "KAPPA_BROKER_STORAGE",
         "memory",
         "Storage of the local broker: `memory` (nothing kept across restarts) or `durable` "
-        "(its log in `$KAPPA_HOME/broker`, kept across restarts; reads slow down as the log "
-        "grows, see Known limits of the local broker).",
+        "(experimental: its log in `$KAPPA_HOME/broker`, kept across restarts; its fetches "
+        "stall under the whole stack, see Known limits of the local broker).",
     ),
     Setting("KAPPA_EDW_SCHEMA", "edw", "Schema of the EDW tables."),
     Setting("KAPPA_META_SCHEMA", "kappa", "Schema of the ledger and dead-letter tables."),

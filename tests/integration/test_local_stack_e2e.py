@@ -664,6 +664,11 @@ def test_a_restart_on_memory_storage_stops_on_the_lost_log(
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.skipif(
+    os.environ.get("KAPPA_TEST_BROKER_STORAGE", "").strip().lower() != "durable",
+    reason="durable storage only (KAPPA_TEST_BROKER_STORAGE=durable): under the whole stack "
+    "the object-store engine of Tansu 0.6 stops answering fetches (README, known limits)",
+)
 def test_a_restart_without_reset_goes_on_where_the_ledger_ends(
     local_state: LocalState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
