@@ -8,7 +8,12 @@ watermarks live under ``$KAPPA_HOME/broker`` and survive a restart of either pro
 
 localbucket replaces an object with an atomic rename, so a killed server or broker leaves
 either the old or the new object, never half of one. It does not fsync: the log survives
-killed processes, not a power cut.
+killed processes, not a power cut. :func:`serve` runs it with two corrections Tansu needs:
+``If-Match`` honoured on writes and no limit on a list page.
+
+Experimental (``KAPPA_BROKER_STORAGE=durable``, not the default): under the whole local
+stack the engine stops answering fetches, and after a broker SIGKILL it loses some
+acknowledged records (README, "Known limits of the local broker").
 
 What the object-store engine of Tansu 0.6 cannot do (measured, see README "Known limits of
 the local broker"): it keeps topic configs nowhere (DescribeConfigs answers none), it
