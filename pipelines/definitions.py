@@ -25,9 +25,9 @@ from assets.event_store import (
 from assets.marts import build_customer_daily
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
+from kappa.heal import heals
 from kappa.health import failure_threshold
 from kappa.run import FactServices
-from kappa.heal import heals
 from kappa.settings import Settings
 from resources.event_store import EventStoreResource
 from resources.oltp import OltpResource

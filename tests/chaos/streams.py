@@ -50,6 +50,43 @@ def produce(
         producer.close()
 
 
+def read_back(bootstrap: str, topics: Iterable[str], timeout_s: float = 120) -> list[Record]:
+    """Every record the broker holds in ``topics``, read from the start up to each partition's
+    fetch high watermark (ListOffsets under-reports on Tansu): the log as it is, retried
+    sends' extra copies included."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning()
+        ends: dict[TopicPartition, int | None] = dict.fromkeys(tps)
+        records: list[Record] = []
+        seen: set[tuple[str, int, int]] = set()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for tp, batch in consumer.poll(500).items():
+                for r in batch:
+                    if (tp.topic, tp.partition, r.offset) not in seen:
+                        seen.add((tp.topic, tp.partition, r.offset))
+                        records.append(
+                            Record(tp.topic, tp.partition, r.offset, r.timestamp, r.key, r.value)
+                        )
+            for tp in tps:
+                if ends[tp] is None:
+                    ends[tp] = consumer.highwater(tp)
+            if all(e is not None and consumer.position(tp) >= e for tp, e in ends.items()):
+                return records
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"read back {len(records)} records of {sorted(set(topics))} within "
+                    f"{timeout_s:g} s, the log ends at {ends}"
+                )
+    finally:
+        consumer.close()
+
+
 def simulated(
     pipeline: Pipeline, count: int, *, seed: int, **rates: float
 ) -> list[simulator.SimulatedMessage]:

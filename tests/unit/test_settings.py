@@ -60,9 +60,9 @@ def test_every_setting_is_documented_in_the_readme():
     assert not missing, f"settings missing from the README's configuration table: {missing}"
 
 
-def test_broker_storage_is_durable_unless_memory_is_asked_for():
-    assert Settings.from_env({}).broker_storage == "durable"
-    assert Settings.from_env({"KAPPA_BROKER_STORAGE": "Memory"}).broker_storage == "memory"
+def test_broker_storage_is_memory_unless_durable_is_asked_for():
+    assert Settings.from_env({}).broker_storage == "memory"
+    assert Settings.from_env({"KAPPA_BROKER_STORAGE": "Durable"}).broker_storage == "durable"
     settings = Settings.from_env({"KAPPA_HOME": "/tmp/kappa-home"})
     assert settings.broker_data_dir == settings.home / "broker"
     with pytest.raises(ConfigurationError, match="^KAPPA_BROKER_STORAGE: .*'s3'"):
