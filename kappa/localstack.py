@@ -45,7 +45,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from kappa.exceptions import ConfigurationError, KappaError
-from kappa.object_store import BROKER_STORAGES, BUCKET, BrokerStorage, LocalObjectStore
+from kappa.object_store import (
+    BROKER_STORAGES,
+    BUCKET,
+    BrokerStorage,
+    LocalObjectStore,
+    crash,
+    terminate,
+)
 from kappa.settings import Settings, redact
 
 __all__ = [
@@ -858,16 +865,8 @@ class LocalBroker:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Terminate the broker, then its S3 server; each is killed after ``grace_s`` seconds."""
-        proc = self._proc
-        if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(grace_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("local broker (pid %s) ignored SIGTERM; killing it", proc.pid)
-                    proc.kill()
-                    proc.wait(10)
+        if self._proc is not None:
+            terminate(self._proc, grace_s, "local broker")
             self._proc = None
             self._close_log()
         # After the broker: a broker stopping cleanly may still write to its store.
@@ -876,10 +875,7 @@ class LocalBroker:
 
     def kill(self) -> None:
         """SIGKILL the process and reap it: a crash, for fault tests; :meth:`start` restarts."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        crash(self._proc)
 
     def _close_log(self) -> None:
         if self._log_file is not None:

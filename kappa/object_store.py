@@ -50,6 +50,28 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+def terminate(proc: subprocess.Popen[bytes], grace_s: float, what: str) -> None:
+    """SIGTERM ``proc`` and reap it; SIGKILL it when it is still there after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("%s (pid %s) ignored SIGTERM; killing it", what, proc.pid)
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+
+
+def crash(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL ``proc`` (when running) and reap it: a crash, for fault tests."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
 BrokerStorage = Literal["durable", "memory"]
 #: The values of ``KAPPA_BROKER_STORAGE``.
 BROKER_STORAGES: tuple[BrokerStorage, ...] = ("durable", "memory")
@@ -204,27 +226,15 @@ class LocalObjectStore:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Terminate the server, killing it after ``grace_s`` seconds."""
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("local S3 server (pid %s) ignored SIGTERM; killing it", proc.pid)
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(10)
+        terminate(self._proc, grace_s, "local S3 server")
         self._proc = None
         self._close_log()
 
     def kill(self) -> None:
         """SIGKILL the process and reap it: a crash, for fault tests; :meth:`start` restarts."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        crash(self._proc)
 
     def _close_log(self) -> None:
         if self._log_file is not None:
