@@ -6,8 +6,9 @@ event and OLTP simulators, Dagster daemon and webserver) in a temporary ``KAPPA_
 free ports, with a 5 s sensor interval and the simulator at a steady rate. After a warm-up
 it measures for ``--duration`` seconds, waits for the runs to catch up, and reads, for
 every event produced in the window, produce time (the record's CreateTime, ``broker_time``
-in the fact) to commit time (``committed_at`` of the ledger batch holding its offset,
-written in the batch's transaction just before it commits). Then it stops the stack.
+in the fact) to commit time (``committed_at`` of the first ledger batch that held its
+offset, written in the batch's transaction just before it commits; batches are recorded as
+they commit, since a heal run later replaces a partition's batches with its own). Then it stops the stack.
 
 Figures go to ``bench/results/freshness.json`` and are merged into ``latest.json``.
 """
@@ -44,12 +45,59 @@ WITH f AS (
   SELECT topic, kafka_partition, kafka_offset, broker_time FROM edw.fact_payment
    WHERE broker_time >= %(start)s AND broker_time < %(end)s
 )
-SELECT extract(epoch FROM l.committed_at - f.broker_time)::float8
-FROM f JOIN kappa.batch_ledger l
-  ON l.asset IN ('fact_order', 'fact_payment') AND l.source = f.topic
- AND l.shard = f.kafka_partition
+SELECT extract(epoch FROM min(l.committed_at) - f.broker_time)::float8
+FROM f JOIN pg_temp.first_commits l
+  ON l.source = f.topic AND l.shard = f.kafka_partition
  AND f.kafka_offset >= l.start_position AND f.kafka_offset < l.end_position
+GROUP BY l.asset, f.topic, f.kafka_partition, f.kafka_offset, f.broker_time
 """
+
+
+class LedgerRecorder:
+    """Every ledger batch of the facts as it first commits.
+
+    A heal run (or a backfill) replaces a partition's ledger batches with its own, later
+    ones: read at the end, the ledger would charge the heal's commit time to every event of
+    the partition. So the batches are recorded while the window runs, and an event's commit
+    time is the earliest commit of a batch that held it.
+    """
+
+    #: Overlap between polls: ``committed_at`` is taken just before a batch commits, so a
+    #: batch can become visible after a later-stamped one of another shard.
+    OVERLAP = timedelta(seconds=60)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.batches: dict[tuple[str, str, int, int, int], datetime] = {}
+        self.since = datetime(1970, 1, 1, tzinfo=UTC)
+
+    def poll(self) -> None:
+        try:
+            with psycopg.connect(self.url, connect_timeout=3) as conn:
+                rows = conn.execute(
+                    "SELECT asset, source, shard, start_position, end_position, committed_at "
+                    "FROM kappa.batch_ledger WHERE asset IN ('fact_order', 'fact_payment') "
+                    "AND committed_at >= %s",
+                    (self.since - self.OVERLAP,),
+                ).fetchall()
+        except psycopg.Error:
+            return  # a missed poll: the overlap of the next one covers it
+        for asset, source, shard, start, end, committed in rows:
+            self.batches.setdefault((asset, source, shard, start, end), committed)
+            self.since = max(self.since, committed)
+
+    def load_into(self, conn: psycopg.Connection) -> None:
+        """The recorded batches as the temporary table ``first_commits``."""
+        conn.execute(
+            "CREATE TEMP TABLE first_commits (asset text, source text, shard integer, "
+            "start_position bigint, end_position bigint, committed_at timestamptz)"
+        )
+        with conn.cursor().copy(
+            "COPY first_commits (asset, source, shard, start_position, end_position, "
+            "committed_at) FROM STDIN"
+        ) as copy:
+            for key, committed in self.batches.items():
+                copy.write_row((*key, committed))
 
 
 def _wait(predicate: Any, timeout: float, what: str, proc: subprocess.Popen[bytes]) -> Any:
@@ -146,12 +194,6 @@ class ProvisionalTracker:
         self.current = rows
         return rows
 
-    def follow(self, start: datetime, end: datetime, until: float) -> None:
-        """Sample until the monotonic time ``until``."""
-        while time.monotonic() < until:
-            self.sample(start, end)
-            time.sleep(max(0.0, min(self.poll_s, until - time.monotonic())))
-
     def figures(self) -> dict[str, Any]:
         durations = np.array([self.healed[e] - self.first_seen[e] for e in self.healed])
         now = time.monotonic()
@@ -180,6 +222,7 @@ JOIN run_tags t ON t.run_id = r.run_id AND t.key = 'kappa/asset'
  AND t.value IN ('fact_order', 'fact_payment')
 JOIN event_logs e ON e.run_id = r.run_id
 WHERE r.create_timestamp >= %s AND r.create_timestamp < %s
+  AND NOT EXISTS (SELECT 1 FROM run_tags h WHERE h.run_id = r.run_id AND h.key = 'kappa/heal')
 GROUP BY r.run_id, r.create_timestamp
 """
 
@@ -208,8 +251,9 @@ def run_phases(dagster_url: str, start: datetime, end: datetime) -> dict[str, An
     return result
 
 
-def measure(url: str, start: datetime, end: datetime) -> dict[str, Any]:
+def measure(url: str, start: datetime, end: datetime, ledger: LedgerRecorder) -> dict[str, Any]:
     with psycopg.connect(url) as conn:
+        ledger.load_into(conn)
         latencies = np.array(
             [r[0] for r in conn.execute(LATENCY, {"start": start, "end": end}).fetchall()]
         )
@@ -306,17 +350,26 @@ def main(argv: list[str] | None = None) -> int:
         start = datetime.now(UTC)
         print(f"measuring {args.duration:g} s at {args.rate:g} events/s ...", flush=True)
         tracker = ProvisionalTracker(url)
+        ledger = LedgerRecorder(url)
         # Rows of the window only; the window's end is not known yet: sample up to now.
-        tracker.follow(
-            start, datetime.now(UTC) + timedelta(days=1), time.monotonic() + args.duration
-        )
+        until = time.monotonic() + args.duration
+        while time.monotonic() < until:
+            ledger.poll()
+            tracker.sample(start, datetime.now(UTC) + timedelta(days=1))
+            time.sleep(max(0.0, min(tracker.poll_s, until - time.monotonic())))
         end = datetime.now(UTC)
         # Everything produced in the window must land before it is measured: wait until
         # the ledger covers the log ends seen at the window's end.
         ends = log_ends(env)
         covered_after = time.monotonic()
-        _wait(lambda: covered(url, ends), args.catch_up, "the runs to load the window", proc)
-        figures = measure(url, start, end)
+        _wait(
+            lambda: ledger.poll() or covered(url, ends),
+            args.catch_up,
+            "the runs to load the window",
+            proc,
+        )
+        ledger.poll()
+        figures = measure(url, start, end, ledger)
         figures["catch_up_s"] = round(time.monotonic() - covered_after, 1)
         # Then give the heal sensors time to re-derive what is still provisional.
         heal_deadline = time.monotonic() + args.heal_wait
