@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import dagster as dg
 import psycopg
@@ -68,21 +69,13 @@ def test_rows_enriched_before_a_held_customer_change_are_healed_without_an_opera
         held.execute(
             "UPDATE customers SET segment = 'smb', country = 'FR' WHERE customer_id = 'c-1'"
         )
-        at = datetime.now(UTC)  # after the change: its version is the one valid at the events
-        pipeline.produce(
-            [
-                order(pipeline, "c-1", 10.00, at),
-                payment(pipeline, "c-1", 30.00, at, card="k-1", country="FR"),
-            ]
-        )
+        # An order while the change is open: which version is valid at its event time
+        # depends on the change's time (its commit time where track_commit_timestamp is on),
+        # so it is read from the dimension below; what matters is that it is not final yet.
+        during = datetime.now(UTC)
+        pipeline.produce([order(pipeline, "c-1", 10.00, during)])
         pipeline.drain("fact_order")
-        pipeline.drain("fact_payment")
-        loaded_at = time.monotonic()
-        assert pipeline.query(
-            "SELECT customer_sk, customer_segment, customer_country, enrichment FROM edw.fact_order"
-        ) == [(retail_sk, "retail", "DE", "provisional")]
-        # Provisionally DE, the merchant FR: a geo alert the real version would not raise.
-        assert pipeline.query("SELECT rule FROM edw.fraud_alert") == [("geo_mismatch",)]
+        assert pipeline.query("SELECT enrichment FROM edw.fact_order") == [("provisional",)]
         waiting = heal_tick(pipeline, "fact_order")
         assert not waiting.run_requests
         assert "wait for change capture" in reason(waiting), reason(waiting)
@@ -90,6 +83,24 @@ def test_rows_enriched_before_a_held_customer_change_are_healed_without_an_opera
     finally:
         held.rollback()
         held.close()
+    # After the commit, before change capture loads it: the new version is the one valid at
+    # these events, but the EDW still has only the old one.
+    after = datetime.now(UTC)
+    pipeline.produce(
+        [
+            order(pipeline, "c-1", 20.00, after),
+            payment(pipeline, "c-1", 30.00, after, card="k-1", country="FR"),
+        ]
+    )
+    pipeline.drain("fact_order")
+    pipeline.drain("fact_payment")
+    loaded_at = time.monotonic()
+    assert pipeline.query(
+        "SELECT customer_sk, customer_segment, customer_country, enrichment FROM edw.fact_order "
+        "WHERE amount = 20.00"
+    ) == [(retail_sk, "retail", "DE", "provisional")]
+    # Provisionally DE, the merchant FR: a geo alert the real version would not raise.
+    assert pipeline.query("SELECT rule FROM edw.fraud_alert") == [("geo_mismatch",)]
     # Committed but not captured yet: c-1 is complete only up to just before its change.
     waiting = heal_tick(pipeline, "fact_order")
     assert not waiting.run_requests and "customer c-1" in reason(waiting), reason(waiting)
@@ -98,6 +109,11 @@ def test_rows_enriched_before_a_held_customer_change_are_healed_without_an_opera
     captured_at = time.monotonic()
     [(smb_sk,)] = pipeline.query(
         "SELECT customer_sk FROM edw.dim_customer WHERE segment = 'smb' AND valid_to IS NULL"
+    )
+    [valid_during] = pipeline.query(
+        "SELECT customer_sk, segment, country FROM edw.dim_customer WHERE valid_from <= %s "
+        "AND (valid_to IS NULL OR valid_to > %s)",
+        (during, during),
     )
     for asset in ("fact_order", "fact_payment"):
         tick = heal_tick(pipeline, asset)
@@ -110,8 +126,12 @@ def test_rows_enriched_before_a_held_customer_change_are_healed_without_an_opera
     healed_at = time.monotonic()
 
     assert pipeline.query(
-        "SELECT customer_sk, customer_segment, customer_country, enrichment FROM edw.fact_order"
-    ) == [(smb_sk, "smb", "FR", "as_of")]
+        "SELECT amount, customer_sk, customer_segment, customer_country, enrichment "
+        "FROM edw.fact_order ORDER BY amount"
+    ) == [
+        (Decimal("10.00"), *valid_during, "as_of"),
+        (Decimal("20.00"), smb_sk, "smb", "FR", "as_of"),
+    ]
     assert pipeline.query(
         "SELECT customer_sk, customer_country, enrichment FROM edw.fact_payment"
     ) == [(smb_sk, "FR", "as_of")]
@@ -141,12 +161,14 @@ def test_a_heal_waits_for_its_asset_s_heal_in_flight_and_holds_the_live_sensor(
     held = psycopg.connect(pipeline.env["KAPPA_OLTP_URL"], autocommit=False)
     try:
         held.execute("UPDATE customers SET segment = 'smb' WHERE customer_id = 'c-1'")
-        pipeline.produce([order(pipeline, "c-1", 10.00, datetime.now(UTC))])
-        pipeline.drain("fact_order")
         held.commit()
     finally:
         held.rollback()
         held.close()
+    # After the change's commit (its version is the one valid at the order), before change
+    # capture loads it: provisional.
+    pipeline.produce([order(pipeline, "c-1", 10.00, datetime.now(UTC))])
+    pipeline.drain("fact_order")
     pipeline.drain("dim_customer")
     [request] = heal_tick(pipeline, "fact_order").run_requests
     # Queued behind a live run or running, it holds every shard of the asset.
