@@ -61,6 +61,7 @@ from bench.common import (
     per_message_statements,
     populate_edw,
     stats_before,
+    stored_mean_before,
 )
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.decode import decode_batch
@@ -335,12 +336,13 @@ def run_per_message(
                 cur.execute(
                     q["stats"], ("order_stats", customer, cents, cents * cents), prepare=True
                 )
-                before, mean, stddev = stats_before(cur.fetchone(), cents)  # type: ignore[arg-type]
-                # Rounded as the step rounds (numpy), so that the results compare exactly.
+                after = cur.fetchone()
+                before, _, stddev = stats_before(after, cents)  # type: ignore[arg-type]
+                # Rounded as the step rounds, so that the results compare exactly.
                 outcome.orders[event_id] = (
                     version[0] if version else None,
                     before,
-                    None if mean is None else float(np.round(mean, 2)),
+                    stored_mean_before(after, cents),  # type: ignore[arg-type]
                     None if stddev is None else float(np.round(stddev, 4)),
                 )
                 statements_run += 3

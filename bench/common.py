@@ -30,6 +30,7 @@ from kappa.capture import CaptureSpec, load_captures
 from kappa.cdc import install_capture
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.dimensions import ensure_target
+from kappa.exact import round_half_even_div
 from kappa.localstack import EmbeddedPostgres, ensure_database, free_port
 from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
@@ -227,6 +228,13 @@ def stats_before(after: tuple[int, int, int], cents: int) -> tuple[int, float | 
         math.sqrt(max((sumsq - float(total) * total / n) / (n - 1), 0.0)) / 100.0 if n > 1 else None
     )
     return n, mean, stddev
+
+
+def stored_mean_before(after: tuple[int, int, int], cents: int) -> float | None:
+    """The mean before this event as the fact stores it: integer cents rounded half to even
+    (exact, as :func:`running_stats` rounds it), in currency units."""
+    n, total = after[0] - 1, after[1] - cents
+    return round_half_even_div(total, n) / 100.0 if n > 0 else None
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------

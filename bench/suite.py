@@ -64,6 +64,7 @@ from bench.common import (
     per_message_statements,
     populate_edw,
     stats_before,
+    stored_mean_before,
 )
 from kappa.catalog import fraud_rules
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED, EventContract, fact_columns
@@ -499,7 +500,9 @@ def rbar(edw_url: str, bootstrap: str, edw: Edw, produced: Produced, events: int
                             ("order_stats", customer, cents, cents * cents),
                             prepare=True,
                         )
-                        n, mean, stddev = stats_before(cur.fetchone(), cents)  # type: ignore[arg-type]
+                        after = cur.fetchone()
+                        n, _, stddev = stats_before(after, cents)  # type: ignore[arg-type]
+                        mean = stored_mean_before(after, cents)  # type: ignore[arg-type]
                         cur.execute(
                             insert_order,
                             [
@@ -511,7 +514,7 @@ def rbar(edw_url: str, bootstrap: str, edw: Edw, produced: Produced, events: int
                                 version[1] if version else None,
                                 enrichment,
                                 n,
-                                None if mean is None else float(np.round(mean, 2)),
+                                mean,
                                 None if stddev is None else float(np.round(stddev, 4)),
                             ],
                             prepare=True,
