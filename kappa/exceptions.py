@@ -84,3 +84,18 @@ class ReprocessError(KappaError):
             f"{asset} partition {window}: {topic}[{partition}] {positions} [{start}, {end}): {detail} "
             "Nothing in the EDW was changed."
         )
+
+
+class MassRefusalError(KappaError):
+    """The database refuses so many records of one batch that the cause is the table (a
+    constraint, a trigger, a migration), not the records: nothing is dead-lettered, the
+    batch fails and is retried, and the shard shows as stopped until the cause is fixed."""
+
+    def __init__(self, refused: int, size: int, message: str) -> None:
+        self.refused = refused
+        self.size = size
+        super().__init__(
+            f"the database refused more than {refused} of the batch's {size} records "
+            f"(first: {message}); that is not poison in the data but a table that takes "
+            "nothing: nothing was dead-lettered, fix the table and the batch loads"
+        )

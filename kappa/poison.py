@@ -9,7 +9,9 @@ rolled back; the refused records become dead letters carrying the database's own
 and the rest is written again as a whole (a stateful step re-run on the survivors first, so
 no refused record is counted in state). Any other error (a lost connection, a server gone)
 still fails the batch, which is then retried. If no single record is refused (the failure
-needs several rows together), the batch fails with the original error.
+needs several rows together), the batch fails with the original error; if the database
+refuses every record of a batch (of three or more), or more than ``MAX_REFUSED_RECORDS`` and 1 % of it, the
+table is at fault, not the data: the batch fails with :class:`MassRefusalError`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from psycopg import sql
 from kappa.contracts import EventContract
 from kappa.decode import DecodedBatch
 from kappa.event_store import RawBatch
+from kappa.exceptions import MassRefusalError
 from kappa.state import StateAccess
 from kappa.stateful import StepOutput
 from kappa.warehouse import (
@@ -42,6 +45,10 @@ from kappa.warehouse import (
 REFUSED_PREFIX = "refused by the database"
 #: SQLSTATE classes of errors caused by the data written, not by the server or the link.
 DATA_ERROR_CLASSES = ("22", "23")
+#: Refused records one batch may dead-letter: at least this many, or 1 % of the batch. Past
+#: that the table refuses everything (a broken migration, a constraint), and dead-lettering
+#: the whole log would hide it and cost a probe per record: the batch fails instead.
+MAX_REFUSED_RECORDS = 16
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -80,6 +87,7 @@ def bisect_refused(
     Raises ``error`` when no single item is refused, and any non-data error at once.
     """
     found = Refusals({}, 0)
+    limit = max(MAX_REFUSED_RECORDS, size // 100)
 
     def probe(lo: int, hi: int) -> psycopg.Error | None:
         found.probes += 1
@@ -95,6 +103,8 @@ def bisect_refused(
     def search(lo: int, hi: int, failure: psycopg.Error) -> None:
         if hi - lo == 1:
             found.refused[lo] = database_message(failure)
+            if len(found.refused) > limit or (size > 2 and len(found.refused) == size):
+                raise MassRefusalError(limit, size, found.refused[min(found.refused)])
             return
         mid = (lo + hi) // 2
         left = probe(lo, mid)

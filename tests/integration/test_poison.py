@@ -17,6 +17,7 @@ from kafka import KafkaProducer
 
 from kappa.catalog import topic_ingests
 from kappa.event_store import EventStore
+from kappa.exceptions import MassRefusalError
 from kappa.poison import bisect_refused, is_data_error
 from kappa.reconcile import compare_with_log
 from kappa.warehouse import connect
@@ -353,6 +354,29 @@ def test_bisection_finds_each_refused_record_in_logarithmic_probes(database_url:
         assert "[23505]" in found.refused[3000] and "duplicate key" in found.refused[3000]
         assert found.probes <= 2 * 2 * 12, "two probes per halving, per refused record"
         assert left == 0, "the probes were rolled back"
+
+
+@pytest.mark.parametrize(
+    ("size", "refused"),
+    [(4000, range(0, 4000, 50)), (20, range(20))],
+    ids=["more than 1 % and 16 of the batch", "every record of a small batch"],
+)
+def test_a_table_that_refuses_most_records_fails_the_batch_instead_of_dead_lettering_it(
+    database_url: str, size: int, refused: range
+):
+    values = list(range(size))
+    for i in refused:
+        values[i] = -1 - i
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        probe_table(conn)
+        write = insert_range(conn, values)
+        with conn.transaction():
+            with pytest.raises(psycopg.errors.CheckViolation) as failed, conn.transaction():
+                write(0, size)
+            with pytest.raises(MassRefusalError, match="probe_target_n_check") as raised:
+                bisect_refused(conn, size, write, failed.value)
+            [(left,)] = conn.execute("SELECT count(*) FROM probe_target").fetchall()
+    assert raised.value.size == size and left == 0
 
 
 def test_a_failure_no_single_record_causes_fails_with_the_original_error(database_url: str):
