@@ -124,6 +124,7 @@ def fact_services(settings: Settings) -> FactServices:
         customers=by_target.get("dim_customer"),
         calls=by_target.get("fact_call_center_call"),
         max_wait_s=settings.enrich_max_wait_s,
+        reprocess_wait_s=settings.backfill_max_wait_s,
     )
 
 
