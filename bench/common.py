@@ -31,7 +31,9 @@ from kappa.cdc import install_capture
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.dimensions import ensure_target
 from kappa.exact import round_half_even_div
-from kappa.localstack import EmbeddedPostgres, ensure_database, free_port
+from kappa.local.pg_admin import ensure_database
+from kappa.local.postgres import EmbeddedPostgres
+from kappa.local.processes import free_port
 from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.simulator import COUNTRIES, customer_profile

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from kappa.localstack import free_port
+from kappa.local.processes import free_port
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]

@@ -69,9 +69,9 @@ from bench.common import (
 from kappa.catalog import fraud_rules
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED, EventContract, fact_columns
 from kappa.exceptions import KappaError
-from kappa.localstack import LocalBroker, free_port
-from kappa.object_store import BROKER_STORAGES, BrokerStorage
-from kappa.settings import Settings
+from kappa.local.broker import LocalBroker
+from kappa.local.processes import free_port
+from kappa.settings import BROKER_STORAGES, BrokerStorage, Settings
 from kappa.simulator import SimulatorConfig, generate
 from kappa.warehouse import connect
 

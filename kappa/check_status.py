@@ -54,7 +54,7 @@ def open_instance(settings: Settings) -> Iterator[dg.DagsterInstance]:
     """The deployment's Dagster instance (see the module docstring)."""
     import dagster as dg
 
-    from kappa.localstack import dagster_environment
+    from kappa.local.dagster_instance import dagster_environment
 
     if os.environ.get("DAGSTER_HOME"):
         home = Path(os.environ["DAGSTER_HOME"])

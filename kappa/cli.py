@@ -119,7 +119,7 @@ def prepare(
     triggers are added.
     """
     from kappa import oltp
-    from kappa.localstack import ensure_topics
+    from kappa.local.topics import ensure_topics
 
     captures = load_captures(settings.capture_config)
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
@@ -250,15 +250,11 @@ def settle_previous_session(dagster_home: Path, env: dict[str, str]) -> int:
 def up(settings: Settings, *, reset: bool, simulate: bool, seed: bool = False) -> int:
     """Run the local stack until Ctrl-C (or until one of its processes dies); ``seed``: top
     up the demo customers even when the OLTP database has some (see :func:`prepare`)."""
-    from kappa.localstack import (
-        EmbeddedPostgres,
-        LocalBroker,
-        Supervisor,
-        check_postgres,
-        dagster_environment,
-        ensure_database,
-        write_dagster_yaml,
-    )
+    from kappa.local.broker import LocalBroker
+    from kappa.local.dagster_instance import dagster_environment, write_dagster_yaml
+    from kappa.local.pg_admin import check_postgres, ensure_database
+    from kappa.local.postgres import EmbeddedPostgres
+    from kappa.local.supervisor import Supervisor
 
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -431,7 +427,7 @@ def up(settings: Settings, *, reset: bool, simulate: bool, seed: bool = False) -
 
 def check(settings: Settings) -> int:
     """Preflight: can this deployment reach its databases, broker and topics?"""
-    from kappa.localstack import check_postgres
+    from kappa.local.pg_admin import check_postgres
 
     failures = 0
 

@@ -13,13 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from kappa.exceptions import ConfigurationError
-from kappa.object_store import BROKER_STORAGES, BrokerStorage
 from kappa.partitions import GRAINS, TimeWindows
+
+BrokerStorage = Literal["durable", "memory"]
+#: The values of ``KAPPA_BROKER_STORAGE`` (memory: nothing survives a restart).
+BROKER_STORAGES: tuple[BrokerStorage, ...] = ("durable", "memory")
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")

@@ -27,14 +27,12 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from kappa.exceptions import ConfigurationError
-from kappa.localstack import (
-    EmbeddedPostgres,
-    LocalBroker,
-    check_postgres,
-    ensure_topics,
-    free_port,
-)
-from kappa.object_store import BROKER_STORAGES, BrokerStorage
+from kappa.local.broker import LocalBroker
+from kappa.local.pg_admin import check_postgres
+from kappa.local.postgres import EmbeddedPostgres
+from kappa.local.processes import free_port
+from kappa.local.topics import ensure_topics
+from kappa.settings import BROKER_STORAGES, BrokerStorage
 
 TEST_PG_URL_ENV = "KAPPA_TEST_PG_URL"
 TEST_BROKER_STORAGE_ENV = "KAPPA_TEST_BROKER_STORAGE"

@@ -156,19 +156,24 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser, stack: Stack) -> Iterator[Page]:
-    """A fresh browser context on the stack's UI; the community modal is dismissed whenever
-    it shows (the webserver shows it once per instance, on whichever page comes first)."""
+    """A fresh browser context on the stack's UI. The stack's instance disables Dagster's
+    "Join the Dagster community" dialog (``nux``): a test fails if it ever shows (after
+    dismissing it, so the failure is the dialog and not a click it swallowed)."""
     context = browser.new_context(viewport=VIEWPORT, base_url=stack.ui)
     context.set_default_timeout(30_000)
     page = context.new_page()
-    page.add_locator_handler(
-        page.get_by_text("Join the Dagster community"),
-        lambda: page.get_by_role("button", name="Skip").click(),
-    )
+    greeted: list[str] = []
+
+    def dismiss() -> None:
+        greeted.append(page.url)
+        page.get_by_role("button", name="Skip").click()
+
+    page.add_locator_handler(page.get_by_text("Join the Dagster community"), dismiss)
     try:
         yield page
     finally:
         context.close()
+    assert not greeted, f"Dagster's community sign-up dialog showed on {greeted[0]}"
 
 
 def screenshot(page: Page, name: str, *, docs: str | None = None) -> Path:

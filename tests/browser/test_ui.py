@@ -79,7 +79,7 @@ def test_asset_graph_renders_every_asset(stack: Stack, page: Page) -> None:
     def every_node_shown() -> bool:
         if not names.count():
             # The graph opens with its groups folded: "Expand all groups" (Alt+E). Clicking
-            # the title first is an action, so the community modal is dismissed before.
+            # the title first gives the page the focus the shortcut needs.
             page.get_by_text("Global asset lineage").click()
             page.keyboard.press("Alt+e")
             page.wait_for_timeout(1000)
@@ -193,8 +193,8 @@ def test_a_partition_backfill_launched_from_the_ui_completes(stack: Stack, page:
     dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize")
 
     def launch_dialog_open() -> bool:
-        # A click can land while the community modal covers the page (the handler then
-        # dismisses the modal instead): click again until the launch dialog shows.
+        # A click can land before the page is ready for it: click again until the launch
+        # dialog shows.
         page.locator("button", has_text=re.compile(r"^Materialize")).first.click()
         # Upstream assets never materialised (a stack just started) make the UI ask first.
         sure = page.get_by_role("dialog").filter(has_text="Are you sure?")

@@ -138,7 +138,8 @@ def own_postgres(local_state_dir):  # type: ignore[no-untyped-def]
     """A PostgreSQL server of the test's own, so it can be crashed and restarted."""
     import uuid
 
-    from kappa.localstack import EmbeddedPostgres, free_port
+    from kappa.local.postgres import EmbeddedPostgres
+    from kappa.local.processes import free_port
 
     server = EmbeddedPostgres(local_state_dir / f"pg-{uuid.uuid4().hex[:8]}", free_port())
     server.start()

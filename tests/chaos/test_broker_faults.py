@@ -17,7 +17,9 @@ import uuid
 import pytest
 from kafka import KafkaProducer
 
-from kappa.localstack import LocalBroker, ensure_topics, free_port
+from kappa.local.broker import LocalBroker
+from kappa.local.processes import free_port
+from kappa.local.topics import ensure_topics
 from tests.chaos.conftest import full_only, record, trials
 from tests.chaos.reference import Anomalies, Record
 from tests.chaos.streams import audit, drain, read_back, simulated

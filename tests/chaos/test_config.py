@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.exceptions import ConfigurationError, KappaError
-from kappa.localstack import free_port
+from kappa.local.processes import free_port
 from kappa.settings import Settings
 from kappa.warehouse import Schemas, ensure_schema
 from pipelines.definitions import build_definitions

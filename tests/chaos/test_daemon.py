@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from kappa.localstack import dagster_environment, write_dagster_yaml
+from kappa.local.dagster_instance import dagster_environment, write_dagster_yaml
 from kappa.settings import Settings
 from tests.chaos.conftest import full_only, record
 from tests.chaos.reference import Anomalies, Record

@@ -192,7 +192,9 @@ def test_a_broker_restarted_mid_run_stops_loudly_keeps_what_was_loaded_and_repla
     and after ``kappa replay`` hold exactly the new log's events."""
     from kappa import cli
     from kappa.exceptions import LogResetError
-    from kappa.localstack import LocalBroker, ensure_topics, free_port
+    from kappa.local.broker import LocalBroker
+    from kappa.local.processes import free_port
+    from kappa.local.topics import ensure_topics
 
     broker = LocalBroker(free_port(), local_state_dir / f"broker-{SEED}.log")
     broker.start()

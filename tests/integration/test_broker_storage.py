@@ -16,7 +16,9 @@ from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, Ne
 from kafka.errors import KafkaError
 
 from kappa.event_store import EventStore
-from kappa.localstack import LocalBroker, ensure_topics, free_port
+from kappa.local.broker import LocalBroker
+from kappa.local.processes import free_port
+from kappa.local.topics import ensure_topics
 from tests.integration.harness import Pipeline, expected_event_ids
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from kappa import cli
-from kappa.localstack import free_port
+from kappa.local.processes import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -55,7 +55,9 @@ def test_a_run_killed_mid_batch_then_run_again_equals_a_clean_single_pass(
 def test_a_broker_that_lost_its_log_stops_the_asset_in_plain_words(
     database_url, topic_factory, tmp_path, monkeypatch, instance
 ):
-    from kappa.localstack import LocalBroker, ensure_topics, free_port
+    from kappa.local.broker import LocalBroker
+    from kappa.local.processes import free_port
+    from kappa.local.topics import ensure_topics
 
     port = free_port()
     broker = LocalBroker(port=port, log_path=tmp_path / "broker.log")

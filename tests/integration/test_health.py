@@ -15,7 +15,7 @@ from kafka.admin import KafkaAdminClient
 from assets.checks import FRESHNESS_CHECK, FRESHNESS_SENSOR
 from kappa import cli
 from kappa.exceptions import LogResetError
-from kappa.localstack import ensure_topics
+from kappa.local.topics import ensure_topics
 from tests.integration.harness import Pipeline, wait_for
 
 pytestmark = pytest.mark.integration

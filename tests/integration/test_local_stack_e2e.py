@@ -38,7 +38,8 @@ import psutil
 import psycopg
 import pytest
 
-from kappa.localstack import dagster_environment, free_port, port_in_use
+from kappa.local.dagster_instance import dagster_environment
+from kappa.local.processes import free_port, port_in_use
 from kappa.settings import Settings
 from tests.chaos.streams import read_back
 
@@ -672,7 +673,8 @@ def test_a_restart_on_memory_storage_stops_on_the_lost_log(
 def test_a_restart_without_reset_goes_on_where_the_ledger_ends(
     local_state: LocalState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kappa.localstack import EmbeddedPostgres, LocalBroker
+    from kappa.local.broker import LocalBroker
+    from kappa.local.postgres import EmbeddedPostgres
     from tests.chaos.reference import audit_topic
 
     state = local_state

@@ -1,4 +1,4 @@
-"""Integration tests of kappa.localstack against a real PostgreSQL and a real broker."""
+"""Integration tests of kappa.local against a real PostgreSQL and a real broker."""
 
 from __future__ import annotations
 
@@ -15,17 +15,12 @@ from kafka.admin import KafkaAdminClient
 from sqlalchemy.engine import make_url
 
 from kappa.exceptions import ConfigurationError
-from kappa.localstack import (
-    DAGSTER_PG_URL_ENV,
-    EmbeddedPostgres,
-    LocalBroker,
-    check_postgres,
-    dagster_environment,
-    ensure_database,
-    ensure_topics,
-    free_port,
-    write_dagster_yaml,
-)
+from kappa.local.broker import LocalBroker
+from kappa.local.dagster_instance import DAGSTER_PG_URL_ENV, dagster_environment, write_dagster_yaml
+from kappa.local.pg_admin import check_postgres, ensure_database
+from kappa.local.postgres import EmbeddedPostgres
+from kappa.local.processes import free_port
+from kappa.local.topics import ensure_topics
 from kappa.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from kafka.admin import KafkaAdminClient
 
 from kappa import simulator, stateful
 from kappa.event_store import EventStore, LogBounds
-from kappa.localstack import ensure_topics
+from kappa.local.topics import ensure_topics
 from kappa.settings import Settings
 from tests.integration.harness import Pipeline
 

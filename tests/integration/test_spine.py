@@ -182,7 +182,7 @@ def test_an_unknown_topic_names_its_setting(pipeline_env, instance, monkeypatch)
 
 
 def test_an_unreachable_broker_names_its_setting(pipeline_env, instance, monkeypatch):
-    from kappa.localstack import free_port
+    from kappa.local.processes import free_port
 
     address = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", address)
@@ -198,7 +198,7 @@ def test_an_unreachable_broker_names_its_setting(pipeline_env, instance, monkeyp
 
 
 def test_a_bad_database_url_names_its_setting(pipeline: Pipeline, monkeypatch):
-    from kappa.localstack import free_port
+    from kappa.local.processes import free_port
 
     monkeypatch.setenv("KAPPA_EDW_URL", f"postgresql://etl:hunter2@127.0.0.1:{free_port()}/edw")
     pipeline.simulate(10)

@@ -1,4 +1,4 @@
-"""Unit tests of kappa.localstack: dagster.yaml generation and the process supervisor."""
+"""Unit tests of kappa.local: dagster.yaml generation and the process supervisor."""
 
 from __future__ import annotations
 
@@ -12,16 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kappa.localstack import (
-    DAGSTER_PG_URL_ENV,
-    Supervisor,
-    SupervisorExit,
-    _scrub,
-    dagster_environment,
-    free_port,
-    port_in_use,
-    write_dagster_yaml,
-)
+from kappa.local.dagster_instance import DAGSTER_PG_URL_ENV, dagster_environment, write_dagster_yaml
+from kappa.local.pg_admin import scrub
+from kappa.local.processes import free_port, port_in_use
+from kappa.local.supervisor import Supervisor, SupervisorExit
 from kappa.settings import Settings
 
 SECRET = "s3cr3t-Pa55"
@@ -56,6 +50,8 @@ def test_dagster_yaml_has_every_section(tmp_path: Path) -> None:
         "success": 7,
     }
     assert config["telemetry"] == {"enabled": False}
+    # Dagster's "new user experience" is the community sign-up dialog of a first visit.
+    assert config["nux"] == {"enabled": False}
     assert config["code_servers"] == {"local_startup_timeout": 180}
 
 
@@ -104,7 +100,7 @@ def test_dagster_yaml_matches_the_dagster_schema(
 def test_scrub_masks_raw_and_encoded_passwords() -> None:
     url = "postgresql://kappa:p%40ss%2Fw0rd@host:5432/db"
     text = "failed for p@ss/w0rd and p%40ss%2Fw0rd"
-    assert "w0rd" not in _scrub(text, url)
+    assert "w0rd" not in scrub(text, url)
 
 
 def test_free_port_is_free() -> None:

@@ -26,7 +26,6 @@ that changes it is noticed.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import logging
 import os
@@ -36,14 +35,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 from kappa.exceptions import KappaError
+from kappa.local.processes import crash, free_port, port_in_use, tail_log, terminate
 
 __all__ = [
-    "BROKER_STORAGES",
     "BUCKET",
-    "BrokerStorage",
     "LocalObjectStore",
     "ObjectStoreError",
 ]
@@ -51,45 +49,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def terminate(proc: subprocess.Popen[bytes], grace_s: float, what: str) -> None:
-    """SIGTERM ``proc`` and reap it; SIGKILL it when it is still there after ``grace_s``."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        log.warning("%s (pid %s) ignored SIGTERM; killing it", what, proc.pid)
-        proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-
-
-def crash(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGKILL ``proc`` (when running) and reap it: a crash, for fault tests."""
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-
-
-BrokerStorage = Literal["durable", "memory"]
-#: The values of ``KAPPA_BROKER_STORAGE``.
-BROKER_STORAGES: tuple[BrokerStorage, ...] = ("durable", "memory")
-
 #: The bucket (a folder under the data directory) that holds the broker's log.
 BUCKET = "tansu"
 
 
 class ObjectStoreError(KappaError):
     """The local S3 server failed to start or stop."""
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 class LocalObjectStore:
@@ -142,7 +107,7 @@ class LocalObjectStore:
         return [
             sys.executable,
             "-m",
-            "kappa.object_store",
+            "kappa.local.object_store",
             "--host",
             self.host,
             "--port",
@@ -155,7 +120,6 @@ class LocalObjectStore:
 
     def start(self) -> LocalObjectStore:
         """Start the server and wait until it answers HeadBucket for the broker's bucket."""
-        from kappa.localstack import free_port, port_in_use
 
         if self.is_running():
             return self
@@ -196,7 +160,7 @@ class LocalObjectStore:
                 self._close_log()
                 raise ObjectStoreError(
                     f"the local S3 server exited with code {code} while starting; "
-                    f"log {self.log_path}:\n{_tail(self.log_path)}"
+                    f"log {self.log_path}:\n{tail_log(self.log_path)}"
                 )
             status = self._head_bucket()
             if status == 200:
@@ -208,7 +172,7 @@ class LocalObjectStore:
                 raise ObjectStoreError(
                     f"the local S3 server on {self.endpoint} did not answer within "
                     f"{self.start_timeout_s:g} s ({last}); log {self.log_path}:\n"
-                    f"{_tail(self.log_path)}"
+                    f"{tail_log(self.log_path)}"
                 )
             time.sleep(0.1)
 
