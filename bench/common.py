@@ -28,8 +28,8 @@ from sqlalchemy.engine import make_url
 
 from kappa.capture import CaptureSpec, load_captures
 from kappa.cdc import install_capture
+from kappa.changes.target import ensure_target
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
-from kappa.dimensions import ensure_target
 from kappa.exact import round_half_even_div
 from kappa.local.pg_admin import ensure_database
 from kappa.local.postgres import EmbeddedPostgres

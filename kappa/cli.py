@@ -28,8 +28,8 @@ from kappa.backfill import SUCCEEDED, launch_backfill, wait_for_backfill
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.cdc import install_capture
+from kappa.changes.target import ensure_target
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
-from kappa.dimensions import ensure_target
 from kappa.event_store import EventStore, UnknownTopicError
 from kappa.exceptions import ConfigurationError, KappaError
 from kappa.freshness import ShardFreshness, capture_freshness, topic_freshness

@@ -17,9 +17,10 @@ import psycopg
 
 from kappa import cdc
 from kappa.capture import CaptureSpec
+from kappa.changes.merge import apply_changes
+from kappa.changes.replace import replace_capture_window
 from kappa.contracts import EventContract
 from kappa.decode import DecodedBatch, decode_batch, describe_reason
-from kappa.dimensions import apply_changes, replace_capture_window
 from kappa.event_store import EventStore, LogBounds
 from kappa.exceptions import BatchSupersededError, EventStoreTimeoutError, LogResetError
 from kappa.partitions import TimeWindows, Window, parse_key
@@ -635,7 +636,7 @@ def reprocess_capture_window(
 ) -> WindowOutcome:
     """Replace time partition ``window`` of a captured table, in one transaction: the
     transactions its ledger batches cover are read again from the change table and every key
-    they touched is rebuilt (see :func:`kappa.dimensions.replace_capture_window`)."""
+    they touched is rebuilt (see :func:`kappa.changes.replace.replace_capture_window`)."""
     started = time.monotonic()
     source = str(spec.change_table)
     epoch = cdc.source_epoch(oltp, spec)

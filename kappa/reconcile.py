@@ -25,8 +25,8 @@ from psycopg import sql
 
 from kappa import cdc
 from kappa.capture import CaptureSpec
+from kappa.changes.target import written_by
 from kappa.decode import decode_batch
-from kappa.dimensions import written_by
 from kappa.event_store import EventStore, LogBounds
 from kappa.ingest import TopicIngest, reprocess_capture_window
 from kappa.poison import REFUSED_PREFIX

@@ -3,8 +3,8 @@ import pytest
 
 from kappa import cdc
 from kappa.capture import load_captures
+from kappa.changes.target import ensure_target
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
-from kappa.dimensions import ensure_target
 from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.warehouse import Schemas, connect, ensure_schema

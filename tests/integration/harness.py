@@ -25,8 +25,8 @@ from kafka import KafkaProducer
 from kappa import simulator
 from kappa.capture import load_captures
 from kappa.cdc import install_capture
+from kappa.changes.target import ensure_target
 from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
-from kappa.dimensions import ensure_target
 from kappa.oltp import ensure_source_tables
 from kappa.settings import Settings
 from kappa.warehouse import Schemas, connect, ensure_schema

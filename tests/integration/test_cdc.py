@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from kappa.capture import load_captures
-from kappa.dimensions import ensure_target
+from kappa.changes.target import ensure_target
 from kappa.ingest import run_capture_batch
 from kappa.settings import REPO_ROOT
 from kappa.warehouse import Schemas, connect, ensure_schema

@@ -11,9 +11,9 @@ from psycopg import sql
 
 from kappa import cli
 from kappa.capture import load_captures
+from kappa.changes.target import ensure_target
 from kappa.contracts import ORDER_PLACED
 from kappa.decode import DecodedBatch
-from kappa.dimensions import ensure_target
 from kappa.exceptions import BatchSupersededError
 from kappa.ingest import run_capture_batch
 from kappa.settings import REPO_ROOT

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from kappa.capture import load_captures
-from kappa.dimensions import validate_changes
+from kappa.changes.validate import validate_changes
 from kappa.settings import REPO_ROOT
 
 SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "capture.yaml")}
