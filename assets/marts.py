@@ -8,9 +8,9 @@ event date that a fact run touched, late events included.
 import dagster as dg
 from psycopg import sql
 
-from assets.partitions import event_date_partitions
+from kappa.dagster.assets.partitions import event_date_partitions
+from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.partitions import TimeWindows
-from resources.warehouse import WarehouseResource
 
 CUSTOMER_DAILY = "mart_customer_daily"
 

@@ -1,7 +1,7 @@
 """The latest evaluation of every asset check, read from the Dagster instance (for ``kappa status``).
 
-Which checks exist comes from the code location (``pipelines.definitions``, loaded from the
-repository root as the webserver loads it); what they last said comes from the instance's
+Which checks exist comes from the catalogue, through the same builder the code location
+calls (:func:`kappa.dagster.definitions.build_definitions`); what they last said comes from the instance's
 event log storage (``get_latest_asset_check_execution_by_key``): the same records the UI's
 Checks tabs show, whether a run or the freshness sensor wrote them.
 
@@ -13,7 +13,6 @@ PostgreSQL).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kappa.exceptions import KappaError
-from kappa.settings import REPO_ROOT, Settings
+from kappa.settings import Settings
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -76,13 +75,13 @@ def open_instance(settings: Settings) -> Iterator[dg.DagsterInstance]:
         yield instance
 
 
-def code_location_check_keys() -> list[dg.AssetCheckKey]:
-    """Every asset check the code location defines, as the webserver would load it."""
-    root = str(REPO_ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from pipelines.definitions import defs
+def catalogue_check_keys(settings: Settings) -> list[dg.AssetCheckKey]:
+    """Every asset check kappa builds from the catalogue (the library never imports a code
+    location: the checks come from the builder that code locations call)."""
+    from kappa.dagster.definitions import build_definitions
+    from kappa.run import FactServices
 
+    defs = build_definitions(settings, services=FactServices())
     return sorted(
         defs.resolve_asset_graph().asset_check_keys,
         key=lambda k: (k.asset_key.to_user_string(), k.name),
@@ -137,15 +136,15 @@ def latest_check_states(
 
 
 def read_check_states(settings: Settings) -> list[CheckState]:
-    """Every check of the code location with what it last said; any failure to load the
-    code location or to read the instance is an :class:`InstanceUnavailable` that says why."""
+    """Every check of the catalogue with what it last said; any failure to build the checks
+    or to read the instance is an :class:`InstanceUnavailable` that says why."""
     try:
-        keys = code_location_check_keys()
+        keys = catalogue_check_keys(settings)
     except KappaError as exc:
-        raise InstanceUnavailable(f"the code location did not load: {exc}") from None
+        raise InstanceUnavailable(f"the catalogue's checks did not build: {exc}") from None
     except Exception as exc:
         raise InstanceUnavailable(
-            f"the code location did not load: {type(exc).__name__}: {exc}"
+            f"the catalogue's checks did not build: {type(exc).__name__}: {exc}"
         ) from None
     with open_instance(settings) as instance:
         try:

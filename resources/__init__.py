@@ -1,6 +1,3 @@
-"""How the code location talks to systems: the event store and the EDW."""
-
-from resources.event_store import EventStoreResource
-from resources.warehouse import WarehouseResource
-
-__all__ = ["EventStoreResource", "WarehouseResource"]
+"""This code location's resources are kappa's (:mod:`kappa.dagster.resources`), configured by
+:func:`kappa.dagster.definitions.resources` from the environment; a deployment that needs
+others (another secret store, say) builds them here and passes them to ``Definitions``."""

@@ -7,7 +7,7 @@ import time
 import dagster as dg
 import pytest
 
-from assets.checks import FRESHNESS_CHECK, FRESHNESS_SENSOR
+from kappa.dagster.assets.checks import FRESHNESS_CHECK, FRESHNESS_SENSOR
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration

@@ -14,12 +14,12 @@ import pytest
 from dagster._core.test_utils import create_run_for_test
 
 from kappa.catalog import topic_ingests
+from kappa.dagster.sensors.heal import HEAL_KEY_TAG, HEAL_TAG
+from kappa.dagster.sensors.micro_batch import ASSET_TAG, PARTITIONS_TAG
 from kappa.event_store import EventStore
 from kappa.ingest import reprocess_window
 from kappa.stateful import WaitBudget, WarehouseDimensions
 from kappa.warehouse import connect
-from sensors.heal import HEAL_KEY_TAG, HEAL_TAG
-from sensors.micro_batch import ASSET_TAG, PARTITIONS_TAG
 from tests.integration.harness import Pipeline
 from tests.integration.test_stateful import oltp, order, payment
 

@@ -12,8 +12,8 @@ import dagster as dg
 import pytest
 from kafka.admin import KafkaAdminClient
 
-from assets.checks import FRESHNESS_CHECK, FRESHNESS_SENSOR
 from kappa import cli
+from kappa.dagster.assets.checks import FRESHNESS_CHECK, FRESHNESS_SENSOR
 from kappa.exceptions import LogResetError
 from kappa.local.topics import ensure_topics
 from tests.integration.harness import Pipeline, wait_for

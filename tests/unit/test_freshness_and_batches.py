@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.recent_batches import recent_batches_metadata, sparkline
+from kappa.dagster.assets.recent_batches import recent_batches_metadata, sparkline
 from kappa.freshness import ShardFreshness, verdict
 
 

@@ -10,21 +10,21 @@ while it runs.
 
 import dagster as dg
 
-from assets.event_store import FactServices
-from kappa.heal import ledger_fingerprint, plan_heal, provisional_groups
-from kappa.ingest import TopicIngest
-from kappa.partitions import TimeWindows
-from kappa.stateful import WarehouseDimensions
-from resources.event_store import EventStoreResource
-from resources.oltp import OltpResource
-from resources.warehouse import WarehouseResource
-from sensors.micro_batch import (
+from kappa.dagster.assets.event_store import FactServices
+from kappa.dagster.resources.event_store import EventStoreResource
+from kappa.dagster.resources.oltp import OltpResource
+from kappa.dagster.resources.warehouse import WarehouseResource
+from kappa.dagster.sensors.micro_batch import (
     ASSET_TAG,
     IN_FLIGHT,
     MAX_RUNTIME_TAG,
     PARTITIONS_TAG,
     SENSOR_STATEMENT_TIMEOUT_S,
 )
+from kappa.heal import ledger_fingerprint, plan_heal, provisional_groups
+from kappa.ingest import TopicIngest
+from kappa.partitions import TimeWindows
+from kappa.stateful import WarehouseDimensions
 
 HEAL_TAG = "kappa/heal"
 #: The ledger state of the partition the heal run was asked for (see ledger_fingerprint).

@@ -10,22 +10,22 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from assets.cdc import change_table_key
 from kappa import cdc
 from kappa.capture import CaptureSpec
 from kappa.cursor import OffsetCursor
-from kappa.ingest import check_capture_continuity
-from kappa.partitions import TimeWindows
-from kappa.warehouse import read_head
-from resources.oltp import OltpResource
-from resources.warehouse import WarehouseResource
-from sensors.micro_batch import (
+from kappa.dagster.assets.cdc import change_table_key
+from kappa.dagster.resources.oltp import OltpResource
+from kappa.dagster.resources.warehouse import WarehouseResource
+from kappa.dagster.sensors.micro_batch import (
     RANGES_TAG,
     SENSOR_STATEMENT_TIMEOUT_S,
     busy_partitions,
     micro_batch_request,
     stopped_shards,
 )
+from kappa.ingest import check_capture_continuity
+from kappa.partitions import TimeWindows
+from kappa.warehouse import read_head
 
 
 def build_capture_sensor(
@@ -41,7 +41,7 @@ def build_capture_sensor(
 
     A recreated change table fails the tick with the reason; a change table whose last
     ``failure_threshold`` runs failed gets a warning and no run until its cool-down is over
-    (:func:`sensors.micro_batch.stopped_shards`).
+    (:func:`kappa.dagster.sensors.micro_batch.stopped_shards`).
 
     A batch belongs to the time partition in which the tick saw its changes committed (its
     visibility time, never earlier than the last batch's partition): the run carries it as

@@ -17,9 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 import dagster as dg
 import psycopg
 
-from assets.cdc import change_table_key
-from assets.event_store import topic_asset_key
 from kappa.capture import CaptureSpec
+from kappa.dagster.assets.cdc import change_table_key
+from kappa.dagster.assets.event_store import topic_asset_key
+from kappa.dagster.resources.event_store import EventStoreResource
+from kappa.dagster.resources.oltp import OltpResource
+from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.event_store import EventStore
 from kappa.freshness import (
     FreshnessVerdict,
@@ -30,9 +33,6 @@ from kappa.freshness import (
 from kappa.health import RunFailures, recent_failures
 from kappa.ingest import TopicIngest
 from kappa.warehouse import Schemas
-from resources.event_store import EventStoreResource
-from resources.oltp import OltpResource
-from resources.warehouse import WarehouseResource
 
 FRESHNESS_CHECK = "freshness"
 FRESHNESS_SENSOR = "freshness_sensor"
@@ -46,7 +46,7 @@ _STATEMENT_TIMEOUT_S = 20.0
 
 
 def freshness_metadata(result: FreshnessVerdict) -> dict[str, "dg.RawMetadataValue"]:
-    from assets.event_store import metadata_table
+    from kappa.dagster.assets.event_store import metadata_table
 
     return {
         "lag_s": result.lag_s,

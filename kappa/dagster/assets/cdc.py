@@ -4,22 +4,22 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from assets.event_store import (
+from kappa import cdc
+from kappa.capture import CaptureSpec
+from kappa.dagster.assets.event_store import (
     reconciliation_result,
     replay_result,
     tag_resolved_positions,
     window_table,
 )
-from assets.partitions import arrival_partitions
-from assets.recent_batches import recent_batches_metadata
-from kappa import cdc
-from kappa.capture import CaptureSpec
+from kappa.dagster.assets.partitions import arrival_partitions
+from kappa.dagster.assets.recent_batches import recent_batches_metadata
+from kappa.dagster.resources.oltp import OltpResource
+from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.ingest import WindowOutcome, reprocess_capture_window, run_capture_batch
 from kappa.partitions import TimeWindows
 from kappa.reconcile import compare_capture_with_log, reconcile_capture
-from resources.oltp import OltpResource
-from resources.warehouse import WarehouseResource
 
 OWNERS = ["team:data-platform"]
 

@@ -6,8 +6,12 @@ from typing import Any
 
 import dagster as dg
 
-from assets.partitions import arrival_partitions, previous_partition_dep
-from assets.recent_batches import recent_batches_metadata
+from kappa.dagster.assets.partitions import arrival_partitions, previous_partition_dep
+from kappa.dagster.assets.recent_batches import recent_batches_metadata
+from kappa.dagster.resources.event_store import EventStoreResource
+from kappa.dagster.resources.oltp import OltpResource
+from kappa.dagster.resources.state import StateCacheResource
+from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, WindowOutcome
 from kappa.partitions import TimeWindows
 from kappa.reconcile import (
@@ -23,10 +27,6 @@ from kappa.run import (
     run_micro_batches,
 )
 from kappa.warehouse import read_checkpoints
-from resources.event_store import EventStoreResource
-from resources.oltp import OltpResource
-from resources.state import StateCacheResource
-from resources.warehouse import WarehouseResource
 
 OWNERS = ["team:data-platform"]
 

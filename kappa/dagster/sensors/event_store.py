@@ -6,7 +6,7 @@ may evaluate a tick twice. Run requests carry offset ranges, never payloads.
 
 A stopped partition (:mod:`kappa.health`) says so: a log that cannot continue where the
 ledger ends fails the tick with the reason; a partition whose runs keep failing gets a
-warning and no run until its cool-down is over (see :func:`sensors.micro_batch.stopped_shards`).
+warning and no run until its cool-down is over (see :func:`kappa.dagster.sensors.micro_batch.stopped_shards`).
 """
 
 import time
@@ -14,23 +14,23 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from assets.event_store import topic_asset_key
 from kappa.cursor import OffsetCursor
-from kappa.event_store import UnknownTopicError
-from kappa.exceptions import ConfigurationError
-from kappa.ingest import TopicIngest, check_continuity
-from kappa.partitions import TimeWindows
-from kappa.run import plan_runs
-from kappa.warehouse import read_heads
-from resources.event_store import EventStoreResource
-from resources.warehouse import WarehouseResource
-from sensors.micro_batch import (
+from kappa.dagster.assets.event_store import topic_asset_key
+from kappa.dagster.resources.event_store import EventStoreResource
+from kappa.dagster.resources.warehouse import WarehouseResource
+from kappa.dagster.sensors.micro_batch import (
     RANGES_TAG,
     SENSOR_STATEMENT_TIMEOUT_S,
     busy_partitions,
     micro_batch_request,
     stopped_shards,
 )
+from kappa.event_store import UnknownTopicError
+from kappa.exceptions import ConfigurationError
+from kappa.ingest import TopicIngest, check_continuity
+from kappa.partitions import TimeWindows
+from kappa.run import plan_runs
+from kappa.warehouse import read_heads
 
 
 def build_offset_sensor(

@@ -1,0 +1,172 @@
+"""A catalogue's Dagster definitions: what a code location's ``definitions.py`` calls.
+
+From the settings (and the catalogue they name) it builds, for every event stream, the topic
+source asset, the fact asset that loads micro-batches, its checks and its offset sensor (and
+heal sensor when its step can load provisional rows); for every captured table, the change
+table source, the target asset, its checks and its capture sensor; the freshness checks and
+sensor; the ``edw_checks`` job; the resources. A code location adds its own assets (marts)
+with ``dg.Definitions.merge``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import dagster as dg
+
+from kappa.capture import load_captures
+from kappa.catalog import topic_ingests
+from kappa.dagster.assets.cdc import (
+    build_capture_asset,
+    build_capture_reconciliation_check,
+    build_capture_replay_check,
+    change_table_source,
+)
+from kappa.dagster.assets.checks import build_freshness_checks, build_freshness_sensor
+from kappa.dagster.assets.event_store import (
+    build_fact_asset,
+    build_reconciliation_check,
+    build_replay_check,
+    build_staleness_check,
+    topic_source,
+)
+from kappa.dagster.resources.event_store import EventStoreResource
+from kappa.dagster.resources.oltp import OltpResource
+from kappa.dagster.resources.state import StateCacheResource
+from kappa.dagster.resources.warehouse import WarehouseResource
+from kappa.dagster.sensors.cdc import build_capture_sensor
+from kappa.dagster.sensors.event_store import build_offset_sensor
+from kappa.dagster.sensors.heal import build_heal_sensor
+from kappa.heal import heals
+from kappa.health import failure_threshold
+from kappa.run import FactServices
+from kappa.settings import Settings
+
+
+def resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """The resources every kappa asset and sensor uses; URLs come from the environment
+    (``EnvVar``), so no secret is part of the definitions."""
+    return {
+        "event_store": EventStoreResource(
+            bootstrap_servers=dg.EnvVar("KAFKA_BOOTSTRAP_SERVERS"),
+            timeout_s=settings.kafka_timeout_s,
+        ),
+        "oltp": OltpResource(url=dg.EnvVar("KAPPA_OLTP_URL")),
+        "state_cache": StateCacheResource(max_keys=settings.state_cache_keys),
+        "warehouse": WarehouseResource(
+            url=dg.EnvVar("KAPPA_EDW_URL"),
+            edw_schema=settings.edw_schema,
+            meta_schema=settings.meta_schema,
+        ),
+    }
+
+
+def build_definitions(
+    settings: Settings,
+    *,
+    services: FactServices,
+    side_assets: Mapping[str, Sequence[dg.AssetSpec]] | None = None,
+) -> dg.Definitions:
+    """Every asset, check, sensor, job and resource of the catalogue's streams and captures.
+
+    ``services`` are what the stateful steps read (dimensions, waits); ``side_assets`` names,
+    per fact asset, the tables its step writes in the same transactions (shown in the lineage).
+    """
+    ingests = topic_ingests(settings)
+    topics = [spec for spec, _ in ingests]
+    captures = load_captures(settings.capture_config)
+    limits = {"max_batch": settings.batch_max_records, "max_run": settings.run_max_records}
+    interval = settings.sensor_interval_s
+    facts = {
+        spec.asset: build_fact_asset(
+            spec,
+            services=services,
+            side_assets=tuple((side_assets or {}).get(spec.asset, ())),
+            windows=settings.windows,
+            **limits,
+        )
+        for spec, _ in ingests
+    }
+    checks = (
+        [build_replay_check(spec) for spec, _ in ingests]
+        + [build_reconciliation_check(spec) for spec, _ in ingests]
+        + [build_staleness_check(spec) for spec, _ in ingests if spec.step is not None]
+        + [build_capture_reconciliation_check(spec) for spec in captures]
+        + [build_capture_replay_check(spec) for spec in captures]
+        + build_freshness_checks(
+            topics,
+            captures,
+            max_lag_s=settings.freshness_max_lag_s,
+            failure_threshold=failure_threshold(settings.run_retries),
+        )
+    )
+    return dg.Definitions(
+        asset_checks=checks,
+        jobs=[
+            dg.define_asset_job(
+                "edw_checks",
+                selection=dg.AssetSelection.checks(*checks),
+                description=(
+                    "Reconcile every shard with its source and re-derive the event facts from the "
+                    "log (on demand or on a schedule: these re-read the sources)."
+                ),
+            )
+        ],
+        assets=[topic_source(spec) for spec, _ in ingests]
+        + list(facts.values())
+        + [change_table_source(spec) for spec in captures]
+        + [
+            build_capture_asset(
+                spec, windows=settings.windows, max_changes=settings.batch_max_records
+            )
+            for spec in captures
+        ],
+        sensors=[
+            build_offset_sensor(
+                spec,
+                windows=settings.windows,
+                topic_setting=setting,
+                max_runtime_s=settings.run_max_runtime_s,
+                interval_s=interval,
+                selection=sorted(facts[spec.asset].keys),
+                failure_threshold=failure_threshold(settings.run_retries),
+                **limits,
+            )
+            for spec, setting in ingests
+        ]
+        + [
+            build_heal_sensor(
+                spec,
+                services=services,
+                windows=settings.windows,
+                interval_s=settings.heal_interval_s,
+                selection=sorted(facts[spec.asset].keys),
+                max_runtime_s=settings.run_max_runtime_s,
+            )
+            for spec, _ in ingests
+            if spec.step is not None and heals(spec.contract)
+        ]
+        + [
+            build_capture_sensor(
+                spec,
+                windows=settings.windows,
+                interval_s=interval,
+                max_changes=settings.batch_max_records,
+                failure_threshold=failure_threshold(settings.run_retries),
+                max_runtime_s=settings.run_max_runtime_s,
+            )
+            for spec in captures
+        ]
+        + [
+            build_freshness_sensor(
+                topics,
+                captures,
+                max_lag_s=settings.freshness_max_lag_s,
+                failure_threshold=failure_threshold(settings.run_retries),
+            ),
+        ],
+        resources=resources(settings),
+        # One process per run: a micro-batch is one step per asset, and a step subprocess
+        # would double the start-up cost of every batch.
+        executor=dg.in_process_executor,
+    )
