@@ -26,9 +26,9 @@ import psycopg
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.capture import CaptureSpec, load_captures
 from kappa.cdc import install_capture
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.dimensions import ensure_target
 from kappa.exact import round_half_even_div
 from kappa.localstack import EmbeddedPostgres, ensure_database, free_port
@@ -67,7 +67,7 @@ def populate_edw(
     another country), so the as-of join matters.
     """
     schemas = Schemas()
-    specs = {s.name: s for s in load_captures(REPO_ROOT / "capture.yaml")}
+    specs = {s.name: s for s in load_captures(REPO_ROOT / "catalog.yaml")}
     ensure_schema(conn, schemas, [ORDER_PLACED, PAYMENT_ATTEMPTED])
     # The database is the OLTP side too: its captured tables and (empty) change tables, so
     # completeness is read from a real OLTP horizon per batch, as a run reads it.

@@ -66,8 +66,9 @@ from bench.common import (
     stats_before,
     stored_mean_before,
 )
+from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.catalog import fraud_rules
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED, EventContract, fact_columns
+from kappa.contracts import EventContract, fact_columns
 from kappa.exceptions import KappaError
 from kappa.localstack import LocalBroker, free_port
 from kappa.object_store import BROKER_STORAGES, BrokerStorage

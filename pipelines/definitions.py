@@ -60,7 +60,7 @@ MART_INTERVAL_S = 30
 def build_definitions(settings: Settings) -> dg.Definitions:
     ingests = topic_ingests(settings)
     topics = [spec for spec, _ in ingests]
-    captures = load_captures(settings.capture_config)
+    captures = load_captures(settings.catalog)
     by_target = {c.target: c for c in captures}
     services = FactServices(
         customers=by_target.get("dim_customer"),

@@ -13,7 +13,6 @@ from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster._serdes import serialize_value
 from sqlalchemy.engine import make_url
 
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.exceptions import ConfigurationError, KappaError
 from kappa.localstack import free_port
 from kappa.settings import Settings
@@ -22,6 +21,7 @@ from pipelines.definitions import build_definitions
 from tests.chaos.conftest import record
 from tests.chaos.reference import Anomalies
 from tests.chaos.streams import produce, simulated
+from tests.demo import DEMO
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -162,7 +162,7 @@ def test_bad_configuration_fails_naming_the_setting(
         KAPPA_META_SCHEMA="empty_meta",
     )
     with psycopg.connect(chaos_env["KAPPA_EDW_URL"], autocommit=True) as conn:
-        ensure_schema(conn, Schemas(), [ORDER_PLACED, PAYMENT_ATTEMPTED])
+        ensure_schema(conn, Schemas(), DEMO.streams)
     at_launch(
         "change table missing (EDW initialised, triggers never installed)",
         "KAPPA_CAPTURE_CONFIG",

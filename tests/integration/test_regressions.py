@@ -11,7 +11,6 @@ from psycopg import sql
 
 from kappa import cli
 from kappa.capture import load_captures
-from kappa.contracts import ORDER_PLACED
 from kappa.decode import DecodedBatch
 from kappa.dimensions import ensure_target
 from kappa.exceptions import BatchSupersededError
@@ -27,10 +26,11 @@ from kappa.warehouse import (
     ensure_schema,
     reset_for_replay,
 )
+from tests.demo import ORDER_PLACED
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration
-SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "capture.yaml")}
+SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "catalog.yaml")}
 SCHEMAS = Schemas()
 
 
