@@ -120,9 +120,9 @@ def _spec(index: int, entry: Any) -> CaptureSpec:
 def load_captures(path: Path) -> list[CaptureSpec]:
     """Read and validate the catalogue's captured tables; fails naming the file and the entry."""
     document = read_catalog(path)
-    if not isinstance(document.get("tables"), list):
+    if not isinstance(document.get("tables", []), list):
         raise ConfigurationError(SETTING, f"{path}: expected a top-level 'tables' list")
-    specs = [_spec(i, entry) for i, entry in enumerate(document["tables"])]
+    specs = [_spec(i, entry) for i, entry in enumerate(document.get("tables", []))]
     for attribute in ("name", "target", "change_table", "source"):
         values = [str(getattr(s, attribute)) for s in specs]
         duplicated = {v for v in values if values.count(v) > 1}
