@@ -324,7 +324,7 @@ def up(settings: Settings, *, reset: bool, simulate: bool, seed: bool = False) -
             ):
                 broker.start()
         # The embedded OLTP database is the demo's: its source tables exist with or without
-        # the simulators (capture.yaml names them), so `--no-simulator` starts too.
+        # the simulators (catalog.yaml names them), so `--no-simulator` starts too.
         prepare(
             settings,
             create_topics=True,
