@@ -74,7 +74,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         spec.asset: build_fact_asset(
             spec,
             services=services,
-            side_assets=(FRAUD_ALERT,) if spec.asset == "fact_payment" else (),
+            side_assets=(FRAUD_ALERT,)
+            if "fraud_alert" in getattr(spec.step, "side_tables", ())
+            else (),
             windows=settings.windows,
             **limits,
         )
