@@ -122,7 +122,12 @@ def load_captures(path: Path) -> list[CaptureSpec]:
     document = read_catalog(path)
     if not isinstance(document.get("tables", []), list):
         raise ConfigurationError(SETTING, f"{path}: expected a top-level 'tables' list")
-    specs = [_spec(i, entry) for i, entry in enumerate(document.get("tables", []))]
+    try:
+        specs = [_spec(i, entry) for i, entry in enumerate(document.get("tables", []))]
+    except ConfigurationError as exc:
+        # Name the file too: the entry's own message starts with the setting.
+        detail = str(exc).removeprefix(SETTING).lstrip(": ")
+        raise ConfigurationError(SETTING, f"{path}: {detail}") from None
     for attribute in ("name", "target", "change_table", "source"):
         values = [str(getattr(s, attribute)) for s in specs]
         duplicated = {v for v in values if values.count(v) > 1}

@@ -31,7 +31,11 @@ from kappa.exact import (
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _ISO_WITH_ZONE = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})"
 #: A payload timestamptz: PostgreSQL keeps microseconds, so more digits would be rounded.
-_PAYLOAD_TIME = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})"
+#: ASCII digits only: Python's \d also matches other scripts' digits, which PostgreSQL refuses.
+_PAYLOAD_TIME = (
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
+    r"(Z|[+-][0-9]{2}:?[0-9]{2})"
+)
 _ENVELOPE = ("event_id", "event_type", "event_time", "source", "schema_version")
 
 
@@ -290,7 +294,9 @@ def _string_checks(
             is_str & ~text.str.fullmatch(_UUID).fillna(False).to_numpy(), f"'{name}' is not a UUID"
         )
     elif kind.kind == "date":
-        shaped = text.str.fullmatch(r"\d{4}-\d{2}-\d{2}").fillna(False).to_numpy(dtype=bool)
+        shaped = (
+            text.str.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}").fillna(False).to_numpy(dtype=bool)
+        )
         reasons.flag(is_str & ~shaped, f"'{name}' is not a date (YYYY-MM-DD)")
         reasons.flag(shaped & ~_valid_dates(text, shaped), f"'{name}' is not a valid date")
     elif kind.kind == "timestamptz":

@@ -54,11 +54,12 @@ def test_a_valid_entry_becomes_a_spec(tmp_path):
         (("    mode: scd2\n", ""), "missing mode"),
     ],
 )
-def test_bad_entries_fail_naming_the_setting_and_the_entry(tmp_path, change, fragment):
+def test_bad_entries_fail_naming_the_setting_the_file_and_the_entry(tmp_path, change, fragment):
     old, new = change
+    path = write(tmp_path, GOOD.replace(old, new))
     with pytest.raises(ConfigurationError) as caught:
-        load_captures(write(tmp_path, GOOD.replace(old, new)))
-    assert str(caught.value).startswith("KAPPA_CATALOG")
+        load_captures(path)
+    assert str(caught.value).startswith(f"KAPPA_CATALOG: {path}: tables[0]")
     assert fragment in str(caught.value)
 
 

@@ -162,6 +162,8 @@ def test_an_exact_long_literal_inside_jsonb_is_kept_as_written(contract):
         ({"day": "0000-01-01"}, "'payload.day' is not a valid date"),
         ({"day": "2024-13-01"}, "'payload.day' is not a valid date"),
         ({"day": "24-01-01"}, "'payload.day' is not a date (YYYY-MM-DD)"),
+        # Digits of another script match Python's \d but not PostgreSQL's date input.
+        ({"day": "\u0662\u0660\u0662\u0664-01-01"}, "'payload.day' is not a date (YYYY-MM-DD)"),
         ({"day": "2024-01-01T00:00:00Z"}, "'payload.day' is not a date (YYYY-MM-DD)"),
         ({"ref": "not-a-uuid"}, "'payload.ref' is not a UUID"),
         ({"code": "D"}, "'payload.code' is not exactly 2 characters"),
