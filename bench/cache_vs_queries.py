@@ -63,7 +63,7 @@ from bench.common import (
     stats_before,
     stored_mean_before,
 )
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
+from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.decode import decode_batch
 from kappa.event_store import RawBatch
 from kappa.exceptions import KappaError

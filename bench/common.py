@@ -26,10 +26,10 @@ import psycopg
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.capture import CaptureSpec, load_captures
 from kappa.cdc import install_capture
 from kappa.changes.target import ensure_target
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.exact import round_half_even_div
 from kappa.local.pg_admin import ensure_database
 from kappa.local.postgres import EmbeddedPostgres
@@ -69,7 +69,7 @@ def populate_edw(
     another country), so the as-of join matters.
     """
     schemas = Schemas()
-    specs = {s.name: s for s in load_captures(REPO_ROOT / "capture.yaml")}
+    specs = {s.name: s for s in load_captures(REPO_ROOT / "catalog.yaml")}
     ensure_schema(conn, schemas, [ORDER_PLACED, PAYMENT_ATTEMPTED])
     # The database is the OLTP side too: its captured tables and (empty) change tables, so
     # completeness is read from a real OLTP horizon per batch, as a run reads it.

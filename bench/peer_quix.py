@@ -45,7 +45,8 @@ from quixstreams.dataframe.joins.lookups.postgresql import PostgresLookup, Postg
 from quixstreams.sinks import BatchingSink, SinkBatch
 from sqlalchemy.engine import make_url
 
-from kappa.contracts import ORDER_PLACED, fact_columns
+from bench.demo import ORDER_PLACED
+from kappa.contracts import fact_columns
 
 COLUMNS = [name for name, _ in fact_columns(ORDER_PLACED)] + [
     name for name, _ in ORDER_PLACED.derived

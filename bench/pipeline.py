@@ -119,7 +119,7 @@ def connections(settings: Settings) -> Connections:
 
 def fact_services(settings: Settings) -> FactServices:
     """The services the code location gives the facts (``pipelines.definitions``)."""
-    by_target = {c.target: c for c in load_captures(settings.capture_config)}
+    by_target = {c.target: c for c in load_captures(settings.catalog)}
     return FactServices(
         customers=by_target.get("dim_customer"),
         calls=by_target.get("fact_call_center_call"),

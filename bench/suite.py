@@ -66,8 +66,9 @@ from bench.common import (
     stats_before,
     stored_mean_before,
 )
+from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.catalog import fraud_rules
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED, EventContract, fact_columns
+from kappa.contracts import EventContract, fact_columns
 from kappa.exceptions import KappaError
 from kappa.local.broker import LocalBroker
 from kappa.local.processes import free_port

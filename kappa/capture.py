@@ -1,4 +1,5 @@
-"""Captured OLTP tables as configuration (``capture.yaml``), validated at load time.
+"""Captured OLTP tables as configuration (the ``tables:`` of ``catalog.yaml``), validated at
+load time.
 
 Every identifier is checked against a strict pattern and every column type against a short
 list, so no SQL is ever built from an unchecked string; SQL is then composed with
@@ -12,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from kappa.contracts import SETTING, read_catalog
 from kappa.exceptions import ConfigurationError
 from kappa.settings import identifier
 
-SETTING = "KAPPA_CAPTURE_CONFIG"
 Mode = Literal["scd2", "current"]
 
 #: Column types a captured column may have in the EDW (their JSON image is converted).
@@ -119,16 +118,16 @@ def _spec(index: int, entry: Any) -> CaptureSpec:
 
 
 def load_captures(path: Path) -> list[CaptureSpec]:
-    """Read and validate the capture configuration; fails naming the file and the entry."""
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigurationError(SETTING, f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigurationError(SETTING, f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("tables"), list):
+    """Read and validate the catalogue's captured tables; fails naming the file and the entry."""
+    document = read_catalog(path)
+    if not isinstance(document.get("tables", []), list):
         raise ConfigurationError(SETTING, f"{path}: expected a top-level 'tables' list")
-    specs = [_spec(i, entry) for i, entry in enumerate(document["tables"])]
+    try:
+        specs = [_spec(i, entry) for i, entry in enumerate(document.get("tables", []))]
+    except ConfigurationError as exc:
+        # Name the file too: the entry's own message starts with the setting.
+        detail = str(exc).removeprefix(SETTING).lstrip(": ")
+        raise ConfigurationError(SETTING, f"{path}: {detail}") from None
     for attribute in ("name", "target", "change_table", "source"):
         values = [str(getattr(s, attribute)) for s in specs]
         duplicated = {v for v in values if values.count(v) > 1}

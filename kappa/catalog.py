@@ -1,47 +1,50 @@
-"""What this deployment loads: the topics and their stateful steps (no Dagster here, so the
-code location and the CLI share one catalogue)."""
+"""What this deployment loads: the catalogue's streams, each with its stateful step (no
+Dagster here, so the code location and the CLI share one catalogue)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
+from kappa.contracts import SETTING, EventContract, resolve_step
+from kappa.exceptions import ConfigurationError
 from kappa.ingest import TopicIngest
 from kappa.settings import Settings
-from kappa.stateful import OrderEnrichment, PaymentFraud
+from kappa.stateful import StatefulStep
 from kappa.transforms import FraudRules
 
 
+def build_step(settings: Settings, contract: EventContract) -> StatefulStep | None:
+    """The stream's step: ``Class.from_catalog(settings, config)`` where the class defines
+    it (a step that needs settings), else ``Class(**config)``."""
+    if contract.step is None:
+        return None
+    try:
+        step_class = resolve_step(contract.step)
+    except ValueError as exc:
+        raise ConfigurationError(
+            SETTING, f"{contract.catalog}: stream {contract.name}, field step: {exc}"
+        ) from None
+    config = dict(contract.step_config)
+    factory = getattr(step_class, "from_catalog", None)
+    step: StatefulStep = factory(settings, config) if factory is not None else step_class(**config)
+    return step
+
+
 def topic_ingests(settings: Settings) -> list[tuple[TopicIngest, str]]:
-    """The topics this deployment loads, each with the setting that names it."""
+    """The topics this deployment loads, each with the setting that names it (the stream's
+    ``topic_env``, else the catalogue)."""
     return [
         (
             TopicIngest(
-                asset="fact_order",
-                topic=settings.topic_orders,
-                contract=ORDER_PLACED,
-                description=(
-                    "Orders placed (`order_placed` events), one row per distinct event_id, with the "
-                    "customer as of the event time (`dim_customer` version) and the customer's order "
-                    "count, mean and deviation before the order."
-                ),
-                step=OrderEnrichment(),
+                asset=contract.name,
+                topic=contract.topic,
+                contract=contract,
+                description=contract.description,
+                step=build_step(settings, contract),
             ),
-            "KAPPA_TOPIC_ORDERS",
-        ),
-        (
-            TopicIngest(
-                asset="fact_payment",
-                topic=settings.topic_payments,
-                contract=PAYMENT_ATTEMPTED,
-                description=(
-                    "Payment attempts (`payment_attempted` events), one row per distinct event_id, "
-                    "with the customer as of the event time and the highest fraud score."
-                ),
-                step=PaymentFraud(fraud_rules(settings)),
-            ),
-            "KAPPA_TOPIC_PAYMENTS",
-        ),
+            contract.topic_env or SETTING,
+        )
+        for contract in settings.streams
     ]
 
 

@@ -29,7 +29,6 @@ from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
 from kappa.cdc import install_capture
 from kappa.changes.target import ensure_target
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.event_store import EventStore, UnknownTopicError
 from kappa.exceptions import ConfigurationError, KappaError
 from kappa.freshness import ShardFreshness, capture_freshness, topic_freshness
@@ -40,6 +39,7 @@ from kappa.warehouse import (
     Schemas,
     connect,
     ensure_schema,
+    plan_evolution,
     read_heads,
     reset_for_replay,
     rewind_topic_asset,
@@ -103,8 +103,9 @@ def _step(title: str) -> Iterator[None]:
 
 
 def _topics(settings: Settings) -> dict[str, str]:
-    """Each loaded topic by the setting that names it."""
-    return {setting: spec.topic for spec, setting in topic_ingests(settings)}
+    """Each loaded topic, with the setting that names it (a stream's topic_env, else the
+    catalogue)."""
+    return {spec.topic: setting for spec, setting in topic_ingests(settings)}
 
 
 def prepare(
@@ -121,23 +122,32 @@ def prepare(
     from kappa import oltp
     from kappa.local.topics import ensure_topics
 
-    captures = load_captures(settings.capture_config)
+    captures = load_captures(settings.catalog)
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
 
+    # A catalogue the existing fact tables cannot follow is refused before anything (a topic
+    # included) is created; ensure_schema checks again inside its transaction.
+    with (
+        _step(f"catalogue {settings.catalog.name} against the EDW"),
+        connect(settings.resolved_edw_url) as conn,
+    ):
+        plan_evolution(conn, schemas, settings.streams)
     if create_topics:
-        with _step(f"topics {', '.join(_topics(settings).values())}"):
+        with _step(f"topics {', '.join(_topics(settings))}"):
             ensure_topics(
                 settings.resolved_bootstrap_servers,
-                {topic: settings.topic_partitions for topic in _topics(settings).values()},
+                {topic: settings.topic_partitions for topic in _topics(settings)},
                 timeout_s=settings.kafka_timeout_s,
             )
     with (
         _step(f"EDW schemas {settings.edw_schema}, {settings.meta_schema}"),
         connect(settings.resolved_edw_url) as conn,
     ):
-        ensure_schema(conn, schemas, [ORDER_PLACED, PAYMENT_ATTEMPTED])
+        changes = ensure_schema(conn, schemas, settings.streams)
         for spec in captures:
             ensure_target(conn, schemas, spec)
+    for change in changes:
+        _say(f"  schema evolution: {change}")
     names = ", ".join(str(spec.source) for spec in captures)
     with (
         _step(f"change capture on {names}"),
@@ -310,7 +320,7 @@ def up(settings: Settings, *, reset: bool, simulate: bool, seed: bool = False) -
             ):
                 broker.start()
         # The embedded OLTP database is the demo's: its source tables exist with or without
-        # the simulators (capture.yaml names them), so `--no-simulator` starts too.
+        # the simulators (catalog.yaml names them), so `--no-simulator` starts too.
         prepare(
             settings,
             create_topics=True,
@@ -401,9 +411,9 @@ def up(settings: Settings, *, reset: bool, simulate: bool, seed: bool = False) -
         )
         _say(f"  Dagster storage {redact(settings.resolved_dagster_pg_url)}")
         _say(
-            f"  OLTP            {redact(settings.resolved_oltp_url)}  (captured: {', '.join(str(c.source) for c in load_captures(settings.capture_config))})"
+            f"  OLTP            {redact(settings.resolved_oltp_url)}  (captured: {', '.join(str(c.source) for c in load_captures(settings.catalog))})"
         )
-        _say(f"  topics          {settings.topic_orders}, {settings.topic_payments}")
+        _say(f"  topics          {', '.join(_topics(settings))}")
         _say(f"  running         {', '.join(supervisor.names)}")
         _say(f"  logs            {logs}")
         for problem in problems:
@@ -452,7 +462,7 @@ def check(settings: Settings) -> int:
         with EventStore(
             settings.resolved_bootstrap_servers, timeout_s=settings.kafka_timeout_s
         ) as store:
-            for setting, topic in _topics(settings).items():
+            for topic, setting in _topics(settings).items():
                 try:
                     store.partitions(topic)
                 except UnknownTopicError as exc:
@@ -474,7 +484,7 @@ def backfill(
     """Launch a Dagster backfill of ``asset``'s time partitions from ``since`` (default: the
     first) to ``until`` (default: now), on the running webserver, as the UI would."""
     topics = {spec.asset: spec for spec, _ in topic_ingests(settings)}
-    captured = {spec.asset for spec in load_captures(settings.capture_config)}
+    captured = {spec.asset for spec in load_captures(settings.catalog)}
     if asset not in topics and asset not in captured:
         raise KappaError(
             f"{asset!r} has no time partitions; partitioned assets: "
@@ -512,9 +522,7 @@ def replay(
         spec.asset: (spec.contract.table, spec.step.side_tables if spec.step else ())
         for spec in topics.values()
     }
-    tables.update(
-        {spec.asset: (spec.target, ()) for spec in load_captures(settings.capture_config)}
-    )
+    tables.update({spec.asset: (spec.target, ()) for spec in load_captures(settings.catalog)})
     if asset not in tables:
         raise KappaError(f"unknown asset {asset!r}; replayable: {', '.join(sorted(tables))}")
     if since is not None and asset not in topics:
@@ -671,7 +679,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                         shards.get(f"{spec.topic}[{partition}]"),
                     )
         with connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as oltp:
-            for capture in load_captures(settings.capture_config):
+            for capture in load_captures(settings.catalog):
                 head = read_heads(edw, schemas, capture.asset, str(capture.change_table)).get(0)
                 lag = cdc.capture_lag(oltp, capture, head.end if head else 0)
                 row(
@@ -774,7 +782,7 @@ def _run_failures(settings: Settings) -> tuple[dict[str, dict[int, RunFailures]]
 
     threshold = failure_threshold(settings.run_retries)
     assets = [spec.asset for spec, _ in topic_ingests(settings)] + [
-        c.asset for c in load_captures(settings.capture_config)
+        c.asset for c in load_captures(settings.catalog)
     ]
     try:
         with open_instance(settings) as instance:
@@ -805,7 +813,7 @@ def reconcile(settings: Settings) -> int:
             for a in reconcile_topic(store, edw, schemas, spec)
         ]
         accounts += [
-            reconcile_capture(oltp, edw, schemas, c) for c in load_captures(settings.capture_config)
+            reconcile_capture(oltp, edw, schemas, c) for c in load_captures(settings.catalog)
         ]
     header = (
         "asset",

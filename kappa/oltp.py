@@ -1,6 +1,6 @@
 """The OLTP side of the demo: source tables and a simulator of concurrent writers.
 
-The captured tables of ``capture.yaml`` need a source that behaves like a real OLTP
+The captured tables of ``catalog.yaml`` need a source that behaves like a real OLTP
 application, because that is what change capture has to survive (DESIGN.md §4.5): several
 connections write at once, transactions commit out of the order they started in, some hold
 their locks for a while before committing, some roll back, and the same row is updated
@@ -74,7 +74,7 @@ _CALLS_INDEX_DDL: Final = (
     "ON public.call_center_calls (customer_id)"
 )
 
-#: The columns the rest of the project relies on (capture.yaml), as ``format_type`` spells
+#: The columns the rest of the project relies on (catalog.yaml), as ``format_type`` spells
 #: them. Extra columns are fine: a real OLTP table has more than anyone captures.
 _EXPECTED_COLUMNS: Final[dict[str, dict[str, str]]] = {
     "customers": {
@@ -503,7 +503,7 @@ def ensure_source_tables(conn: psycopg.Connection[Any]) -> None:
 
     Idempotent and safe to run from several processes at once: the advisory lock
     serialises concurrent ``CREATE TABLE IF NOT EXISTS`` (which can otherwise fail on the
-    catalog's unique indexes). An existing table that lacks a column capture.yaml relies on,
+    catalog's unique indexes). An existing table that lacks a column catalog.yaml relies on,
     or has it with another type, raises instead of failing later inside a trigger or a batch.
     ``conn`` must be in autocommit mode; the work runs in one transaction.
     """

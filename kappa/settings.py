@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -21,14 +21,17 @@ from sqlalchemy.exc import ArgumentError
 from kappa.exceptions import ConfigurationError
 from kappa.partitions import GRAINS, TimeWindows
 
+if TYPE_CHECKING:
+    from kappa.contracts import EventContract
+
 BrokerStorage = Literal["durable", "memory"]
 #: The values of ``KAPPA_BROKER_STORAGE`` (memory: nothing survives a restart).
 BROKER_STORAGES: tuple[BrokerStorage, ...] = ("durable", "memory")
-
+SETTING_CATALOG = "KAPPA_CATALOG"
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
-#: The repository root: workspace.yaml and capture.yaml live there.
+#: The repository root: workspace.yaml and catalog.yaml live there.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 LOCAL_PG_PORT = 55432
@@ -67,9 +70,10 @@ SETTINGS: tuple[Setting, ...] = (
         "PostgreSQL URL of the OLTP database with the captured tables and change tables. Empty: the embedded server.",
     ),
     Setting(
-        "KAPPA_CAPTURE_CONFIG",
-        "capture.yaml",
-        "The captured OLTP tables (relative paths are taken from the repository root).",
+        "KAPPA_CATALOG",
+        "catalog.yaml",
+        "The catalogue: event streams (`streams:`) and captured OLTP tables (`tables:`); "
+        "relative paths are taken from the repository root.",
     ),
     Setting("KAPPA_PG_PORT", str(LOCAL_PG_PORT), "Port of the embedded PostgreSQL (127.0.0.1)."),
     Setting("KAPPA_BROKER_PORT", str(LOCAL_BROKER_PORT), "Port of the local broker (127.0.0.1)."),
@@ -82,8 +86,16 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("KAPPA_EDW_SCHEMA", "edw", "Schema of the EDW tables."),
     Setting("KAPPA_META_SCHEMA", "kappa", "Schema of the ledger and dead-letter tables."),
-    Setting("KAPPA_TOPIC_ORDERS", "orders", "Topic of `order_placed` events."),
-    Setting("KAPPA_TOPIC_PAYMENTS", "payments", "Topic of `payment_attempted` events."),
+    Setting(
+        "KAPPA_TOPIC_ORDERS",
+        "orders",
+        "Topic of `order_placed` events (the `topic_env` of stream fact_order in catalog.yaml).",
+    ),
+    Setting(
+        "KAPPA_TOPIC_PAYMENTS",
+        "payments",
+        "Topic of `payment_attempted` events (the `topic_env` of stream fact_payment).",
+    ),
     Setting("KAPPA_TOPIC_PARTITIONS", "4", "Partitions per topic when `kappa up` creates topics."),
     Setting("KAPPA_BATCH_MAX_RECORDS", "50000", "Upper bound of one batch, per topic partition."),
     Setting("KAPPA_RUN_MAX_RECORDS", "200000", "Upper bound of one run, over all its partitions."),
@@ -300,14 +312,14 @@ class Settings:
     edw_url: str | None
     dagster_pg_url: str | None
     oltp_url: str | None
-    capture_config: Path
+    catalog: Path
+    #: The streams of the catalogue, validated, with their topics resolved.
+    streams: tuple[EventContract, ...]
     pg_port: int
     broker_port: int
     broker_storage: BrokerStorage
     edw_schema: str
     meta_schema: str
-    topic_orders: str
-    topic_payments: str
     topic_partitions: int
     batch_max_records: int
     run_max_records: int
@@ -344,13 +356,17 @@ class Settings:
         edw = _raw(env, "KAPPA_EDW_URL")
         dagster_pg = _raw(env, "KAPPA_DAGSTER_PG_URL")
         oltp = _raw(env, "KAPPA_OLTP_URL")
-        capture = Path(_raw(env, "KAPPA_CAPTURE_CONFIG") or "capture.yaml")
-        orders = topic_name("KAPPA_TOPIC_ORDERS", _raw(env, "KAPPA_TOPIC_ORDERS"))
-        payments = topic_name("KAPPA_TOPIC_PAYMENTS", _raw(env, "KAPPA_TOPIC_PAYMENTS"))
-        if orders == payments:
+        if "KAPPA_CAPTURE_CONFIG" in env:
             raise ConfigurationError(
-                "KAPPA_TOPIC_PAYMENTS", f"must differ from KAPPA_TOPIC_ORDERS ({orders!r})"
+                "KAPPA_CAPTURE_CONFIG",
+                "was renamed to KAPPA_CATALOG: one catalogue file holds the streams and the "
+                "captured tables (its `tables:` section is what capture.yaml held)",
             )
+        raw_catalog = Path(_raw(env, "KAPPA_CATALOG") or "catalog.yaml")
+        catalog = raw_catalog if raw_catalog.is_absolute() else REPO_ROOT / raw_catalog
+        from kappa.contracts import load_streams  # contracts validates with this module
+
+        streams = load_streams(catalog, env)
         edw_schema = identifier("KAPPA_EDW_SCHEMA", _raw(env, "KAPPA_EDW_SCHEMA"))
         meta_schema = identifier("KAPPA_META_SCHEMA", _raw(env, "KAPPA_META_SCHEMA"))
         if edw_schema == meta_schema:
@@ -369,14 +385,13 @@ class Settings:
             edw_url=postgres_url("KAPPA_EDW_URL", edw) if edw else None,
             dagster_pg_url=postgres_url("KAPPA_DAGSTER_PG_URL", dagster_pg) if dagster_pg else None,
             oltp_url=postgres_url("KAPPA_OLTP_URL", oltp) if oltp else None,
-            capture_config=capture if capture.is_absolute() else REPO_ROOT / capture,
+            catalog=catalog,
+            streams=streams,
             pg_port=_int(env, "KAPPA_PG_PORT", minimum=1, maximum=65535),
             broker_port=_int(env, "KAPPA_BROKER_PORT", minimum=1, maximum=65535),
             broker_storage=broker_storage(env),
             edw_schema=edw_schema,
             meta_schema=meta_schema,
-            topic_orders=orders,
-            topic_payments=payments,
             topic_partitions=_int(env, "KAPPA_TOPIC_PARTITIONS", minimum=1, maximum=1024),
             batch_max_records=batch_max,
             run_max_records=run_max,
@@ -410,6 +425,13 @@ class Settings:
             ),
             env=env,
         )
+
+    def stream(self, name: str) -> EventContract:
+        """The catalogue's stream ``name`` (the demo's are fact_order and fact_payment)."""
+        for candidate in self.streams:
+            if candidate.name == name:
+                return candidate
+        raise ConfigurationError(SETTING_CATALOG, f"{self.catalog} declares no stream {name!r}")
 
     @property
     def local_pg_base_url(self) -> str:

@@ -127,8 +127,8 @@ class SimulatorConfig:
     def from_settings(cls, settings: Settings) -> SimulatorConfig:
         """The configuration of ``kappa simulate``, from the validated settings."""
         return cls(
-            topic_orders=settings.topic_orders,
-            topic_payments=settings.topic_payments,
+            topic_orders=settings.stream("fact_order").topic,
+            topic_payments=settings.stream("fact_payment").topic,
             customers=settings.sim_customers,
             seed=settings.sim_seed,
             duplicate_rate=settings.sim_duplicate_rate,

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pandas as pd
 import psycopg
@@ -30,6 +30,9 @@ from kappa.transforms import (
     velocity,
 )
 from kappa.warehouse import Schemas, read_head
+
+if TYPE_CHECKING:
+    from kappa.settings import Settings
 
 
 @dataclass
@@ -300,6 +303,16 @@ class OrderEnrichment:
 
     store = "order_stats"
     side_tables: tuple[str, ...] = ()
+    #: Columns the step adds to the fact (nullable), after the decoded ones.
+    derived_columns: tuple[tuple[str, str], ...] = (
+        ("customer_sk", "bigint"),
+        ("customer_segment", "text"),
+        ("customer_country", "text"),
+        ("enrichment", "text"),
+        ("customer_orders_before", "integer"),
+        ("customer_avg_amount_before", "numeric(14, 2)"),
+        ("customer_stddev_amount_before", "double precision"),
+    )
 
     def apply(
         self,
@@ -334,9 +347,23 @@ class PaymentFraud:
     """Payments: the customer as of the event time, and the fraud rules."""
 
     side_tables: tuple[str, ...] = ("fraud_alert",)
+    #: Columns the step adds to the fact (nullable), after the decoded ones.
+    derived_columns: tuple[tuple[str, str], ...] = (
+        ("customer_sk", "bigint"),
+        ("customer_country", "text"),
+        ("enrichment", "text"),
+        ("fraud_score", "numeric(4, 3)"),
+    )
 
     def __init__(self, rules: FraudRules) -> None:
         self.rules = rules
+
+    @classmethod
+    def from_catalog(cls, settings: Settings, config: Mapping[str, object]) -> PaymentFraud:
+        """The step of a catalogue stream: its rules from the KAPPA_FRAUD_* settings."""
+        from kappa.catalog import fraud_rules  # the catalogue builds steps from this module
+
+        return cls(fraud_rules(settings))
 
     def apply(
         self,

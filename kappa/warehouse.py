@@ -8,6 +8,7 @@ positions and a retried or duplicated run changes nothing.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,7 +22,8 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from kappa.contracts import EventContract, fact_columns
+from kappa.contracts import SETTING as CATALOG_SETTING
+from kappa.contracts import EventContract, fact_column_specs
 from kappa.decode import DecodedBatch
 from kappa.exceptions import (
     BatchSupersededError,
@@ -106,10 +108,15 @@ def connect(
 
 
 def _fact_ddl(schemas: Schemas, contract: EventContract) -> sql.Composed:
+    # Types are from the catalogue's checked set (kappa/contracts.py), names identifiers.
     columns = sql.SQL(",\n  ").join(
         [
-            sql.SQL("{} {} NOT NULL").format(sql.Identifier(name), sql.SQL(sql_type))
-            for name, sql_type in fact_columns(contract)
+            sql.SQL("{} {}{}").format(
+                sql.Identifier(c.name),
+                sql.SQL(c.sql_type),
+                sql.SQL(" NOT NULL" if c.not_null else ""),
+            )
+            for c in fact_column_specs(contract)
         ]
         + [
             sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(sql_type))
@@ -230,18 +237,144 @@ CREATE TABLE IF NOT EXISTS {table} (
 """
 
 
+@dataclass(frozen=True)
+class TableColumn:
+    """A column of an existing EDW table, as ``information_schema`` describes it."""
+
+    sql_type: str
+    not_null: bool
+
+
+def _canonical_type(
+    data_type: str, length: int | None, precision: int | None, scale: int | None
+) -> str:
+    """``information_schema``'s description of a column type in the catalogue's spelling."""
+    spelled = {
+        "timestamp with time zone": "timestamptz",
+        "character varying": "varchar",
+    }.get(data_type, data_type)
+    if data_type == "numeric" and precision is not None:
+        return f"numeric({precision},{scale or 0})"
+    if data_type == "character":
+        return f"char({length})"
+    return spelled
+
+
+def table_columns(
+    conn: psycopg.Connection, schema: str, table: str
+) -> dict[str, TableColumn] | None:
+    """The columns of ``schema.table`` (None when the table does not exist)."""
+    rows = conn.execute(
+        "SELECT column_name, data_type, character_maximum_length, numeric_precision, "
+        "numeric_scale, is_nullable FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+        (schema, table),
+    ).fetchall()
+    if not rows:
+        return None
+    return {
+        name: TableColumn(_canonical_type(data_type, length, precision, scale), nullable == "NO")
+        for name, data_type, length, precision, scale, nullable in rows
+    }
+
+
+@dataclass(frozen=True)
+class Evolution:
+    """What bringing one stream's existing table to the catalogue takes."""
+
+    contract: EventContract
+    statements: tuple[sql.Composed, ...]
+    changes: tuple[str, ...]
+
+
+def plan_evolution(
+    conn: psycopg.Connection, schemas: Schemas, contracts: Sequence[EventContract]
+) -> list[Evolution]:
+    """Compare every stream with its existing EDW table; reads only.
+
+    A new nullable field becomes an ``ADD COLUMN IF NOT EXISTS`` and a field made nullable a
+    ``DROP NOT NULL``. A changed type, a removed required field, a new required field or a
+    field made required is refused: the check covers every stream before any is changed, so a
+    refusal leaves every table as it was.
+    """
+    plans: list[Evolution] = []
+    refusals: list[str] = []
+    for contract in contracts:
+        existing = table_columns(conn, schemas.edw, contract.table)
+        if existing is None:
+            continue  # created from the catalogue by ensure_schema
+        where = f"{contract.catalog}: stream {contract.name}"
+        table = sql.Identifier(schemas.edw, contract.table)
+        statements: list[sql.Composed] = []
+        changes: list[str] = []
+        declared = {c.name: c for c in fact_column_specs(contract)}
+        for column in declared.values():
+            found = existing.get(column.name)
+            if found is None:
+                if column.not_null:
+                    refusals.append(
+                        f"{where}, field {column.name}: new field of type {column.sql_type} "
+                        f"must be nullable (table {schemas.edw}.{contract.table} has rows "
+                        "without it)"
+                    )
+                    continue
+                statements.append(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                        table, sql.Identifier(column.name), sql.SQL(column.sql_type)
+                    )
+                )
+                changes.append(f"{contract.table}: add column {column.name} {column.sql_type}")
+            elif found.sql_type != column.sql_type:
+                refusals.append(
+                    f"{where}, field {column.name}: the table's type is {found.sql_type}, the "
+                    f"catalogue's is {column.sql_type} (a type change is not applied)"
+                )
+            elif found.not_null and not column.not_null:
+                statements.append(
+                    sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL").format(
+                        table, sql.Identifier(column.name)
+                    )
+                )
+                changes.append(f"{contract.table}: column {column.name} made nullable")
+            elif column.not_null and not found.not_null:
+                refusals.append(
+                    f"{where}, field {column.name}: required in the catalogue, nullable in the "
+                    f"table (its rows may hold NULL); declare it nullable: true"
+                )
+        derived = {name for name, _ in contract.derived}
+        for name, found in existing.items():
+            if name not in declared and name not in derived and found.not_null:
+                refusals.append(
+                    f"{where}, field {name}: the table's required column ({found.sql_type}) is "
+                    "not in the catalogue; a removed field must stay declared (nullable: true "
+                    "to stop requiring it)"
+                )
+        if statements:
+            plans.append(Evolution(contract, tuple(statements), tuple(changes)))
+    if refusals:
+        raise ConfigurationError(CATALOG_SETTING, "; ".join(refusals))
+    return plans
+
+
 def ensure_schema(
     conn: psycopg.Connection, schemas: Schemas, contracts: Sequence[EventContract]
-) -> None:
-    """Create schemas and tables that do not exist yet; running it again changes nothing."""
+) -> list[str]:
+    """Create schemas and tables that do not exist yet and evolve the existing fact tables to
+    the catalogue (see :func:`plan_evolution`); running it again changes nothing. Returns
+    the changes made to existing tables."""
     from kappa.heal import heal_ddl, heals  # heal builds on this module
 
     with conn.transaction():
         # Serialise concurrent bootstraps (stack start, tests in parallel) on one lock.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('kappa-etl:ensure_schema'))")
+        # Every stream is checked before anything is written.
+        plans = plan_evolution(conn, schemas, contracts)
         for schema in (schemas.edw, schemas.meta):
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL(_META_DDL).format(meta=sql.Identifier(schemas.meta)))
+        for plan in plans:
+            for statement in plan.statements:
+                conn.execute(statement)
         for contract in contracts:
             conn.execute(_fact_ddl(schemas, contract))
             if heals(contract):
@@ -249,6 +382,7 @@ def ensure_schema(
         conn.execute(
             sql.SQL(_FRAUD_ALERT_DDL).format(table=sql.Identifier(schemas.edw, "fraud_alert"))
         )
+    return [change for plan in plans for change in plan.changes]
 
 
 def read_head(
@@ -331,6 +465,11 @@ def _iso_utc(column: pd.Series) -> np.ndarray:
     return text
 
 
+#: What the csv writer puts for a missing value before it is turned into an unquoted empty
+#: field (NULL). U+0000 cannot be in any value PostgreSQL accepts, so it marks only NULLs.
+_NULL_MARK = "\x00"
+
+
 def copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataFrame) -> None:
     if frame.empty:
         return
@@ -339,19 +478,24 @@ def copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataFr
         frame = frame.assign(**{str(name): _iso_utc(frame[name]) for name in zoned})
     buffer = io.StringIO()
     # "\r\n" line ends make the csv writer quote every field holding a "\r" or "\n"; with
-    # "\n" alone a bare carriage return in a text value fails the whole COPY.
+    # "\n" alone a bare carriage return in a text value fails the whole COPY. Every value is
+    # quoted so that an empty string stays an empty string: COPY reads only an unquoted
+    # empty field as NULL.
     frame.to_csv(
         buffer,
         index=False,
         header=False,
         date_format="%Y-%m-%dT%H:%M:%S.%f%z",
         lineterminator="\r\n",
+        quoting=csv.QUOTE_NONNUMERIC,
+        na_rep=_NULL_MARK,
     )
+    text = buffer.getvalue().replace(f'"{_NULL_MARK}"', "")
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in frame.columns)
     with conn.cursor().copy(
         sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(table, columns)
     ) as copy:
-        copy.write(buffer.getvalue())
+        copy.write(text)
 
 
 @dataclass

@@ -39,7 +39,7 @@ MART_INTERVAL_S = 30
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
-    by_target = {c.target: c for c in load_captures(settings.capture_config)}
+    by_target = {c.target: c for c in load_captures(settings.catalog)}
     catalogue = build_catalogue_definitions(
         settings,
         services=FactServices(
@@ -48,7 +48,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             max_wait_s=settings.enrich_max_wait_s,
             reprocess_wait_s=settings.backfill_max_wait_s,
         ),
-        side_assets={"fact_payment": (FRAUD_ALERT,)},
+        side_assets={"fraud_alert": FRAUD_ALERT},
     )
     marts = dg.Definitions(
         assets=[build_customer_daily(settings.windows, SHOP_FACTS)],

@@ -65,23 +65,28 @@ def build_definitions(
     settings: Settings,
     *,
     services: FactServices,
-    side_assets: Mapping[str, Sequence[dg.AssetSpec]] | None = None,
+    side_assets: Mapping[str, dg.AssetSpec] | None = None,
 ) -> dg.Definitions:
     """Every asset, check, sensor, job and resource of the catalogue's streams and captures.
 
-    ``services`` are what the stateful steps read (dimensions, waits); ``side_assets`` names,
-    per fact asset, the tables its step writes in the same transactions (shown in the lineage).
+    ``services`` are what the stateful steps read (dimensions, waits); ``side_assets`` are
+    the assets of the side tables steps write in the same transactions, by table name: a fact
+    asset shows those its step declares (``side_tables``) in the lineage.
     """
     ingests = topic_ingests(settings)
     topics = [spec for spec, _ in ingests]
-    captures = load_captures(settings.capture_config)
+    captures = load_captures(settings.catalog)
     limits = {"max_batch": settings.batch_max_records, "max_run": settings.run_max_records}
     interval = settings.sensor_interval_s
     facts = {
         spec.asset: build_fact_asset(
             spec,
             services=services,
-            side_assets=tuple((side_assets or {}).get(spec.asset, ())),
+            side_assets=tuple(
+                (side_assets or {})[table]
+                for table in getattr(spec.step, "side_tables", ())
+                if table in (side_assets or {})
+            ),
             windows=settings.windows,
             **limits,
         )

@@ -91,8 +91,8 @@ def simulated(
     pipeline: Pipeline, count: int, *, seed: int, **rates: float
 ) -> list[simulator.SimulatedMessage]:
     config = simulator.SimulatorConfig(
-        topic_orders=pipeline.settings.topic_orders,
-        topic_payments=pipeline.settings.topic_payments,
+        topic_orders=pipeline.settings.stream("fact_order").topic,
+        topic_payments=pipeline.settings.stream("fact_payment").topic,
         customers=int(rates.pop("customers", 60)),
         seed=seed,
         duplicate_rate=rates.pop("duplicate_rate", 0.05),
@@ -157,9 +157,9 @@ def audit(pipeline: Pipeline, records: list[Record], *, complete: bool) -> Anoma
     with connect(pipeline.edw_url) as conn:
         for asset, event_type in FACTS.items():
             topic = (
-                pipeline.settings.topic_orders
+                pipeline.settings.stream("fact_order").topic
                 if asset == "fact_order"
-                else pipeline.settings.topic_payments
+                else pipeline.settings.stream("fact_payment").topic
             )
             found += audit_topic(
                 conn,

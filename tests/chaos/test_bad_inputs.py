@@ -268,7 +268,9 @@ def test_bad_events_of_every_kind_end_as_the_contract_says_and_no_partition_stal
     chaos_pipeline: Pipeline,
 ):
     pipeline = chaos_pipeline
-    pairs = catalogue(pipeline.settings.topic_orders, pipeline.settings.topic_payments)
+    pairs = catalogue(
+        pipeline.settings.stream("fact_order").topic, pipeline.settings.stream("fact_payment").topic
+    )
     assert {kind for kind, _ in pairs} == set(KINDS), "every kind has its expected reason"
     records = produce(pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], [m for _, m in pairs])
     kind_of = {
@@ -280,8 +282,8 @@ def test_bad_events_of_every_kind_end_as_the_contract_says_and_no_partition_stal
     for r in records:
         by_kind[kind_of[(r.topic, r.partition, r.offset)]].append(r)
     topics = {
-        pipeline.settings.topic_orders: ("fact_order", "order_placed"),
-        pipeline.settings.topic_payments: ("fact_payment", "payment_attempted"),
+        pipeline.settings.stream("fact_order").topic: ("fact_order", "order_placed"),
+        pipeline.settings.stream("fact_payment").topic: ("fact_payment", "payment_attempted"),
     }
     state = {}
     with psycopg.connect(pipeline.edw_url) as conn:

@@ -13,7 +13,6 @@ from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster._serdes import serialize_value
 from sqlalchemy.engine import make_url
 
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.exceptions import ConfigurationError, KappaError
 from kappa.local.processes import free_port
 from kappa.settings import Settings
@@ -22,6 +21,7 @@ from pipelines.definitions import build_definitions
 from tests.chaos.conftest import record
 from tests.chaos.reference import Anomalies
 from tests.chaos.streams import produce, simulated
+from tests.demo import DEMO
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -66,23 +66,21 @@ def test_bad_configuration_fails_naming_the_setting(
     at_load("KAPPA_TOPIC_ORDERS", "orders/../x")
     at_load("KAPPA_BATCH_MAX_RECORDS", "lots")
 
-    # An invalid identifier or a missing table in capture.yaml fails naming the file's setting.
-    bad = tmp_path / "capture.yaml"
+    # An invalid identifier or a missing table in catalog.yaml fails naming the file's setting.
+    bad = tmp_path / "catalog.yaml"
     bad.write_text(
-        Path(Settings.from_env(chaos_env).capture_config)
+        Path(Settings.from_env(chaos_env).catalog)
         .read_text()
         .replace("dim_customer", "Dim-Customer")
     )
     try:
-        build_definitions(Settings.from_env({**chaos_env, "KAPPA_CAPTURE_CONFIG": str(bad)}))
-        checked.append(("capture.yaml: invalid identifier", False))
+        build_definitions(Settings.from_env({**chaos_env, "KAPPA_CATALOG": str(bad)}))
+        checked.append(("catalog.yaml: invalid identifier", False))
     except ConfigurationError as exc:
-        checked.append(
-            ("capture.yaml: invalid identifier", str(exc).startswith("KAPPA_CAPTURE_CONFIG"))
-        )
+        checked.append(("catalog.yaml: invalid identifier", str(exc).startswith("KAPPA_CATALOG")))
     missing = tmp_path / "missing.yaml"
     missing.write_text(
-        Path(Settings.from_env(chaos_env).capture_config)
+        Path(Settings.from_env(chaos_env).catalog)
         .read_text()
         .replace("public.customers", "public.no_such")
     )
@@ -95,12 +93,12 @@ def test_bad_configuration_fails_naming_the_setting(
         try:
             for spec in load_captures(missing):
                 install_capture(conn, spec)
-            checked.append(("capture.yaml: captured table missing", False))
+            checked.append(("catalog.yaml: captured table missing", False))
         except ConfigurationError as exc:
             checked.append(
                 (
-                    "capture.yaml: captured table missing",
-                    str(exc).startswith("KAPPA_CAPTURE_CONFIG"),
+                    "catalog.yaml: captured table missing",
+                    str(exc).startswith("KAPPA_CATALOG"),
                 )
             )
 
@@ -162,10 +160,10 @@ def test_bad_configuration_fails_naming_the_setting(
         KAPPA_META_SCHEMA="empty_meta",
     )
     with psycopg.connect(chaos_env["KAPPA_EDW_URL"], autocommit=True) as conn:
-        ensure_schema(conn, Schemas(), [ORDER_PLACED, PAYMENT_ATTEMPTED])
+        ensure_schema(conn, Schemas(), DEMO.streams)
     at_launch(
         "change table missing (EDW initialised, triggers never installed)",
-        "KAPPA_CAPTURE_CONFIG",
+        "KAPPA_CATALOG",
         "dim_customer",
         KAPPA_OLTP_URL=with_password(chaos_env["KAPPA_OLTP_URL"]),
     )

@@ -4,10 +4,10 @@ import pytest
 from kappa import cdc
 from kappa.capture import load_captures
 from kappa.changes.target import ensure_target
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.warehouse import Schemas, connect, ensure_schema
+from tests.demo import DEMO
 from tests.integration.harness import Pipeline
 
 
@@ -43,9 +43,9 @@ def captured(database_url: str) -> str:
     """A database that is both OLTP (captured tables, change tables) and EDW (default schemas)."""
     schemas = Schemas()
     with connect(database_url) as conn:
-        ensure_schema(conn, schemas, [ORDER_PLACED, PAYMENT_ATTEMPTED])
+        ensure_schema(conn, schemas, DEMO.streams)
         ensure_source_tables(conn)
-        for spec in load_captures(REPO_ROOT / "capture.yaml"):
+        for spec in load_captures(REPO_ROOT / "catalog.yaml"):
             ensure_target(conn, schemas, spec)
             cdc.install_capture(conn, spec)
     return database_url

@@ -26,7 +26,6 @@ from kappa import simulator
 from kappa.capture import load_captures
 from kappa.cdc import install_capture
 from kappa.changes.target import ensure_target
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.oltp import ensure_source_tables
 from kappa.settings import Settings
 from kappa.warehouse import Schemas, connect, ensure_schema
@@ -45,12 +44,12 @@ class Pipeline:
         self.settings = Settings.from_env(self.env)
         self.defs = build_definitions(self.settings)
         with connect(self.edw_url) as conn:
-            ensure_schema(conn, self.schemas, [ORDER_PLACED, PAYMENT_ATTEMPTED])
-            for spec in load_captures(self.settings.capture_config):
+            ensure_schema(conn, self.schemas, self.settings.streams)
+            for spec in load_captures(self.settings.catalog):
                 ensure_target(conn, self.schemas, spec)
         with connect(self.env["KAPPA_OLTP_URL"]) as conn:
             ensure_source_tables(conn)
-            for spec in load_captures(self.settings.capture_config):
+            for spec in load_captures(self.settings.catalog):
                 install_capture(conn, spec)
 
     @property
@@ -68,8 +67,8 @@ class Pipeline:
     ) -> list[simulator.SimulatedMessage]:
         """Produce ``count`` simulated messages to the deployment's topics; returns them."""
         config = simulator.SimulatorConfig(
-            topic_orders=self.settings.topic_orders,
-            topic_payments=self.settings.topic_payments,
+            topic_orders=self.settings.stream("fact_order").topic,
+            topic_payments=self.settings.stream("fact_payment").topic,
             customers=rates.pop("customers", 40),
             seed=seed,
             duplicate_rate=rates.pop("duplicate_rate", 0.05),

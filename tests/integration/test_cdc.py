@@ -17,7 +17,7 @@ from kappa.warehouse import Schemas, connect, ensure_schema
 
 pytestmark = pytest.mark.integration
 
-SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "capture.yaml")}
+SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "catalog.yaml")}
 CUSTOMERS = SPECS["customers"]
 CALLS = SPECS["call_center_calls"]
 SCHEMAS = Schemas()

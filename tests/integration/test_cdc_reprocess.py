@@ -22,7 +22,7 @@ from kappa.warehouse import Schemas, connect
 
 pytestmark = pytest.mark.integration
 
-SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "capture.yaml")}
+SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "catalog.yaml")}
 SCHEMAS = Schemas()
 WINDOWS = TimeWindows("hourly", datetime(2026, 11, 1, tzinfo=UTC))
 HOUR_1 = WINDOWS.at(datetime(2026, 11, 20, 8, 30, tzinfo=UTC)).key

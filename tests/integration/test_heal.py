@@ -265,5 +265,5 @@ def test_a_backfill_waits_for_change_capture_once_per_window_not_per_chunk_and_s
 def _services(pipeline: Pipeline) -> tuple:
     from kappa.capture import load_captures
 
-    by_target = {c.target: c for c in load_captures(pipeline.settings.capture_config)}
+    by_target = {c.target: c for c in load_captures(pipeline.settings.catalog)}
     return by_target["dim_customer"], by_target["fact_call_center_call"]

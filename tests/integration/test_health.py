@@ -54,7 +54,7 @@ def test_a_recreated_topic_shows_as_stopped_with_the_reason(pipeline, capsys, mo
     monkeypatch.setenv("KAPPA_HOME", "/nonexistent/kappa-home")  # no instance: runs not read
     pipeline.simulate(300, invalid_rate=0.0)
     pipeline.drain("fact_order")
-    topic = pipeline.settings.topic_orders
+    topic = pipeline.settings.stream("fact_order").topic
     assert cli.main(["status", "--batches", "0"]) == 0, capsys.readouterr().out
     capsys.readouterr()
 
@@ -124,7 +124,7 @@ def test_an_asset_whose_last_runs_failed_shows_as_stopped(pipeline_env, capsys, 
         text = capsys.readouterr().out
         orders = _lag_rows(text, "fact_order")
         assert orders and all(cells[4] == "stopped" for cells in orders), text
-        topic = pipeline.settings.topic_orders
+        topic = pipeline.settings.stream("fact_order").topic
         line = next(x for x in text.splitlines() if x.startswith(f"  fact_order {topic}[0]: "))
         assert "its last 2 runs failed" in line and 'violates check constraint "refuse_all"' in line
         assert "failed runs: read from the Dagster instance" in text
@@ -151,7 +151,7 @@ def test_a_recreated_change_table_shows_as_stopped_with_the_reason(pipeline, cap
 
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.setenv("KAPPA_HOME", "/nonexistent/kappa-home")
-    [spec] = [c for c in load_captures(pipeline.settings.capture_config) if c.name == "customers"]
+    [spec] = [c for c in load_captures(pipeline.settings.catalog) if c.name == "customers"]
     with connect(pipeline.env["KAPPA_OLTP_URL"]) as conn:
         seed_customers(conn, OltpConfig.from_settings(pipeline.settings), count=5)
     # Transactions of other sessions may hold the snapshot horizon back for a moment.

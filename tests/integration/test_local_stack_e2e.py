@@ -736,7 +736,8 @@ def test_a_restart_without_reset_goes_on_where_the_ledger_ends(
     try:
         broker.start()
         records = read_back(
-            broker.bootstrap_servers, [settings.topic_orders, settings.topic_payments]
+            broker.bootstrap_servers,
+            [settings.stream("fact_order").topic, settings.stream("fact_payment").topic],
         )
         with psycopg.connect(state.edw_url, autocommit=True) as conn:
             found = audit_topic(
@@ -745,7 +746,7 @@ def test_a_restart_without_reset_goes_on_where_the_ledger_ends(
                 meta=settings.meta_schema,
                 asset="fact_order",
                 table="fact_order",
-                topic=settings.topic_orders,
+                topic=settings.stream("fact_order").topic,
                 event_type="order_placed",
                 records=records,
                 complete=False,

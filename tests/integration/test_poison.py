@@ -75,7 +75,7 @@ def produce(pipeline: Pipeline, records: list[tuple[str, bytes, datetime]]) -> N
     try:
         for key, value, at in records:
             producer.send(
-                pipeline.settings.topic_orders,
+                pipeline.settings.stream("fact_order").topic,
                 key=key.encode(),
                 value=value,
                 partition=0,
@@ -148,7 +148,7 @@ def test_a_record_the_database_refuses_is_dead_lettered_and_the_rest_of_the_batc
 
     results = pipeline.drain("fact_order")
 
-    topic = pipeline.settings.topic_orders
+    topic = pipeline.settings.stream("fact_order").topic
     [(loaded,)] = pipeline.query(
         "SELECT count(*) FROM edw.fact_order WHERE kafka_partition = 0 AND kafka_offset < %s",
         (ORDERS,),
@@ -449,7 +449,7 @@ def test_a_refused_payment_counts_in_no_fraud_state_and_raises_no_alert(pipeline
         for i in range(5):
             amount = POISON_AMOUNT if i == 1 else "20.00"
             producer.send(
-                pipeline.settings.topic_payments,
+                pipeline.settings.stream("fact_payment").topic,
                 key=b"c-1",
                 value=payment_bytes(ids[i], amount, at[i]),
                 partition=0,

@@ -12,7 +12,6 @@ from psycopg import sql
 from kappa import cli
 from kappa.capture import load_captures
 from kappa.changes.target import ensure_target
-from kappa.contracts import ORDER_PLACED
 from kappa.decode import DecodedBatch
 from kappa.exceptions import BatchSupersededError
 from kappa.ingest import run_capture_batch
@@ -27,10 +26,11 @@ from kappa.warehouse import (
     ensure_schema,
     reset_for_replay,
 )
+from tests.demo import ORDER_PLACED
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration
-SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "capture.yaml")}
+SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "catalog.yaml")}
 SCHEMAS = Schemas()
 
 

@@ -66,8 +66,8 @@ def produce_in_hour(
     """``count`` simulated messages whose broker timestamps (and event times) start at
     ``start``, 1 s apart: the producer's clock is the test's. Returns how many were sent."""
     config = simulator.SimulatorConfig(
-        topic_orders=settings.topic_orders,
-        topic_payments=settings.topic_payments,
+        topic_orders=settings.stream("fact_order").topic,
+        topic_payments=settings.stream("fact_payment").topic,
         customers=30,
         seed=seed,
         duplicate_rate=0.05,
@@ -263,7 +263,7 @@ def test_a_reset_log_fails_the_backfill_and_leaves_the_edw_untouched(pipeline: P
     live(pipeline)
     first, _ = keys(pipeline, hours)
     before = edw_checksums(pipeline)
-    topic = pipeline.settings.topic_orders
+    topic = pipeline.settings.stream("fact_order").topic
     admin = KafkaAdminClient(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"])
     try:
         admin.delete_topics([topic])
@@ -303,7 +303,7 @@ def test_a_missing_state_checkpoint_fails_the_backfill_and_leaves_the_edw_untouc
     failure = result.failure_data_for_node("fact_order")
     assert failure is not None and failure.user_failure_data is not None
     message = failure.user_failure_data.description or ""
-    topic = pipeline.settings.topic_orders
+    topic = pipeline.settings.stream("fact_order").topic
     assert f"partition {second}: {topic}[{shard}]" in message
     assert f"no state checkpoint at offset {position}" in message
     assert "Nothing in the EDW was changed" in message
@@ -360,8 +360,8 @@ def test_a_late_event_rematerialises_the_mart_partition_of_its_event_date(
     # An order that happened on that day arrives now (its event time a day or more before
     # its broker time): the mart partition of that day is built with it counted.
     late = simulator.SimulatorConfig(
-        topic_orders=pipeline.settings.topic_orders,
-        topic_payments=pipeline.settings.topic_payments,
+        topic_orders=pipeline.settings.stream("fact_order").topic,
+        topic_payments=pipeline.settings.stream("fact_payment").topic,
         customers=30,
         seed=9,
         duplicate_rate=0.0,
@@ -373,7 +373,7 @@ def test_a_late_event_rematerialises_the_mart_partition_of_its_event_date(
         for m in simulator.generate(
             late, start=datetime.combine(late_day, time(12), tzinfo=UTC), rate=1.0
         )
-        if m.topic == pipeline.settings.topic_orders and m.kind == "valid"
+        if m.topic == pipeline.settings.stream("fact_order").topic and m.kind == "valid"
     )
     producer = KafkaProducer(bootstrap_servers=pipeline.env["KAFKA_BOOTSTRAP_SERVERS"], acks="all")
     producer.send(
@@ -401,7 +401,7 @@ def test_expired_offsets_fail_the_backfill_and_leave_the_edw_untouched(
     live(pipeline)
     first, _ = keys(pipeline, hours)
     before = edw_checksums(pipeline)
-    topic = pipeline.settings.topic_orders
+    topic = pipeline.settings.stream("fact_order").topic
     real = EventStore.log_bounds
 
     def retained(self: EventStore, name: str, partitions) -> dict[int, LogBounds]:

@@ -32,7 +32,7 @@ def event(topic: str, event_type: str, customer: str, at: datetime, **payload) -
 
 def order(pipeline: Pipeline, customer: str, amount: float, at: datetime) -> SimulatedMessage:
     return event(
-        pipeline.settings.topic_orders,
+        pipeline.settings.stream("fact_order").topic,
         "order_placed",
         customer,
         at,
@@ -48,7 +48,7 @@ def payment(
     pipeline: Pipeline, customer: str, amount: float, at: datetime, *, card: str, country: str
 ) -> SimulatedMessage:
     return event(
-        pipeline.settings.topic_payments,
+        pipeline.settings.stream("fact_payment").topic,
         "payment_attempted",
         customer,
         at,

@@ -29,12 +29,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pandas.testing import assert_frame_equal
 
-from kappa.contracts import ORDER_PLACED, PAYMENT_ATTEMPTED, EventContract
+from kappa.contracts import EventContract
 from kappa.decode import decode_batch
 from kappa.event_store import RawBatch
 from kappa.state import State, StateCache
 from kappa.stateful import Completeness, OrderEnrichment, PaymentFraud, StatefulStep
 from kappa.transforms import FraudRules
+from tests.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
 SHARD = 0

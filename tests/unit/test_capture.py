@@ -19,13 +19,13 @@ tables:
 
 
 def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "capture.yaml"
+    path = tmp_path / "catalog.yaml"
     path.write_text(text)
     return path
 
 
 def test_the_shipped_configuration_loads():
-    specs = load_captures(REPO_ROOT / "capture.yaml")
+    specs = load_captures(REPO_ROOT / "catalog.yaml")
     assert [(s.name, s.target, s.mode) for s in specs] == [
         ("customers", "dim_customer", "scd2"),
         ("call_center_calls", "fact_call_center_call", "current"),
@@ -54,11 +54,12 @@ def test_a_valid_entry_becomes_a_spec(tmp_path):
         (("    mode: scd2\n", ""), "missing mode"),
     ],
 )
-def test_bad_entries_fail_naming_the_setting_and_the_entry(tmp_path, change, fragment):
+def test_bad_entries_fail_naming_the_setting_the_file_and_the_entry(tmp_path, change, fragment):
     old, new = change
+    path = write(tmp_path, GOOD.replace(old, new))
     with pytest.raises(ConfigurationError) as caught:
-        load_captures(write(tmp_path, GOOD.replace(old, new)))
-    assert str(caught.value).startswith("KAPPA_CAPTURE_CONFIG")
+        load_captures(path)
+    assert str(caught.value).startswith(f"KAPPA_CATALOG: {path}: tables[0]")
     assert fragment in str(caught.value)
 
 
@@ -71,7 +72,7 @@ def test_a_target_used_twice_is_refused(tmp_path):
 
 
 def test_a_missing_or_broken_file_names_the_setting(tmp_path):
-    with pytest.raises(ConfigurationError, match="^KAPPA_CAPTURE_CONFIG: cannot read"):
+    with pytest.raises(ConfigurationError, match="^KAPPA_CATALOG: cannot read"):
         load_captures(tmp_path / "absent.yaml")
-    with pytest.raises(ConfigurationError, match="^KAPPA_CAPTURE_CONFIG: .* is not valid YAML"):
+    with pytest.raises(ConfigurationError, match="^KAPPA_CATALOG: .* is not valid YAML"):
         load_captures(write(tmp_path, "tables: [unclosed"))

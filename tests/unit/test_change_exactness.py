@@ -11,7 +11,7 @@ from kappa.capture import load_captures
 from kappa.changes.validate import validate_changes
 from kappa.settings import REPO_ROOT
 
-SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "capture.yaml")}
+SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "catalog.yaml")}
 AT = datetime(2026, 11, 26, 6, 0, tzinfo=UTC)
 
 

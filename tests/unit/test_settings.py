@@ -9,7 +9,10 @@ def test_defaults_load_and_point_at_the_local_stack():
     assert settings.uses_local_broker and settings.uses_embedded_postgres
     assert settings.resolved_bootstrap_servers == "127.0.0.1:19092"
     assert settings.resolved_edw_url == "postgresql://postgres@127.0.0.1:55432/kappa_edw"
-    assert (settings.topic_orders, settings.topic_payments) == ("orders", "payments")
+    assert (settings.stream("fact_order").topic, settings.stream("fact_payment").topic) == (
+        "orders",
+        "payments",
+    )
 
 
 @pytest.mark.parametrize(
@@ -39,7 +42,11 @@ def test_a_bad_value_fails_with_the_setting_named(name, value, fragment):
 
 
 def test_conflicting_values_name_the_second_setting():
-    with pytest.raises(ConfigurationError, match="^KAPPA_TOPIC_PAYMENTS: "):
+    with pytest.raises(
+        ConfigurationError,
+        match="^KAPPA_CATALOG: .*streams fact_order and fact_payment both read topic 'x' "
+        r"\(from KAPPA_TOPIC_PAYMENTS\)",
+    ):
         Settings.from_env({"KAPPA_TOPIC_ORDERS": "x", "KAPPA_TOPIC_PAYMENTS": "x"})
     with pytest.raises(ConfigurationError, match="^KAPPA_RUN_MAX_RECORDS: "):
         Settings.from_env({"KAPPA_BATCH_MAX_RECORDS": "100", "KAPPA_RUN_MAX_RECORDS": "10"})

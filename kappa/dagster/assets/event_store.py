@@ -59,7 +59,8 @@ def topic_source(spec: TopicIngest) -> dg.AssetSpec:
     return dg.AssetSpec(
         key=topic_asset_key(spec.topic),
         description=(
-            f"Kafka-API topic `{spec.topic}`: `{spec.contract.event_type}` events keyed by "
+            f"Kafka-API topic `{spec.topic}`: "
+            f"{', '.join(f'`{t}`' for t in spec.contract.event_types)} events keyed by "
             f"`{spec.contract.key_field}`. Observed by `{spec.asset}_sensor` (end offsets)."
         ),
         group_name="event_store",
