@@ -27,8 +27,7 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
-from kappa.capture import CaptureSpec, load_captures
-from kappa.cdc import install_capture
+from kappa.catalog.captures import CaptureSpec, load_captures
 from kappa.changes.target import ensure_target
 from kappa.exact import round_half_even_div
 from kappa.local.pg_admin import ensure_database
@@ -37,6 +36,7 @@ from kappa.local.processes import free_port
 from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.simulator import COUNTRIES, customer_profile
+from kappa.sources.pg_capture import install_capture
 from kappa.warehouse import Schemas, ensure_schema
 
 SEGMENTS = ("retail", "smb", "enterprise")

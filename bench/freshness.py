@@ -129,7 +129,7 @@ TOPICS = {"fact_order": "orders", "fact_payment": "payments"}
 
 def log_ends(env: dict[str, str]) -> dict[tuple[str, str, int], int]:
     """(asset, topic, partition) -> end offset of the log now."""
-    from kappa.event_store import EventStore
+    from kappa.sources.topic import EventStore
 
     ends = {}
     with EventStore(f"127.0.0.1:{env['KAPPA_BROKER_PORT']}", timeout_s=15) as store:

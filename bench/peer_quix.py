@@ -46,7 +46,7 @@ from quixstreams.sinks import BatchingSink, SinkBatch
 from sqlalchemy.engine import make_url
 
 from bench.demo import ORDER_PLACED
-from kappa.contracts import fact_columns
+from kappa.catalog.streams import fact_columns
 
 COLUMNS = [name for name, _ in fact_columns(ORDER_PLACED)] + [
     name for name, _ in ORDER_PLACED.derived

@@ -37,9 +37,8 @@ from pathlib import Path
 
 import orjson
 
-from kappa.capture import load_captures
-from kappa.catalog import topic_ingests
-from kappa.event_store import EventStore, LogBounds
+from kappa.catalog.captures import load_captures
+from kappa.catalog.ingests import topic_ingests
 from kappa.exceptions import KappaError
 from kappa.ingest import TopicIngest
 from kappa.run import (
@@ -51,6 +50,8 @@ from kappa.run import (
     run_micro_batches,
 )
 from kappa.settings import Settings
+from kappa.sources.base import LogBounds
+from kappa.sources.topic import EventStore
 from kappa.state import PostgresStateBackend, StateCache
 from kappa.warehouse import Schemas, connect, read_heads
 

@@ -67,8 +67,8 @@ from bench.common import (
     stored_mean_before,
 )
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
-from kappa.catalog import fraud_rules
-from kappa.contracts import EventContract, fact_columns
+from kappa.catalog.ingests import fraud_rules
+from kappa.catalog.streams import EventContract, fact_columns
 from kappa.exceptions import KappaError
 from kappa.local.broker import LocalBroker
 from kappa.local.processes import free_port
@@ -254,7 +254,7 @@ def _produce_confluent(bootstrap: str, messages: Iterable[Any], counts: dict[str
 
 
 def log_bounds(bootstrap: str, topic: str) -> dict[int, tuple[int, int]]:
-    from kappa.event_store import EventStore
+    from kappa.sources.topic import EventStore
 
     with EventStore(bootstrap, timeout_s=15) as store:
         bounds = store.log_bounds(topic, store.partitions(topic))

@@ -23,17 +23,17 @@ from pathlib import Path
 
 from psycopg import sql
 
-from kappa import cdc
 from kappa.backfill import SUCCEEDED, launch_backfill, wait_for_backfill
-from kappa.capture import load_captures
-from kappa.catalog import topic_ingests
-from kappa.cdc import install_capture
+from kappa.catalog.captures import load_captures
+from kappa.catalog.ingests import topic_ingests
 from kappa.changes.target import ensure_target
-from kappa.event_store import EventStore, UnknownTopicError
 from kappa.exceptions import ConfigurationError, KappaError
 from kappa.freshness import ShardFreshness, capture_freshness, topic_freshness
 from kappa.health import RunFailures, failure_threshold, recent_failures, topic_stop
 from kappa.settings import Settings, redact
+from kappa.sources import pg_capture
+from kappa.sources.pg_capture import install_capture
+from kappa.sources.topic import EventStore, UnknownTopicError
 from kappa.warehouse import (
     LedgerHead,
     Schemas,
@@ -681,7 +681,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
         with connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as oltp:
             for capture in load_captures(settings.catalog):
                 head = read_heads(edw, schemas, capture.asset, str(capture.change_table)).get(0)
-                lag = cdc.capture_lag(oltp, capture, head.end if head else 0)
+                lag = pg_capture.capture_lag(oltp, capture, head.end if head else 0)
                 row(
                     capture.asset,
                     str(capture.change_table),

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import psycopg
 
-from kappa import cdc
-from kappa.capture import CaptureSpec
-from kappa.event_store import EventStore
+from kappa.catalog.captures import CaptureSpec
 from kappa.health import RunFailures, capture_stop, topic_stop
 from kappa.ingest import TopicIngest
+from kappa.sources import pg_capture
+from kappa.sources.topic import EventStore
 from kappa.warehouse import Schemas, read_head, read_heads
 
 #: Offsets read past the ledger head to find the first pending record (offsets are sparse).
@@ -138,13 +138,13 @@ def capture_freshness(
     """The change table: changes past the ledger head, the age of the oldest of them, and
     why it is stopped (recreated, or ``failures``: its runs failing in a row)."""
     head = read_head(edw, schemas, spec.asset, str(spec.change_table), 0)
-    lag = cdc.capture_lag(oltp, spec, head.end if head else 0)
+    lag = pg_capture.capture_lag(oltp, spec, head.end if head else 0)
     return ShardFreshness(
         spec.asset,
         str(spec.change_table),
         lag.pending_changes,
         lag.oldest_pending_age_s if lag.pending_changes else None,
-        capture_stop(spec, head, cdc.source_epoch(oltp, spec), (failures or {}).get(0)),
+        capture_stop(spec, head, pg_capture.source_epoch(oltp, spec), (failures or {}).get(0)),
     )
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from kappa.contracts import EventContract
+from kappa.catalog.streams import EventContract
 from kappa.partitions import TimeWindows
 from kappa.stateful import CUSTOMER_COLUMN, Completeness
 from kappa.warehouse import Schemas

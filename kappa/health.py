@@ -25,10 +25,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kappa.capture import CaptureSpec
-from kappa.event_store import LogBounds
+from kappa.catalog.captures import CaptureSpec
 from kappa.exceptions import LogResetError
 from kappa.ingest import check_capture_continuity, check_continuity
+from kappa.sources.base import LogBounds
 from kappa.warehouse import LedgerHead
 
 if TYPE_CHECKING:

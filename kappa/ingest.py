@@ -15,16 +15,17 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 import psycopg
 
-from kappa import cdc
-from kappa.capture import CaptureSpec
+from kappa.catalog.captures import CaptureSpec
+from kappa.catalog.streams import EventContract
 from kappa.changes.merge import apply_changes
 from kappa.changes.replace import replace_capture_window
-from kappa.contracts import EventContract
-from kappa.decode import DecodedBatch, decode_batch, describe_reason
-from kappa.event_store import EventStore, LogBounds
+from kappa.decode.batch import DecodedBatch, decode_batch, describe_reason
 from kappa.exceptions import BatchSupersededError, EventStoreTimeoutError, LogResetError
 from kappa.partitions import TimeWindows, Window, parse_key
 from kappa.poison import Rerun, commit_isolated, write_isolated
+from kappa.sources import pg_capture
+from kappa.sources.base import LogBounds
+from kappa.sources.topic import EventStore
 from kappa.state import (
     AsOfStateCache,
     PostgresStateBackend,
@@ -96,7 +97,7 @@ class BatchOutcome:
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
     side_rows: dict[str, int] = field(default_factory=dict)
     #: For change tables: the lag after the batch, read once for the outcome and metadata.
-    capture_lag: cdc.CaptureLag | None = None
+    capture_lag: pg_capture.CaptureLag | None = None
     #: Event dates (UTC, ISO) of the events the batch loaded: the mart partitions it touched.
     event_dates: set[str] = field(default_factory=set)
     #: Extra writes it took to isolate records the database refused (0: none refused).
@@ -404,7 +405,7 @@ def run_capture_batch(
     """
     started = time.monotonic()
     source = str(spec.change_table)
-    epoch = cdc.source_epoch(oltp, spec)
+    epoch = pg_capture.source_epoch(oltp, spec)
     head = read_head(edw, schemas, spec.asset, source, 0)
     check_capture_continuity(spec, head, epoch)
     requested = parse_key(partition_key) if partition_key else None
@@ -416,8 +417,8 @@ def run_capture_batch(
             f"batches of {last.key}; the sensor plans the next batch there"
         )
     start = head.end if head is not None else 0
-    complete_until = cdc.complete_until(oltp)  # before the horizon: see complete_until
-    end = cdc.plan_end(oltp, spec, start, max_changes=max_changes)
+    complete_until = pg_capture.complete_until(oltp)  # before the horizon: see complete_until
+    end = pg_capture.plan_end(oltp, spec, start, max_changes=max_changes)
     if requested_end is not None:
         end = min(end, max(requested_end, start))
     if end <= start:
@@ -430,10 +431,10 @@ def run_capture_batch(
             status="already loaded",
             seconds=time.monotonic() - started,
         )
-    changes = cdc.read_changes(oltp, spec, start, end)
+    changes = pg_capture.read_changes(oltp, spec, start, end)
     # The batch makes dim_customer complete up to `complete_until` only if it takes every
     # ready change; a batch cut short keeps the completeness its predecessor recorded.
-    cut_short = cdc.plan_end(oltp, spec, end, max_changes=1) > end
+    cut_short = pg_capture.plan_end(oltp, spec, end, max_changes=1) > end
     watermark = (head.watermark if head is not None else None) if cut_short else complete_until
     record = BatchRecord(
         asset=spec.asset,
@@ -453,9 +454,9 @@ def run_capture_batch(
         spec,
         record,
         changes,
-        history=lambda keys: cdc.read_key_history(oltp, spec, keys, end),
+        history=lambda keys: pg_capture.read_key_history(oltp, spec, keys, end),
     )
-    lag = cdc.capture_lag(oltp, spec, end)
+    lag = pg_capture.capture_lag(oltp, spec, end)
     return BatchOutcome(
         asset=spec.asset,
         topic=source,
@@ -639,7 +640,7 @@ def reprocess_capture_window(
     they touched is rebuilt (see :func:`kappa.changes.replace.replace_capture_window`)."""
     started = time.monotonic()
     source = str(spec.change_table)
-    epoch = cdc.source_epoch(oltp, spec)
+    epoch = pg_capture.source_epoch(oltp, spec)
     replaced = replace_capture_window(
         edw,
         schemas,
@@ -647,8 +648,8 @@ def reprocess_capture_window(
         epoch=epoch,
         window=window,
         run_id=run_id,
-        read=lambda start, end: cdc.read_changes(oltp, spec, start, end),
-        history=lambda keys, end: cdc.read_key_history(oltp, spec, keys, end),
+        read=lambda start, end: pg_capture.read_changes(oltp, spec, start, end),
+        history=lambda keys, end: pg_capture.read_key_history(oltp, spec, keys, end),
     )
     if replaced is None:
         return WindowOutcome(

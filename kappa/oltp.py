@@ -6,7 +6,7 @@ connections write at once, transactions commit out of the order they started in,
 their locks for a while before committing, some roll back, and the same row is updated
 twice in one transaction. :class:`OltpWriters` produces exactly that against
 ``public.customers`` and ``public.call_center_calls``; the triggers and change tables that
-capture it are installed elsewhere (``kappa.capture``), so this module never depends on them.
+capture it are installed elsewhere (``kappa.catalog.captures``), so this module never depends on them.
 
 What each writer does is deterministic per seed: writer ``w`` draws every decision from its
 own RNG (:func:`writer_rng`) through the pure :func:`plan_transaction`, so a test can replay

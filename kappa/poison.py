@@ -25,10 +25,10 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from kappa.contracts import EventContract
-from kappa.decode import DecodedBatch
-from kappa.event_store import RawBatch
+from kappa.catalog.streams import EventContract
+from kappa.decode.batch import DecodedBatch
 from kappa.exceptions import MassRefusalError
+from kappa.sources.base import RawBatch
 from kappa.state import StateAccess
 from kappa.stateful import StepOutput
 from kappa.warehouse import (

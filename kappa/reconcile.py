@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from kappa import cdc
-from kappa.capture import CaptureSpec
+from kappa.catalog.captures import CaptureSpec
 from kappa.changes.target import written_by
-from kappa.decode import decode_batch
-from kappa.event_store import EventStore, LogBounds
+from kappa.decode.batch import decode_batch
 from kappa.ingest import TopicIngest, reprocess_capture_window
 from kappa.poison import REFUSED_PREFIX
+from kappa.sources import pg_capture
+from kappa.sources.base import LogBounds
+from kappa.sources.topic import EventStore
 from kappa.warehouse import Schemas, lock_head, read_heads
 
 _MASK = (1 << 60) - 1
@@ -283,7 +284,7 @@ def reconcile_capture(
         source,
         _ledger_spans(conn, schemas, spec.asset, source, 0),
         changes,
-        lambda end: cdc.capture_lag(oltp, spec, end).pending_changes,
+        lambda end: pg_capture.capture_lag(oltp, spec, end).pending_changes,
     )
 
 

@@ -25,8 +25,7 @@ from typing import Protocol
 
 import psycopg
 
-from kappa.capture import CaptureSpec
-from kappa.event_store import EventStore, LogBounds
+from kappa.catalog.captures import CaptureSpec
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.ingest import (
     BatchOutcome,
@@ -39,6 +38,8 @@ from kappa.ingest import (
     run_batch,
 )
 from kappa.partitions import TimeWindows, Window
+from kappa.sources.base import LogBounds
+from kappa.sources.topic import EventStore
 from kappa.state import StateCache
 from kappa.stateful import VersionCache, WarehouseDimensions
 from kappa.warehouse import LedgerHead, Schemas

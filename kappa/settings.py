@@ -22,7 +22,7 @@ from kappa.exceptions import ConfigurationError
 from kappa.partitions import GRAINS, TimeWindows
 
 if TYPE_CHECKING:
-    from kappa.contracts import EventContract
+    from kappa.catalog.streams import EventContract
 
 BrokerStorage = Literal["durable", "memory"]
 #: The values of ``KAPPA_BROKER_STORAGE`` (memory: nothing survives a restart).
@@ -364,7 +364,7 @@ class Settings:
             )
         raw_catalog = Path(_raw(env, "KAPPA_CATALOG") or "catalog.yaml")
         catalog = raw_catalog if raw_catalog.is_absolute() else REPO_ROOT / raw_catalog
-        from kappa.contracts import load_streams  # contracts validates with this module
+        from kappa.catalog.streams import load_streams  # contracts validates with this module
 
         streams = load_streams(catalog, env)
         edw_schema = identifier("KAPPA_EDW_SCHEMA", _raw(env, "KAPPA_EDW_SCHEMA"))

@@ -18,8 +18,8 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from kappa import cdc
-from kappa.capture import CaptureSpec
+from kappa.catalog.captures import CaptureSpec
+from kappa.sources import pg_capture
 from kappa.state import State, StateAccess
 from kappa.transforms import (
     FraudRules,
@@ -176,7 +176,7 @@ class WarehouseDimensions:
     def watermark(self, customer_ids: Sequence[str] = ()) -> Completeness | None:
         if self.oltp is None or not self.captures:
             return None
-        until = pd.Timestamp(cdc.complete_until(self.oltp))
+        until = pd.Timestamp(pg_capture.complete_until(self.oltp))
         pending: dict[str, pd.Timestamp] = {}
         for spec in self.captures:
             head = read_head(self.edw, self.schemas, spec.asset, str(spec.change_table), 0)
@@ -185,13 +185,13 @@ class WarehouseDimensions:
                 # Only these customers' changes waiting past the ledger hold them back (a
                 # range scan from the ledger end; before the capture's first batch that would
                 # be the whole change table, on every batch: the common rule applies then).
-                since = cdc.pending_since(
+                since = pg_capture.pending_since(
                     self.oltp, spec, loaded_until, CUSTOMER_COLUMN, list(customer_ids)
                 )
                 for customer, earliest in since.items():
                     mark = pd.Timestamp(earliest) - _JUST_BEFORE
                     pending[customer] = min(pending.get(customer, mark), mark)
-            elif cdc.plan_end(self.oltp, spec, loaded_until, max_changes=1) > loaded_until:
+            elif pg_capture.plan_end(self.oltp, spec, loaded_until, max_changes=1) > loaded_until:
                 # Changes wait: complete only as far as the capture's last batch recorded.
                 if head is None or head.watermark is None:
                     return None
@@ -361,7 +361,7 @@ class PaymentFraud:
     @classmethod
     def from_catalog(cls, settings: Settings, config: Mapping[str, object]) -> PaymentFraud:
         """The step of a catalogue stream: its rules from the KAPPA_FRAUD_* settings."""
-        from kappa.catalog import fraud_rules  # the catalogue builds steps from this module
+        from kappa.catalog.ingests import fraud_rules  # the catalogue builds steps from this module
 
         return cls(fraud_rules(settings))
 

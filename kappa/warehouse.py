@@ -22,9 +22,9 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from kappa.contracts import SETTING as CATALOG_SETTING
-from kappa.contracts import EventContract, fact_column_specs
-from kappa.decode import DecodedBatch
+from kappa.catalog.files import SETTING as CATALOG_SETTING
+from kappa.catalog.streams import EventContract, fact_column_specs
+from kappa.decode.batch import DecodedBatch
 from kappa.exceptions import (
     BatchSupersededError,
     ConfigurationError,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.marts import build_customer_daily
-from kappa.capture import load_captures
+from kappa.catalog.captures import load_captures
 from kappa.dagster.definitions import build_definitions as build_catalogue_definitions
 from kappa.run import FactServices
 from kappa.settings import Settings

@@ -8,7 +8,7 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from kappa.capture import CaptureSpec
+from kappa.catalog.captures import CaptureSpec
 from kappa.changes.target import (
     stage_ddl,
     surrogate_key,
@@ -251,7 +251,7 @@ def apply_changes(
     """Apply one batch of changes with its dead letters and ledger row, exactly once.
 
     ``history`` gives every change of some keys up to the batch's end (see
-    :func:`kappa.cdc.read_key_history`); with it, an SCD2 key whose changes arrived out of
+    :func:`kappa.sources.pg_capture.read_key_history`); with it, an SCD2 key whose changes arrived out of
     order across batches is rebuilt instead of getting a wrong current version.
     Changes the target refuses are isolated into dead letters (see :mod:`kappa.poison`).
     Returns (received, applied, dead-lettered, probes).

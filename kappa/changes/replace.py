@@ -9,7 +9,7 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from kappa.capture import CaptureSpec
+from kappa.catalog.captures import CaptureSpec
 from kappa.changes.merge import (
     delete_keys,
     merge,

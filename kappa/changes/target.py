@@ -6,7 +6,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from kappa.capture import CaptureSpec, Column
+from kappa.catalog.captures import CaptureSpec, Column
 from kappa.warehouse import (
     Schemas,
 )

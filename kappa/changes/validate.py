@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from kappa.capture import CaptureSpec, Column
+from kappa.catalog.captures import CaptureSpec, Column
 from kappa.changes.target import (
     OPERATIONS,
 )

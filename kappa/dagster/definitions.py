@@ -10,12 +10,12 @@ with ``dg.Definitions.merge``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import dagster as dg
 
-from kappa.capture import load_captures
-from kappa.catalog import topic_ingests
+from kappa.catalog.captures import load_captures
+from kappa.catalog.ingests import topic_ingests
 from kappa.dagster.assets.cdc import (
     build_capture_asset,
     build_capture_reconciliation_check,

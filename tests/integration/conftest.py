@@ -1,11 +1,11 @@
 import dagster as dg
 import pytest
 
-from kappa import cdc
-from kappa.capture import load_captures
+from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
 from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
+from kappa.sources import pg_capture
 from kappa.warehouse import Schemas, connect, ensure_schema
 from tests.demo import DEMO
 from tests.integration.harness import Pipeline
@@ -47,5 +47,5 @@ def captured(database_url: str) -> str:
         ensure_source_tables(conn)
         for spec in load_captures(REPO_ROOT / "catalog.yaml"):
             ensure_target(conn, schemas, spec)
-            cdc.install_capture(conn, spec)
+            pg_capture.install_capture(conn, spec)
     return database_url

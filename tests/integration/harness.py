@@ -23,11 +23,11 @@ import psycopg
 from kafka import KafkaProducer
 
 from kappa import simulator
-from kappa.capture import load_captures
-from kappa.cdc import install_capture
+from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
 from kappa.oltp import ensure_source_tables
 from kappa.settings import Settings
+from kappa.sources.pg_capture import install_capture
 from kappa.warehouse import Schemas, connect, ensure_schema
 from pipelines.definitions import build_definitions
 

@@ -15,10 +15,10 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError
 
-from kappa.event_store import EventStore
 from kappa.local.broker import LocalBroker
 from kappa.local.processes import free_port
 from kappa.local.topics import ensure_topics
+from kappa.sources.topic import EventStore
 from tests.integration.harness import Pipeline, expected_event_ids
 
 pytestmark = pytest.mark.integration

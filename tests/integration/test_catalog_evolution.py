@@ -11,7 +11,7 @@ import pytest
 from kafka.admin import KafkaAdminClient
 
 from kappa import cli
-from kappa.contracts import load_streams
+from kappa.catalog.streams import load_streams
 from kappa.exceptions import ConfigurationError
 from kappa.warehouse import Schemas, connect, ensure_schema, table_columns
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from kappa.capture import load_captures
+from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
 from kappa.ingest import run_capture_batch
 from kappa.settings import REPO_ROOT

@@ -11,13 +11,13 @@ import dagster as dg
 import psycopg
 import pytest
 
-from kappa import cdc
-from kappa.capture import load_captures
+from kappa.catalog.captures import load_captures
 from kappa.exceptions import BatchSupersededError, LogResetError, ReprocessError
 from kappa.ingest import reprocess_capture_window, run_capture_batch
 from kappa.partitions import TimeWindows
 from kappa.reconcile import compare_capture_with_log, reconcile_capture
 from kappa.settings import REPO_ROOT
+from kappa.sources import pg_capture
 from kappa.warehouse import Schemas, connect
 
 pytestmark = pytest.mark.integration
@@ -199,7 +199,7 @@ def test_purged_changes_and_a_recreated_change_table_are_refused_untouched(two_h
     with psycopg.connect(url) as conn:
         conn.execute("DROP TABLE cdc.customers_changes")
     with connect(url) as conn:
-        cdc.install_capture(conn, SPECS["customers"])
+        pg_capture.install_capture(conn, SPECS["customers"])
     with pytest.raises(LogResetError, match="recreated"):
         reprocess(url, HOUR_2)
     assert checksums(url) == live

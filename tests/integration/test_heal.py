@@ -13,11 +13,11 @@ import psycopg
 import pytest
 from dagster._core.test_utils import create_run_for_test
 
-from kappa.catalog import topic_ingests
+from kappa.catalog.ingests import topic_ingests
 from kappa.dagster.sensors.heal import HEAL_KEY_TAG, HEAL_TAG
 from kappa.dagster.sensors.micro_batch import ASSET_TAG, PARTITIONS_TAG
-from kappa.event_store import EventStore
 from kappa.ingest import reprocess_window
+from kappa.sources.topic import EventStore
 from kappa.stateful import WaitBudget, WarehouseDimensions
 from kappa.warehouse import connect
 from tests.integration.harness import Pipeline
@@ -263,7 +263,7 @@ def test_a_backfill_waits_for_change_capture_once_per_window_not_per_chunk_and_s
 
 
 def _services(pipeline: Pipeline) -> tuple:
-    from kappa.capture import load_captures
+    from kappa.catalog.captures import load_captures
 
     by_target = {c.target: c for c in load_captures(pipeline.settings.catalog)}
     return by_target["dim_customer"], by_target["fact_call_center_call"]

@@ -17,11 +17,12 @@ import orjson
 import pytest
 from kafka import KafkaProducer
 
-from kappa.catalog import topic_ingests
-from kappa.event_store import EventStore, LogBounds
+from kappa.catalog.ingests import topic_ingests
 from kappa.ingest import OffsetRange, TopicIngest
 from kappa.run import Connections, FactServices, plan_runs, run_micro_batches
 from kappa.settings import Settings
+from kappa.sources.base import LogBounds
+from kappa.sources.topic import EventStore
 from kappa.state import PostgresStateBackend, StateCache
 from kappa.warehouse import Schemas, connect, ensure_schema, read_heads
 

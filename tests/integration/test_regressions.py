@@ -10,9 +10,9 @@ import pytest
 from psycopg import sql
 
 from kappa import cli
-from kappa.capture import load_captures
+from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
-from kappa.decode import DecodedBatch
+from kappa.decode.batch import DecodedBatch
 from kappa.exceptions import BatchSupersededError
 from kappa.ingest import run_capture_batch
 from kappa.settings import REPO_ROOT

@@ -15,9 +15,10 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
 from kappa import simulator, stateful
-from kappa.event_store import EventStore, LogBounds
 from kappa.local.topics import ensure_topics
 from kappa.settings import Settings
+from kappa.sources.base import LogBounds
+from kappa.sources.topic import EventStore
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration

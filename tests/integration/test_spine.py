@@ -25,7 +25,7 @@ def ledger_by_shard(pipeline: Pipeline, asset: str) -> dict[int, list[tuple[int,
 
 
 def log_ends(pipeline: Pipeline, topic: str) -> dict[int, int]:
-    from kappa.event_store import EventStore
+    from kappa.sources.topic import EventStore
 
     with EventStore(pipeline.env["KAFKA_BOOTSTRAP_SERVERS"]) as store:
         return {p: b.end for p, b in store.log_bounds(topic, store.partitions(topic)).items()}

@@ -29,9 +29,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pandas.testing import assert_frame_equal
 
-from kappa.contracts import EventContract
-from kappa.decode import decode_batch
-from kappa.event_store import RawBatch
+from kappa.catalog.streams import EventContract
+from kappa.decode.batch import decode_batch
+from kappa.sources.base import RawBatch
 from kappa.state import State, StateCache
 from kappa.stateful import Completeness, OrderEnrichment, PaymentFraud, StatefulStep
 from kappa.transforms import FraudRules

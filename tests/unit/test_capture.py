@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from kappa.capture import load_captures
+from kappa.catalog.captures import load_captures
 from kappa.exceptions import ConfigurationError
 from kappa.settings import REPO_ROOT
 

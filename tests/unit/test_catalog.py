@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kappa.contracts import fact_column_specs, load_streams
+from kappa.catalog.streams import fact_column_specs, load_streams
 from kappa.exceptions import ConfigurationError
 from kappa.settings import REPO_ROOT, Settings
 

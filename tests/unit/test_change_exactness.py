@@ -7,7 +7,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from kappa.capture import load_captures
+from kappa.catalog.captures import load_captures
 from kappa.changes.validate import validate_changes
 from kappa.settings import REPO_ROOT
 

@@ -5,9 +5,9 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from kappa.contracts import fact_columns
-from kappa.decode import decode_batch
-from kappa.event_store import RawBatch
+from kappa.catalog.streams import fact_columns
+from kappa.decode.batch import decode_batch
+from kappa.sources.base import RawBatch
 from tests.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 
 BROKER_MS = int(datetime(2026, 11, 26, 6, 0, tzinfo=UTC).timestamp() * 1000)

@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kappa.decode import decode_batch
+from kappa.decode.batch import decode_batch
 from kappa.exact import NumericType, long_literals, round_half_even_div
 from tests.demo import ORDER_PLACED
 from tests.unit.test_decode import batch, with_amount

@@ -10,9 +10,9 @@ import orjson
 import pandas as pd
 import pytest
 
-from kappa.contracts import EventContract, load_streams
-from kappa.decode import decode_batch
-from kappa.event_store import RawBatch
+from kappa.catalog.streams import EventContract, load_streams
+from kappa.decode.batch import decode_batch
+from kappa.sources.base import RawBatch
 
 BROKER_MS = int(datetime(2026, 11, 26, 6, 0, tzinfo=UTC).timestamp() * 1000)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from kappa.event_store import LogBounds
 from kappa.freshness import ShardFreshness, verdict
 from kappa.health import (
     RETRY_STOPPED_AFTER_S,
@@ -11,6 +10,7 @@ from kappa.health import (
     held,
     topic_stop,
 )
+from kappa.sources.base import LogBounds
 from kappa.warehouse import LedgerHead
 
 

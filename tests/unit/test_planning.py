@@ -3,9 +3,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kappa.cursor import OffsetCursor
-from kappa.event_store import LogBounds
 from kappa.exceptions import LogResetError
 from kappa.ingest import check_continuity, plan_ranges
+from kappa.sources.base import LogBounds
 from kappa.warehouse import LedgerHead
 
 

@@ -4,8 +4,7 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from kappa import cdc
-from kappa.capture import CaptureSpec
+from kappa.catalog.captures import CaptureSpec
 from kappa.dagster.assets.event_store import (
     reconciliation_result,
     replay_result,
@@ -20,6 +19,7 @@ from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.ingest import WindowOutcome, reprocess_capture_window, run_capture_batch
 from kappa.partitions import TimeWindows
 from kappa.reconcile import compare_capture_with_log, reconcile_capture
+from kappa.sources import pg_capture
 
 OWNERS = ["team:data-platform"]
 
@@ -111,7 +111,7 @@ def build_capture_asset(
                 context.log.warning(str(exc))
                 yield dg.MaterializeResult(metadata={"mode": "micro-batch", "superseded": str(exc)})
                 return
-            lag = outcome.capture_lag or cdc.capture_lag(source, spec, outcome.end)
+            lag = outcome.capture_lag or pg_capture.capture_lag(source, spec, outcome.end)
         context.log.info(
             f"{spec.change_table} transactions [{outcome.start}, {outcome.end}) {outcome.status}: "
             f"{outcome.loaded} applied, {outcome.dead_lettered} dead-lettered, {lag.pending_changes} pending"

@@ -17,13 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 import dagster as dg
 import psycopg
 
-from kappa.capture import CaptureSpec
+from kappa.catalog.captures import CaptureSpec
 from kappa.dagster.assets.cdc import change_table_key
 from kappa.dagster.assets.event_store import topic_asset_key
 from kappa.dagster.resources.event_store import EventStoreResource
 from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.warehouse import WarehouseResource
-from kappa.event_store import EventStore
 from kappa.freshness import (
     FreshnessVerdict,
     capture_freshness,
@@ -32,6 +31,7 @@ from kappa.freshness import (
 )
 from kappa.health import RunFailures, recent_failures
 from kappa.ingest import TopicIngest
+from kappa.sources.topic import EventStore
 from kappa.warehouse import Schemas
 
 FRESHNESS_CHECK = "freshness"

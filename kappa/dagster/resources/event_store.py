@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import dagster as dg
 from pydantic import Field
 
-from kappa.event_store import EventStore
+from kappa.sources.topic import EventStore
 
 
 class EventStoreResource(dg.ConfigurableResource):

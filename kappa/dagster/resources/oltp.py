@@ -16,7 +16,7 @@ class OltpResource(dg.ConfigurableResource):
     Usage::
 
         with oltp.connect() as conn:
-            end = kappa.cdc.plan_end(conn, spec, start, max_changes=10_000)
+            end = kappa.sources.pg_capture.plan_end(conn, spec, start, max_changes=10_000)
     """
 
     url: str = Field(description="PostgreSQL URL of the OLTP database (KAPPA_OLTP_URL); an EnvVar.")

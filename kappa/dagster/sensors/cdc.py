@@ -10,8 +10,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from kappa import cdc
-from kappa.capture import CaptureSpec
+from kappa.catalog.captures import CaptureSpec
 from kappa.cursor import OffsetCursor
 from kappa.dagster.assets.cdc import change_table_key
 from kappa.dagster.resources.oltp import OltpResource
@@ -25,6 +24,7 @@ from kappa.dagster.sensors.micro_batch import (
 )
 from kappa.ingest import check_capture_continuity
 from kappa.partitions import TimeWindows
+from kappa.sources import pg_capture
 from kappa.warehouse import read_head
 
 
@@ -69,10 +69,10 @@ def build_capture_sensor(
             head = read_head(edw, warehouse.schemas, spec.asset, source, 0)
         start = head.end if head is not None else 0
         with oltp.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as conn:
-            epoch = cdc.source_epoch(conn, spec)
+            epoch = pg_capture.source_epoch(conn, spec)
             check_capture_continuity(spec, head, epoch)
-            end = cdc.plan_end(conn, spec, start, max_changes=max_changes)
-            lag = cdc.capture_lag(conn, spec, start)
+            end = pg_capture.plan_end(conn, spec, start, max_changes=max_changes)
+            lag = pg_capture.capture_lag(conn, spec, start)
 
         events = []
         observed = {

@@ -25,11 +25,11 @@ from kappa.dagster.sensors.micro_batch import (
     micro_batch_request,
     stopped_shards,
 )
-from kappa.event_store import UnknownTopicError
 from kappa.exceptions import ConfigurationError
 from kappa.ingest import TopicIngest, check_continuity
 from kappa.partitions import TimeWindows
 from kappa.run import plan_runs
+from kappa.sources.topic import UnknownTopicError
 from kappa.warehouse import read_heads
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -23,8 +22,7 @@ from kappa.exceptions import (
     KappaError,
     OffsetOutOfRangeError,
 )
-
-NO_TIMESTAMP = -1
+from kappa.sources.base import NO_TIMESTAMP, LogBounds, RawBatch
 
 #: What kafka-python raises when no broker answers: 3.x times out bootstrapping, older
 #: releases raised NoBrokersAvailable.
@@ -45,35 +43,6 @@ class UnknownTopicError(KappaError):
     def __init__(self, topic: str, bootstrap_servers: str) -> None:
         self.topic = topic
         super().__init__(f"topic {topic!r} does not exist on {bootstrap_servers}")
-
-
-@dataclass(frozen=True)
-class LogBounds:
-    """The positions a topic partition holds: ``start`` (first retained) to ``end`` (exclusive)."""
-
-    start: int
-    end: int
-
-
-@dataclass
-class RawBatch:
-    """The records of one topic partition with offsets in ``[start, end)``, as read.
-
-    Offsets are sparse (transaction markers, compaction): ``len(offsets)`` may be less than
-    ``end - start``, never more.
-    """
-
-    topic: str
-    partition: int
-    start: int
-    end: int
-    offsets: list[int] = field(default_factory=list)
-    timestamps: list[int] = field(default_factory=list)
-    keys: list[bytes | None] = field(default_factory=list)
-    values: list[bytes | None] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
 
 
 class EventStore:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kappa.contracts import SETTING, read_catalog
+from kappa.catalog.files import SETTING, read_catalog
 from kappa.exceptions import ConfigurationError
 from kappa.settings import identifier
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from kappa.contracts import SETTING, EventContract, resolve_step
+from kappa.catalog.files import SETTING
+from kappa.catalog.streams import EventContract, resolve_step
 from kappa.exceptions import ConfigurationError
 from kappa.ingest import TopicIngest
 from kappa.settings import Settings

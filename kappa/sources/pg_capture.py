@@ -19,7 +19,7 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from kappa.capture import SETTING, CaptureSpec
+from kappa.catalog.captures import SETTING, CaptureSpec
 from kappa.exceptions import ConfigurationError
 
 #: One trigger function for every captured table; the change table is the trigger's argument.
