@@ -8,6 +8,7 @@ import dagster as dg
 
 from assets.partitions import arrival_partitions, previous_partition_dep
 from assets.recent_batches import recent_batches_metadata
+from kappa.heal import HEAL_TAG
 from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, WindowOutcome
 from kappa.partitions import TimeWindows
 from kappa.reconcile import (
@@ -272,6 +273,7 @@ def build_fact_asset(
             max_batch=max_batch,
             services=services,
             log=context.log,
+            heal=HEAL_TAG in context.run.tags,
         )
         outcomes = run.outcomes
         if run.error is not None:
@@ -287,7 +289,7 @@ def build_fact_asset(
         yield dg.MaterializeResult(
             asset_key=spec.asset,
             metadata={
-                "mode": "reprocess",
+                "mode": "heal" if HEAL_TAG in context.run.tags else "reprocess",
                 "partitions": ", ".join(keys)
                 if len(keys) <= 3
                 else f"{keys[0]} .. {keys[-1]} ({len(keys)})",

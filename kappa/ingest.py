@@ -536,8 +536,14 @@ def reprocess_window(
     dimensions: Dimensions | None = None,
     max_wait_s: float = 0.0,
     budget: WaitBudget | None = None,
+    from_positions: Mapping[int, int] | None = None,
 ) -> list[WindowOutcome]:
     """Replace time partition ``window`` of ``spec.asset`` from the log, in one transaction.
+
+    With ``from_positions`` only a part is re-derived: in each topic partition it names,
+    from that position on (a ledger batch boundary inside the window, whose state the state
+    versions hold, so the rows equal those of a whole re-derivation); the topic partitions
+    it leaves out keep what they hold (status ``kept``).
 
     Every topic partition's offsets of the window are resolved with ``offsets_for_times``;
     each is deleted and reloaded in batches of at most ``max_batch`` (ledger rows included),
@@ -561,7 +567,15 @@ def reprocess_window(
     with conn.transaction():  # every topic partition of the window, or none
         for p in partitions:
             started = time.monotonic()
-            start, end = resolved[p]
+            opening, end = resolved[p]
+            start = opening
+            if from_positions is not None:
+                if p not in from_positions:
+                    outcomes.append(
+                        WindowOutcome(spec.asset, topic, window.key, p, start, start, "kept")
+                    )
+                    continue
+                start = max(opening, from_positions[p])
             outcome = WindowOutcome(spec.asset, topic, window.key, p, start, end, "empty")
             outcomes.append(outcome)
             if end <= start:
@@ -576,6 +590,7 @@ def reprocess_window(
                 log_start=bounds[p].start,
                 stateful=spec.step is not None,
                 side_tables=spec.step.side_tables if spec.step is not None else (),
+                partition_start=opening,
             ) as replaced:
                 for chunk_start in range(start, end, max_batch):
                     chunk = replace(
