@@ -293,8 +293,9 @@ def reprocess_partitions(
     heal: bool = False,
 ) -> ReprocessRun:
     """Replace the time partitions ``keys`` of ``spec.asset`` from the log, in order, each
-    in one transaction (:func:`kappa.ingest.reprocess_window`), on one consumer and one
-    connection; stops at the first partition that fails.
+    in one transaction (:func:`kappa.ingest.reprocess_window`), on one connection and two
+    consumers (the second reads the next chunk ahead); stops at the first partition that
+    fails.
 
     A ``heal`` re-derives each partition only from each shard's first ledger batch holding
     a provisional row (:func:`kappa.heal.heal_positions`, read when the partition's turn
@@ -303,6 +304,8 @@ def reprocess_partitions(
     result = ReprocessRun()
     with ExitStack() as stack:
         store = stack.enter_context(connections.event_store())
+        # A second consumer reads a partition's next chunk while the current one is written.
+        ahead = stack.enter_context(connections.event_store())
         conn = stack.enter_context(connections.edw())
         dims = open_dimensions(stack, conn, spec, connections, services, VersionCache())
         for key in keys:
@@ -326,6 +329,7 @@ def reprocess_partitions(
                     dimensions=dims,
                     max_wait_s=services.reprocess_wait_s,
                     from_positions=positions,
+                    read_ahead=ahead,
                 )
             except KappaError as exc:
                 log.error(str(exc))
