@@ -681,12 +681,19 @@ def peer(edw_url: str, bootstrap: str, produced: Produced) -> dict[str, Any]:
 
 
 def backfill_to_live(
-    produced: Produced, edw_url: str, bootstrap: str, live: dict[str, Any]
+    produced: Produced,
+    edw_url: str,
+    bootstrap: str,
+    live: dict[str, Any],
+    *,
+    profile: bool = False,
 ) -> tuple[dict[str, Any], float | None, str]:
     """Reprocess the time partition holding the events (each fact's workers at the same
     time, as two backfills would run) over the EDW the live run just loaded, against the
     live micro-batches' throughput on the same events."""
-    result = run_workers(produced, edw_url, bootstrap, fraction=1.0, mode="backfill", profile=False)
+    result = run_workers(
+        produced, edw_url, bootstrap, fraction=1.0, mode="backfill", profile=profile
+    )
     note = (
         f"one time partition ({result['events']:,} events) reprocessed in one transaction per "
         f"fact against the live micro-batches over the same {live['events']:,} events"
@@ -724,7 +731,15 @@ def main(argv: list[str] | None = None) -> int:
         "local S3 server, as `kappa up` runs it); BENCH_BROKER_STORAGE sets the default",
     )
     parser.add_argument("--no-peer", action="store_true", help="skip the Quix Streams peer")
-    parser.add_argument("--profile", action="store_true", help="pyinstrument the 10x run")
+    parser.add_argument(
+        "--profile", action="store_true", help="pyinstrument the 10x run (and the backfill)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=("backfill",),
+        help="backfill: only the pipeline on all events and the backfill after it, with "
+        "backfill_to_live_ratio printed as JSON (bench/results/latest.json is left alone)",
+    )
     parser.add_argument("--output", type=Path, default=LATEST)
     args = parser.parse_args(argv)
     SCALE = SCALES[args.scale]
@@ -757,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             edw = populate_edw(conn, SCALE.customers, SEED, produced.first, produced.last)
             conn.execute(PER_MESSAGE_DDL)
             scaling = {}
-            for factor in (1, 4, 10):
+            for factor in (10,) if args.only == "backfill" else (1, 4, 10):
                 reset_outputs(conn)
                 print(f"pipeline {factor}x ...", flush=True)
                 scaling[f"{factor}x"] = run_workers(
@@ -777,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
             pipeline = scaling["10x"]
             print("backfill of the partition the live runs just loaded ...", flush=True)
             backfilled, backfill, backfill_note = backfill_to_live(
-                produced, url, bootstrap, pipeline
+                produced, url, bootstrap, pipeline, profile=args.profile
             )
             notes["backfill_to_live_ratio"] = backfill_note
             print(
@@ -785,6 +800,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"({backfilled['eps']:,.0f}/s; live {pipeline['eps']:,.0f}/s)",
                 flush=True,
             )
+            if args.only == "backfill":
+                print(
+                    json.dumps(
+                        {
+                            "events": SCALE.events,
+                            "backfill_to_live_ratio": backfill,
+                            "pipeline": pipeline,
+                            "backfill": backfilled,
+                            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                        }
+                    ),
+                    flush=True,
+                )
+                return 0
             keep_pipeline_output(conn)
             print("COPY-only ...", flush=True)
             copied = copy_only(conn, pipeline["events"])

@@ -5,8 +5,9 @@ A row is ``provisional`` when its event was newer than what change capture had l
 its batch ran (see :class:`kappa.stateful.Completeness`). Once capture is complete past its
 event time for its customer, re-deriving its time partition through the backfill path
 (:func:`kappa.ingest.reprocess_window`) joins the version valid at the event time, and gives
-the rows a backfill gives, so replay equivalence holds. The heal sensor plans that run; this
-module finds the partitions, without Dagster.
+the rows a backfill gives, so replay equivalence holds. A heal re-derives the partition only
+from each shard's first ledger batch holding a provisional row (:func:`heal_positions`). The
+heal sensor plans that run; this module finds the partitions, without Dagster.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from kappa.partitions import TimeWindows
 from kappa.stateful import CUSTOMER_COLUMN, Completeness
 from kappa.warehouse import Schemas
 
+#: The run tag of a heal run (its value: the time partition healed). Such a run re-derives
+#: its partition only from each shard's first ledger batch holding a provisional row.
+HEAL_TAG = "kappa/heal"
 #: The derived column that says how a row was enriched.
 ENRICHMENT_COLUMN = "enrichment"
 PROVISIONAL = "provisional"
@@ -155,6 +159,41 @@ def plan_heal(
         return HealPlan(None, 0, total, "; ".join(notes))
     key = min(ready, key=lambda k: windows.window(k).start)
     return HealPlan(key, ready[key], total, "; ".join(notes))
+
+
+def heal_positions(
+    conn: psycopg.Connection,
+    schemas: Schemas,
+    asset: str,
+    topic: str,
+    contract: EventContract,
+    partition_key: str,
+) -> dict[int, int]:
+    """Per shard of ``partition_key`` holding a provisional row: where the ledger batch
+    holding its first one starts. Re-deriving from there is enough: the rows before are
+    final (their customers' changes were all loaded), and the state as of that batch
+    boundary is in the state versions, as a backfill restores it at a partition's start.
+    Shards without a provisional row in the partition are not listed."""
+    rows = conn.execute(
+        sql.SQL(
+            "WITH spans AS (SELECT shard, min(start_position) AS lo, max(end_position) AS hi "
+            "FROM {ledger} WHERE asset = %(asset)s AND source = %(topic)s "
+            "AND partition_key = %(key)s GROUP BY shard) "
+            "SELECT s.shard, (SELECT b.start_position FROM {ledger} b WHERE b.asset = %(asset)s "
+            "AND b.source = %(topic)s AND b.shard = s.shard AND b.start_position <= f.first "
+            "ORDER BY b.start_position DESC LIMIT 1) FROM spans s CROSS JOIN LATERAL "
+            "(SELECT min(kafka_offset) AS first FROM {table} WHERE {enrichment} = {provisional} "
+            "AND topic = %(topic)s AND kafka_partition = s.shard AND kafka_offset >= s.lo "
+            "AND kafka_offset < s.hi) f WHERE f.first IS NOT NULL"
+        ).format(
+            ledger=sql.Identifier(schemas.meta, "batch_ledger"),
+            table=sql.Identifier(schemas.edw, contract.table),
+            enrichment=sql.Identifier(ENRICHMENT_COLUMN),
+            provisional=sql.Literal(PROVISIONAL),
+        ),
+        {"asset": asset, "topic": topic, "key": partition_key},
+    ).fetchall()
+    return {int(shard): int(start) for shard, start in rows if start is not None}
 
 
 def ledger_fingerprint(

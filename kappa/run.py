@@ -27,6 +27,7 @@ import psycopg
 
 from kappa.catalog.captures import CaptureSpec
 from kappa.exceptions import BatchSupersededError, KappaError
+from kappa.heal import heal_positions
 from kappa.ingest import (
     BatchOutcome,
     OffsetRange,
@@ -290,16 +291,32 @@ def reprocess_partitions(
     max_batch: int,
     services: FactServices,
     log: RunLog = _LOG,
+    heal: bool = False,
 ) -> ReprocessRun:
     """Replace the time partitions ``keys`` of ``spec.asset`` from the log, in order, each
-    in one transaction (:func:`kappa.ingest.reprocess_window`), on one consumer and one
-    connection; stops at the first partition that fails."""
+    in one transaction (:func:`kappa.ingest.reprocess_window`), on one connection and two
+    consumers (the second reads the next chunk ahead); stops at the first partition that
+    fails.
+
+    A ``heal`` re-derives each partition only from each shard's first ledger batch holding
+    a provisional row (:func:`kappa.heal.heal_positions`, read when the partition's turn
+    comes); shards without one keep their rows.
+    """
     result = ReprocessRun()
     with ExitStack() as stack:
         store = stack.enter_context(connections.event_store())
+        # A second consumer reads a partition's next chunk while the current one is written.
+        ahead = stack.enter_context(connections.event_store())
         conn = stack.enter_context(connections.edw())
         dims = open_dimensions(stack, conn, spec, connections, services, VersionCache())
         for key in keys:
+            positions = (
+                heal_positions(
+                    conn, connections.schemas, spec.asset, spec.topic, spec.contract, key
+                )
+                if heal
+                else None
+            )
             try:
                 done = reprocess_window(
                     store,
@@ -312,16 +329,25 @@ def reprocess_partitions(
                     max_batch=max_batch,
                     dimensions=dims,
                     max_wait_s=services.reprocess_wait_s,
+                    from_positions=positions,
+                    read_ahead=ahead,
                 )
             except KappaError as exc:
                 log.error(str(exc))
                 result.failed_partition, result.error = key, str(exc)
                 return result
             result.outcomes.extend(done)
-            resolved = ", ".join(f"{o.topic}[{o.partition}]:{o.start}-{o.end}" for o in done)
+            resolved = ", ".join(
+                f"{o.topic}[{o.partition}]:{o.start}-{o.end}" for o in done if o.status != "kept"
+            )
             stale = sorted({o.stale_from for o in done if o.stale_from})
+            what = (
+                f"healed, re-derived {resolved or 'nothing (no provisional rows left)'}"
+                if heal
+                else f"replaced {resolved or 'nothing (no records)'}"
+            )
             log.info(
-                f"{spec.asset} partition {key}: replaced {resolved or 'nothing (no records)'}; "
+                f"{spec.asset} partition {key}: {what}; "
                 f"{sum(o.loaded for o in done)} loaded, {sum(o.removed_rows for o in done)} "
                 "removed"
                 + (

@@ -135,8 +135,11 @@ def enrich_as_of(
     if watermark is None:
         late = np.ones(len(joined), dtype=bool)
     elif isinstance(watermark, pd.Series):
+        # As datetime64 (UTC): without a dtype, zone-aware times become an object array of
+        # Timestamps, which was most of this function's time.
         late = (
-            joined["event_time"].to_numpy() > _utc(watermark).to_numpy()
+            joined["event_time"].to_numpy("datetime64[ns]")
+            > _utc(watermark).to_numpy("datetime64[ns]")
         ) | watermark.isna().to_numpy()
     else:
         late = (joined["event_time"] > watermark).to_numpy()

@@ -1013,9 +1013,13 @@ def replace_window(
     log_start: int,
     stateful: bool,
     side_tables: Sequence[str] = (),
+    partition_start: int | None = None,
 ) -> Iterator[WindowReplacement]:
     """Replace what ``record.asset`` holds of one time partition in one shard, in one
-    transaction: the partition is positions ``[record.start, record.end)``.
+    transaction: the partition is positions ``[record.start, record.end)``, or, with
+    ``partition_start``, it starts there and only its part from ``record.start`` (where a
+    ledger batch of it ends) is replaced: what precedes stays, the state is restored from
+    the versions that batch wrote, and the checkpoint at the partition's start stays.
 
     Checks first, deletes nothing unless all pass: the ledger reaches the partition's start
     (its predecessor is loaded) or the partition is the shard's first; no ledger batch
@@ -1032,6 +1036,8 @@ def replace_window(
         return ReprocessError(asset, source, shard, window, start, end, detail)
 
     result = WindowReplacement(new_end=end)
+    partial = partition_start is not None and partition_start < start
+    opening = partition_start if partition_start is not None and partial else start
     with conn.transaction():
         head = lock_head(conn, schemas, asset, source, shard)
         if head is not None and head.epoch != record.epoch:
@@ -1080,12 +1086,26 @@ def replace_window(
                 f"ledger batch [{straddling[0]}, {straddling[1]}) straddles a boundary of the "
                 "partition (loaded before partitions were cut): replay the asset from the beginning."
             )
-        if first is not None and first[0] is not None and first[0] != start:
+        if first is not None and first[0] is not None and first[0] != opening:
             raise refuse(
                 f"the ledger has this partition starting at offset {first[0]}, the log at "
-                f"{start}: the log is not the one the partition was loaded from."
+                f"{opening}: the log is not the one the partition was loaded from."
             )
-        if stateful and loaded_before:
+        if partial:
+            boundary = conn.execute(
+                sql.SQL(
+                    "SELECT 1 FROM {}.batch_ledger WHERE asset = %s AND source = %s "
+                    "AND shard = %s AND partition_key = %s AND end_position = %s"
+                ).format(meta),
+                (asset, source, shard, window, start),
+            ).fetchone()
+            if boundary is None:
+                raise refuse(
+                    f"no ledger batch of the partition ends at offset {start}: only a batch "
+                    "boundary has its state in the state versions, so a part of the partition "
+                    "is re-derived from one."
+                )
+        elif stateful and loaded_before:
             mark = conn.execute(
                 sql.SQL(
                     "SELECT 1 FROM {}.checkpoint WHERE asset = %s AND source = %s AND shard = %s "
@@ -1122,7 +1142,7 @@ def replace_window(
             ).format(meta=meta),
             (result.new_end, end >= old_end, window, asset, source, shard, asset, source, shard),
         )
-        if end > start:
+        if end > start and not partial:
             write_checkpoint(conn, schemas, record, start)
         if end < old_end:
             result.stale_from = _mark_next_stale(conn, schemas, record)

@@ -257,13 +257,13 @@ class EventStore:
         """Whether the record at ``answer`` is at or after ``ts_ms`` and the one before not."""
         if answer is None or not bounds.start <= answer < bounds.end:
             return False  # "none yet" is confirmed by the search, from the floor
-        record = self._record_at_or_after(topic, partition, answer, bounds.end)
-        if record is None or record[0] != answer or record[1] < ts_ms:
+        # The record at the answer and the one before it, in one fetch (each costs a
+        # round trip to the broker).
+        around = self.fetch(topic, partition, max(bounds.start, answer - 1), answer + 1)
+        stamps = dict(zip(around.offsets, around.timestamps, strict=True))
+        if answer not in stamps or stamps[answer] < ts_ms:
             return False
-        if answer == bounds.start:
-            return True
-        before = self._record_at_or_after(topic, partition, answer - 1, answer)
-        return before is None or before[1] < ts_ms
+        return answer == bounds.start or stamps.get(answer - 1, ts_ms - 1) < ts_ms
 
     def _search(self, topic: str, partition: int, ts_ms: int, low: int, high: int) -> int | None:
         """First offset in ``[low, high)`` whose record's timestamp is >= ``ts_ms``."""
@@ -313,7 +313,10 @@ class EventStore:
         last_progress = time.monotonic()
         try:
             while position < end:
-                records = consumer.poll(timeout_ms=200, max_records=50_000).get(tp, [])
+                # No more records than the range holds: the client parses what it returns,
+                # and a fetch returns up to max_partition_fetch_bytes past the range.
+                wanted = min(50_000, end - position)
+                records = consumer.poll(timeout_ms=200, max_records=wanted).get(tp, [])
                 for record in records:
                     if record.offset >= end:
                         break

@@ -267,3 +267,89 @@ def _services(pipeline: Pipeline) -> tuple:
 
     by_target = {c.target: c for c in load_captures(pipeline.settings.catalog)}
     return by_target["dim_customer"], by_target["fact_call_center_call"]
+
+
+FACT_ROWS = "SELECT * FROM edw.fact_order ORDER BY event_id"
+LEDGER = (
+    "SELECT shard, start_position, end_position, batch_id, run_id, received "
+    "FROM kappa.batch_ledger WHERE asset = 'fact_order' AND partition_key = %s "
+    "ORDER BY shard, start_position"
+)
+
+
+def test_a_heal_re_derives_only_from_the_first_provisional_batch_and_equals_a_full_backfill(
+    pipeline_env, instance
+):
+    """Three waves of orders for eight customers in batches of at most 20 records: the
+    second and third hold orders of c-0 after a change of c-0 that change capture has not
+    loaded yet (provisional). The heal keeps the first wave's batches and the shards
+    without c-0, and its rows equal those a backfill of the whole partition gives."""
+    from tests.integration.test_reprocess import reprocess
+
+    env = {**pipeline_env, "KAPPA_ENRICH_MAX_WAIT_S": "0", "KAPPA_BATCH_MAX_RECORDS": "20"}
+    pipeline = Pipeline(env=env, instance=instance)
+    oltp(
+        pipeline,
+        "INSERT INTO customers (customer_id, name, segment, country, credit_limit) VALUES "
+        + ", ".join(f"('c-{i}', 'N', 'retail', 'DE', 100)" for i in range(8)),
+    )
+    pipeline.drain("dim_customer")
+    pipeline.produce(
+        [order(pipeline, f"c-{i % 8}", 1.0 + i, datetime.now(UTC)) for i in range(160)]
+    )
+    pipeline.drain("fact_order")
+    oltp(pipeline, "UPDATE customers SET segment = 'smb' WHERE customer_id = 'c-0'")
+    for wave in (2, 3):  # after the change's commit, before change capture loads it
+        pipeline.produce(
+            [order(pipeline, f"c-{i % 8}", wave * 1000.0 + i, datetime.now(UTC)) for i in range(40)]
+        )
+        pipeline.drain("fact_order")
+    [(shard, first_provisional)] = pipeline.query(
+        "SELECT kafka_partition, min(kafka_offset) FROM edw.fact_order "
+        "WHERE enrichment = 'provisional' GROUP BY 1"
+    )
+    assert pipeline.query(
+        "SELECT count(*) FROM edw.fact_order WHERE enrichment = 'provisional'"
+    ) == [(10,)]
+    pipeline.drain("dim_customer")
+
+    [request] = heal_tick(pipeline, "fact_order").run_requests
+    key = request.partition_key
+    before = pipeline.query(LEDGER, (key,))
+    result = pipeline.execute(request)
+    assert result.success
+    after = pipeline.query(LEDGER, (key,))
+    healed = [b for b in after if b[4] == result.run_id]
+    # Re-derived from the start of the batch holding the first provisional row, in its
+    # shard alone: every batch before it, and every other shard's, is the one loaded live.
+    [restart] = [b[1] for b in before if b[0] == shard and b[1] <= first_provisional < b[2]]
+    assert restart > min(b[1] for b in before if b[0] == shard)
+    assert {b[0] for b in healed} == {shard} and min(b[1] for b in healed) == restart
+    assert [b for b in after if b[4] != result.run_id] == [
+        b for b in before if b[0] != shard or b[2] <= restart
+    ]
+    [(rederived,)] = pipeline.query(
+        "SELECT count(*) FROM edw.fact_order WHERE kafka_partition = %s AND kafka_offset >= %s",
+        (shard, restart),
+    )
+    assert sum(b[5] for b in healed) == rederived < 240
+    assert pipeline.query(
+        "SELECT count(*) FROM edw.fact_order WHERE enrichment = 'provisional'"
+    ) == [(0,)]
+    [(smb_sk,)] = pipeline.query(
+        "SELECT customer_sk FROM edw.dim_customer WHERE customer_id = 'c-0' AND segment = 'smb'"
+    )
+    assert pipeline.query(
+        "SELECT DISTINCT customer_sk, customer_segment FROM edw.fact_order "
+        "WHERE customer_id = 'c-0' AND amount >= 2000"
+    ) == [(smb_sk, "smb")]
+    heal_rows = pipeline.query(FACT_ROWS)
+
+    backfill = reprocess(pipeline, "fact_order", key)
+    assert backfill.success
+    backfill_rows = pipeline.query(FACT_ROWS)
+    # The backfill re-derived every shard from the partition's start.
+    assert {b[4] for b in pipeline.query(LEDGER, (key,))} == {backfill.run_id}
+    assert len(heal_rows) == len(backfill_rows) == 240
+    for healed_row, backfilled in zip(heal_rows, backfill_rows, strict=True):
+        assert healed_row == backfilled

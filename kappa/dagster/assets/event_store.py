@@ -12,6 +12,7 @@ from kappa.dagster.resources.event_store import EventStoreResource
 from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.state import StateCacheResource
 from kappa.dagster.resources.warehouse import WarehouseResource
+from kappa.heal import HEAL_TAG
 from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, WindowOutcome
 from kappa.partitions import TimeWindows
 from kappa.reconcile import (
@@ -273,6 +274,7 @@ def build_fact_asset(
             max_batch=max_batch,
             services=services,
             log=context.log,
+            heal=HEAL_TAG in context.run.tags,
         )
         outcomes = run.outcomes
         if run.error is not None:
@@ -288,7 +290,7 @@ def build_fact_asset(
         yield dg.MaterializeResult(
             asset_key=spec.asset,
             metadata={
-                "mode": "reprocess",
+                "mode": "heal" if HEAL_TAG in context.run.tags else "reprocess",
                 "partitions": ", ".join(keys)
                 if len(keys) <= 3
                 else f"{keys[0]} .. {keys[-1]} ({len(keys)})",

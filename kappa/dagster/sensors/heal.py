@@ -1,5 +1,6 @@
 """Heal sensors: re-derive the time partitions of provisional rows once change capture
-covers them, through the same path as a backfill (a run of the fact without offset ranges).
+covers them, through the same path as a backfill (a run of the fact without offset ranges),
+each shard only from its first ledger batch holding a provisional row.
 
 A tick reads the provisional rows (a partial index), the ledger and change capture's
 completeness; it has no side effects. It asks for at most one partition per asset, never
@@ -21,12 +22,13 @@ from kappa.dagster.sensors.micro_batch import (
     PARTITIONS_TAG,
     SENSOR_STATEMENT_TIMEOUT_S,
 )
-from kappa.heal import ledger_fingerprint, plan_heal, provisional_groups
+from kappa.heal import HEAL_TAG, ledger_fingerprint, plan_heal, provisional_groups
 from kappa.ingest import TopicIngest
 from kappa.partitions import TimeWindows
 from kappa.stateful import WarehouseDimensions
 
-HEAL_TAG = "kappa/heal"
+__all__ = ["HEAL_KEY_TAG", "HEAL_TAG", "build_heal_sensor"]
+
 #: The ledger state of the partition the heal run was asked for (see ledger_fingerprint).
 HEAL_KEY_TAG = "kappa/heal_key"
 
@@ -46,8 +48,9 @@ def build_heal_sensor(
         name=f"{spec.asset}_heal_sensor",
         description=(
             f"Re-derives a time partition of `{spec.asset}` holding `provisional` rows once "
-            "change capture is complete past their event times (the backfill path), one "
-            f"partition at a time; runs tagged `{HEAL_TAG}`."
+            "change capture is complete past their event times (the backfill path, from each "
+            "shard's first batch holding a provisional row), one partition at a time; runs "
+            f"tagged `{HEAL_TAG}`."
         ),
         asset_selection=selection or [dg.AssetKey(spec.asset)],
         minimum_interval_seconds=interval_s,
@@ -104,7 +107,8 @@ def build_heal_sensor(
             shards = store.partitions(spec.topic)
         context.log.info(
             f"{spec.asset} {key}: {plan.ready_rows} of {plan.provisional_rows} provisional "
-            "rows are covered by change capture now; re-deriving the partition"
+            "rows are covered by change capture now; re-deriving the partition from each "
+            "shard's first batch holding a provisional row"
             + (f" ({plan.waiting})" if plan.waiting else "")
         )
         return dg.SensorResult(
