@@ -65,6 +65,7 @@ from bench.common import (
 )
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.decode.batch import decode_batch
+from kappa.edw.connection import connect
 from kappa.exceptions import KappaError
 from kappa.settings import Settings
 from kappa.simulator import SimulatorConfig, generate
@@ -78,7 +79,6 @@ from kappa.stateful import (
     wait_for_dimensions,
 )
 from kappa.transforms import FraudRules, to_cents
-from kappa.warehouse import connect
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache_vs_queries.json"
 

@@ -29,6 +29,8 @@ from sqlalchemy.engine import make_url
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 from kappa.catalog.captures import CaptureSpec, load_captures
 from kappa.changes.target import ensure_target
+from kappa.edw.schema import ensure_schema
+from kappa.edw.types import Schemas
 from kappa.exact import round_half_even_div
 from kappa.local.pg_admin import ensure_database
 from kappa.local.postgres import EmbeddedPostgres
@@ -37,7 +39,6 @@ from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.simulator import COUNTRIES, customer_profile
 from kappa.sources.pg_capture import install_capture
-from kappa.warehouse import Schemas, ensure_schema
 
 SEGMENTS = ("retail", "smb", "enterprise")
 CALL_REASONS = ("card_lost", "travel_notice", "billing", "address_change")

@@ -39,6 +39,9 @@ import orjson
 
 from kappa.catalog.captures import load_captures
 from kappa.catalog.ingests import topic_ingests
+from kappa.edw.connection import connect
+from kappa.edw.ledger import read_heads
+from kappa.edw.types import Schemas
 from kappa.exceptions import KappaError
 from kappa.ingest import TopicIngest
 from kappa.run import (
@@ -53,7 +56,6 @@ from kappa.settings import Settings
 from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore
 from kappa.state import PostgresStateBackend, StateCache
-from kappa.warehouse import Schemas, connect, read_heads
 
 _LOG = logging.getLogger("bench.pipeline")
 

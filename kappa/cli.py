@@ -27,6 +27,12 @@ from kappa.backfill import SUCCEEDED, launch_backfill, wait_for_backfill
 from kappa.catalog.captures import load_captures
 from kappa.catalog.ingests import topic_ingests
 from kappa.changes.target import ensure_target
+from kappa.edw.connection import connect
+from kappa.edw.evolution import plan_evolution
+from kappa.edw.ledger import read_heads
+from kappa.edw.replay import reset_for_replay, rewind_topic_asset
+from kappa.edw.schema import ensure_schema
+from kappa.edw.types import LedgerHead, Schemas
 from kappa.exceptions import ConfigurationError, KappaError
 from kappa.freshness import ShardFreshness, capture_freshness, topic_freshness
 from kappa.health import RunFailures, failure_threshold, recent_failures, topic_stop
@@ -34,16 +40,6 @@ from kappa.settings import Settings, redact
 from kappa.sources import pg_capture
 from kappa.sources.pg_capture import install_capture
 from kappa.sources.topic import EventStore, UnknownTopicError
-from kappa.warehouse import (
-    LedgerHead,
-    Schemas,
-    connect,
-    ensure_schema,
-    plan_evolution,
-    read_heads,
-    reset_for_replay,
-    rewind_topic_asset,
-)
 
 
 def _repo_root() -> Path:

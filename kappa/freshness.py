@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import psycopg
 
 from kappa.catalog.captures import CaptureSpec
+from kappa.edw.ledger import read_head, read_heads
+from kappa.edw.types import Schemas
 from kappa.health import RunFailures, capture_stop, topic_stop
 from kappa.ingest import TopicIngest
 from kappa.sources import pg_capture
 from kappa.sources.topic import EventStore
-from kappa.warehouse import Schemas, read_head, read_heads
 
 #: Offsets read past the ledger head to find the first pending record (offsets are sparse).
 _PROBE_WINDOW = 16

@@ -20,9 +20,9 @@ import psycopg
 from psycopg import sql
 
 from kappa.catalog.streams import EventContract
+from kappa.edw.types import Schemas
 from kappa.partitions import TimeWindows
 from kappa.stateful import CUSTOMER_COLUMN, Completeness
-from kappa.warehouse import Schemas
 
 #: The run tag of a heal run (its value: the time partition healed). Such a run re-derives
 #: its partition only from each shard's first ledger batch holding a provisional row.

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kappa.catalog.captures import CaptureSpec
+from kappa.edw.types import LedgerHead
 from kappa.exceptions import LogResetError
 from kappa.ingest import check_capture_continuity, check_continuity
 from kappa.sources.base import LogBounds
-from kappa.warehouse import LedgerHead
 
 if TYPE_CHECKING:
     import dagster as dg

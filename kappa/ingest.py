@@ -22,9 +22,12 @@ from kappa.catalog.streams import EventContract
 from kappa.changes.merge import apply_changes
 from kappa.changes.replace import replace_capture_window
 from kappa.decode.batch import DecodedBatch, decode_batch, describe_reason
+from kappa.edw.ledger import existing_event_ids, insert_ledger_row, read_head, read_heads
+from kappa.edw.poison import Rerun, commit_isolated, write_isolated
+from kappa.edw.types import BatchCounts, BatchRecord, LedgerHead, Schemas
+from kappa.edw.window import replace_window
 from kappa.exceptions import BatchSupersededError, EventStoreTimeoutError, LogResetError
 from kappa.partitions import TimeWindows, Window, parse_key
-from kappa.poison import Rerun, commit_isolated, write_isolated
 from kappa.sources import pg_capture
 from kappa.sources.base import LogBounds, RawBatch
 from kappa.sources.topic import EventStore
@@ -41,17 +44,6 @@ from kappa.stateful import (
     StepOutput,
     WaitBudget,
     wait_for_dimensions,
-)
-from kappa.warehouse import (
-    BatchCounts,
-    BatchRecord,
-    LedgerHead,
-    Schemas,
-    existing_event_ids,
-    insert_ledger_row,
-    read_head,
-    read_heads,
-    replace_window,
 )
 
 

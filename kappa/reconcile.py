@@ -26,12 +26,13 @@ from psycopg import sql
 from kappa.catalog.captures import CaptureSpec
 from kappa.changes.target import written_by
 from kappa.decode.batch import decode_batch
+from kappa.edw.ledger import lock_head, read_heads
+from kappa.edw.poison import REFUSED_PREFIX
+from kappa.edw.types import Schemas
 from kappa.ingest import TopicIngest, reprocess_capture_window
-from kappa.poison import REFUSED_PREFIX
 from kappa.sources import pg_capture
 from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore
-from kappa.warehouse import Schemas, lock_head, read_heads
 
 _MASK = (1 << 60) - 1
 
@@ -124,7 +125,7 @@ def compare_with_log(
             (spec.asset, spec.topic, partition, start, head.end),
         ).fetchall()
         edw_dead = [int(position) for position, _ in dead_rows]
-        # Records the database refused at load (see kappa.poison) decode as valid: the log's
+        # Records the database refused at load (see kappa.edw.poison) decode as valid: the log's
         # account takes the database's word for them, recorded with their raw bytes.
         refused = {int(p) for p, reason in dead_rows if reason.startswith(REFUSED_PREFIX)}
         log_pairs = [pair for pair in log_pairs if pair[1] not in refused]

@@ -26,6 +26,7 @@ from typing import Protocol
 import psycopg
 
 from kappa.catalog.captures import CaptureSpec
+from kappa.edw.types import LedgerHead, Schemas
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.heal import heal_positions
 from kappa.ingest import (
@@ -43,7 +44,6 @@ from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore
 from kappa.state import StateCache
 from kappa.stateful import VersionCache, WarehouseDimensions
-from kappa.warehouse import LedgerHead, Schemas
 
 #: Partitions of one run loaded at the same time (each with its own consumer and connection).
 PARALLEL_PARTITIONS = 4

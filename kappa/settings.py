@@ -8,7 +8,6 @@ starts with the variable's name, never later from deep inside a client library.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from kappa.exceptions import ConfigurationError
+from kappa.names import identifier
 from kappa.partitions import GRAINS, TimeWindows
 
 if TYPE_CHECKING:
@@ -28,8 +28,6 @@ BrokerStorage = Literal["durable", "memory"]
 #: The values of ``KAPPA_BROKER_STORAGE`` (memory: nothing survives a restart).
 BROKER_STORAGES: tuple[BrokerStorage, ...] = ("durable", "memory")
 SETTING_CATALOG = "KAPPA_CATALOG"
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 #: The repository root: workspace.yaml and catalog.yaml live there.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -228,24 +226,6 @@ def broker_storage(env: Mapping[str, str]) -> BrokerStorage:
     raise ConfigurationError(
         "KAPPA_BROKER_STORAGE", f"expected one of {', '.join(BROKER_STORAGES)}, got {raw!r}"
     )
-
-
-def identifier(name: str, raw: str) -> str:
-    """Validate a SQL identifier from configuration (lower-case, no quoting needed)."""
-    if not _IDENTIFIER.match(raw):
-        raise ConfigurationError(
-            name, f"{raw!r} is not a valid identifier (lower-case letters, digits, '_', max 63)"
-        )
-    return raw
-
-
-def topic_name(name: str, raw: str) -> str:
-    """Validate a Kafka topic name from configuration."""
-    if not _TOPIC.match(raw):
-        raise ConfigurationError(
-            name, f"{raw!r} is not a legal topic name ([A-Za-z0-9._-], 1..249)"
-        )
-    return raw
 
 
 def postgres_url(name: str, raw: str) -> str:

@@ -20,7 +20,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from kappa.warehouse import Schemas
+from kappa.edw.types import Schemas
 
 State = dict[str, Any]
 

@@ -19,6 +19,8 @@ import psycopg
 from psycopg import sql
 
 from kappa.catalog.captures import CaptureSpec
+from kappa.edw.ledger import read_head
+from kappa.edw.types import Schemas
 from kappa.sources import pg_capture
 from kappa.state import State, StateAccess
 from kappa.transforms import (
@@ -29,7 +31,6 @@ from kappa.transforms import (
     to_cents,
     velocity,
 )
-from kappa.warehouse import Schemas, read_head
 
 if TYPE_CHECKING:
     from kappa.settings import Settings

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from kappa.catalog.files import SETTING, read_catalog
 from kappa.exceptions import ConfigurationError
-from kappa.settings import identifier
+from kappa.names import identifier
 
 Mode = Literal["scd2", "current"]
 

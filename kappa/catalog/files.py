@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from kappa.exceptions import ConfigurationError
-from kappa.settings import identifier
+from kappa.names import identifier
 
 #: The setting that names the catalogue file.
 SETTING = "KAPPA_CATALOG"

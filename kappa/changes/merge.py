@@ -17,15 +17,10 @@ from kappa.changes.validate import (
     change_dead_letters,
     validate_changes,
 )
-from kappa.poison import write_rows_isolated
-from kappa.warehouse import (
-    BatchRecord,
-    Schemas,
-    copy_frame,
-    ledger_transaction,
-    stage_frame,
-    write_dead_letters,
-)
+from kappa.edw.copy import copy_frame, stage_frame, write_dead_letters
+from kappa.edw.ledger import ledger_transaction
+from kappa.edw.poison import write_rows_isolated
+from kappa.edw.types import BatchRecord, Schemas
 
 
 def _merge_scd2(
@@ -253,7 +248,7 @@ def apply_changes(
     ``history`` gives every change of some keys up to the batch's end (see
     :func:`kappa.sources.pg_capture.read_key_history`); with it, an SCD2 key whose changes arrived out of
     order across batches is rebuilt instead of getting a wrong current version.
-    Changes the target refuses are isolated into dead letters (see :mod:`kappa.poison`).
+    Changes the target refuses are isolated into dead letters (see :mod:`kappa.edw.poison`).
     Returns (received, applied, dead-lettered, probes).
     """
     validated = validate_changes(spec, changes)
@@ -276,7 +271,7 @@ def apply_changes(
             conn.execute(sql.SQL("DROP TABLE {}").format(stage))
 
         # Changes the target refuses (a constraint the validation cannot know) become dead
-        # letters with the database's message; the rest applies (see kappa.poison).
+        # letters with the database's message; the rest applies (see kappa.edw.poison).
         isolated = write_rows_isolated(conn, validated.rows, "source_change_id", write)
         refused.update(isolated.refused)
         dead = validated.dead_letters

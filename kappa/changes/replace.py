@@ -23,17 +23,11 @@ from kappa.changes.validate import (
     change_dead_letters,
     validate_changes,
 )
+from kappa.edw.copy import stage_frame, write_dead_letters
+from kappa.edw.ledger import insert_ledger_row, lock_head
+from kappa.edw.poison import write_rows_isolated
+from kappa.edw.types import BatchCounts, BatchRecord, Schemas
 from kappa.exceptions import LogResetError, ReprocessError
-from kappa.poison import write_rows_isolated
-from kappa.warehouse import (
-    BatchCounts,
-    BatchRecord,
-    Schemas,
-    insert_ledger_row,
-    lock_head,
-    stage_frame,
-    write_dead_letters,
-)
 
 
 @dataclass

@@ -7,9 +7,7 @@ import psycopg
 from psycopg import sql
 
 from kappa.catalog.captures import CaptureSpec, Column
-from kappa.warehouse import (
-    Schemas,
-)
+from kappa.edw.types import Schemas
 
 OPERATIONS = ("I", "U", "D")
 

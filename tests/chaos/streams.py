@@ -152,7 +152,7 @@ def drain(
 def audit(pipeline: Pipeline, records: list[Record], *, complete: bool) -> Anomalies:
     """Both facts against the reference (see :mod:`tests.chaos.reference`)."""
     found = Anomalies()
-    from kappa.warehouse import connect
+    from kappa.edw.connection import connect
 
     with connect(pipeline.edw_url) as conn:
         for asset, event_type in FACTS.items():

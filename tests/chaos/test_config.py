@@ -13,10 +13,11 @@ from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster._serdes import serialize_value
 from sqlalchemy.engine import make_url
 
+from kappa.edw.schema import ensure_schema
+from kappa.edw.types import Schemas
 from kappa.exceptions import ConfigurationError, KappaError
 from kappa.local.processes import free_port
 from kappa.settings import Settings
-from kappa.warehouse import Schemas, ensure_schema
 from pipelines.definitions import build_definitions
 from tests.chaos.conftest import record
 from tests.chaos.reference import Anomalies

@@ -3,10 +3,12 @@ import pytest
 
 from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
+from kappa.edw.connection import connect
+from kappa.edw.schema import ensure_schema
+from kappa.edw.types import Schemas
 from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.sources import pg_capture
-from kappa.warehouse import Schemas, connect, ensure_schema
 from tests.demo import DEMO
 from tests.integration.harness import Pipeline
 

@@ -25,10 +25,12 @@ from kafka import KafkaProducer
 from kappa import simulator
 from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
+from kappa.edw.connection import connect
+from kappa.edw.schema import ensure_schema
+from kappa.edw.types import Schemas
 from kappa.oltp import ensure_source_tables
 from kappa.settings import Settings
 from kappa.sources.pg_capture import install_capture
-from kappa.warehouse import Schemas, connect, ensure_schema
 from pipelines.definitions import build_definitions
 
 

@@ -12,8 +12,11 @@ from kafka.admin import KafkaAdminClient
 
 from kappa import cli
 from kappa.catalog.streams import load_streams
+from kappa.edw.connection import connect
+from kappa.edw.evolution import table_columns
+from kappa.edw.schema import ensure_schema
+from kappa.edw.types import Schemas
 from kappa.exceptions import ConfigurationError
-from kappa.warehouse import Schemas, connect, ensure_schema, table_columns
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,11 @@ import pytest
 
 from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
+from kappa.edw.connection import connect
+from kappa.edw.schema import ensure_schema
+from kappa.edw.types import Schemas
 from kappa.ingest import run_capture_batch
 from kappa.settings import REPO_ROOT
-from kappa.warehouse import Schemas, connect, ensure_schema
 
 pytestmark = pytest.mark.integration
 

@@ -79,8 +79,8 @@ def test_the_check_runs_on_demand_and_its_result_is_stored(pipeline):
 
 def test_fact_materialisations_carry_the_recent_batches(pipeline):
     """The capture asset records a table of its recent batches (CDC, applied by the sensor)."""
+    from kappa.edw.connection import connect
     from kappa.oltp import OltpConfig, seed_customers
-    from kappa.warehouse import connect
 
     with connect(pipeline.env["KAPPA_OLTP_URL"]) as conn:
         seed_customers(conn, OltpConfig.from_settings(pipeline.settings), count=5)

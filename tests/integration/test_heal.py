@@ -16,10 +16,10 @@ from dagster._core.test_utils import create_run_for_test
 from kappa.catalog.ingests import topic_ingests
 from kappa.dagster.sensors.heal import HEAL_KEY_TAG, HEAL_TAG
 from kappa.dagster.sensors.micro_batch import ASSET_TAG, PARTITIONS_TAG
+from kappa.edw.connection import connect
 from kappa.ingest import reprocess_window
 from kappa.sources.topic import EventStore
 from kappa.stateful import WaitBudget, WarehouseDimensions
-from kappa.warehouse import connect
 from tests.integration.harness import Pipeline
 from tests.integration.test_stateful import oltp, order, payment
 

@@ -145,9 +145,9 @@ def test_an_asset_whose_last_runs_failed_shows_as_stopped(pipeline_env, capsys, 
 
 def test_a_recreated_change_table_shows_as_stopped_with_the_reason(pipeline, capsys, monkeypatch):
     from kappa.catalog.captures import load_captures
+    from kappa.edw.connection import connect
     from kappa.oltp import OltpConfig, seed_customers
     from kappa.sources.pg_capture import install_capture
-    from kappa.warehouse import connect
 
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.setenv("KAPPA_HOME", "/nonexistent/kappa-home")

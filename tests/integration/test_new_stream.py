@@ -18,13 +18,16 @@ import pytest
 from kafka import KafkaProducer
 
 from kappa.catalog.ingests import topic_ingests
+from kappa.edw.connection import connect
+from kappa.edw.ledger import read_heads
+from kappa.edw.schema import ensure_schema
+from kappa.edw.types import Schemas
 from kappa.ingest import OffsetRange, TopicIngest
 from kappa.run import Connections, FactServices, plan_runs, run_micro_batches
 from kappa.settings import Settings
 from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore
 from kappa.state import PostgresStateBackend, StateCache
-from kappa.warehouse import Schemas, connect, ensure_schema, read_heads
 
 pytestmark = pytest.mark.integration
 

@@ -16,11 +16,11 @@ import pytest
 from kafka import KafkaProducer
 
 from kappa.catalog.ingests import topic_ingests
+from kappa.edw.connection import connect
+from kappa.edw.poison import bisect_refused, is_data_error
 from kappa.exceptions import MassRefusalError
-from kappa.poison import bisect_refused, is_data_error
 from kappa.reconcile import compare_with_log
 from kappa.sources.topic import EventStore
-from kappa.warehouse import connect
 from tests.integration.harness import Pipeline, wait_for
 from tests.integration.test_reprocess import reprocess
 

@@ -13,19 +13,16 @@ from kappa import cli
 from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
 from kappa.decode.batch import DecodedBatch
+from kappa.edw.commit import commit_batch
+from kappa.edw.connection import connect
+from kappa.edw.copy import copy_frame
+from kappa.edw.replay import reset_for_replay
+from kappa.edw.schema import ensure_schema
+from kappa.edw.types import BatchRecord, Schemas
 from kappa.exceptions import BatchSupersededError
 from kappa.ingest import run_capture_batch
 from kappa.settings import REPO_ROOT
 from kappa.stateful import WarehouseDimensions
-from kappa.warehouse import (
-    BatchRecord,
-    Schemas,
-    commit_batch,
-    connect,
-    copy_frame,
-    ensure_schema,
-    reset_for_replay,
-)
 from tests.demo import ORDER_PLACED
 from tests.integration.harness import Pipeline
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from kappa import cli
+from kappa.edw.connection import connect
 from kappa.settings import Settings
-from kappa.warehouse import connect
 
 pytestmark = pytest.mark.integration
 

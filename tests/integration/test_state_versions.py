@@ -3,8 +3,8 @@ be restored, and rewinding forgets exactly what came after."""
 
 import pytest
 
+from kappa.edw.connection import connect
 from kappa.state import PostgresStateBackend
-from kappa.warehouse import connect
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration

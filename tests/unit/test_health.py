@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kappa.edw.types import LedgerHead
 from kappa.freshness import ShardFreshness, verdict
 from kappa.health import (
     RETRY_STOPPED_AFTER_S,
@@ -11,7 +12,6 @@ from kappa.health import (
     topic_stop,
 )
 from kappa.sources.base import LogBounds
-from kappa.warehouse import LedgerHead
 
 
 def _head(end: int, epoch: str = "t1") -> LedgerHead:

@@ -3,10 +3,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kappa.cursor import OffsetCursor
+from kappa.edw.types import LedgerHead
 from kappa.exceptions import LogResetError
 from kappa.ingest import check_continuity, plan_ranges
 from kappa.sources.base import LogBounds
-from kappa.warehouse import LedgerHead
 
 
 def head(partition: int, end: int, epoch: str = "t1") -> LedgerHead:

@@ -23,6 +23,7 @@ from kappa.dagster.assets.event_store import topic_asset_key
 from kappa.dagster.resources.event_store import EventStoreResource
 from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.warehouse import WarehouseResource
+from kappa.edw.types import Schemas
 from kappa.freshness import (
     FreshnessVerdict,
     capture_freshness,
@@ -32,7 +33,6 @@ from kappa.freshness import (
 from kappa.health import RunFailures, recent_failures
 from kappa.ingest import TopicIngest
 from kappa.sources.topic import EventStore
-from kappa.warehouse import Schemas
 
 FRESHNESS_CHECK = "freshness"
 FRESHNESS_SENSOR = "freshness_sensor"

@@ -12,6 +12,7 @@ from kappa.dagster.resources.event_store import EventStoreResource
 from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.state import StateCacheResource
 from kappa.dagster.resources.warehouse import WarehouseResource
+from kappa.edw.checkpoints import read_checkpoints
 from kappa.heal import HEAL_TAG
 from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, WindowOutcome
 from kappa.partitions import TimeWindows
@@ -27,7 +28,6 @@ from kappa.run import (
     reprocess_partitions,
     run_micro_batches,
 )
-from kappa.warehouse import read_checkpoints
 
 OWNERS = ["team:data-platform"]
 

@@ -7,7 +7,7 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
-from kappa import warehouse
+from kappa.edw import connection
 
 
 class OltpResource(dg.ConfigurableResource):
@@ -24,7 +24,7 @@ class OltpResource(dg.ConfigurableResource):
     @contextmanager
     def connect(self, *, statement_timeout_s: float | None = None) -> Iterator[psycopg.Connection]:
         """A connection to the OLTP database, closed on exit."""
-        with warehouse.connect(
+        with connection.connect(
             self.url, setting="KAPPA_OLTP_URL", statement_timeout_s=statement_timeout_s
         ) as conn:
             yield conn

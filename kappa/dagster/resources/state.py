@@ -3,8 +3,8 @@
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from kappa.edw.types import Schemas
 from kappa.state import PostgresStateBackend, StateCache
-from kappa.warehouse import Schemas
 
 
 class StateCacheResource(dg.ConfigurableResource):

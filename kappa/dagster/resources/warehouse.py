@@ -9,9 +9,10 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
-from kappa import warehouse
+from kappa.edw import connection, types
 from kappa.exceptions import ConfigurationError
-from kappa.settings import identifier, redact
+from kappa.names import identifier
+from kappa.settings import redact
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -20,7 +21,7 @@ class WarehouseResource(dg.ConfigurableResource):
     Usage::
 
         with warehouse.connect() as conn:
-            head = kappa.warehouse.read_head(conn, warehouse.schemas, "fact_order", "orders", 0)
+            head = kappa.edw.ledger.read_head(conn, warehouse.schemas, asset, topic, partition)
     """
 
     url: str = Field(description="PostgreSQL URL of the EDW (KAPPA_EDW_URL); give it as an EnvVar.")
@@ -28,8 +29,8 @@ class WarehouseResource(dg.ConfigurableResource):
     meta_schema: str = Field(default="kappa", description="Schema of the ledger and dead letters.")
 
     @property
-    def schemas(self) -> warehouse.Schemas:
-        return warehouse.Schemas(
+    def schemas(self) -> types.Schemas:
+        return types.Schemas(
             edw=identifier("KAPPA_EDW_SCHEMA", self.edw_schema),
             meta=identifier("KAPPA_META_SCHEMA", self.meta_schema),
         )
@@ -41,7 +42,7 @@ class WarehouseResource(dg.ConfigurableResource):
         A table or schema missing from the EDW (a database never initialised, or schema
         settings pointing elsewhere) fails naming the settings instead of a bare SQL error.
         """
-        with warehouse.connect(self.url, statement_timeout_s=statement_timeout_s) as conn:
+        with connection.connect(self.url, statement_timeout_s=statement_timeout_s) as conn:
             try:
                 yield conn
             except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as exc:

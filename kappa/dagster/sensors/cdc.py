@@ -22,10 +22,10 @@ from kappa.dagster.sensors.micro_batch import (
     micro_batch_request,
     stopped_shards,
 )
+from kappa.edw.ledger import read_head
 from kappa.ingest import check_capture_continuity
 from kappa.partitions import TimeWindows
 from kappa.sources import pg_capture
-from kappa.warehouse import read_head
 
 
 def build_capture_sensor(

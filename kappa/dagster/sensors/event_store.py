@@ -25,12 +25,12 @@ from kappa.dagster.sensors.micro_batch import (
     micro_batch_request,
     stopped_shards,
 )
+from kappa.edw.ledger import read_heads
 from kappa.exceptions import ConfigurationError
 from kappa.ingest import TopicIngest, check_continuity
 from kappa.partitions import TimeWindows
 from kappa.run import plan_runs
 from kappa.sources.topic import UnknownTopicError
-from kappa.warehouse import read_heads
 
 
 def build_offset_sensor(

@@ -27,19 +27,14 @@ from psycopg import sql
 
 from kappa.catalog.streams import EventContract
 from kappa.decode.batch import DecodedBatch
+from kappa.edw.commit import write_batch
+from kappa.edw.copy import copy_frame, stage_frame
+from kappa.edw.ledger import ledger_transaction
+from kappa.edw.types import BatchCounts, BatchRecord, Schemas
 from kappa.exceptions import MassRefusalError
 from kappa.sources.base import RawBatch
 from kappa.state import StateAccess
 from kappa.stateful import StepOutput
-from kappa.warehouse import (
-    BatchCounts,
-    BatchRecord,
-    Schemas,
-    copy_frame,
-    ledger_transaction,
-    stage_frame,
-    write_batch,
-)
 
 #: How the reason of a record the database refused starts.
 REFUSED_PREFIX = "refused by the database"
@@ -261,7 +256,7 @@ def write_isolated(
     rerun: Rerun | None = None,
     cache: StateAccess | None = None,
 ) -> IsolatedLoad:
-    """:func:`~kappa.warehouse.write_batch` inside the caller's ledger transaction, with
+    """:func:`~kappa.edw.commit.write_batch` inside the caller's ledger transaction, with
     the records the database refuses isolated into dead letters (see the module docstring).
     ``rerun`` recomputes a stateful step's output for the survivors."""
     load = IsolatedLoad(decoded, output)
@@ -315,7 +310,7 @@ def commit_isolated(
     rerun: Rerun | None = None,
     cache: StateAccess | None = None,
 ) -> tuple[BatchRecord, IsolatedLoad]:
-    """:func:`~kappa.warehouse.commit_batch` with refused records isolated: the batch's
+    """:func:`~kappa.edw.commit.commit_batch` with refused records isolated: the batch's
     output, dead letters, state and ledger row in one transaction; state reaches the
     cache's memory only after commit. Returns the record with its final counts."""
     with ledger_transaction(conn, schemas, record) as counts:
