@@ -27,6 +27,8 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
+from examples.shop.oltp import ensure_source_tables
+from examples.shop.simulator import COUNTRIES, customer_profile
 from kappa.capture import CaptureSpec, load_captures
 from kappa.cdc import install_capture
 from kappa.changes.target import ensure_target
@@ -34,9 +36,7 @@ from kappa.exact import round_half_even_div
 from kappa.local.pg_admin import ensure_database
 from kappa.local.postgres import EmbeddedPostgres
 from kappa.local.processes import free_port
-from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
-from kappa.simulator import COUNTRIES, customer_profile
 from kappa.warehouse import Schemas, ensure_schema
 
 SEGMENTS = ("retail", "smb", "enterprise")

@@ -67,13 +67,13 @@ from bench.common import (
     stored_mean_before,
 )
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
+from examples.shop.simulator import SimulatorConfig, generate
 from kappa.catalog import fraud_rules
 from kappa.contracts import EventContract, fact_columns
 from kappa.exceptions import KappaError
 from kappa.local.broker import LocalBroker
 from kappa.local.processes import free_port
 from kappa.settings import BROKER_STORAGES, BrokerStorage, Settings
-from kappa.simulator import SimulatorConfig, generate
 from kappa.warehouse import connect
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -84,9 +84,9 @@ def test_bad_configuration_fails_naming_the_setting(
         .read_text()
         .replace("public.customers", "public.no_such")
     )
+    from examples.shop.oltp import ensure_source_tables
     from kappa.capture import load_captures
     from kappa.cdc import install_capture
-    from kappa.oltp import ensure_source_tables
 
     with psycopg.connect(chaos_env["KAPPA_OLTP_URL"], autocommit=True) as conn:
         ensure_source_tables(conn)

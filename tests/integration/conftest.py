@@ -1,10 +1,10 @@
 import dagster as dg
 import pytest
 
+from examples.shop.oltp import ensure_source_tables
 from kappa import cdc
 from kappa.capture import load_captures
 from kappa.changes.target import ensure_target
-from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.warehouse import Schemas, connect, ensure_schema
 from tests.demo import DEMO

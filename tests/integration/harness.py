@@ -22,11 +22,11 @@ import dagster as dg
 import psycopg
 from kafka import KafkaProducer
 
-from kappa import simulator
+from examples.shop import simulator
+from examples.shop.oltp import ensure_source_tables
 from kappa.capture import load_captures
 from kappa.cdc import install_capture
 from kappa.changes.target import ensure_target
-from kappa.oltp import ensure_source_tables
 from kappa.settings import Settings
 from kappa.warehouse import Schemas, connect, ensure_schema
 from pipelines.definitions import build_definitions
