@@ -45,7 +45,7 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         say("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
 
 
-def age(seconds: float | None) -> str:
+def compact_age(seconds: float | None) -> str:
     """A compact age, one word: 42s, 7min, 3h, 2d."""
     if seconds is None:
         return "-"

@@ -7,7 +7,7 @@ from psycopg import sql
 from kappa import cdc
 from kappa.capture import load_captures
 from kappa.catalog import topic_ingests
-from kappa.cli.output import age, print_table, say, shorten
+from kappa.cli.output import compact_age, print_table, say, shorten
 from kappa.event_store import EventStore
 from kappa.freshness import ShardFreshness, capture_freshness, topic_freshness
 from kappa.health import RunFailures, failure_threshold, recent_failures
@@ -73,12 +73,12 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                     str(end),
                     str(head.end if head else "-"),
                     "stopped" if why is not None else str(lag),
-                    age(fresh.lag_s if fresh is not None else None),
+                    compact_age(fresh.lag_s if fresh is not None else None),
                     str(head.batches if head else 0),
                     str(loaded),
                     str(dead),
                     str(dedup),
-                    "-" if age is None else f"{age(age)} ago",
+                    "-" if age is None else f"{compact_age(age)} ago",
                 )
             )
 
@@ -161,7 +161,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                     str(r[6]),
                     str(r[7]),
                     str(r[8]),
-                    f"{age(r[9])} ago",
+                    f"{compact_age(r[9])} ago",
                     str(r[10])[:8],
                 )
                 for r in recent
@@ -193,7 +193,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                     s.check,
                     s.state,
                     s.severity.lower() or "-",
-                    f"{age(s.age_s)} ago",
+                    f"{compact_age(s.age_s)} ago",
                     shorten(s.description) or "-",
                 )
                 for s in failing
