@@ -72,7 +72,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "KAPPA_CATALOG",
         "catalog.yaml",
-        "The catalogue: event streams (`streams:`) and captured OLTP tables (`tables:`); "
+        "The catalogue: event streams (`streams:`), captured OLTP tables (`tables:`) and what "
+        "the local stack runs (`local:`); "
         "relative paths are taken from the repository root.",
     ),
     Setting("KAPPA_PG_PORT", str(LOCAL_PG_PORT), "Port of the embedded PostgreSQL (127.0.0.1)."),
