@@ -8,18 +8,23 @@ starts with the variable's name, never later from deep inside a client library.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
-
 from kappa.exceptions import ConfigurationError
 from kappa.partitions import GRAINS, TimeWindows
+from kappa.setting_values import (
+    bootstrap_servers,
+    identifier,
+    number,
+    postgres_url,
+    redact,
+    topic_name,
+    whole_number,
+)
 
 if TYPE_CHECKING:
     from kappa.contracts import EventContract
@@ -28,8 +33,6 @@ BrokerStorage = Literal["durable", "memory"]
 #: The values of ``KAPPA_BROKER_STORAGE`` (memory: nothing survives a restart).
 BROKER_STORAGES: tuple[BrokerStorage, ...] = ("durable", "memory")
 SETTING_CATALOG = "KAPPA_CATALOG"
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 #: The repository root: workspace.yaml and catalog.yaml live there.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +168,26 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
+#: Public here too: the parsers of kappa.setting_values, for a project's own settings.
+__all__ = [
+    "BROKER_STORAGES",
+    "REPO_ROOT",
+    "SETTINGS",
+    "SETTING_CATALOG",
+    "Setting",
+    "Settings",
+    "bootstrap_servers",
+    "broker_storage",
+    "identifier",
+    "number",
+    "postgres_url",
+    "redact",
+    "setting_value",
+    "time_windows",
+    "topic_name",
+    "whole_number",
+]
+
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
 
 
@@ -175,28 +198,6 @@ def _raw(env: Mapping[str, str], name: str) -> str:
 def setting_value(env: Mapping[str, str], setting: Setting) -> str:
     """The raw value of ``setting`` in ``env`` (its default when unset), stripped."""
     return env.get(setting.name, setting.default).strip()
-
-
-def whole_number(name: str, raw: str, *, minimum: int, maximum: int) -> int:
-    """``raw`` as an integer in [minimum, maximum]; errors name the setting ``name``."""
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(name, f"expected a whole number, got {raw!r}") from None
-    if not minimum <= value <= maximum:
-        raise ConfigurationError(name, f"{value} is outside [{minimum}, {maximum}]")
-    return value
-
-
-def number(name: str, raw: str, *, minimum: float, maximum: float) -> float:
-    """``raw`` as a number in [minimum, maximum]; errors name the setting ``name``."""
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(name, f"expected a number, got {raw!r}") from None
-    if not minimum <= value <= maximum:
-        raise ConfigurationError(name, f"{value} is outside [{minimum}, {maximum}]")
-    return value
 
 
 def _int(env: Mapping[str, str], name: str, *, minimum: int, maximum: int) -> int:
@@ -216,48 +217,6 @@ def broker_storage(env: Mapping[str, str]) -> BrokerStorage:
     raise ConfigurationError(
         "KAPPA_BROKER_STORAGE", f"expected one of {', '.join(BROKER_STORAGES)}, got {raw!r}"
     )
-
-
-def identifier(name: str, raw: str) -> str:
-    """Validate a SQL identifier from configuration (lower-case, no quoting needed)."""
-    if not _IDENTIFIER.match(raw):
-        raise ConfigurationError(
-            name, f"{raw!r} is not a valid identifier (lower-case letters, digits, '_', max 63)"
-        )
-    return raw
-
-
-def topic_name(name: str, raw: str) -> str:
-    """Validate a Kafka topic name from configuration."""
-    if not _TOPIC.match(raw):
-        raise ConfigurationError(
-            name, f"{raw!r} is not a legal topic name ([A-Za-z0-9._-], 1..249)"
-        )
-    return raw
-
-
-def postgres_url(name: str, raw: str) -> str:
-    """Validate a PostgreSQL URL and normalise it to a libpq URL (``postgresql://``)."""
-    try:
-        url = make_url(raw)
-    except ArgumentError:
-        raise ConfigurationError(
-            name, "not a database URL (expected postgresql://user[:password]@host[:port]/database)"
-        ) from None
-    if url.get_backend_name() not in ("postgresql", "postgres"):
-        raise ConfigurationError(name, f"expected a postgresql:// URL, got {url.drivername}://")
-    if not url.database:
-        raise ConfigurationError(name, "the URL names no database")
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def redact(url: str) -> str:
-    """The URL with its password masked, for logs and messages."""
-    try:
-        parsed: URL = make_url(url)
-    except ArgumentError:
-        return "<unparseable URL>"
-    return parsed.render_as_string(hide_password=True)
 
 
 def time_windows(env: Mapping[str, str]) -> TimeWindows:
@@ -280,15 +239,6 @@ def time_windows(env: Mapping[str, str]) -> TimeWindows:
         return TimeWindows(grain, start.replace(tzinfo=UTC))
     except ValueError as exc:
         raise ConfigurationError("KAPPA_PARTITIONS_START", str(exc)) from None
-
-
-def bootstrap_servers(name: str, raw: str) -> str:
-    """Validate a comma-separated list of host:port."""
-    for server in raw.split(","):
-        host, sep, port = server.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigurationError(name, f"{server.strip()!r} is not host:port")
-    return raw
 
 
 @dataclass(frozen=True)

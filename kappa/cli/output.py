@@ -11,12 +11,12 @@ from pathlib import Path
 
 from kappa.catalog import topic_ingests
 from kappa.exceptions import ConfigurationError
-from kappa.settings import Settings
+from kappa.settings import REPO_ROOT, Settings
 
 
 def repo_root() -> Path:
     """The folder with ``workspace.yaml``: the source tree (editable install) or the cwd."""
-    for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
+    for candidate in (REPO_ROOT, Path.cwd()):
         if (candidate / "workspace.yaml").exists():
             return candidate
     raise ConfigurationError("workspace.yaml", "not found next to the kappa package nor in the cwd")
