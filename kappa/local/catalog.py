@@ -34,8 +34,8 @@ _PRODUCER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 #: The supervisor's own processes: a producer of the same name would hide one of them.
 RESERVED_NAMES = ("daemon", "webserver")
 
-#: ``prepare(settings, conn) -> list[str]``: messages to print.
-Prepare = Callable[..., list[str]]
+#: A ``local.prepare`` or ``local.seed`` callable, wrapped: returns the lines to print.
+Hook = Callable[..., list[str]]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class LocalSection:
     seed: str | None = None
     producers: tuple[Producer, ...] = ()
 
-    def hook(self, key: str) -> Prepare | None:
+    def hook(self, key: str) -> Hook | None:
         """The callable named by ``prepare`` or ``seed``, imported from the catalogue's
         directory; None when the key is not set."""
         dotted = getattr(self, key)
