@@ -36,7 +36,7 @@ $(BROWSER_STAMP): $(STAMP) pyproject.toml
 	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pip install --quiet -e '.[dev,browser]'
 	touch $(BROWSER_STAMP)
 
-run: $(STAMP) ## Bring up the local stack (PostgreSQL, broker, simulator, Dagster UI and daemon)
+run: $(STAMP) ## Bring up the local stack (PostgreSQL, broker, the catalogue's producers, Dagster UI and daemon)
 	$(BIN)/kappa up $(ARGS)
 
 reset: $(STAMP) ## Bring up the local stack from empty local state

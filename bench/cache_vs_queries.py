@@ -64,11 +64,11 @@ from bench.common import (
     stored_mean_before,
 )
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
+from examples.shop.simulator import SimulatorConfig, generate
 from kappa.decode.batch import decode_batch
 from kappa.edw.connection import connect
 from kappa.exceptions import KappaError
 from kappa.settings import Settings
-from kappa.simulator import SimulatorConfig, generate
 from kappa.sources.base import RawBatch
 from kappa.state import PostgresStateBackend, StateCache
 from kappa.stateful import (

@@ -27,6 +27,8 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
+from examples.shop.oltp import ensure_source_tables
+from examples.shop.simulator import COUNTRIES, customer_profile
 from kappa.catalog.captures import CaptureSpec, load_captures
 from kappa.changes.target import ensure_target
 from kappa.edw.schema import ensure_schema
@@ -35,9 +37,7 @@ from kappa.exact import round_half_even_div
 from kappa.local.pg_admin import ensure_database
 from kappa.local.postgres import EmbeddedPostgres
 from kappa.local.processes import free_port
-from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
-from kappa.simulator import COUNTRIES, customer_profile
 from kappa.sources.pg_capture import install_capture
 
 SEGMENTS = ("retail", "smb", "enterprise")

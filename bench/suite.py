@@ -67,6 +67,7 @@ from bench.common import (
     stored_mean_before,
 )
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
+from examples.shop.simulator import SimulatorConfig, generate
 from kappa.catalog.ingests import fraud_rules
 from kappa.catalog.streams import EventContract, fact_columns
 from kappa.edw.connection import connect
@@ -74,7 +75,6 @@ from kappa.exceptions import KappaError
 from kappa.local.broker import LocalBroker
 from kappa.local.processes import free_port
 from kappa.settings import BROKER_STORAGES, BrokerStorage, Settings
-from kappa.simulator import SimulatorConfig, generate
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LATEST = RESULTS_DIR / "latest.json"

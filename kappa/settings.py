@@ -14,12 +14,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
-
 from kappa.exceptions import ConfigurationError
-from kappa.names import identifier
 from kappa.partitions import GRAINS, TimeWindows
+from kappa.setting_values import (
+    bootstrap_servers,
+    identifier,
+    number,
+    postgres_url,
+    redact,
+    topic_name,
+    whole_number,
+)
 
 if TYPE_CHECKING:
     from kappa.catalog.streams import EventContract
@@ -70,7 +75,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "KAPPA_CATALOG",
         "catalog.yaml",
-        "The catalogue: event streams (`streams:`) and captured OLTP tables (`tables:`); "
+        "The catalogue: event streams (`streams:`), captured OLTP tables (`tables:`) and what "
+        "the local stack runs (`local:`); "
         "relative paths are taken from the repository root.",
     ),
     Setting("KAPPA_PG_PORT", str(LOCAL_PG_PORT), "Port of the embedded PostgreSQL (127.0.0.1)."),
@@ -84,16 +90,6 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("KAPPA_EDW_SCHEMA", "edw", "Schema of the EDW tables."),
     Setting("KAPPA_META_SCHEMA", "kappa", "Schema of the ledger and dead-letter tables."),
-    Setting(
-        "KAPPA_TOPIC_ORDERS",
-        "orders",
-        "Topic of `order_placed` events (the `topic_env` of stream fact_order in catalog.yaml).",
-    ),
-    Setting(
-        "KAPPA_TOPIC_PAYMENTS",
-        "payments",
-        "Topic of `payment_attempted` events (the `topic_env` of stream fact_payment).",
-    ),
     Setting("KAPPA_TOPIC_PARTITIONS", "4", "Partitions per topic when `kappa up` creates topics."),
     Setting("KAPPA_BATCH_MAX_RECORDS", "50000", "Upper bound of one batch, per topic partition."),
     Setting("KAPPA_RUN_MAX_RECORDS", "200000", "Upper bound of one run, over all its partitions."),
@@ -123,18 +119,6 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("KAPPA_MAX_CONCURRENT_RUNS", "4", "Runs the Dagster run queue lets run at once."),
     Setting("KAPPA_UI_PORT", "3000", "Port of the Dagster webserver (bound to 127.0.0.1)."),
-    Setting("KAPPA_SIM_RATE", "50", "Simulated events per second (orders and payments together)."),
-    Setting(
-        "KAPPA_SIM_SEED",
-        "42",
-        "Seed of the event simulator (same seed and start time, same events).",
-    ),
-    Setting("KAPPA_SIM_CUSTOMERS", "500", "Number of simulated customers."),
-    Setting("KAPPA_SIM_DUPLICATE_RATE", "0.02", "Share of simulated events sent twice."),
-    Setting(
-        "KAPPA_SIM_LATE_RATE", "0.05", "Share of simulated events with an out-of-order event time."
-    ),
-    Setting("KAPPA_SIM_INVALID_RATE", "0.005", "Share of simulated messages that are malformed."),
     Setting(
         "KAPPA_ENRICH_MAX_WAIT_S",
         "5",
@@ -178,15 +162,31 @@ SETTINGS: tuple[Setting, ...] = (
         "Fraud: a call this many hours before a foreign payment raises its score.",
     ),
     Setting(
-        "KAPPA_OLTP_RATE", "5", "Simulated OLTP transactions per second (customers and calls)."
-    ),
-    Setting("KAPPA_OLTP_WRITERS", "3", "Concurrent writers of the OLTP simulator."),
-    Setting(
         "KAPPA_FRESHNESS_MAX_LAG_S",
         "300",
         "Freshness check: the oldest record or change not yet in the EDW may be this many seconds old.",
     ),
 )
+
+#: Public here too: the parsers of kappa.setting_values, for a project's own settings.
+__all__ = [
+    "BROKER_STORAGES",
+    "REPO_ROOT",
+    "SETTINGS",
+    "SETTING_CATALOG",
+    "Setting",
+    "Settings",
+    "bootstrap_servers",
+    "broker_storage",
+    "identifier",
+    "number",
+    "postgres_url",
+    "redact",
+    "setting_value",
+    "time_windows",
+    "topic_name",
+    "whole_number",
+]
 
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
 
@@ -195,26 +195,17 @@ def _raw(env: Mapping[str, str], name: str) -> str:
     return env.get(name, _DEFAULTS[name]).strip()
 
 
+def setting_value(env: Mapping[str, str], setting: Setting) -> str:
+    """The raw value of ``setting`` in ``env`` (its default when unset), stripped."""
+    return env.get(setting.name, setting.default).strip()
+
+
 def _int(env: Mapping[str, str], name: str, *, minimum: int, maximum: int) -> int:
-    raw = _raw(env, name)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(name, f"expected a whole number, got {raw!r}") from None
-    if not minimum <= value <= maximum:
-        raise ConfigurationError(name, f"{value} is outside [{minimum}, {maximum}]")
-    return value
+    return whole_number(name, _raw(env, name), minimum=minimum, maximum=maximum)
 
 
 def _float(env: Mapping[str, str], name: str, *, minimum: float, maximum: float) -> float:
-    raw = _raw(env, name)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(name, f"expected a number, got {raw!r}") from None
-    if not minimum <= value <= maximum:
-        raise ConfigurationError(name, f"{value} is outside [{minimum}, {maximum}]")
-    return value
+    return number(name, _raw(env, name), minimum=minimum, maximum=maximum)
 
 
 def broker_storage(env: Mapping[str, str]) -> BrokerStorage:
@@ -226,30 +217,6 @@ def broker_storage(env: Mapping[str, str]) -> BrokerStorage:
     raise ConfigurationError(
         "KAPPA_BROKER_STORAGE", f"expected one of {', '.join(BROKER_STORAGES)}, got {raw!r}"
     )
-
-
-def postgres_url(name: str, raw: str) -> str:
-    """Validate a PostgreSQL URL and normalise it to a libpq URL (``postgresql://``)."""
-    try:
-        url = make_url(raw)
-    except ArgumentError:
-        raise ConfigurationError(
-            name, "not a database URL (expected postgresql://user[:password]@host[:port]/database)"
-        ) from None
-    if url.get_backend_name() not in ("postgresql", "postgres"):
-        raise ConfigurationError(name, f"expected a postgresql:// URL, got {url.drivername}://")
-    if not url.database:
-        raise ConfigurationError(name, "the URL names no database")
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def redact(url: str) -> str:
-    """The URL with its password masked, for logs and messages."""
-    try:
-        parsed: URL = make_url(url)
-    except ArgumentError:
-        return "<unparseable URL>"
-    return parsed.render_as_string(hide_password=True)
 
 
 def time_windows(env: Mapping[str, str]) -> TimeWindows:
@@ -272,15 +239,6 @@ def time_windows(env: Mapping[str, str]) -> TimeWindows:
         return TimeWindows(grain, start.replace(tzinfo=UTC))
     except ValueError as exc:
         raise ConfigurationError("KAPPA_PARTITIONS_START", str(exc)) from None
-
-
-def bootstrap_servers(name: str, raw: str) -> str:
-    """Validate a comma-separated list of host:port."""
-    for server in raw.split(","):
-        host, sep, port = server.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigurationError(name, f"{server.strip()!r} is not host:port")
-    return raw
 
 
 @dataclass(frozen=True)
@@ -310,14 +268,6 @@ class Settings:
     run_max_runtime_s: int
     max_concurrent_runs: int
     ui_port: int
-    sim_rate: float
-    sim_seed: int
-    sim_customers: int
-    sim_duplicate_rate: float
-    sim_late_rate: float
-    sim_invalid_rate: float
-    oltp_rate: float
-    oltp_writers: int
     enrich_max_wait_s: float
     backfill_max_wait_s: float
     heal_interval_s: int
@@ -382,14 +332,6 @@ class Settings:
             run_max_runtime_s=_int(env, "KAPPA_RUN_MAX_RUNTIME_S", minimum=10, maximum=86_400),
             max_concurrent_runs=_int(env, "KAPPA_MAX_CONCURRENT_RUNS", minimum=1, maximum=256),
             ui_port=_int(env, "KAPPA_UI_PORT", minimum=1, maximum=65535),
-            sim_rate=_float(env, "KAPPA_SIM_RATE", minimum=0.0, maximum=1_000_000),
-            sim_seed=_int(env, "KAPPA_SIM_SEED", minimum=0, maximum=2**63 - 1),
-            sim_customers=_int(env, "KAPPA_SIM_CUSTOMERS", minimum=1, maximum=10_000_000),
-            sim_duplicate_rate=_float(env, "KAPPA_SIM_DUPLICATE_RATE", minimum=0.0, maximum=1.0),
-            sim_late_rate=_float(env, "KAPPA_SIM_LATE_RATE", minimum=0.0, maximum=1.0),
-            sim_invalid_rate=_float(env, "KAPPA_SIM_INVALID_RATE", minimum=0.0, maximum=1.0),
-            oltp_rate=_float(env, "KAPPA_OLTP_RATE", minimum=0.0, maximum=100_000),
-            oltp_writers=_int(env, "KAPPA_OLTP_WRITERS", minimum=1, maximum=64),
             enrich_max_wait_s=_float(env, "KAPPA_ENRICH_MAX_WAIT_S", minimum=0.0, maximum=3600),
             backfill_max_wait_s=_float(env, "KAPPA_BACKFILL_MAX_WAIT_S", minimum=0.0, maximum=3600),
             heal_interval_s=_int(env, "KAPPA_HEAL_INTERVAL_S", minimum=1, maximum=86400),
@@ -407,7 +349,7 @@ class Settings:
         )
 
     def stream(self, name: str) -> EventContract:
-        """The catalogue's stream ``name`` (the demo's are fact_order and fact_payment)."""
+        """The catalogue's stream ``name``."""
         for candidate in self.streams:
             if candidate.name == name:
                 return candidate

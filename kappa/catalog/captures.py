@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from kappa.catalog.files import SETTING, read_catalog
 from kappa.exceptions import ConfigurationError
-from kappa.names import identifier
+from kappa.setting_values import identifier
 
 Mode = Literal["scd2", "current"]
 

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from kappa.exceptions import ConfigurationError
-from kappa.names import identifier
+from kappa.setting_values import identifier
 
 #: The setting that names the catalogue file.
 SETTING = "KAPPA_CATALOG"
@@ -38,7 +38,8 @@ def read_catalog(path: Path) -> dict[str, Any]:
         raise ConfigurationError(SETTING, f"{path} is not valid YAML: {exc}") from None
     if not isinstance(document, dict):
         raise ConfigurationError(SETTING, f"{path}: expected a mapping with 'streams' and 'tables'")
-    unknown = sorted(set(document) - {"streams", "tables"})
+    # ``local:`` is the local stack's (kappa.local.catalog); the engine never reads it.
+    unknown = sorted(set(document) - {"streams", "tables", "local"})
     if unknown:
         raise ConfigurationError(
             SETTING, f"{path}: unknown top-level key(s) {', '.join(map(str, unknown))}"

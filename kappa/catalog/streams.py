@@ -27,7 +27,7 @@ from kappa.catalog.fields import (
 )
 from kappa.catalog.files import ENV_NAME, SETTING, Where, duration, read_catalog
 from kappa.exceptions import ConfigurationError
-from kappa.names import topic_name
+from kappa.setting_values import topic_name
 
 _STREAM_KEYS = (
     "name",

@@ -107,10 +107,14 @@ class Stack:
         """``count`` simulated events to the stack's topics, now."""
         from kafka import KafkaProducer
 
-        from kappa import simulator
+        from examples.shop import simulator
+        from examples.shop.settings import ShopSettings
 
         settings = self.state.settings
-        config = replace(simulator.SimulatorConfig.from_settings(settings), seed=seed)
+        config = replace(
+            simulator.SimulatorConfig.from_settings(settings, ShopSettings.from_env(settings.env)),
+            seed=seed,
+        )
         messages = list(
             islice(simulator.generate(config, start=datetime.now(UTC), rate=1000.0), count)
         )

@@ -11,7 +11,7 @@ from itertools import islice
 import dagster as dg
 from kafka import KafkaProducer
 
-from kappa import simulator
+from examples.shop import simulator
 from tests.chaos.reference import Anomalies, Record, audit_topic
 from tests.integration.harness import Pipeline
 

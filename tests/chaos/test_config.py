@@ -85,8 +85,8 @@ def test_bad_configuration_fails_naming_the_setting(
         .read_text()
         .replace("public.customers", "public.no_such")
     )
+    from examples.shop.oltp import ensure_source_tables
     from kappa.catalog.captures import load_captures
-    from kappa.oltp import ensure_source_tables
     from kappa.sources.pg_capture import install_capture
 
     with psycopg.connect(chaos_env["KAPPA_OLTP_URL"], autocommit=True) as conn:

@@ -12,7 +12,7 @@ from functools import partial
 import psycopg
 import pytest
 
-from kappa.oltp import OltpConfig, run_transactions, seed_customers
+from examples.shop.oltp import OltpConfig, run_transactions, seed_customers
 from tests.chaos.cdc_reference import audit_captures
 from tests.chaos.conftest import full_only, record, trials
 from tests.chaos.faults import (

@@ -1,12 +1,12 @@
 import dagster as dg
 import pytest
 
+from examples.shop.oltp import ensure_source_tables
 from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
 from kappa.edw.connection import connect
 from kappa.edw.schema import ensure_schema
 from kappa.edw.types import Schemas
-from kappa.oltp import ensure_source_tables
 from kappa.settings import REPO_ROOT
 from kappa.sources import pg_capture
 from tests.demo import DEMO

@@ -22,13 +22,13 @@ import dagster as dg
 import psycopg
 from kafka import KafkaProducer
 
-from kappa import simulator
+from examples.shop import simulator
+from examples.shop.oltp import ensure_source_tables
 from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
 from kappa.edw.connection import connect
 from kappa.edw.schema import ensure_schema
 from kappa.edw.types import Schemas
-from kappa.oltp import ensure_source_tables
 from kappa.settings import Settings
 from kappa.sources.pg_capture import install_capture
 from pipelines.definitions import build_definitions

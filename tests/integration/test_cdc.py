@@ -278,7 +278,7 @@ def test_malformed_change_rows_are_dead_lettered_and_the_table_moves_on(captured
 
 def test_the_oltp_simulator_s_concurrent_writers_land_exactly_once(captured):
     """The simulator's writers (holds, rollbacks, deletes) race the CDC batches."""
-    from kappa.oltp import OltpConfig, run_transactions
+    from examples.shop.oltp import OltpConfig, run_transactions
 
     config = OltpConfig(customers=60, seed=11, writers=4, rollback_rate=0.15, max_hold_s=0.05)
     done = threading.Event()

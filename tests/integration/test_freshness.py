@@ -79,14 +79,19 @@ def test_the_check_runs_on_demand_and_its_result_is_stored(pipeline):
 
 def test_fact_materialisations_carry_the_recent_batches(pipeline):
     """The capture asset records a table of its recent batches (CDC, applied by the sensor)."""
+    from examples.shop.oltp import OltpConfig, seed_customers
+    from examples.shop.settings import ShopSettings
     from kappa.edw.connection import connect
-    from kappa.oltp import OltpConfig, seed_customers
 
     with connect(pipeline.env["KAPPA_OLTP_URL"]) as conn:
-        seed_customers(conn, OltpConfig.from_settings(pipeline.settings), count=5)
+        seed_customers(
+            conn, OltpConfig.from_settings(ShopSettings.from_env(pipeline.settings.env)), count=5
+        )
     pipeline.drain("dim_customer")
     with connect(pipeline.env["KAPPA_OLTP_URL"]) as conn:
-        seed_customers(conn, OltpConfig.from_settings(pipeline.settings), count=8)
+        seed_customers(
+            conn, OltpConfig.from_settings(ShopSettings.from_env(pipeline.settings.env)), count=8
+        )
     pipeline.drain("dim_customer")
     latest = pipeline.instance.get_latest_materialization_event(dg.AssetKey("dim_customer"))
     assert latest is not None and latest.asset_materialization is not None

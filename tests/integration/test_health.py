@@ -144,16 +144,19 @@ def test_an_asset_whose_last_runs_failed_shows_as_stopped(pipeline_env, capsys, 
 
 
 def test_a_recreated_change_table_shows_as_stopped_with_the_reason(pipeline, capsys, monkeypatch):
+    from examples.shop.oltp import OltpConfig, seed_customers
+    from examples.shop.settings import ShopSettings
     from kappa.catalog.captures import load_captures
     from kappa.edw.connection import connect
-    from kappa.oltp import OltpConfig, seed_customers
     from kappa.sources.pg_capture import install_capture
 
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.setenv("KAPPA_HOME", "/nonexistent/kappa-home")
     [spec] = [c for c in load_captures(pipeline.settings.catalog) if c.name == "customers"]
     with connect(pipeline.env["KAPPA_OLTP_URL"]) as conn:
-        seed_customers(conn, OltpConfig.from_settings(pipeline.settings), count=5)
+        seed_customers(
+            conn, OltpConfig.from_settings(ShopSettings.from_env(pipeline.settings.env)), count=5
+        )
     # Transactions of other sessions may hold the snapshot horizon back for a moment.
     wait_for(
         lambda: pipeline.drain("dim_customer"),
@@ -163,7 +166,9 @@ def test_a_recreated_change_table_shows_as_stopped_with_the_reason(pipeline, cap
     with connect(pipeline.env["KAPPA_OLTP_URL"]) as conn:  # dropped and created again
         conn.execute(f"DROP TABLE {spec.change_table}")
         install_capture(conn, spec)
-        seed_customers(conn, OltpConfig.from_settings(pipeline.settings), count=3)
+        seed_customers(
+            conn, OltpConfig.from_settings(ShopSettings.from_env(pipeline.settings.env)), count=3
+        )
 
     with pytest.raises(LogResetError) as caught:
         pipeline.tick("dim_customer")

@@ -10,8 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from kappa.exceptions import KappaError
-from kappa.oltp import (
+from examples.shop.oltp import (
     APPLICATION_NAME,
     OltpConfig,
     OltpStats,
@@ -21,7 +20,8 @@ from kappa.oltp import (
     run_transactions,
     seed_customers,
 )
-from kappa.simulator import customer_profile
+from examples.shop.simulator import customer_profile
+from kappa.exceptions import KappaError
 
 pytestmark = pytest.mark.integration
 

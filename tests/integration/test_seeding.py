@@ -1,14 +1,15 @@
-"""`kappa up` seeds the demo customers on its first start only: a restart changes no source data.
+"""`kappa up` seeds the shop's customers on its first start only: a restart changes no source data.
 
 Against a real PostgreSQL (a fresh database) and the broker, through the function `kappa up`
-calls at every start (`prepare`, with the demo sources as with `--no-simulator`) and the
-`kappa init --demo-sources [--seed]` command.
+calls at every start (`prepare`, with the catalogue's local hooks as with `--no-simulator`)
+and the `kappa init --local [--seed]` command; the hooks are the shop's (catalog.yaml `local:`).
 """
 
 from __future__ import annotations
 
 import pytest
 
+from examples.shop.settings import ShopSettings
 from kappa import cli
 from kappa.edw.connection import connect
 from kappa.settings import Settings
@@ -41,11 +42,11 @@ def oltp_snapshot(url: str) -> dict[str, tuple[int, str]]:
 def test_the_first_start_seeds_and_a_restart_leaves_the_oltp_tables_unchanged(pipeline_env):
     settings = Settings.from_env(pipeline_env)
     url = pipeline_env["KAPPA_OLTP_URL"]
-    expected = settings.sim_customers * 9 // 10
+    expected = ShopSettings.from_env(pipeline_env).sim_customers * 9 // 10
     assert expected > 0
 
     # First start: the demo tables are created empty and seeded.
-    cli.prepare(settings, create_topics=True, demo_sources=True)
+    cli.prepare(settings, create_topics=True, local=True)
     first = oltp_snapshot(url)
     assert first["public.customers"][0] == expected
     assert first["cdc.customers_changes"][0] == expected, "the seed is captured"
@@ -64,17 +65,17 @@ def test_the_first_start_seeds_and_a_restart_leaves_the_oltp_tables_unchanged(pi
     assert before["public.customers"][0] == expected - 5
 
     # A restart (`kappa up --no-simulator` again), twice: nothing written to the OLTP tables.
-    cli.prepare(settings, create_topics=True, demo_sources=True)
+    cli.prepare(settings, create_topics=True, local=True)
     assert oltp_snapshot(url) == before
-    cli.prepare(settings, create_topics=True, demo_sources=True)
+    cli.prepare(settings, create_topics=True, local=True)
     assert oltp_snapshot(url) == before
-    assert cli.main(["init", "--demo-sources"]) == 0
+    assert cli.main(["init", "--local"]) == 0
     assert oltp_snapshot(url) == before
 
     # Asked for: `--seed` tops the customers up again.
-    assert cli.main(["init", "--demo-sources", "--seed"]) == 0
+    assert cli.main(["init", "--local", "--seed"]) == 0
     topped = oltp_snapshot(url)
     assert topped["public.customers"][0] == expected
     assert topped["cdc.customers_changes"][0] == before["cdc.customers_changes"][0] + 5
-    assert cli.main(["init", "--demo-sources", "--seed"]) == 0
+    assert cli.main(["init", "--local", "--seed"]) == 0
     assert oltp_snapshot(url) == topped, "topped up already: nothing more to add"

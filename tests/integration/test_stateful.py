@@ -11,7 +11,7 @@ import orjson
 import psycopg
 import pytest
 
-from kappa.simulator import SimulatedMessage
+from examples.shop.simulator import SimulatedMessage
 from tests.integration.harness import Pipeline, kill_mid_batch
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from kappa.exceptions import ConfigurationError
-from kappa.oltp import (
+from examples.shop.oltp import (
     CALLS_TABLE,
     CUSTOMERS_TABLE,
     OPERATION_MIX,
@@ -29,8 +28,9 @@ from kappa.oltp import (
     plan_transaction,
     writer_rng,
 )
-from kappa.settings import Settings
-from kappa.simulator import COUNTRIES, customer_profile
+from examples.shop.settings import ShopSettings
+from examples.shop.simulator import COUNTRIES, customer_profile
+from kappa.exceptions import ConfigurationError
 
 CONFIG = OltpConfig(customers=500, seed=7, writers=4)
 BIG = OltpConfig(customers=1_000_000, seed=7, writers=4)
@@ -252,20 +252,19 @@ def test_config_rejects_bad_values(kwargs, fragment):
 
 
 def test_config_from_settings():
-    settings = Settings.from_env(
+    shop = ShopSettings.from_env(
         {"KAPPA_SIM_CUSTOMERS": "120", "KAPPA_SIM_SEED": "9", "KAPPA_OLTP_WRITERS": "5"}
     )
-    config = OltpConfig.from_settings(settings)
+    config = OltpConfig.from_settings(shop)
     assert (config.customers, config.seed, config.writers) == (120, 9, 5)
     assert (config.rollback_rate, config.max_hold_s) == (0.05, 0.2)
     assert config.segments == ("retail", "smb", "enterprise")
     assert config.bootstrap_customers == 12
 
 
-def test_config_from_settings_names_the_setting_when_writers_outnumber_customers():
-    settings = Settings.from_env({"KAPPA_SIM_CUSTOMERS": "2", "KAPPA_OLTP_WRITERS": "3"})
+def test_the_shop_settings_name_the_setting_when_writers_outnumber_customers():
     with pytest.raises(ConfigurationError, match=r"^KAPPA_OLTP_WRITERS: 3 writers"):
-        OltpConfig.from_settings(settings)
+        ShopSettings.from_env({"KAPPA_SIM_CUSTOMERS": "2", "KAPPA_OLTP_WRITERS": "3"})
 
 
 # -- stats and the writers' front door ----------------------------------------------------------

@@ -29,7 +29,7 @@ def test_defaults_load_and_point_at_the_local_stack():
         ("KAPPA_TOPIC_ORDERS", "orders topic", "not a legal topic name"),
         ("KAPPA_TOPIC_PARTITIONS", "four", "expected a whole number"),
         ("KAPPA_TOPIC_PARTITIONS", "0", "outside"),
-        ("KAPPA_SIM_DUPLICATE_RATE", "1.5", "outside"),
+        ("KAPPA_FRESHNESS_MAX_LAG_S", "0.5", "outside"),
         ("KAPPA_SENSOR_INTERVAL_S", "", "expected a whole number"),
     ],
 )

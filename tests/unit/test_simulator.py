@@ -14,9 +14,9 @@ import pytest
 from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 
-from kappa import simulator
-from kappa.settings import Settings
-from kappa.simulator import (
+from examples.shop import simulator
+from examples.shop.settings import ShopSettings
+from examples.shop.simulator import (
     INVALID_REASONS,
     SimulatedMessage,
     SimulatorConfig,
@@ -25,6 +25,7 @@ from kappa.simulator import (
     produce,
     run,
 )
+from kappa.settings import Settings
 
 START = datetime(2026, 11, 26, 5, 50, 37, 123456, tzinfo=UTC)
 RATE = 100.0
@@ -323,19 +324,18 @@ def test_config_rejects_rates_outside_unit_interval() -> None:
         config(topic_payments="orders")
 
 
-def test_config_from_settings() -> None:
-    settings = Settings.from_env(
-        {
-            "KAPPA_TOPIC_ORDERS": "o",
-            "KAPPA_TOPIC_PAYMENTS": "p",
-            "KAPPA_SIM_SEED": "3",
-            "KAPPA_SIM_CUSTOMERS": "9",
-            "KAPPA_SIM_DUPLICATE_RATE": "0.25",
-            "KAPPA_SIM_LATE_RATE": "0.5",
-            "KAPPA_SIM_INVALID_RATE": "0.125",
-        }
-    )
-    assert SimulatorConfig.from_settings(settings) == SimulatorConfig(
+def test_config_takes_the_catalogue_s_topics_and_the_shop_s_settings() -> None:
+    env = {
+        "KAPPA_TOPIC_ORDERS": "o",
+        "KAPPA_TOPIC_PAYMENTS": "p",
+        "KAPPA_SIM_SEED": "3",
+        "KAPPA_SIM_CUSTOMERS": "9",
+        "KAPPA_SIM_DUPLICATE_RATE": "0.25",
+        "KAPPA_SIM_LATE_RATE": "0.5",
+        "KAPPA_SIM_INVALID_RATE": "0.125",
+    }
+    config = SimulatorConfig.from_settings(Settings.from_env(env), ShopSettings.from_env(env))
+    assert config == SimulatorConfig(
         topic_orders="o",
         topic_payments="p",
         customers=9,
@@ -407,7 +407,8 @@ class SteppingClock:
 def test_run_paces_the_deterministic_stream_against_the_clock(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = Settings.from_env({"KAPPA_SIM_RATE": "50", "KAPPA_SIM_SEED": "5"})
+    env = {"KAPPA_SIM_RATE": "50", "KAPPA_SIM_SEED": "5"}
+    settings, shop = Settings.from_env(env), ShopSettings.from_env(env)
     clock = SteppingClock(START)
     stop = InstantStop()
     send_times: list[datetime] = []
@@ -425,13 +426,13 @@ def test_run_paces_the_deterministic_stream_against_the_clock(
             return super().send(topic, value=value, key=key)
 
     monkeypatch.setattr(simulator, "KafkaProducer", StoppingProducer)
-    run(settings, stop=stop, clock=clock)
+    run(settings, shop, stop=stop, clock=clock)
 
     (producer,) = producers
     assert producer.kwargs["bootstrap_servers"] == settings.resolved_bootstrap_servers
     assert producer.kwargs["acks"] == "all"
     start = START + timedelta(milliseconds=7)
-    expected = take(SimulatorConfig.from_settings(settings), 200, start=start, rate=50)
+    expected = take(SimulatorConfig.from_settings(settings, shop), 200, start=start, rate=50)
     assert len(producer.sent) == 200
     assert producer.sent == [(m.topic, m.key, m.value) for m in expected]
     for index, sent_at in enumerate(send_times):
@@ -447,7 +448,9 @@ def test_run_at_rate_zero_idles_without_a_producer(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(simulator, "KafkaProducer", no_producer)
     stop = threading.Event()
     worker = threading.Thread(
-        target=run, args=(Settings.from_env({"KAPPA_SIM_RATE": "0"}),), kwargs={"stop": stop}
+        target=run,
+        args=(Settings.from_env({}), ShopSettings.from_env({"KAPPA_SIM_RATE": "0"})),
+        kwargs={"stop": stop},
     )
     worker.start()
     worker.join(0.2)

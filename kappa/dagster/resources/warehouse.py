@@ -11,7 +11,7 @@ from pydantic import Field
 
 from kappa.edw import connection, types
 from kappa.exceptions import ConfigurationError
-from kappa.names import identifier
+from kappa.setting_values import identifier
 from kappa.settings import redact
 
 

@@ -1,36 +1,29 @@
-"""The micro-service event simulator: `order_placed` and `payment_attempted` events.
+"""The shop's events, generated: `order_placed` and `payment_attempted`, with their mischief.
 
-It stands in for the order and payment services of the demo domain (DESIGN.md §3), and it
-deliberately misbehaves the way real producers do: it resends messages (duplicates),
-stamps some events with an event time in the past (late data) and writes malformed
-messages. Every one of those is marked in the generated stream, so tests can reconcile
-"produced = loaded + dead-lettered + deduplicated" exactly.
-
-The generator is pure and deterministic (seeded RNG, injected start time); only
-:func:`produce` and :func:`run` talk to a broker.
+They stand in for the order and payment services of the shop (DESIGN.md §3), and
+deliberately misbehave the way real producers do: resent messages (duplicates), event times
+in the past (late data) and malformed messages. Every one of those is marked in the
+generated stream, so tests can reconcile "produced = loaded + dead-lettered + deduplicated"
+exactly. The generator is pure and deterministic (seeded RNG, injected start time);
+:mod:`examples.shop.simulator` sends it to a broker.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import random
-import threading
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import orjson
-from kafka import KafkaProducer
 
 if TYPE_CHECKING:
+    from examples.shop.settings import ShopSettings
     from kappa.settings import Settings
-
-logger = logging.getLogger("kappa.simulator")
 
 ORDER_PLACED: Final = "order_placed"
 PAYMENT_ATTEMPTED: Final = "payment_attempted"
@@ -73,8 +66,6 @@ _UNKNOWN_EVENT_TYPE: Final = {
 }
 _UNKNOWN_SCHEMA_VERSION: Final = 99
 
-_PACE_STEP_S: Final = 0.05
-_PROGRESS_EVERY: Final = timedelta(seconds=10)
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -124,16 +115,17 @@ class SimulatorConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SimulatorConfig:
-        """The configuration of ``kappa simulate``, from the validated settings."""
+    def from_settings(cls, settings: Settings, shop: ShopSettings) -> SimulatorConfig:
+        """The simulator's configuration: the topics of the catalogue's shop streams, the
+        rest from the shop's settings."""
         return cls(
             topic_orders=settings.stream("fact_order").topic,
             topic_payments=settings.stream("fact_payment").topic,
-            customers=settings.sim_customers,
-            seed=settings.sim_seed,
-            duplicate_rate=settings.sim_duplicate_rate,
-            late_rate=settings.sim_late_rate,
-            invalid_rate=settings.sim_invalid_rate,
+            customers=shop.sim_customers,
+            seed=shop.sim_seed,
+            duplicate_rate=shop.sim_duplicate_rate,
+            late_rate=shop.sim_late_rate,
+            invalid_rate=shop.sim_invalid_rate,
         )
 
 
@@ -383,123 +375,3 @@ def generate(
     if not rate > 0:
         raise ValueError(f"rate must be positive, got {rate}")
     return iter(_EventStream(config, start, rate))
-
-
-class _Delivery(Protocol):
-    exception: BaseException | None
-
-    def failed(self) -> bool: ...
-
-
-class EventProducer(Protocol):
-    """The part of :class:`kafka.KafkaProducer` the simulator uses."""
-
-    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> Any: ...
-
-    def flush(self, timeout: float | None = None) -> None: ...
-
-
-def produce(messages: Iterable[SimulatedMessage], producer: EventProducer) -> int:
-    """Send ``messages`` in order, wait until the broker acknowledged all, return the count.
-
-    A delivery failure raises the producer's error instead of returning a count that
-    overstates what the log holds, which would break every reconciliation downstream.
-    """
-    deliveries: list[_Delivery] = [
-        producer.send(message.topic, key=message.key, value=message.value) for message in messages
-    ]
-    producer.flush()
-    for delivery in deliveries:
-        if delivery.failed() and delivery.exception is not None:
-            raise delivery.exception
-    return len(deliveries)
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _paced(
-    messages: Iterable[SimulatedMessage],
-    *,
-    start: datetime,
-    rate: float,
-    stop: threading.Event,
-    clock: Callable[[], datetime],
-) -> Iterator[SimulatedMessage]:
-    """Release message ``i`` once ``clock()`` reaches ``start + i / rate``; end when ``stop`` is set."""
-    for index, message in enumerate(messages):
-        due = start + timedelta(seconds=index / rate)
-        while (wait := (due - clock()).total_seconds()) > 0:
-            if stop.wait(min(wait, _PACE_STEP_S)):
-                return
-        if stop.is_set():
-            return
-        yield message
-
-
-def run(
-    settings: Settings, *, stop: threading.Event, clock: Callable[[], datetime] = _utc_now
-) -> None:
-    """Produce simulated events at ``settings.sim_rate`` per second until ``stop`` is set.
-
-    The loop behind ``kappa simulate``. Pacing follows ``clock`` (injected so tests control
-    time), a progress line is logged every 10 s, and everything sent is flushed before it
-    returns. A rate of 0 idles without connecting. An unreachable broker or a delivery
-    failure raises within ``settings.kafka_timeout_s`` (kafka-python's defaults would block
-    for 30-60 s) instead of being logged and skipped, so the operator sees it.
-    """
-    rate = settings.sim_rate
-    if rate <= 0:
-        logger.info("simulator idle: KAPPA_SIM_RATE is 0")
-        stop.wait()
-        return
-    config = SimulatorConfig.from_settings(settings)
-    timeout_s = settings.kafka_timeout_s
-    producer = KafkaProducer(
-        bootstrap_servers=settings.resolved_bootstrap_servers,
-        acks="all",
-        linger_ms=20,
-        bootstrap_timeout_ms=int(timeout_s * 1000),
-        max_block_ms=int(timeout_s * 1000),
-    )
-    failures: list[BaseException] = []
-    start = clock()
-    logger.info(
-        "simulator: %g events/s to %s (topics %s, %s), seed %d, %d customers",
-        rate,
-        settings.resolved_bootstrap_servers,
-        config.topic_orders,
-        config.topic_payments,
-        config.seed,
-        config.customers,
-    )
-    sent: Counter[str] = Counter()
-    last_report, last_total = start, 0
-    try:
-        stream = generate(config, start=start, rate=rate)
-        for message in _paced(stream, start=start, rate=rate, stop=stop, clock=clock):
-            if failures:
-                raise failures[0]
-            producer.send(message.topic, key=message.key, value=message.value).add_errback(
-                failures.append
-            )
-            sent[message.kind] += 1
-            now = clock()
-            if now - last_report >= _PROGRESS_EVERY:
-                total = sent.total()
-                logger.info(
-                    "simulator: %d messages sent (%d valid, %d duplicate, %d invalid), %.1f/s",
-                    total,
-                    sent["valid"],
-                    sent["duplicate"],
-                    sent["invalid"],
-                    (total - last_total) / (now - last_report).total_seconds(),
-                )
-                last_report, last_total = now, total
-        producer.flush(timeout=timeout_s)
-        if failures:
-            raise failures[0]
-    finally:
-        producer.close(timeout=timeout_s)
-    logger.info("simulator stopped after %d messages", sent.total())
