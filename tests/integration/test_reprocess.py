@@ -14,7 +14,8 @@ import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
-from kappa import simulator, stateful
+from examples.shop import steps as stateful
+from kappa import simulator
 from kappa.local.topics import ensure_topics
 from kappa.settings import Settings
 from kappa.sources.base import LogBounds

@@ -148,6 +148,23 @@ def tag_resolved_positions(
         context.instance.add_run_tags(context.run.run_id, {RESOLVED_TAG: resolved})
 
 
+def side_table_assets(spec: TopicIngest) -> tuple[dg.AssetSpec, ...]:
+    """The side tables of the fact's step as assets written by the fact (lineage)."""
+    if spec.step is None:
+        return ()
+    return tuple(
+        dg.AssetSpec(
+            key=table.name,
+            deps=[spec.asset],
+            group_name="edw",
+            kinds={"postgres"},
+            owners=OWNERS,
+            description=table.description or f"Written by `{spec.asset}` in its transactions.",
+        )
+        for table in spec.step.side_tables
+    )
+
+
 def build_fact_asset(
     spec: TopicIngest,
     *,
@@ -155,10 +172,9 @@ def build_fact_asset(
     max_batch: int,
     max_run: int,
     services: FactServices | None = None,
-    side_assets: tuple[dg.AssetSpec, ...] = (),
 ) -> dg.AssetsDefinition:
-    """The EDW fact loaded from one topic in micro-batches (and side tables such as fraud
-    alerts, written in the same transactions), partitioned by arrival time.
+    """The EDW fact loaded from one topic in micro-batches (and the side tables its step
+    declares, written in the same transactions), partitioned by arrival time.
 
     A run with offset ranges (from the sensor) appends a micro-batch to the open partition.
     A run without (a backfill or a materialisation launched in the UI) reprocesses each of
@@ -168,10 +184,12 @@ def build_fact_asset(
     services = services or FactServices()
     upstream: list[dg.AssetKey | dg.AssetDep] = [topic_asset_key(spec.topic)]
     if spec.step is not None:
+        targets = dict.fromkeys(lookup.target for lookup in spec.step.lookups)
         upstream += [
-            dg.AssetKey(c.asset) for c in (services.customers, services.calls) if c is not None
+            dg.AssetKey(services.captures[t].asset) for t in targets if t in services.captures
         ]
         upstream.append(previous_partition_dep(spec.asset))
+    side_assets = side_table_assets(spec)
     main = dg.AssetSpec(
         key=spec.asset,
         deps=upstream,

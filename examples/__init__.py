@@ -1,0 +1,1 @@
+"""Example deployments built on kappa: catalogues, steps and simulators."""

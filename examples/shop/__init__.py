@@ -1,0 +1,1 @@
+"""The shop: orders, payments, customers and call-centre calls, with its stateful steps."""
