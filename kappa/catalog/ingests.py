@@ -8,6 +8,7 @@ from kappa.catalog.files import SETTING
 from kappa.catalog.streams import EventContract, resolve_step
 from kappa.exceptions import ConfigurationError
 from kappa.ingest import TopicIngest
+from kappa.names import identifier
 from kappa.settings import Settings
 from kappa.steps.api import AsOf, Step
 from kappa.steps.config import StepConfig
@@ -34,6 +35,7 @@ def build_step(
         config.done()
     else:
         step = step_class(**dict(contract.step_config))
+    _check_side_tables(contract, step, where)
     fields = {f.name for f in contract.fields}
     for lookup in getattr(step, "lookups", ()):
         if lookup.key not in fields:
@@ -54,6 +56,22 @@ def build_step(
                 f"{', '.join(f'{c.target} ({c.mode})' for c in captures.values()) or 'none'})",
             )
     return step
+
+
+def _check_side_tables(contract: EventContract, step: Step, where: str) -> None:
+    """Side tables become EDW tables and Dagster assets: plain identifiers, none a stream."""
+    for table in getattr(step, "side_tables", ()):
+        for raw in (table.name, *(column for column, _ in table.columns)):
+            try:
+                identifier(SETTING, raw)
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    SETTING, f"{where}, field step: side table {table.name}: {exc.problem}"
+                ) from None
+        if table.name == contract.table:
+            raise ConfigurationError(
+                SETTING, f"{where}, field step: side table {table.name} is the fact itself"
+            )
 
 
 def topic_ingests(settings: Settings) -> list[tuple[TopicIngest, str]]:

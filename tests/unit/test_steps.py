@@ -92,6 +92,31 @@ def test_a_side_table_may_not_redeclare_the_engines_columns():
         SideTable("alerts", (("rule", "text"),), key=("level",))
 
 
+class BadSideTable:
+    derived_columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+    side_tables: ClassVar[tuple[SideTable, ...]] = (SideTable("Alerts; DROP", (("rule", "text"),)),)
+    lookups: ClassVar[tuple[Lookup, ...]] = ()
+
+    def apply(self, context: StepContext, rows: pd.DataFrame) -> StepOutput:
+        return StepOutput(rows)
+
+
+def test_a_side_table_name_that_is_no_plain_identifier_is_refused_naming_the_stream(
+    tmp_path: Path,
+):
+    text = SHOP.read_text().replace(
+        "step: examples.shop.steps:OrderEnrichment", "step: tests.unit.test_steps:BadSideTable"
+    )
+    path = tmp_path / "catalog.yaml"
+    path.write_text(text)
+    contract = next(c for c in load_streams(path, {}) if c.name == "fact_order")
+    with pytest.raises(ConfigurationError) as caught:
+        build_step(contract)
+    message = str(caught.value)
+    assert str(path) in message and "stream fact_order" in message, message
+    assert "side table Alerts; DROP" in message and "not a valid identifier" in message
+
+
 # --- the batch-invariance helper --------------------------------------------------------------
 
 
