@@ -17,8 +17,8 @@ from kappa.catalog.ingests import build_step
 from kappa.catalog.streams import load_streams
 from kappa.exceptions import ConfigurationError
 from kappa.settings import REPO_ROOT
-from kappa.steps import Lookup, SideTable, StepContext, StepOutput
-from kappa.steps.testing import MemoryLookups, batch_differences
+from kappa.steps import AsOf, Completeness, Lookup, SideTable, StepContext, StepOutput
+from kappa.steps.testing import MemoryLookups, batch_differences, run_in_batches
 
 SHOP = REPO_ROOT / "catalog.yaml"
 
@@ -164,3 +164,70 @@ def test_the_helper_finds_no_difference_for_a_step_that_carries_its_state():
 def test_the_helper_reports_a_step_whose_rows_depend_on_the_cut():
     found = batch_differences(BatchCount(), ROWS, MemoryLookups(), [3])
     assert len(found) == 1 and found[0].startswith("rows:"), found
+
+
+# --- lookups on any target, completeness per key field --------------------------------------
+
+SITE = AsOf(target="dim_site", key="site_id", columns=("region",), unknown="unknown_site")
+
+
+class SiteRegion(RunningCount):
+    lookups: ClassVar[tuple[Lookup, ...]] = (SITE,)
+
+    def apply(self, context: StepContext, rows: pd.DataFrame) -> StepOutput:
+        found = context.as_of("dim_site", rows)
+        return StepOutput(rows.reset_index(drop=True).join(found))
+
+
+def utc(text: str) -> pd.Timestamp:
+    return pd.Timestamp(text).tz_convert("UTC")
+
+
+def test_an_as_of_lookup_works_on_any_scd2_target_keyed_by_any_event_field():
+    versions = pd.DataFrame(
+        {
+            "site_id": ["s-1", "s-1"],
+            "site_sk": [10, 11],
+            "region": ["north", "south"],
+            "valid_from": [utc("2024-12-01T00:00Z"), utc("2025-01-01T00:00:30Z")],
+            "valid_to": [utc("2025-01-01T00:00:30Z"), None],
+        }
+    )
+    rows = ROWS.assign(
+        event_time=[utc(f"2025-01-01T00:00:{s:02d}Z") for s in (0, 10, 20, 40, 50, 59)]
+    )
+    lookups = MemoryLookups(
+        versions={"dim_site": versions},
+        mark=utc("2025-01-01T00:00:45Z"),
+        pending={"site_id": {"s-1": utc("2025-01-01T00:00:39Z")}},
+    )
+    run = run_in_batches(SiteRegion(), rows, lookups)
+    assert run.rows[["site_id", "site_sk", "region", "enrichment"]].astype(object).where(
+        run.rows[["site_id", "site_sk", "region", "enrichment"]].notna(), None
+    ).values.tolist() == [
+        ["s-1", 10, "north", "as_of"],
+        ["s-2", None, None, "unknown_site"],  # no version of s-2
+        ["s-1", 10, "north", "as_of"],
+        ["s-1", 11, "south", "provisional"],  # after s-1's waiting change (00:39)
+        ["s-2", None, None, "unknown_site"],
+        ["s-1", 11, "south", "provisional"],
+    ]
+
+
+def test_completeness_marks_a_row_by_the_earliest_wait_of_any_of_its_key_fields():
+    completeness = Completeness(
+        utc("2025-01-01T12:00Z"),
+        {
+            "site_id": {"s-1": utc("2025-01-01T10:00Z")},
+            "meter_id": {"m-2": utc("2025-01-01T09:00Z")},
+        },
+    )
+    keys = pd.DataFrame(
+        {"site_id": ["s-1", "s-1", "s-2", "s-2"], "meter_id": ["m-1", "m-2", "m-1", "m-2"]}
+    )
+    assert completeness.marks(keys).tolist() == [
+        utc("2025-01-01T10:00Z"),
+        utc("2025-01-01T09:00Z"),
+        utc("2025-01-01T12:00Z"),
+        utc("2025-01-01T09:00Z"),
+    ]
