@@ -5,9 +5,9 @@ enrichment) is a state cache and bulk dimension look-ups per micro-batch instead
 ETL app performing expensive queries for each and every message" (the seed article). This
 command measures both on the same generated events and the same PostgreSQL:
 
-* cache path: :class:`kappa.stateful.OrderEnrichment` and :class:`kappa.stateful.PaymentFraud`
+* cache path: :class:`examples.shop.steps.OrderEnrichment` and :class:`examples.shop.steps.PaymentFraud`
   over a :class:`kappa.state.StateCache` (PostgreSQL backend) and
-  :class:`kappa.stateful.WarehouseDimensions`, in batches, the state of each batch saved in
+  :class:`kappa.steps.warehouse.WarehouseLookups`, in batches, the state of each batch saved in
   its own transaction: a micro-batch minus fetching the log and loading the facts;
 * per-message path: for each event, prepared statements on one connection (the customer
   version valid at the event time, an upsert of the customer's running statistics, for
@@ -65,20 +65,19 @@ from bench.common import (
 )
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 from examples.shop.simulator import SimulatorConfig, generate
+from examples.shop.fraud import FraudRules
+from examples.shop.steps import OrderEnrichment, PaymentFraud
 from kappa.decode.batch import decode_batch
 from kappa.edw.connection import connect
 from kappa.exceptions import KappaError
 from kappa.settings import Settings
 from kappa.sources.base import RawBatch
-from kappa.state import PostgresStateBackend, StateCache
-from kappa.stateful import (
-    OrderEnrichment,
-    PaymentFraud,
-    StatefulStep,
-    WarehouseDimensions,
-    wait_for_dimensions,
-)
-from kappa.transforms import FraudRules, to_cents
+from kappa.state import StateCache
+from kappa.state.postgres import PostgresStateBackend
+from kappa.steps import Step, to_cents
+from kappa.steps.completeness import WaitBudget
+from kappa.steps.engine import apply_step, wait_for_step
+from kappa.steps.warehouse import WarehouseLookups
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache_vs_queries.json"
 
@@ -204,10 +203,8 @@ def run_cache_path(
     runs during the timed part only.
     """
     cache = StateCache(PostgresStateBackend(edw.schemas))
-    dimensions = WarehouseDimensions(
-        conn, edw.schemas, oltp=oltp, customers=edw.customers, calls=edw.calls
-    )
-    plans: list[tuple[str, StatefulStep, pd.DataFrame]] = [
+    captures = {edw.customers.target: edw.customers, edw.calls.target: edw.calls}
+    plans: list[tuple[str, Step, pd.DataFrame]] = [
         ("orders", OrderEnrichment(), workload.orders),
         ("payments", PaymentFraud(rules), workload.payments),
     ]
@@ -217,10 +214,21 @@ def run_cache_path(
         profiler.enable()
     started = time.perf_counter()
     for topic, step, rows in plans:
+        lookups = WarehouseLookups(
+            conn, edw.schemas, oltp=oltp, captures=captures, lookups=step.lookups
+        )
         for begin in range(0, len(rows), batch_size):
             batch = rows.iloc[begin : begin + batch_size]
-            completeness = wait_for_dimensions(dimensions, batch, max_wait_s=max_wait_s)
-            output = step.apply(conn, cache, dimensions, shard, batch, completeness)
+            completeness = wait_for_step(step, lookups, batch, WaitBudget(max_wait_s))
+            output = apply_step(
+                step,
+                batch,
+                conn=conn,
+                state=cache,
+                shard=shard,
+                lookups=lookups,
+                completeness=completeness,
+            )
             end = begin + len(batch)
             with conn.transaction():
                 for store, values in output.state.items():
@@ -431,14 +439,14 @@ def alert_counts(alerts: dict[tuple[str, str], float], events: set[str]) -> dict
 #: summed over the functions of that name in that file (both steps' ``apply``), except
 #: ``save``: ``StateCache.save`` calls ``PostgresStateBackend.save``, counted once.
 PROFILE_PARTS: tuple[tuple[str, str, str], ...] = (
-    ("stateful steps (apply, total)", "kappa/stateful.py", "apply"),
-    ("  dimension versions from the EDW", "kappa/stateful.py", "customer_versions"),
-    ("  calls from the EDW", "kappa/stateful.py", "calls"),
-    ("  as-of enrichment", "kappa/transforms.py", "enrich_as_of"),
-    ("    of which _utc (time conversion)", "kappa/transforms.py", "_utc"),
-    ("  running statistics", "kappa/transforms.py", "running_stats"),
-    ("  velocity window", "kappa/transforms.py", "velocity"),
-    ("  fraud rules", "kappa/transforms.py", "fraud_alerts"),
+    ("stateful steps (apply, total)", "examples/shop/steps.py", "apply"),
+    ("  dimension versions from the EDW", "kappa/steps/warehouse.py", "versions"),
+    ("  calls from the EDW", "kappa/steps/warehouse.py", "range"),
+    ("  as-of enrichment", "kappa/steps/asof.py", "enrich_as_of"),
+    ("    of which _utc (time conversion)", "kappa/steps/asof.py", "_utc"),
+    ("  running statistics", "kappa/steps/stats.py", "running_stats"),
+    ("  velocity window", "examples/shop/fraud.py", "velocity"),
+    ("  fraud rules", "examples/shop/fraud.py", "fraud_alerts"),
     ("  state cache reads (get_many)", "kappa/state.py", "get_many"),
     ("state saved per batch (COPY)", "kappa/state.py", "save"),
     ("state into memory (remember)", "kappa/state.py", "remember"),

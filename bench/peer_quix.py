@@ -7,7 +7,7 @@ Per message, as a Quix Streams application is written:
   ``dim_customer`` versions (one query per customer, then its LRU cache);
 * a stateful ``apply`` (RocksDB state, changelog topic) picks the version valid at the
   event time and advances the customer's running count, sum and sum of squares of cents,
-  exactly as :func:`kappa.transforms.running_stats` does;
+  exactly as :func:`kappa.steps.running_stats` does;
 * a ``BatchingSink`` writes each checkpoint's rows with COPY (Quix's PostgreSQL sink keeps
   only the columns of a batch's first row, and an order's deviation is empty for a
   customer's first orders, so it would drop that column for the whole batch).
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         version = _as_of(value.get("customer_versions"), at)
         n, total, sumsq = state.get("stats", [0, 0, 0])
         cents = round(float(payload["amount"]) * 100)
-        # As kappa.transforms.running_stats: one division of exact integers, numpy rounding.
+        # As kappa.steps.running_stats: one division of exact integers, numpy rounding.
         mean = float(np.round(total / n / 100.0, 2)) if n > 0 else None
         stddev = (
             float(

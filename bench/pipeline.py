@@ -4,7 +4,7 @@
 time-partition cuts, partition keys) and executes each with the function the fact asset
 calls (``kappa.run.run_micro_batches``), with the product's default settings
 (``Settings`` defaults: batch and run bounds, ``KAPPA_ENRICH_MAX_WAIT_S``, state cache
-size), completeness read from the OLTP database per batch (``WarehouseDimensions``) and a
+size), completeness read from the OLTP database per batch (``WarehouseLookups``) and a
 fresh state cache per run, until the ledger reaches the requested end of every partition.
 ``backfill`` reprocesses a time partition with ``kappa.run.reprocess_partitions``, as a
 backfill run does. What this leaves out (process launch, the run queue, the sensor's
@@ -37,7 +37,6 @@ from pathlib import Path
 
 import orjson
 
-from kappa.catalog.captures import load_captures
 from kappa.catalog.ingests import topic_ingests
 from kappa.edw.connection import connect
 from kappa.edw.ledger import read_heads
@@ -55,7 +54,8 @@ from kappa.run import (
 from kappa.settings import Settings
 from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore
-from kappa.state import PostgresStateBackend, StateCache
+from kappa.state import StateCache
+from kappa.state.postgres import PostgresStateBackend
 
 _LOG = logging.getLogger("bench.pipeline")
 
@@ -121,14 +121,8 @@ def connections(settings: Settings) -> Connections:
 
 
 def fact_services(settings: Settings) -> FactServices:
-    """The services the code location gives the facts (``pipelines.definitions``)."""
-    by_target = {c.target: c for c in load_captures(settings.catalog)}
-    return FactServices(
-        customers=by_target.get("dim_customer"),
-        calls=by_target.get("fact_call_center_call"),
-        max_wait_s=settings.enrich_max_wait_s,
-        reprocess_wait_s=settings.backfill_max_wait_s,
-    )
+    """The services the code location gives the facts (``kappa.dagster.definitions``)."""
+    return FactServices.from_settings(settings)
 
 
 def drain(

@@ -68,7 +68,7 @@ from bench.common import (
 )
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 from examples.shop.simulator import SimulatorConfig, generate
-from kappa.catalog.ingests import fraud_rules
+from kappa.catalog.ingests import topic_ingests
 from kappa.catalog.streams import EventContract, fact_columns
 from kappa.edw.connection import connect
 from kappa.exceptions import KappaError
@@ -411,13 +411,19 @@ def _insert(conn: psycopg.Connection, contract: EventContract) -> str:
     )
 
 
+def _payment_rules(settings: Settings) -> Any:
+    """The fraud rules of the catalogue's payment stream."""
+    steps = {spec.asset: spec.step for spec, _ in topic_ingests(settings)}
+    return steps["fact_payment"].rules  # type: ignore[union-attr]
+
+
 def rbar(edw_url: str, bootstrap: str, edw: Edw, produced: Produced, events: int) -> dict[str, Any]:
     """Per event: consume, look the customer up, advance the statistics (and for payments
     the card's velocity, the latest call on a foreign payment) in the EDW, INSERT the fact
     and its alerts, commit. One connection, prepared statements; a prefix of every
     partition (so every processed event has its whole history)."""
-    # The rules as the deployment configures them (the catalogue's, from the settings).
-    rules = fraud_rules(
+    # The rules as the deployment configures them (the payment step's, from the catalogue).
+    rules = _payment_rules(
         Settings.from_env(
             {
                 "KAFKA_BOOTSTRAP_SERVERS": bootstrap,

@@ -2,8 +2,8 @@
 change capture covered them, and which of those can be re-derived now.
 
 A row is ``provisional`` when its event was newer than what change capture had loaded when
-its batch ran (see :class:`kappa.stateful.Completeness`). Once capture is complete past its
-event time for its customer, re-deriving its time partition through the backfill path
+its batch ran (see :class:`kappa.steps.Completeness`). Once capture is complete past its
+event time for its lookup keys (the event fields the step's lookups match on), re-deriving its time partition through the backfill path
 (:func:`kappa.ingest.reprocess_window`) joins the version valid at the event time, and gives
 the rows a backfill gives, so replay equivalence holds. A heal re-derives the partition only
 from each shard's first ledger batch holding a provisional row (:func:`heal_positions`). The
@@ -22,19 +22,32 @@ from psycopg import sql
 from kappa.catalog.streams import EventContract
 from kappa.edw.types import Schemas
 from kappa.partitions import TimeWindows
-from kappa.stateful import CUSTOMER_COLUMN, Completeness
+from kappa.steps.api import completeness_keys
+from kappa.steps.asof import PROVISIONAL, STATUS
+from kappa.steps.completeness import Completeness
 
 #: The run tag of a heal run (its value: the time partition healed). Such a run re-derives
 #: its partition only from each shard's first ledger batch holding a provisional row.
 HEAL_TAG = "kappa/heal"
 #: The derived column that says how a row was enriched.
-ENRICHMENT_COLUMN = "enrichment"
-PROVISIONAL = "provisional"
+ENRICHMENT_COLUMN = STATUS
 
 
 def heals(contract: EventContract) -> bool:
-    """Whether ``contract``'s fact carries an enrichment that may be provisional."""
-    return any(name == ENRICHMENT_COLUMN for name, _ in contract.derived)
+    """Whether ``contract``'s fact carries an enrichment that may be provisional (and has
+    lookup keys to tell when it no longer is)."""
+    return any(name == ENRICHMENT_COLUMN for name, _ in contract.derived) and bool(
+        lookup_keys(contract)
+    )
+
+
+def lookup_keys(contract: EventContract) -> tuple[str, ...]:
+    """The event fields whose change capture decides whether the stream's rows are final."""
+    if contract.step is None:
+        return ()
+    from kappa.catalog.streams import resolve_step  # the catalogue checked it resolves
+
+    return completeness_keys(tuple(getattr(resolve_step(contract.step), "lookups", ())))
 
 
 def heal_ddl(schemas: Schemas, contract: EventContract) -> sql.Composed:
@@ -42,13 +55,13 @@ def heal_ddl(schemas: Schemas, contract: EventContract) -> sql.Composed:
     index, empty when nothing is provisional), and the ledger batch holding an offset."""
     return sql.SQL(
         "CREATE INDEX IF NOT EXISTS {fact_index} ON {table} (topic, kafka_partition, "
-        "kafka_offset) INCLUDE ({customer}, event_time) WHERE {enrichment} = {provisional};"
+        "kafka_offset) INCLUDE ({keys}, event_time) WHERE {enrichment} = {provisional};"
         "CREATE INDEX IF NOT EXISTS batch_ledger_position_idx ON {ledger} "
         "(asset, source, shard, start_position);"
     ).format(
         fact_index=sql.Identifier(f"{contract.table}_provisional_idx"),
         table=sql.Identifier(schemas.edw, contract.table),
-        customer=sql.Identifier(CUSTOMER_COLUMN),
+        keys=sql.SQL(", ").join(map(sql.Identifier, lookup_keys(contract))),
         enrichment=sql.Identifier(ENRICHMENT_COLUMN),
         provisional=sql.Literal(PROVISIONAL),
         ledger=sql.Identifier(schemas.meta, "batch_ledger"),
@@ -57,43 +70,65 @@ def heal_ddl(schemas: Schemas, contract: EventContract) -> sql.Composed:
 
 @dataclass(frozen=True)
 class ProvisionalGroup:
-    """The provisional rows of one customer in one time partition.
+    """The provisional rows of one combination of lookup key values in one time partition.
 
     ``partition_key`` is that of the ledger batch whose offset range holds the rows (None
-    when no batch holds them, which the ledger's tiling rules out).
+    when no batch holds them, which the ledger's tiling rules out); ``keys`` maps each
+    lookup key field to its value.
     """
 
     partition_key: str | None
-    customer_id: str
+    keys: tuple[tuple[str, str], ...]
     earliest: pd.Timestamp
     rows: int
+
+    def describe(self) -> str:
+        """The key values as an operator reads them: field ``site_id`` value s-1 is "site s-1"."""
+        return ", ".join(f"{field.removesuffix('_id')} {value}" for field, value in self.keys)
 
 
 def provisional_groups(
     conn: psycopg.Connection, schemas: Schemas, asset: str, contract: EventContract
 ) -> list[ProvisionalGroup]:
-    """Every provisional row of ``asset``, by time partition (from the ledger) and customer."""
+    """Every provisional row of ``asset``, by time partition (from the ledger) and lookup
+    key values."""
+    keys = lookup_keys(contract)
     rows = conn.execute(
         sql.SQL(
-            "SELECT l.partition_key, f.{customer}, min(f.event_time), count(*) FROM {table} f "
+            "SELECT l.partition_key, {keys}, min(f.event_time), count(*) FROM {table} f "
             "LEFT JOIN LATERAL (SELECT partition_key FROM {ledger} b WHERE b.asset = %s "
             "AND b.source = f.topic AND b.shard = f.kafka_partition "
             "AND b.start_position <= f.kafka_offset AND f.kafka_offset < b.end_position "
             "ORDER BY b.start_position DESC LIMIT 1) l ON true "
-            "WHERE f.{enrichment} = {provisional} GROUP BY 1, 2"
+            "WHERE f.{enrichment} = {provisional} GROUP BY {groups}"
         ).format(
-            customer=sql.Identifier(CUSTOMER_COLUMN),
+            keys=sql.SQL(", ").join(sql.Identifier("f", k) for k in keys),
             table=sql.Identifier(schemas.edw, contract.table),
             ledger=sql.Identifier(schemas.meta, "batch_ledger"),
             enrichment=sql.Identifier(ENRICHMENT_COLUMN),
             provisional=sql.Literal(PROVISIONAL),
+            groups=sql.SQL(", ").join(sql.Literal(i + 1) for i in range(len(keys) + 1)),
         ),
         (asset,),
     ).fetchall()
     return [
-        ProvisionalGroup(key, str(customer), pd.Timestamp(earliest).tz_convert("UTC"), int(n))
-        for key, customer, earliest, n in rows
+        ProvisionalGroup(
+            row[0],
+            tuple((k, str(v)) for k, v in zip(keys, row[1:-2], strict=True)),
+            pd.Timestamp(row[-2]).tz_convert("UTC"),
+            int(row[-1]),
+        )
+        for row in rows
     ]
+
+
+def group_values(groups: Sequence[ProvisionalGroup]) -> dict[str, list[str]]:
+    """The distinct values of each lookup key field among ``groups`` (for a watermark)."""
+    values: dict[str, set[str]] = {}
+    for group in groups:
+        for field, value in group.keys:
+            values.setdefault(field, set()).add(value)
+    return {field: sorted(found) for field, found in values.items()}
 
 
 @dataclass(frozen=True)
@@ -101,7 +136,7 @@ class HealPlan:
     """What to heal now: ``partition_key`` (None: nothing yet), and why the rest waits."""
 
     partition_key: str | None
-    #: Provisional rows of the partition whose customer's capture is past their earliest event.
+    #: Provisional rows of the partition whose keys' capture is past their earliest event.
     ready_rows: int
     provisional_rows: int
     waiting: str
@@ -115,7 +150,7 @@ def plan_heal(
 ) -> HealPlan:
     """The oldest time partition with a provisional row that change capture now covers.
 
-    A customer's rows are ready once its completeness mark reaches their earliest event
+    A group's rows are ready once its completeness mark reaches their earliest event
     time: re-deriving the partition turns at least that row final (rows newer still stay
     provisional and are healed by a later run).
     """
@@ -132,7 +167,9 @@ def plan_heal(
         )
     unplaced = [g for g in groups if g.partition_key is None]
     placed = [g for g in groups if g.partition_key is not None]
-    marks = completeness.marks(pd.Series([g.customer_id for g in placed], dtype=object))
+    marks = completeness.marks(
+        pd.DataFrame([dict(g.keys) for g in placed], index=range(len(placed)), dtype=object)
+    )
     ready: dict[str, int] = {}
     closest: tuple[pd.Timedelta, ProvisionalGroup, pd.Timestamp] | None = None
     for group, mark in zip(placed, marks, strict=True):
@@ -152,7 +189,7 @@ def plan_heal(
             notes.insert(
                 0,
                 f"{total} provisional rows in {asset} wait for change capture to pass their "
-                f"event times (closest: customer {group.customer_id}, complete up to "
+                f"event times (closest: {group.describe()}, complete up to "
                 f"{mark.isoformat()}, earliest provisional event {group.earliest.isoformat()}, "
                 f"partition {group.partition_key})",
             )
@@ -171,7 +208,7 @@ def heal_positions(
 ) -> dict[int, int]:
     """Per shard of ``partition_key`` holding a provisional row: where the ledger batch
     holding its first one starts. Re-deriving from there is enough: the rows before are
-    final (their customers' changes were all loaded), and the state as of that batch
+    final (the changes of their lookup keys were all loaded), and the state as of that batch
     boundary is in the state versions, as a backfill restores it at a partition's start.
     Shards without a provisional row in the partition are not listed."""
     rows = conn.execute(

@@ -31,20 +31,12 @@ from kappa.partitions import TimeWindows, Window, parse_key
 from kappa.sources import pg_capture
 from kappa.sources.base import LogBounds, RawBatch
 from kappa.sources.topic import EventStore
-from kappa.state import (
-    AsOfStateCache,
-    PostgresStateBackend,
-    ScopedStateCache,
-    StateAccess,
-    StateCache,
-)
-from kappa.stateful import (
-    Dimensions,
-    StatefulStep,
-    StepOutput,
-    WaitBudget,
-    wait_for_dimensions,
-)
+from kappa.state import AsOfStateCache, ScopedStateCache, StateAccess, StateCache
+from kappa.state.postgres import PostgresStateBackend
+from kappa.steps.api import Step, StepOutput
+from kappa.steps.completeness import WaitBudget
+from kappa.steps.context import Lookups
+from kappa.steps.engine import apply_step, wait_for_step
 
 
 @dataclass(frozen=True)
@@ -55,7 +47,7 @@ class TopicIngest:
     topic: str
     contract: EventContract
     description: str = ""
-    step: StatefulStep | None = None
+    step: Step | None = None
 
 
 @dataclass(frozen=True)
@@ -254,7 +246,7 @@ def _apply_step(
     decoded: DecodedBatch,
     partition: int,
     state: StateAccess | None,
-    dimensions: Dimensions | None,
+    dimensions: Lookups | None,
     budget: WaitBudget,
 ) -> tuple[StepOutput | None, Rerun | None]:
     """Run the asset's stateful step over a decoded batch ((None, None) for a stateless
@@ -267,18 +259,28 @@ def _apply_step(
     if spec.step is None:
         return None, None
     if state is None or dimensions is None:
-        raise ValueError(f"{spec.asset} has a stateful step: pass a state cache and dimensions")
+        raise ValueError(f"{spec.asset} has a stateful step: pass a state cache and lookups")
     step = spec.step
     rows = decoded.rows
     seen = existing_event_ids(conn, schemas, spec.contract, rows["event_id"].astype(str).tolist())
     rows = rows[~rows["event_id"].isin(seen)]
-    completeness = wait_for_dimensions(dimensions, rows, budget=budget) if not rows.empty else None
+    completeness = wait_for_step(step, dimensions, rows, budget)
+
+    def run(batch: pd.DataFrame) -> StepOutput:
+        return apply_step(
+            step,
+            batch,
+            conn=conn,
+            state=state,
+            shard=partition,
+            lookups=dimensions,
+            completeness=completeness,
+        )
 
     def rerun(survivors: DecodedBatch) -> StepOutput:
-        kept = rows[rows["kafka_offset"].isin(survivors.rows["kafka_offset"])]
-        return step.apply(conn, state, dimensions, partition, kept, completeness)
+        return run(rows[rows["kafka_offset"].isin(survivors.rows["kafka_offset"])])
 
-    return step.apply(conn, state, dimensions, partition, rows, completeness), rerun
+    return run(rows), rerun
 
 
 def run_batch(
@@ -292,7 +294,7 @@ def run_batch(
     max_batch: int,
     partition_key: str | None = None,
     cache: StateCache | None = None,
-    dimensions: Dimensions | None = None,
+    dimensions: Lookups | None = None,
     max_wait_s: float = 0.0,
 ) -> BatchOutcome:
     """Load one topic partition's next batch, bounded by ``requested.end``, exactly once.
@@ -426,7 +428,7 @@ def run_capture_batch(
             seconds=time.monotonic() - started,
         )
     changes = pg_capture.read_changes(oltp, spec, start, end)
-    # The batch makes dim_customer complete up to `complete_until` only if it takes every
+    # The batch makes its target complete up to `complete_until` only if it takes every
     # ready change; a batch cut short keeps the completeness its predecessor recorded.
     cut_short = pg_capture.plan_end(oltp, spec, end, max_changes=1) > end
     watermark = (head.watermark if head is not None else None) if cut_short else complete_until
@@ -592,7 +594,7 @@ def reprocess_window(
     *,
     run_id: str,
     max_batch: int,
-    dimensions: Dimensions | None = None,
+    dimensions: Lookups | None = None,
     max_wait_s: float = 0.0,
     budget: WaitBudget | None = None,
     from_positions: Mapping[int, int] | None = None,
@@ -680,7 +682,7 @@ def _replace_chunks(
     epoch: str,
     run_id: str,
     max_batch: int,
-    dimensions: Dimensions | None,
+    dimensions: Lookups | None,
     budget: WaitBudget,
 ) -> list[WindowOutcome]:
     """The body of :func:`reprocess_window`: its one transaction."""

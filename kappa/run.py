@@ -21,7 +21,8 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import Protocol
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Protocol
 
 import psycopg
 
@@ -43,12 +44,15 @@ from kappa.partitions import TimeWindows, Window
 from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore
 from kappa.state import StateCache
-from kappa.stateful import VersionCache, WarehouseDimensions
+from kappa.steps.warehouse import VersionCache, WarehouseLookups
 
 #: Partitions of one run loaded at the same time (each with its own consumer and connection).
 PARALLEL_PARTITIONS = 4
 
 _LOG = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from kappa.settings import Settings
 
 
 class RunLog(Protocol):
@@ -63,15 +67,25 @@ class RunLog(Protocol):
 
 @dataclass(frozen=True)
 class FactServices:
-    """What a fact's stateful step reads besides its topic: the captured dimensions, how
-    long a micro-batch waits for their change capture (``KAPPA_ENRICH_MAX_WAIT_S``), and how
-    long a backfill waits, in all, per partition (``KAPPA_BACKFILL_MAX_WAIT_S``; heal runs
-    repair what it leaves provisional)."""
+    """What the facts' stateful steps read besides their topics: the captured tables by
+    target (their lookups name targets), how long a micro-batch waits for their change
+    capture (``KAPPA_ENRICH_MAX_WAIT_S``), and how long a backfill waits, in all, per
+    partition (``KAPPA_BACKFILL_MAX_WAIT_S``; heal runs repair what it leaves provisional)."""
 
-    customers: CaptureSpec | None = None
-    calls: CaptureSpec | None = None
+    captures: Mapping[str, CaptureSpec] = field(default_factory=lambda: MappingProxyType({}))
     max_wait_s: float = 0.0
     reprocess_wait_s: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FactServices:
+        """The catalogue's captures and the waits of the settings."""
+        from kappa.catalog.captures import load_captures  # reads the catalogue file
+
+        return cls(
+            captures=MappingProxyType({c.target: c for c in load_captures(settings.catalog)}),
+            max_wait_s=settings.enrich_max_wait_s,
+            reprocess_wait_s=settings.backfill_max_wait_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -92,22 +106,22 @@ def open_dimensions(
     connections: Connections,
     services: FactServices,
     versions: VersionCache,
-) -> WarehouseDimensions | None:
-    """The dimensions of ``spec``'s stateful step (None without a step), completeness read
+) -> WarehouseLookups | None:
+    """The lookups of ``spec``'s stateful step (None without a step), completeness read
     from the OLTP database through a connection closed with ``stack``."""
     if spec.step is None:
         return None
     oltp = (
         stack.enter_context(connections.oltp())
-        if connections.oltp is not None and (services.customers or services.calls)
+        if connections.oltp is not None and spec.step.lookups
         else None
     )
-    return WarehouseDimensions(
+    return WarehouseLookups(
         edw,
         connections.schemas,
         oltp=oltp,
-        customers=services.customers,
-        calls=services.calls,
+        captures=services.captures,
+        lookups=spec.step.lookups,
         versions=versions,
     )
 

@@ -142,26 +142,6 @@ SETTINGS: tuple[Setting, ...] = (
         "State keys held in memory per run (LRU over PostgreSQL).",
     ),
     Setting(
-        "KAPPA_FRAUD_VELOCITY_MAX",
-        "3",
-        "Fraud: payments per card allowed within the velocity window.",
-    ),
-    Setting(
-        "KAPPA_FRAUD_VELOCITY_WINDOW_S",
-        "60",
-        "Fraud: the velocity window, in seconds of event time.",
-    ),
-    Setting(
-        "KAPPA_FRAUD_AMOUNT_Z",
-        "3.0",
-        "Fraud: deviations above the customer's mean that flag an amount.",
-    ),
-    Setting(
-        "KAPPA_FRAUD_CALL_WINDOW_H",
-        "48",
-        "Fraud: a call this many hours before a foreign payment raises its score.",
-    ),
-    Setting(
         "KAPPA_FRESHNESS_MAX_LAG_S",
         "300",
         "Freshness check: the oldest record or change not yet in the EDW may be this many seconds old.",
@@ -272,10 +252,6 @@ class Settings:
     backfill_max_wait_s: float
     heal_interval_s: int
     state_cache_keys: int
-    fraud_velocity_max: int
-    fraud_velocity_window_s: int
-    fraud_amount_z: float
-    fraud_call_window_h: int
     freshness_max_lag_s: float
     env: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
@@ -336,12 +312,6 @@ class Settings:
             backfill_max_wait_s=_float(env, "KAPPA_BACKFILL_MAX_WAIT_S", minimum=0.0, maximum=3600),
             heal_interval_s=_int(env, "KAPPA_HEAL_INTERVAL_S", minimum=1, maximum=86400),
             state_cache_keys=_int(env, "KAPPA_STATE_CACHE_KEYS", minimum=1, maximum=100_000_000),
-            fraud_velocity_max=_int(env, "KAPPA_FRAUD_VELOCITY_MAX", minimum=1, maximum=10_000),
-            fraud_velocity_window_s=_int(
-                env, "KAPPA_FRAUD_VELOCITY_WINDOW_S", minimum=1, maximum=31_536_000
-            ),
-            fraud_amount_z=_float(env, "KAPPA_FRAUD_AMOUNT_Z", minimum=0.1, maximum=1000),
-            fraud_call_window_h=_int(env, "KAPPA_FRAUD_CALL_WINDOW_H", minimum=1, maximum=8760),
             freshness_max_lag_s=_float(
                 env, "KAPPA_FRESHNESS_MAX_LAG_S", minimum=1.0, maximum=31_536_000
             ),

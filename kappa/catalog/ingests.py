@@ -3,37 +3,81 @@ Dagster here, so the code location and the CLI share one catalogue)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
+from kappa.catalog.captures import CaptureSpec, load_captures
 from kappa.catalog.files import SETTING
 from kappa.catalog.streams import EventContract, resolve_step
 from kappa.exceptions import ConfigurationError
 from kappa.ingest import TopicIngest
+from kappa.names import identifier
 from kappa.settings import Settings
-from kappa.stateful import StatefulStep
-from kappa.transforms import FraudRules
+from kappa.steps.api import AsOf, Step
+from kappa.steps.config import StepConfig
 
 
-def build_step(settings: Settings, contract: EventContract) -> StatefulStep | None:
-    """The stream's step: ``Class.from_catalog(settings, config)`` where the class defines
-    it (a step that needs settings), else ``Class(**config)``."""
+def build_step(
+    contract: EventContract, captures: dict[str, CaptureSpec] | None = None
+) -> Step | None:
+    """The stream's step: ``Class.from_catalog(StepConfig)`` where the class defines it,
+    else ``Class(**config)``; its lookups checked against the captured tables."""
     if contract.step is None:
         return None
+    where = f"{contract.catalog}: stream {contract.name}"
     try:
         step_class = resolve_step(contract.step)
     except ValueError as exc:
-        raise ConfigurationError(
-            SETTING, f"{contract.catalog}: stream {contract.name}, field step: {exc}"
-        ) from None
-    config = dict(contract.step_config)
+        raise ConfigurationError(SETTING, f"{where}, field step: {exc}") from None
     factory = getattr(step_class, "from_catalog", None)
-    step: StatefulStep = factory(settings, config) if factory is not None else step_class(**config)
+    if factory is not None:
+        config = StepConfig(
+            contract.step_config, catalog=contract.catalog or "", stream=contract.name
+        )
+        step: Step = factory(config)
+        config.done()
+    else:
+        step = step_class(**dict(contract.step_config))
+    _check_side_tables(contract, step, where)
+    fields = {f.name for f in contract.fields}
+    for lookup in getattr(step, "lookups", ()):
+        if lookup.key not in fields:
+            raise ConfigurationError(
+                SETTING,
+                f"{where}, field step: {contract.step} looks {lookup.target} up by "
+                f"{lookup.key!r}, not a field of the stream",
+            )
+        if captures is None:
+            continue
+        spec = captures.get(lookup.target)
+        wanted = "scd2" if isinstance(lookup, AsOf) else "current"
+        if spec is None or spec.mode != wanted:
+            raise ConfigurationError(
+                SETTING,
+                f"{where}, field step: {contract.step} needs a captured table with target "
+                f"{lookup.target} in mode {wanted} (tables: "
+                f"{', '.join(f'{c.target} ({c.mode})' for c in captures.values()) or 'none'})",
+            )
     return step
+
+
+def _check_side_tables(contract: EventContract, step: Step, where: str) -> None:
+    """Side tables become EDW tables and Dagster assets: plain identifiers, none a stream."""
+    for table in getattr(step, "side_tables", ()):
+        for raw in (table.name, *(column for column, _ in table.columns)):
+            try:
+                identifier(SETTING, raw)
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    SETTING, f"{where}, field step: side table {table.name}: {exc.problem}"
+                ) from None
+        if table.name == contract.table:
+            raise ConfigurationError(
+                SETTING, f"{where}, field step: side table {table.name} is the fact itself"
+            )
 
 
 def topic_ingests(settings: Settings) -> list[tuple[TopicIngest, str]]:
     """The topics this deployment loads, each with the setting that names it (the stream's
     ``topic_env``, else the catalogue)."""
+    captures = {c.target: c for c in load_captures(settings.catalog)}
     return [
         (
             TopicIngest(
@@ -41,18 +85,9 @@ def topic_ingests(settings: Settings) -> list[tuple[TopicIngest, str]]:
                 topic=contract.topic,
                 contract=contract,
                 description=contract.description,
-                step=build_step(settings, contract),
+                step=build_step(contract, captures),
             ),
             contract.topic_env or SETTING,
         )
         for contract in settings.streams
     ]
-
-
-def fraud_rules(settings: Settings) -> FraudRules:
-    return FraudRules(
-        velocity_max_payments=settings.fraud_velocity_max,
-        velocity_window=timedelta(seconds=settings.fraud_velocity_window_s),
-        amount_z=settings.fraud_amount_z,
-        geo_call_window=timedelta(hours=settings.fraud_call_window_h),
-    )

@@ -13,7 +13,7 @@ OPERATIONS = ("I", "U", "D")
 
 
 def surrogate_key(spec: CaptureSpec) -> str:
-    """``dim_customer`` → ``customer_sk``."""
+    """The surrogate key column of an SCD2 target: ``dim_<name>`` → ``<name>_sk``."""
     base = spec.target.removeprefix("dim_")
     return f"{base}_sk"
 

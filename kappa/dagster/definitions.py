@@ -10,8 +10,6 @@ with ``dg.Definitions.merge``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import dagster as dg
 
 from kappa.catalog.captures import load_captures
@@ -62,17 +60,15 @@ def resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
 
 
 def build_definitions(
-    settings: Settings,
-    *,
-    services: FactServices,
-    side_assets: Mapping[str, dg.AssetSpec] | None = None,
+    settings: Settings, *, services: FactServices | None = None
 ) -> dg.Definitions:
     """Every asset, check, sensor, job and resource of the catalogue's streams and captures.
 
-    ``services`` are what the stateful steps read (dimensions, waits); ``side_assets`` are
-    the assets of the side tables steps write in the same transactions, by table name: a fact
-    asset shows those its step declares (``side_tables``) in the lineage.
+    ``services`` are what the stateful steps read (the catalogue's captures by target, the
+    waits of the settings, unless given); a fact asset shows the side tables its step
+    declares in the lineage, as assets it writes.
     """
+    services = services if services is not None else FactServices.from_settings(settings)
     ingests = topic_ingests(settings)
     topics = [spec for spec, _ in ingests]
     captures = load_captures(settings.catalog)
@@ -82,11 +78,6 @@ def build_definitions(
         spec.asset: build_fact_asset(
             spec,
             services=services,
-            side_assets=tuple(
-                (side_assets or {})[table]
-                for table in getattr(spec.step, "side_tables", ())
-                if table in (side_assets or {})
-            ),
             windows=settings.windows,
             **limits,
         )

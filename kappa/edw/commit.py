@@ -41,7 +41,7 @@ def commit_batch(
     cache: StateAccess | None = None,
 ) -> BatchRecord:
     """Load one batch of events exactly once: fact rows (``rows``, the decoded rows unless a
-    stateful step augmented them), side tables (fraud alerts), state, dead letters and the
+    stateful step augmented them), its step's side tables, state, dead letters and the
     ledger row, in one transaction. State reaches the cache's memory only after commit.
 
     Returns the record with the final counts (``deduplicated`` includes events already in

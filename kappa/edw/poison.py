@@ -34,7 +34,7 @@ from kappa.edw.types import BatchCounts, BatchRecord, Schemas
 from kappa.exceptions import MassRefusalError
 from kappa.sources.base import RawBatch
 from kappa.state import StateAccess
-from kappa.stateful import StepOutput
+from kappa.steps.api import StepOutput
 
 #: How the reason of a record the database refused starts.
 REFUSED_PREFIX = "refused by the database"

@@ -32,7 +32,7 @@ def reset_for_replay(
 ) -> ReplayReset:
     """Forget everything ``asset`` loaded, in one transaction, so it reloads from the log start.
 
-    Rows, side-table rows (fraud alerts of its events), state, dead letters and ledger go
+    Rows, side-table rows (those of its events), state, dead letters and ledger go
     together: the EDW never holds rows or state the ledger does not account for.
     """
     meta = sql.Identifier(schemas.meta)

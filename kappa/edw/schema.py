@@ -14,6 +14,7 @@ from kappa.edw.evolution import (
     plan_evolution,
 )
 from kappa.edw.types import Schemas
+from kappa.steps.api import SIDE_TABLE_ENGINE_COLUMNS, SideTable
 
 
 def _fact_ddl(schemas: Schemas, contract: EventContract) -> sql.Composed:
@@ -130,20 +131,31 @@ CREATE TABLE IF NOT EXISTS {meta}.dead_letter (
 """
 
 
-_FRAUD_ALERT_DDL = """
-CREATE TABLE IF NOT EXISTS {table} (
-  event_id uuid NOT NULL,
-  rule text NOT NULL,
-  score numeric(4, 3) NOT NULL,
-  evidence jsonb NOT NULL,
-  customer_id text NOT NULL,
-  event_time timestamptz NOT NULL,
-  topic text NOT NULL,
-  kafka_partition integer NOT NULL,
-  kafka_offset bigint NOT NULL,
-  PRIMARY KEY (event_id, rule)
-);
-"""
+def side_tables_of(contract: EventContract) -> tuple[SideTable, ...]:
+    """The side tables the stream's step declares (none without a step)."""
+    if contract.step is None:
+        return ()
+    from kappa.catalog.streams import resolve_step  # the catalogue checked it resolves
+
+    return tuple(getattr(resolve_step(contract.step), "side_tables", ()))
+
+
+def side_table_ddl(schemas: Schemas, table: SideTable) -> sql.Composed:
+    """A step's side table: the event it belongs to, the step's columns (NOT NULL unless
+    declared nullable), and the source coordinates replay and replacement delete by."""
+    columns = [
+        sql.SQL("{} {}{}").format(
+            sql.Identifier(name),
+            sql.SQL(sql_type),
+            sql.SQL("" if name in table.nullable else " NOT NULL"),
+        )
+        for name, sql_type in (("event_id", "uuid"), *table.columns, *SIDE_TABLE_ENGINE_COLUMNS)
+    ]
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {table} ({columns}, PRIMARY KEY ({key}))").format(
+        table=sql.Identifier(schemas.edw, table.name),
+        columns=sql.SQL(", ").join(columns),
+        key=sql.SQL(", ").join(map(sql.Identifier, ("event_id", *table.key))),
+    )
 
 
 def ensure_schema(
@@ -169,7 +181,6 @@ def ensure_schema(
             conn.execute(_fact_ddl(schemas, contract))
             if heals(contract):
                 conn.execute(heal_ddl(schemas, contract))
-        conn.execute(
-            sql.SQL(_FRAUD_ALERT_DDL).format(table=sql.Identifier(schemas.edw, "fraud_alert"))
-        )
+            for side in side_tables_of(contract):
+                conn.execute(side_table_ddl(schemas, side))
     return [change for plan in plans for change in plan.changes]

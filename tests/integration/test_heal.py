@@ -18,8 +18,10 @@ from kappa.dagster.sensors.heal import HEAL_KEY_TAG, HEAL_TAG
 from kappa.dagster.sensors.micro_batch import ASSET_TAG, PARTITIONS_TAG
 from kappa.edw.connection import connect
 from kappa.ingest import reprocess_window
+from kappa.run import FactServices
 from kappa.sources.topic import EventStore
-from kappa.stateful import WaitBudget, WarehouseDimensions
+from kappa.steps import WaitBudget
+from kappa.steps.warehouse import WarehouseLookups
 from tests.integration.harness import Pipeline
 from tests.integration.test_stateful import oltp, order, payment
 
@@ -229,12 +231,17 @@ def test_a_backfill_waits_for_change_capture_once_per_window_not_per_chunk_and_s
             now[0] += seconds
 
         spec = next(s for s, _ in topic_ingests(pipeline.settings) if s.asset == "fact_order")
-        services = _services(pipeline)
+        services = FactServices.from_settings(pipeline.settings)
         store = EventStore(pipeline.env["KAFKA_BOOTSTRAP_SERVERS"])
         try:
             with connect(pipeline.edw_url) as conn, connect(pipeline.env["KAPPA_OLTP_URL"]) as src:
-                dims = WarehouseDimensions(
-                    conn, pipeline.schemas, oltp=src, customers=services[0], calls=services[1]
+                assert spec.step is not None
+                dims = WarehouseLookups(
+                    conn,
+                    pipeline.schemas,
+                    oltp=src,
+                    captures=services.captures,
+                    lookups=spec.step.lookups,
                 )
                 windows = pipeline.settings.windows
                 outcomes = reprocess_window(
@@ -260,13 +267,6 @@ def test_a_backfill_waits_for_change_capture_once_per_window_not_per_chunk_and_s
     assert pipeline.query(
         "SELECT count(*) FILTER (WHERE enrichment = 'provisional'), count(*) FROM edw.fact_order"
     ) == [(160, 160)]
-
-
-def _services(pipeline: Pipeline) -> tuple:
-    from kappa.catalog.captures import load_captures
-
-    by_target = {c.target: c for c in load_captures(pipeline.settings.catalog)}
-    return by_target["dim_customer"], by_target["fact_call_center_call"]
 
 
 FACT_ROWS = "SELECT * FROM edw.fact_order ORDER BY event_id"

@@ -27,7 +27,8 @@ from kappa.run import Connections, FactServices, plan_runs, run_micro_batches
 from kappa.settings import Settings
 from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore
-from kappa.state import PostgresStateBackend, StateCache
+from kappa.state import StateCache
+from kappa.state.postgres import PostgresStateBackend
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +97,7 @@ def _connections(settings: Settings) -> Connections:
 def _run_all(settings: Settings, spec: TopicIngest, run: str) -> int:
     """Plan as the sensor does and run every planned micro-batch run; returns the runs."""
     clients = _connections(settings)
-    services = FactServices(customers=None, calls=None, max_wait_s=0, reprocess_wait_s=0)
+    services = FactServices(max_wait_s=0, reprocess_wait_s=0)
     with clients.event_store() as store, clients.edw() as conn:
         bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
         plan = plan_runs(
@@ -195,7 +196,7 @@ def test_a_stream_declared_in_the_catalogue_loads_exactly_once_with_its_dead_let
         partition_key=None,
         max_batch=settings.batch_max_records,
         cache=StateCache(PostgresStateBackend(clients.schemas), max_keys=1000),
-        services=FactServices(customers=None, calls=None, max_wait_s=0, reprocess_wait_s=0),
+        services=FactServices(max_wait_s=0, reprocess_wait_s=0),
     )
     assert [o.status for o in replay.outcomes] == ["already loaded"] * len(bounds), replay.outcomes
 

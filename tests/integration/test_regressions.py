@@ -9,6 +9,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from examples.shop.steps import CUSTOMER
 from kappa import cli
 from kappa.catalog.captures import load_captures
 from kappa.changes.target import ensure_target
@@ -22,7 +23,7 @@ from kappa.edw.types import BatchRecord, Schemas
 from kappa.exceptions import BatchSupersededError
 from kappa.ingest import run_capture_batch
 from kappa.settings import REPO_ROOT
-from kappa.stateful import WarehouseDimensions
+from kappa.steps.warehouse import WarehouseLookups
 from tests.demo import ORDER_PLACED
 from tests.integration.harness import Pipeline
 
@@ -94,8 +95,12 @@ def test_a_batch_cut_short_does_not_claim_the_dimension_complete(captured):
             oltp, edw, SCHEMAS, SPECS["customers"], requested_end=None, run_id="t", max_changes=1
         )
         assert outcome.loaded == 1
-        mark = WarehouseDimensions(
-            edw, SCHEMAS, oltp=oltp, customers=SPECS["customers"], calls=None
+        mark = WarehouseLookups(
+            edw,
+            SCHEMAS,
+            oltp=oltp,
+            captures={SPECS["customers"].target: SPECS["customers"]},
+            lookups=[CUSTOMER],
         ).watermark()
         [(second_change,)] = oltp.execute(
             "SELECT changed_at FROM cdc.customers_changes ORDER BY change_id OFFSET 1 LIMIT 1"

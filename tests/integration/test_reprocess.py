@@ -15,7 +15,7 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient
 
 from examples.shop import simulator
-from kappa import stateful
+from examples.shop import steps as stateful
 from kappa.local.topics import ensure_topics
 from kappa.settings import Settings
 from kappa.sources.base import LogBounds

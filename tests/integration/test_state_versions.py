@@ -4,7 +4,7 @@ be restored, and rewinding forgets exactly what came after."""
 import pytest
 
 from kappa.edw.connection import connect
-from kappa.state import PostgresStateBackend
+from kappa.state.postgres import PostgresStateBackend
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration

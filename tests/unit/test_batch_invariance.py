@@ -3,7 +3,8 @@
 The same log processed as one batch or cut anywhere into many gives identical rows,
 identical fraud alerts and identical final state, also when a tiny LRU forces state to be
 reloaded from the durable tier between batches, and when processing resumes from the state
-saved at a batch boundary (replay of a partition).
+saved at a batch boundary (replay of a partition). The runs go through
+:mod:`kappa.steps.testing`, the helper any step's own invariance test uses.
 
 The input is a fixed, seeded log of decoded order and payment events (several customers
 and cards, out-of-order event times, dimension versions that change mid-stream, a deleted
@@ -15,12 +16,10 @@ stores values as JSON, as the PostgreSQL one does.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from itertools import pairwise
-from typing import Any
 
 import orjson
 import pandas as pd
@@ -29,12 +28,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pandas.testing import assert_frame_equal
 
+from examples.shop.fraud import FraudRules
+from examples.shop.steps import OrderEnrichment, PaymentFraud
 from kappa.catalog.streams import EventContract
 from kappa.decode.batch import decode_batch
 from kappa.sources.base import RawBatch
 from kappa.state import State, StateCache
-from kappa.stateful import Completeness, OrderEnrichment, PaymentFraud, StatefulStep
-from kappa.transforms import FraudRules
+from kappa.steps.testing import (
+    MemoryLookups,
+    MemoryStateBackend,
+    batch_differences,
+    run_in_batches,
+)
 from tests.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
@@ -57,40 +62,7 @@ RULES = FraudRules(
 # --- the durable tier and the dimensions, in memory ------------------------------------------
 
 
-class MemoryBackend:
-    """A versioned :class:`~kappa.state.StateBackend`: one version per (store, shard, key,
-    position), ``load`` answers the latest; values go through JSON like ``jsonb`` does."""
-
-    def __init__(self) -> None:
-        self.versions: dict[tuple[str, int, str], dict[int, State]] = {}
-
-    def load(self, conn: Any, store: str, shard: int, keys: Sequence[str]) -> dict[str, State]:
-        found = {}
-        for key in keys:
-            versions = self.versions.get((store, shard, key))
-            if versions:
-                found[key] = orjson.loads(orjson.dumps(versions[max(versions)]))
-        return found
-
-    def save(
-        self, conn: Any, store: str, shard: int, position: int, values: Mapping[str, State]
-    ) -> None:
-        for key, value in values.items():
-            versions = self.versions.setdefault((store, shard, key), {})
-            assert position not in versions, f"second version of {key!r} at {position}"
-            versions[position] = orjson.loads(orjson.dumps(value))
-
-    def rewind(self, conn: Any, store: str, shard: int, position: int) -> int:
-        forgotten = 0
-        for (s, sh, _), versions in self.versions.items():
-            if s == store and sh == shard:
-                for later in [p for p in versions if p > position]:
-                    del versions[later]
-                    forgotten += 1
-        return forgotten
-
-    def latest(self) -> dict[tuple[str, int, str], State]:
-        return {k: v[max(v)] for k, v in self.versions.items() if v}
+MemoryBackend = MemoryStateBackend
 
 
 VERSION_COLUMNS = ["customer_id", "customer_sk", "segment", "country", "valid_from", "valid_to"]
@@ -139,18 +111,12 @@ class StaticDimensions:
         calls["called_at"] = _times(calls["called_at"].tolist())
         self.call_rows = calls
 
-    def watermark(self, customer_ids: Sequence[str] = ()) -> Completeness | None:
-        return Completeness(self.mark) if self.mark is not None else None
-
-    def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame:
-        return self.versions[self.versions["customer_id"].isin(customer_ids)].reset_index(drop=True)
-
-    def calls(
-        self, customer_ids: list[str], since: pd.Timestamp, until: pd.Timestamp
-    ) -> pd.DataFrame:
-        c = self.call_rows
-        keep = c["customer_id"].isin(customer_ids) & c["called_at"].between(since, until)
-        return c[keep].reset_index(drop=True)
+    def lookups(self) -> MemoryLookups:
+        return MemoryLookups(
+            versions={"dim_customer": self.versions},
+            ranges={"fact_call_center_call": self.call_rows},
+            mark=self.mark,
+        )
 
 
 # --- the log ---------------------------------------------------------------------------------
@@ -273,19 +239,6 @@ class Result:
     backend: MemoryBackend
 
 
-def _segments(start: int, end: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
-    """Batches ``[a, b)`` covering ``[start, end)``, cut at ``cuts`` (repeats: empty ones)."""
-    bounds = [start, *sorted(c for c in cuts if start <= c <= end), end]
-    return list(pairwise(bounds))
-
-
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    # The warehouse writes each batch's frame on its own: an empty batch's frame (with
-    # whatever dtypes an empty frame has) never meets the others.
-    kept = [f for f in frames if not f.empty]
-    return pd.concat(kept, ignore_index=True) if kept else frames[0]
-
-
 def process(
     order_cuts: Sequence[int] = (),
     payment_cuts: Sequence[int] = (),
@@ -297,40 +250,35 @@ def process(
     payment_start: int = 0,
 ) -> Result:
     """Process the log from the given offsets in batches cut at ``*_cuts`` (absolute
-    offsets), alternating topics, saving and remembering each batch's state like
+    offsets), both steps on one cache, saving and remembering each batch's state like
     ``commit_batch`` does."""
     backend = backend if backend is not None else MemoryBackend()
     cache_ = StateCache(backend, max_keys=max_keys)
-    dims = StaticDimensions(mark)
-    steps: list[tuple[StatefulStep, pd.DataFrame, list[tuple[int, int]]]] = [
-        (OrderEnrichment(), order_rows(), _segments(order_start, N_ORDERS, order_cuts)),
-        (
-            PaymentFraud(RULES),
-            payment_rows(),
-            _segments(payment_start, N_PAYMENTS, payment_cuts),
-        ),
-    ]
-    outputs: list[list[pd.DataFrame]] = [[], []]
-    alerts: list[pd.DataFrame] = []
-    for turn in range(max(len(s[2]) for s in steps)):
-        for which, (step, rows, segments) in enumerate(steps):
-            if turn >= len(segments):
-                continue
-            start, end = segments[turn]
-            batch = rows.iloc[start:end]
-            output = step.apply(None, cache_, dims, SHARD, batch, dims.watermark())  # type: ignore[arg-type]
-            for store, values in output.state.items():
-                cache_.save(None, store, SHARD, end, values)  # type: ignore[arg-type]
-            for store, values in output.state.items():
-                cache_.remember(store, SHARD, values)
-            outputs[which].append(output.rows)
-            if "fraud_alert" in output.side_tables:
-                alerts.append(output.side_tables["fraud_alert"])
-    alert_frame = _concat(alerts).sort_values(["event_id", "rule"]).reset_index(drop=True)
+    lookups = StaticDimensions(mark).lookups()
+    orders = run_in_batches(
+        OrderEnrichment(),
+        order_rows(),
+        lookups,
+        order_cuts,
+        start=order_start,
+        shard=SHARD,
+        backend=backend,
+        cache=cache_,
+    )
+    payments = run_in_batches(
+        PaymentFraud(RULES),
+        payment_rows(),
+        lookups,
+        payment_cuts,
+        start=payment_start,
+        shard=SHARD,
+        backend=backend,
+        cache=cache_,
+    )
     return Result(
-        orders=_concat(outputs[0]).reset_index(drop=True),
-        payments=_concat(outputs[1]).reset_index(drop=True),
-        alerts=alert_frame,
+        orders=orders.rows,
+        payments=payments.rows,
+        alerts=payments.side_tables["fraud_alert"],
         state=backend.latest(),
         cache=cache_,
         backend=backend,
@@ -362,6 +310,9 @@ def test_any_cut_of_the_log_gives_the_rows_alerts_and_state_of_one_batch(
     order_cuts: list[int], payment_cuts: list[int], mark: pd.Timestamp
 ):
     # Repeated cut points make empty batches (every event already loaded), as in ingest.
+    lookups = StaticDimensions(mark).lookups()
+    assert batch_differences(OrderEnrichment(), order_rows(), lookups, order_cuts) == []
+    assert batch_differences(PaymentFraud(RULES), payment_rows(), lookups, payment_cuts) == []
     assert_same(process(order_cuts, payment_cuts, mark=mark), one_batch(mark))
 
 

@@ -161,7 +161,7 @@ def test_the_topic_defaults_to_the_name_and_topic_env_overrides_it(tmp_path):
             "cannot import kappa.nowhere",
         ),
         (
-            ("description: Shipments.", "step: kappa.stateful:NoSuchStep"),
+            ("description: Shipments.", "step: examples.shop.steps:NoSuchStep"),
             "step",
             "has no class NoSuchStep",
         ),
@@ -169,7 +169,7 @@ def test_the_topic_defaults_to_the_name_and_topic_env_overrides_it(tmp_path):
         (
             (
                 "description: Shipments.",
-                "step: kappa.stateful:OrderEnrichment\n    config: {speed: 3}",
+                "step: examples.shop.steps:OrderEnrichment\n    config: {speed: 3}",
             ),
             "config",
             "does not take this config",

@@ -20,18 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pandas.testing import assert_frame_equal
 
+from examples.shop.fraud import ALERT_COLUMNS, FraudRules, fraud_alerts, velocity
+from examples.shop.steps import PaymentFraud
+from examples.shop.steps import customer_as_of as enrich_as_of
 from kappa.state import State, StateCache
-from kappa.stateful import Completeness, PaymentFraud
-from kappa.transforms import (
-    ALERT_COLUMNS,
-    FraudRules,
-    RunningStats,
-    enrich_as_of,
-    fraud_alerts,
-    running_stats,
-    to_cents,
-    velocity,
-)
+from kappa.steps import Completeness, RunningStats, running_stats, to_cents
+from kappa.steps.engine import apply_step
+from kappa.steps.testing import MemoryLookups
 
 VERSION_COLUMNS = ["customer_id", "customer_sk", "segment", "country", "valid_from", "valid_to"]
 CALL_COLUMNS = ["customer_id", "call_id", "reason", "called_at"]
@@ -226,7 +221,11 @@ def test_a_customer_with_a_change_not_loaded_yet_is_complete_only_up_to_just_bef
     ).set_axis([3, 1, 2, 0])
     completeness = Completeness(
         pd.Timestamp("2024-03-01T11:30:00Z"),
-        {"c-1": pd.Timestamp("2024-03-01T10:50:00Z") - pd.Timedelta(microseconds=1)},
+        {
+            "customer_id": {
+                "c-1": pd.Timestamp("2024-03-01T10:50:00Z") - pd.Timedelta(microseconds=1)
+            }
+        },
     )
     marks = completeness.marks(events["customer_id"])
     assert marks.index.tolist() == [3, 1, 2, 0], "row-aligned with the events"
@@ -633,24 +632,26 @@ class DictBackend:
         raise NotImplementedError
 
 
-class StaticDimensions:
+class StaticDimensions(MemoryLookups):
     def __init__(self, versions: pd.DataFrame, calls: pd.DataFrame, mark: pd.Timestamp) -> None:
-        self.versions = versions
-        self.call_rows = calls
-        self.mark = mark
+        super().__init__(
+            versions={"dim_customer": versions},
+            ranges={"fact_call_center_call": calls},
+            mark=mark,
+        )
 
-    def watermark(self, customer_ids: Sequence[str] = ()) -> Completeness | None:
-        return Completeness(self.mark) if self.mark is not None else None
 
-    def customer_versions(self, customer_ids: list[str]) -> pd.DataFrame:
-        return self.versions[self.versions["customer_id"].isin(customer_ids)].reset_index(drop=True)
-
-    def calls(
-        self, customer_ids: list[str], since: pd.Timestamp, until: pd.Timestamp
-    ) -> pd.DataFrame:
-        c = self.call_rows
-        keep = c["customer_id"].isin(customer_ids) & c["called_at"].between(since, until)
-        return c[keep].reset_index(drop=True)
+def run_payments(dims: MemoryLookups, shard: int, rows: pd.DataFrame, completeness: Any) -> Any:
+    """The payment step over ``rows`` as the engine calls it (in-memory state)."""
+    return apply_step(
+        PaymentFraud(RULES),
+        rows,
+        conn=None,  # the in-memory backend needs no connection
+        state=StateCache(DictBackend()),
+        shard=shard,
+        lookups=dims,
+        completeness=completeness,
+    )
 
 
 def test_payment_step_scores_each_payment_by_its_highest_alert():
@@ -670,14 +671,7 @@ def test_payment_step_scores_each_payment_by_its_highest_alert():
         calls_frame([("c-1", "call-1", "travel notice", "2024-03-10T11:03:00Z")]),
         pd.Timestamp("2030-01-01T00:00:00Z"),
     )
-    out = PaymentFraud(RULES).apply(
-        None,  # type: ignore[arg-type]  # the in-memory backend needs no connection
-        StateCache(DictBackend()),
-        dims,
-        2,
-        rows,
-        dims.watermark(),
-    )
+    out = run_payments(dims, 2, rows, dims.watermark())
     assert out.rows["event_id"].tolist() == ["f0", "f1", "f2", "f3"]
     assert out.rows["customer_sk"].tolist() == [11, 11, 11, 11]
     assert out.rows["enrichment"].tolist() == ["as_of"] * 4
@@ -726,11 +720,11 @@ def test_the_payment_step_asks_for_calls_in_the_window_of_the_batch():
     asked: list[tuple[list[str], pd.Timestamp, pd.Timestamp]] = []
 
     class Recording(StaticDimensions):
-        def calls(
-            self, customer_ids: list[str], since: pd.Timestamp, until: pd.Timestamp
+        def range(
+            self, lookup: Any, keys: list[str], since: pd.Timestamp, until: pd.Timestamp
         ) -> pd.DataFrame:
-            asked.append((customer_ids, since, until))
-            return super().calls(customer_ids, since, until)
+            asked.append((keys, since, until))
+            return super().range(lookup, keys, since, until)
 
     rows = payments_frame(
         [
@@ -739,7 +733,7 @@ def test_the_payment_step_asks_for_calls_in_the_window_of_the_batch():
         ]
     ).assign(topic="payments", kafka_partition=0, kafka_offset=[0, 1])
     dims = Recording(versions_frame([]), calls_frame([]), pd.Timestamp("2030-01-01T00:00:00Z"))
-    PaymentFraud(RULES).apply(None, StateCache(DictBackend()), dims, 0, rows, None)  # type: ignore[arg-type]
+    run_payments(dims, 0, rows, None)
     # once per batch, distinct sorted customers, [earliest - 48 h, latest]
     assert asked == [
         (
@@ -754,7 +748,7 @@ def test_state_of_a_very_large_amount_survives_the_round_trip_to_json():
     """Sums of squared cents pass 2**64 with one amount of ~43 million: still exact."""
     import json
 
-    from kappa.state import _json
+    from kappa.state.postgres import _json
 
     stats = running_stats(
         pd.Series(["c-1"], dtype="string"), to_cents(pd.Series([50_000_000.00])), {}
@@ -800,7 +794,7 @@ def test_half_cent_means_round_to_even_cents():
 
 
 def test_scores_round_exactly_half_to_even():
-    from kappa.transforms import round_score
+    from examples.shop.fraud import round_score
 
     # 0.0625 is a double exactly: a true tie, to even. 0.0005 as a double is a hair above.
     assert round_score(np.array([0.0625, 0.6666666, 1.0, 0.0005])).tolist() == [

@@ -17,7 +17,7 @@ class EventStoreResource(dg.ConfigurableResource):
     Usage::
 
         with event_store.open() as store:
-            bounds = store.log_bounds("orders", store.partitions("orders"))
+            bounds = store.log_bounds(topic, store.partitions(topic))
     """
 
     bootstrap_servers: str = Field(

@@ -1,10 +1,11 @@
-"""The state cache of stateful transforms as a Dagster resource."""
+"""The state cache of stateful steps as a Dagster resource."""
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from kappa.edw.types import Schemas
-from kappa.state import PostgresStateBackend, StateCache
+from kappa.state import StateCache
+from kappa.state.postgres import PostgresStateBackend
 
 
 class StateCacheResource(dg.ConfigurableResource):
@@ -13,7 +14,7 @@ class StateCacheResource(dg.ConfigurableResource):
     Usage::
 
         cache = state_cache.cache(warehouse.schemas)
-        prior = cache.get_many(conn, "order_stats", partition, customer_ids)
+        prior = cache.get_many(conn, "running_totals", partition, keys)
     """
 
     max_keys: int = Field(

@@ -22,10 +22,16 @@ from kappa.dagster.sensors.micro_batch import (
     PARTITIONS_TAG,
     SENSOR_STATEMENT_TIMEOUT_S,
 )
-from kappa.heal import HEAL_TAG, ledger_fingerprint, plan_heal, provisional_groups
+from kappa.heal import (
+    HEAL_TAG,
+    group_values,
+    ledger_fingerprint,
+    plan_heal,
+    provisional_groups,
+)
 from kappa.ingest import TopicIngest
 from kappa.partitions import TimeWindows
-from kappa.stateful import WarehouseDimensions
+from kappa.steps.warehouse import WarehouseLookups
 
 __all__ = ["HEAL_KEY_TAG", "HEAL_TAG", "build_heal_sensor"]
 
@@ -78,13 +84,13 @@ def build_heal_sensor(
             completeness = None
             if groups:
                 with oltp.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as source:
-                    completeness = WarehouseDimensions(
+                    completeness = WarehouseLookups(
                         conn,
                         schemas,
                         oltp=source,
-                        customers=services.customers,
-                        calls=services.calls,
-                    ).watermark(sorted({g.customer_id for g in groups}))
+                        captures=services.captures,
+                        lookups=spec.step.lookups if spec.step is not None else (),
+                    ).watermark(group_values(groups))
             plan = plan_heal(spec.asset, groups, completeness, windows)
             if plan.partition_key is None:
                 return dg.SensorResult(skip_reason=plan.waiting)

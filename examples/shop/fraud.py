@@ -1,13 +1,8 @@
-"""Stateful transforms over a batch, as pure functions of (batch, prior state).
+"""The shop's fraud rules over a batch of payments, as pure functions of (batch, prior state).
 
-They depend only on the rows in log order and the state before the batch, never on where
-a batch was cut, so the same offsets processed as one batch or as many give identical rows
-and identical final state:
-
-* running statistics keep exact integer sums of cents (count, sum, sum of squares), so the
-  mean and deviation do not depend on the order floating-point sums were combined in;
-* the velocity window is advanced payment by payment, in log order;
-* enrichment joins the dimension version valid at each event's time.
+They depend only on the rows in log order and the state before the batch, never on where a
+batch was cut: the velocity window is advanced payment by payment in log order, and the
+amount rule reads the integer-exact running statistics of :func:`kappa.steps.running_stats`.
 """
 
 from __future__ import annotations
@@ -22,138 +17,14 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from kappa.exact import round_half_even_div
-from kappa.state import State
-
-
-def to_cents(amount: pd.Series) -> np.ndarray:
-    """Amounts (2 decimals) as exact integer cents."""
-    return np.rint(amount.to_numpy(dtype=float) * 100).astype(np.int64)
-
-
-@dataclass
-class RunningStats:
-    """Per-row statistics as they stood before each row, and the state after the batch."""
-
-    count_before: np.ndarray
-    mean_before: np.ndarray
-    #: The mean before each row in cents, exactly rounded half to even (NaN: no history),
-    #: divided by 100: what a numeric(p, 2) column stores, with no float rounding on the way.
-    mean_cents_before: np.ndarray
-    stddev_before: np.ndarray
-    after: dict[str, State]
-
-
-def running_stats(keys: pd.Series, cents: np.ndarray, prior: Mapping[str, State]) -> RunningStats:
-    """Count, mean and sample deviation of each key's amounts before each row (log order).
-
-    Sums are Python integers of cents (exact, no overflow); each row's mean and variance
-    are one division of exact integers, so the same inputs give the same bits however the
-    log was cut into batches.
-    """
-    totals: dict[str, list[int]] = {}
-    size = len(cents)
-    count = np.zeros(size, dtype=np.int64)
-    mean = np.full(size, np.nan)
-    mean_cents = np.full(size, np.nan)
-    variance = np.full(size, np.nan)
-    for i, (key, c) in enumerate(zip(keys.to_numpy(dtype=object), cents.tolist(), strict=True)):
-        acc = totals.get(key)
-        if acc is None:
-            state = prior.get(key) or {}
-            acc = totals[key] = [state.get("n", 0), state.get("sum", 0), state.get("sumsq", 0)]
-        n, total, squares = acc
-        count[i] = n
-        if n > 0:
-            mean[i] = total / n / 100.0
-            mean_cents[i] = round_half_even_div(total, n)
-        if n > 1:
-            variance[i] = (n * squares - total * total) / (n * (n - 1))
-        acc[0], acc[1], acc[2] = n + 1, total + c, squares + c * c
-    stddev = np.sqrt(np.maximum(variance, 0.0)) / 100.0
-    after = {
-        key: {"n": n, "sum": total, "sumsq": squares} for key, (n, total, squares) in totals.items()
-    }
-    return RunningStats(
-        count_before=count,
-        mean_before=mean,
-        mean_cents_before=mean_cents / 100.0,
-        stddev_before=stddev,
-        after=after,
-    )
-
-
-def enrich_as_of(
-    events: pd.DataFrame, versions: pd.DataFrame, watermark: pd.Timestamp | pd.Series | None
-) -> pd.DataFrame:
-    """The dimension version valid at each event's time, row-aligned with ``events``.
-
-    ``events`` has ``customer_id`` and ``event_time``; ``versions`` has ``customer_id``,
-    ``customer_sk``, ``segment``, ``country``, ``valid_from``, ``valid_to``. ``watermark``:
-    the time change capture is complete up to, for every row or per row (a row-aligned
-    series). ``enrichment`` says ``as_of`` (the version valid then), ``provisional`` (the
-    event is later than what change capture has loaded: the newest known version, which may
-    change) or ``unknown_customer``.
-    """
-    left = pd.DataFrame(
-        {
-            "row": np.arange(len(events)),
-            "customer_id": _key(events["customer_id"]),
-            "event_time": _utc(events["event_time"]),
-        }
-    ).sort_values(["event_time", "row"], kind="stable")
-    right = pd.DataFrame(
-        {
-            "customer_id": _key(versions["customer_id"]),
-            "valid_from": _utc(versions["valid_from"]),
-            "valid_to": _utc(versions["valid_to"]),
-            "customer_sk": versions["customer_sk"].to_numpy(),
-            "segment": versions["segment"].to_numpy(),
-            "country": versions["country"].to_numpy(),
-        }
-    ).sort_values(["valid_from", "customer_sk"], kind="stable")
-    if right.empty:
-        joined = left.assign(
-            customer_sk=pd.NA,
-            segment=pd.NA,
-            country=pd.NA,
-            valid_to=pd.Series(pd.NaT, index=left.index, dtype="datetime64[ns, UTC]"),
-        )
-    else:
-        joined = pd.merge_asof(
-            left,
-            right[["customer_id", "valid_from", "valid_to", "customer_sk", "segment", "country"]],
-            left_on="event_time",
-            right_on="valid_from",
-            by="customer_id",
-            direction="backward",
-        )
-    closed = joined["valid_to"].notna() & (joined["event_time"] >= joined["valid_to"])
-    joined.loc[closed, ["customer_sk", "segment", "country"]] = pd.NA
-    joined = joined.sort_values("row").reset_index(drop=True)
-    found = joined["customer_sk"].notna().to_numpy()
-    if watermark is None:
-        late = np.ones(len(joined), dtype=bool)
-    elif isinstance(watermark, pd.Series):
-        # As datetime64 (UTC): without a dtype, zone-aware times become an object array of
-        # Timestamps, which was most of this function's time.
-        late = (
-            joined["event_time"].to_numpy("datetime64[ns]")
-            > _utc(watermark).to_numpy("datetime64[ns]")
-        ) | watermark.isna().to_numpy()
-    else:
-        late = (joined["event_time"] > watermark).to_numpy()
-    joined["enrichment"] = np.where(
-        ~found, "unknown_customer", np.where(late, "provisional", "as_of")
-    )
-    return pd.DataFrame(
-        {
-            "customer_sk": joined["customer_sk"].astype("Int64"),
-            "customer_segment": joined["segment"].astype("string"),
-            "customer_country": joined["country"].astype("string"),
-            "enrichment": joined["enrichment"].astype("string"),
-        }
-    )
+from kappa.steps import (
+    RunningStats,
+    State,
+    StepConfig,
+    join_key,
+    round_half_even_div,
+    utc_times,
+)
 
 
 @dataclass(frozen=True)
@@ -168,6 +39,22 @@ class FraudRules:
     geo_score: float = 0.5
     geo_after_call_score: float = 0.9
     geo_call_window: timedelta = timedelta(hours=48)
+
+    @classmethod
+    def from_catalog(cls, config: StepConfig) -> FraudRules:
+        """The thresholds of the stream's ``config:`` (each optional, with these defaults:
+        ``velocity_max`` 3 payments, ``velocity_window_s`` 60, ``amount_z`` 3.0,
+        ``call_window_h`` 48)."""
+        return cls(
+            velocity_max_payments=config.integer("velocity_max", 3, minimum=1, maximum=10_000),
+            velocity_window=config.seconds(
+                "velocity_window_s", timedelta(seconds=60), maximum=timedelta(days=365)
+            ),
+            amount_z=config.number("amount_z", 3.0, minimum=0.1, maximum=1000),
+            geo_call_window=timedelta(
+                hours=config.integer("call_window_h", 48, minimum=1, maximum=8760)
+            ),
+        )
 
 
 ALERT_COLUMNS = ["event_id", "rule", "score", "evidence", "customer_id", "event_time"]
@@ -351,8 +238,8 @@ def _latest_call_before(
     left = pd.DataFrame(
         {
             "row": np.arange(len(payments)),
-            "customer_id": _key(payments["customer_id"]),
-            "event_time": _utc(payments["event_time"]),
+            "customer_id": join_key(payments["customer_id"]),
+            "event_time": utc_times(payments["event_time"]),
         }
     ).sort_values(["event_time", "row"], kind="stable")
     if calls.empty:
@@ -361,8 +248,8 @@ def _latest_call_before(
         )
     right = pd.DataFrame(
         {
-            "customer_id": _key(calls["customer_id"]),
-            "called_at": _utc(calls["called_at"]),
+            "customer_id": join_key(calls["customer_id"]),
+            "called_at": utc_times(calls["called_at"]),
             "call_id": calls["call_id"].to_numpy(),
             "reason": calls["reason"].to_numpy(),
         }
@@ -377,13 +264,3 @@ def _latest_call_before(
         tolerance=pd.Timedelta(window),
     ).sort_values("row")
     return joined[["call_id", "reason", "called_at"]].reset_index(drop=True)
-
-
-def _key(values: pd.Series) -> np.ndarray:
-    """Join keys as plain Python strings, whatever string dtype pandas chose."""
-    return np.asarray(values.to_numpy(dtype=object), dtype=object)
-
-
-def _utc(times: pd.Series) -> pd.Series:
-    """One time representation for joins: nanoseconds, UTC, index dropped."""
-    return pd.to_datetime(times, utc=True).astype("datetime64[ns, UTC]").reset_index(drop=True)
