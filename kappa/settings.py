@@ -186,6 +186,18 @@ SETTINGS: tuple[Setting, ...] = (
         "300",
         "Freshness check: the oldest record or change not yet in the EDW may be this many seconds old.",
     ),
+    Setting(
+        "KAPPA_RUN_RETENTION_HOURS",
+        "48",
+        "Finished micro-batch runs and their event logs are deleted from Dagster's storage this "
+        "many hours after they end, once their time partition is closed and summarised "
+        "(backfill, heal and check runs are kept). 0: keep every run.",
+    ),
+    Setting(
+        "KAPPA_RUN_RETENTION_DELETES",
+        "200",
+        "Most runs the retention sensor deletes per tick (one tick a minute).",
+    ),
 )
 
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
@@ -327,6 +339,8 @@ class Settings:
     fraud_amount_z: float
     fraud_call_window_h: int
     freshness_max_lag_s: float
+    run_retention_hours: int
+    run_retention_deletes: int
     env: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
@@ -402,6 +416,10 @@ class Settings:
             fraud_call_window_h=_int(env, "KAPPA_FRAUD_CALL_WINDOW_H", minimum=1, maximum=8760),
             freshness_max_lag_s=_float(
                 env, "KAPPA_FRESHNESS_MAX_LAG_S", minimum=1.0, maximum=31_536_000
+            ),
+            run_retention_hours=_int(env, "KAPPA_RUN_RETENTION_HOURS", minimum=0, maximum=87_600),
+            run_retention_deletes=_int(
+                env, "KAPPA_RUN_RETENTION_DELETES", minimum=1, maximum=10_000
             ),
             env=env,
         )

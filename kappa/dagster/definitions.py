@@ -34,9 +34,11 @@ from kappa.dagster.resources.event_store import EventStoreResource
 from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.state import StateCacheResource
 from kappa.dagster.resources.warehouse import WarehouseResource
+from kappa.dagster.retention import policy_from
 from kappa.dagster.sensors.cdc import build_capture_sensor
 from kappa.dagster.sensors.event_store import build_offset_sensor
 from kappa.dagster.sensors.heal import build_heal_sensor
+from kappa.dagster.sensors.retention import build_retention_sensor
 from kappa.heal import heals
 from kappa.health import failure_threshold
 from kappa.run import FactServices
@@ -168,6 +170,11 @@ def build_definitions(
                 captures,
                 max_lag_s=settings.freshness_max_lag_s,
                 failure_threshold=failure_threshold(settings.run_retries),
+            ),
+            build_retention_sensor(
+                [*facts, *(spec.asset for spec in captures)],
+                windows=settings.windows,
+                policy=policy_from(settings),
             ),
         ],
         resources=resources(settings),
