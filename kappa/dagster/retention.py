@@ -37,13 +37,14 @@ import psycopg
 from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG
 from psycopg import sql
 
+from kappa.dagster.assets.recent_batches import SUMMARY_MODE
 from kappa.dagster.sensors.micro_batch import IN_FLIGHT, RANGES_TAG
 from kappa.edw.types import Schemas
 from kappa.health import ASSET_TAG
 from kappa.partitions import TimeWindows
 
-#: The ``mode`` of a summarising materialisation (a micro-batch says ``micro-batch``).
-SUMMARY_MODE = "partition summary"
+__all__ = ["SUMMARY_MODE", "RetentionPolicy", "apply_retention", "storage_report"]
+
 _SUMMARISED_KEY = "kappa/retention/summarised/{asset}"
 _PRUNED_KEY = "kappa/retention/pruned/{asset}"
 #: Partitions summarised per asset and tick: a daemon that was down catches up over ticks.
@@ -381,3 +382,18 @@ def policy_from(settings: Any) -> RetentionPolicy:
         deletes_per_tick=settings.run_retention_deletes,
         grace_s=settings.run_max_runtime_s + settings.sensor_interval_s,
     )
+
+
+def status_lines(settings: Any) -> list[str]:
+    """:func:`storage_report` of the deployment's instance, for ``kappa status``; an instance
+    that cannot be read is said, not raised (the rest of the status stands)."""
+    import sqlalchemy.exc
+
+    from kappa.check_status import InstanceUnavailable, open_instance
+
+    policy = policy_from(settings)
+    try:
+        with open_instance(settings) as instance:
+            return ["", *storage_report(instance, policy)]
+    except (InstanceUnavailable, sqlalchemy.exc.SQLAlchemyError) as exc:
+        return ["", f"Dagster storage retention: {policy.describe()}", f"  sizes not read ({exc})"]

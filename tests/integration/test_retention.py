@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
+from dagster_shared.serdes import serialize_value
 from sqlalchemy.engine import make_url
 
 from kappa.dagster.assets.partitions import arrival_partitions
@@ -18,6 +19,7 @@ from kappa.dagster.retention import (
     RetentionPolicy,
     apply_retention,
     storage_report,
+    storage_sizes,
 )
 from kappa.edw.connection import connect
 from tests.integration.harness import Pipeline
@@ -26,7 +28,8 @@ from tests.integration.test_reprocess import FACTS, edw_checksums, produce_at, r
 pytestmark = pytest.mark.integration
 
 HOURS = 3
-MESSAGES_PER_HOUR = 240
+ROUNDS_PER_HOUR = 12
+MESSAGES_PER_ROUND = 60
 
 
 @pytest.fixture
@@ -76,6 +79,12 @@ def storage_figures(instance: dg.DagsterInstance) -> dict[str, int]:
                 sa.text("SELECT count(*), coalesce(sum(pg_column_size(e.*)), 0) FROM event_logs e")
             ).one()
             tags = conn.execute(sa.text("SELECT count(*) FROM run_tags")).one()
+            by_type = conn.execute(
+                sa.text(
+                    "SELECT coalesce(dagster_event_type, 'log line'), count(*), "
+                    "sum(pg_column_size(e.*)) FROM event_logs e GROUP BY 1 ORDER BY 3 DESC"
+                )
+            ).fetchall()
     finally:
         engine.dispose()
     return {
@@ -84,6 +93,7 @@ def storage_figures(instance: dg.DagsterInstance) -> dict[str, int]:
         "run_tags": tags[0],
         "events": events[0],
         "event_bytes": events[1],
+        **{f"{kind} ({count})": size for kind, count, size in by_type},
     }
 
 
@@ -125,17 +135,25 @@ def test_retention_deletes_old_micro_batch_runs_and_every_closed_partition_stays
     keys = [start.strftime(pipeline.settings.windows.fmt) for start in hour_starts]
     for i, start in enumerate(hour_starts):
         # A few rounds per hour: each round is drained before the next arrives, as live.
-        for round_ in range(4):
+        for round_ in range(ROUNDS_PER_HOUR):
             produce_at(
                 pipeline,
-                start + timedelta(minutes=12 * round_),
-                MESSAGES_PER_HOUR // 4,
+                start + timedelta(minutes=60 * round_ / ROUNDS_PER_HOUR),
+                MESSAGES_PER_ROUND,
                 seed=100 * i + round_,
             )
             for fact in FACTS:
                 pipeline.drain(fact)
     edw_before = edw_checksums(pipeline)
     before = storage_figures(instance)
+    tables_before = storage_sizes(instance)
+    newest = instance.get_latest_materialization_event(dg.AssetKey("fact_order"))
+    assert newest is not None and newest.asset_materialization is not None
+    print(
+        "\nmetadata bytes:",
+        {k: len(serialize_value(v)) for k, v in newest.asset_materialization.metadata.items()},
+    )
+    print("tables:", tables_before)
     micro_batches = instance.get_runs_count(dg.RunsFilter(tags={"kappa/asset": "fact_order"})) + (
         instance.get_runs_count(dg.RunsFilter(tags={"kappa/asset": "fact_payment"}))
     )
@@ -186,6 +204,7 @@ def test_retention_deletes_old_micro_batch_runs_and_every_closed_partition_stays
             ticks += 1
     after = storage_figures(instance)
     print(f"after {ticks} ticks: {after}")
+    print("tables:", storage_sizes(instance))
     assert after["runs"] == 0
     assert after["events"] < before["events"] / 20
 
