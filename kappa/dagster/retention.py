@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from typing import Any
 
 import dagster as dg
@@ -47,8 +48,10 @@ __all__ = ["SUMMARY_MODE", "RetentionPolicy", "apply_retention", "storage_report
 
 _SUMMARISED_KEY = "kappa/retention/summarised/{asset}"
 _PRUNED_KEY = "kappa/retention/pruned/{asset}"
-#: Partitions summarised per asset and tick: a daemon that was down catches up over ticks.
+#: Partitions summarised, and partitions examined for deletion, per asset and tick: a daemon
+#: that was down (or a first tick over months of partitions) catches up over ticks.
 SUMMARIES_PER_TICK = 24
+PARTITIONS_PER_TICK = 48
 
 FINISHED = [
     dg.DagsterRunStatus.SUCCESS,
@@ -246,7 +249,7 @@ def prune_runs(
     pruned = _cursor(instance, pruned_key)
     first = windows.next(windows.window(pruned)) if pruned else windows.at(windows.start)
     deleted: list[str] = []
-    for window in _windows(windows, first.key, through):
+    for window in islice(_windows(windows, first.key, through), PARTITIONS_PER_TICK):
         if len(deleted) >= limit:
             break
         # Heal runs of the partition come back in each page and are kept: ask for enough.
