@@ -4,8 +4,8 @@ From the settings (and the catalogue they name) it builds, for every event strea
 source asset, the fact asset that loads micro-batches, its checks and its offset sensor (and
 heal sensor when its step can load provisional rows); for every captured table, the change
 table source, the target asset, its checks and its capture sensor; the freshness checks and
-sensor; the ``edw_checks`` job; the resources. A code location adds its own assets (marts)
-with ``dg.Definitions.merge``.
+sensor; the retention sensor (:mod:`kappa.dagster.retention`); the ``edw_checks`` job; the
+resources. A code location adds its own assets (marts) with ``dg.Definitions.merge``.
 """
 
 from __future__ import annotations

@@ -247,9 +247,16 @@ def prune_runs(
     cutoff = now - timedelta(hours=keep_hours)
     pruned_key = _PRUNED_KEY.format(asset=asset)
     pruned = _cursor(instance, pruned_key)
-    first = windows.next(windows.window(pruned)) if pruned else windows.at(windows.start)
+    try:
+        first = windows.next(windows.window(pruned)) if pruned else windows.at(windows.start)
+    except ValueError:  # a key of another grain (KAPPA_PARTITIONS changed): start over
+        first = windows.at(windows.start)
+    try:
+        pending = list(islice(_windows(windows, first.key, through), PARTITIONS_PER_TICK))
+    except ValueError:  # the last summary is of another grain: wait for one of this grain
+        return []
     deleted: list[str] = []
-    for window in islice(_windows(windows, first.key, through), PARTITIONS_PER_TICK):
+    for window in pending:
         if len(deleted) >= limit:
             break
         # Heal runs of the partition come back in each page and are kept: ask for enough.
