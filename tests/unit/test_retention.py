@@ -3,7 +3,13 @@ from datetime import UTC, datetime
 import dagster as dg
 import pytest
 
-from kappa.dagster.retention import RetentionPolicy, last_closed, policy_from, prunable
+from kappa.dagster.retention import (
+    RetentionPolicy,
+    last_closed,
+    policy_from,
+    prunable,
+    prune_runs,
+)
 from kappa.exceptions import ConfigurationError
 from kappa.partitions import TimeWindows
 from kappa.settings import Settings
@@ -58,3 +64,23 @@ def test_only_micro_batches_outside_backfills_may_be_deleted():
 def test_a_policy_describes_what_it_never_deletes():
     text = RetentionPolicy(keep_hours=6, deletes_per_tick=50, grace_s=60).describe()
     assert "backfill, heal and check runs kept" in text and "50 deleted per tick" in text
+
+
+def test_cursors_of_another_grain_neither_raise_nor_delete():
+    windows = TimeWindows("hourly", datetime(2026, 11, 1, tzinfo=UTC))
+    with dg.instance_for_test() as instance:
+        instance.run_storage.set_cursor_values(
+            {
+                "kappa/retention/summarised/fact_order": "2026-11-03",
+                "kappa/retention/pruned/fact_order": "2026-11-02",
+            }
+        )
+        deleted = prune_runs(
+            instance,
+            "fact_order",
+            windows,
+            now=datetime(2026, 11, 10, tzinfo=UTC),
+            keep_hours=1,
+            limit=10,
+        )
+    assert deleted == []
