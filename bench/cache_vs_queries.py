@@ -64,8 +64,8 @@ from bench.common import (
     stored_mean_before,
 )
 from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
-from examples.shop.simulator import SimulatorConfig, generate
 from examples.shop.fraud import FraudRules
+from examples.shop.simulator import SimulatorConfig, generate
 from examples.shop.steps import OrderEnrichment, PaymentFraud
 from kappa.decode.batch import decode_batch
 from kappa.edw.connection import connect

@@ -146,6 +146,18 @@ SETTINGS: tuple[Setting, ...] = (
         "300",
         "Freshness check: the oldest record or change not yet in the EDW may be this many seconds old.",
     ),
+    Setting(
+        "KAPPA_RUN_RETENTION_HOURS",
+        "48",
+        "Finished micro-batch runs and their event logs are deleted from Dagster's storage this "
+        "many hours after they end, once their time partition is closed and summarised "
+        "(backfill, heal and check runs are kept). 0: keep every run.",
+    ),
+    Setting(
+        "KAPPA_RUN_RETENTION_DELETES",
+        "200",
+        "Most runs the retention sensor deletes per tick (one tick a minute).",
+    ),
 )
 
 #: Public here too: the parsers of kappa.setting_values, for a project's own settings.
@@ -253,6 +265,8 @@ class Settings:
     heal_interval_s: int
     state_cache_keys: int
     freshness_max_lag_s: float
+    run_retention_hours: int
+    run_retention_deletes: int
     env: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
@@ -314,6 +328,10 @@ class Settings:
             state_cache_keys=_int(env, "KAPPA_STATE_CACHE_KEYS", minimum=1, maximum=100_000_000),
             freshness_max_lag_s=_float(
                 env, "KAPPA_FRESHNESS_MAX_LAG_S", minimum=1.0, maximum=31_536_000
+            ),
+            run_retention_hours=_int(env, "KAPPA_RUN_RETENTION_HOURS", minimum=0, maximum=87_600),
+            run_retention_deletes=_int(
+                env, "KAPPA_RUN_RETENTION_DELETES", minimum=1, maximum=10_000
             ),
             env=env,
         )

@@ -201,6 +201,9 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                 for s in failing
             ],
         )
+    from kappa.dagster.retention import status_lines
+
+    say("\n".join(status_lines(settings)))
     return 1 if failing or stopped else 0
 
 

@@ -4,8 +4,8 @@ From the settings (and the catalogue they name) it builds, for every event strea
 source asset, the fact asset that loads micro-batches, its checks and its offset sensor (and
 heal sensor when its step can load provisional rows); for every captured table, the change
 table source, the target asset, its checks and its capture sensor; the freshness checks and
-sensor; the ``edw_checks`` job; the resources. A code location adds its own assets (marts)
-with ``dg.Definitions.merge``.
+sensor; the retention sensor (:mod:`kappa.dagster.retention`); the ``edw_checks`` job; the
+resources. A code location adds its own assets (marts) with ``dg.Definitions.merge``.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from kappa.dagster.resources.event_store import EventStoreResource
 from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.state import StateCacheResource
 from kappa.dagster.resources.warehouse import WarehouseResource
+from kappa.dagster.retention import policy_from
 from kappa.dagster.sensors.cdc import build_capture_sensor
 from kappa.dagster.sensors.event_store import build_offset_sensor
 from kappa.dagster.sensors.heal import build_heal_sensor
+from kappa.dagster.sensors.retention import build_retention_sensor
 from kappa.heal import heals
 from kappa.health import failure_threshold
 from kappa.run import FactServices
@@ -159,6 +161,11 @@ def build_definitions(
                 captures,
                 max_lag_s=settings.freshness_max_lag_s,
                 failure_threshold=failure_threshold(settings.run_retries),
+            ),
+            build_retention_sensor(
+                [*facts, *(spec.asset for spec in captures)],
+                windows=settings.windows,
+                policy=policy_from(settings),
             ),
         ],
         resources=resources(settings),

@@ -48,6 +48,8 @@ def dagster_config(settings: Settings) -> dict[str, Any]:
             "poll_interval_seconds": 30,
         },
         "sensors": {"use_threads": True, "num_workers": 4},
+        # Sensor ticks only (the retention sensor's skipped ticks go after a day): Dagster
+        # prunes no runs, the kappa_run_retention sensor deletes old micro-batch runs.
         "retention": {
             "sensor": {"purge_after_days": {"skipped": 1, "failure": 7, "success": 7}},
         },

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import dagster as dg
 
-from kappa.dagster.assets.recent_batches import recent_batches_metadata, sparkline
+from kappa.dagster.assets.recent_batches import (
+    RECENT_BATCHES,
+    SUMMARY_MODE,
+    TABLE_ROWS,
+    recent_batches_metadata,
+    sparkline,
+)
 from kappa.freshness import ShardFreshness, verdict
 
 
@@ -72,3 +78,30 @@ def test_recent_batches_of_a_first_batch_is_just_that_batch():
         metadata = recent_batches_metadata(instance, "dim_customer", {"rows_received": 3})
     rows = [r.data for r in metadata["recent_batches"].value.records]  # type: ignore[attr-defined]
     assert len(rows) == 1 and rows[0]["received"] == 3 and rows[0]["rows_per_s"] == 0.0
+
+
+def test_recent_batches_skip_the_summaries_of_closed_partitions():
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("fact_order", metadata=_batch(100, 0, 1.0))
+        )
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                "fact_order", metadata={"mode": SUMMARY_MODE, "rows_received": 90_000}
+            )
+        )
+        metadata = recent_batches_metadata(instance, "fact_order", _batch(5, 0, 1.0))
+    rows = [r.data for r in metadata["recent_batches"].value.records]  # type: ignore[attr-defined]
+    assert [r["received"] for r in rows] == [5, 100]
+
+
+def test_the_recent_batches_table_is_shorter_than_the_trend():
+    with dg.instance_for_test() as instance:
+        for lag in range(RECENT_BATCHES + 5):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization("fact_order", metadata=_batch(10, lag, 1.0))
+            )
+        metadata = recent_batches_metadata(instance, "fact_order", _batch(10, 0, 1.0))
+    rows = metadata["recent_batches"].value.records  # type: ignore[attr-defined]
+    assert len(rows) == TABLE_ROWS < RECENT_BATCHES
+    assert f"last {RECENT_BATCHES} batches" in metadata["lag_trend"].value  # type: ignore[operator]
