@@ -8,7 +8,7 @@ from kappa.catalog.files import SETTING
 from kappa.catalog.streams import EventContract, resolve_step
 from kappa.exceptions import ConfigurationError
 from kappa.ingest import TopicIngest
-from kappa.names import identifier
+from kappa.setting_values import identifier
 from kappa.settings import Settings
 from kappa.steps.api import AsOf, Step
 from kappa.steps.config import StepConfig
