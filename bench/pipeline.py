@@ -42,7 +42,7 @@ from kappa.edw.connection import connect
 from kappa.edw.ledger import read_heads
 from kappa.edw.types import Schemas
 from kappa.exceptions import KappaError
-from kappa.ingest import TopicIngest
+from kappa.ingest.plan import TopicIngest
 from kappa.run import (
     PARALLEL_PARTITIONS,
     Connections,

@@ -1,6 +1,6 @@
 """Launch and follow Dagster backfills through the webserver's GraphQL API, as the UI does.
 
-For scripts and runbooks: ``kappa backfill fact_order --from 2026-11-20`` asks the running
+For scripts and runbooks: ``kappa backfill <asset> --from 2026-11-20`` asks the running
 Dagster webserver for the same partition backfill a user would launch from the asset's
 Partitions tab; the daemon runs it.
 """

@@ -25,7 +25,7 @@ from kappa.catalog.captures import CaptureSpec
 from kappa.edw.ledger import read_head, read_heads
 from kappa.edw.types import Schemas
 from kappa.health import RunFailures, capture_stop, topic_stop
-from kappa.ingest import TopicIngest
+from kappa.ingest.plan import TopicIngest
 from kappa.sources import pg_capture
 from kappa.sources.topic import EventStore
 

@@ -4,7 +4,7 @@ change capture covered them, and which of those can be re-derived now.
 A row is ``provisional`` when its event was newer than what change capture had loaded when
 its batch ran (see :class:`kappa.steps.Completeness`). Once capture is complete past its
 event time for its lookup keys (the event fields the step's lookups match on), re-deriving its time partition through the backfill path
-(:func:`kappa.ingest.reprocess_window`) joins the version valid at the event time, and gives
+(:func:`kappa.ingest.reprocess.reprocess_window`) joins the version valid at the event time, and gives
 the rows a backfill gives, so replay equivalence holds. A heal re-derives the partition only
 from each shard's first ledger batch holding a provisional row (:func:`heal_positions`). The
 heal sensor plans that run; this module finds the partitions, without Dagster.

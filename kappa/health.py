@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 from kappa.catalog.captures import CaptureSpec
 from kappa.edw.types import LedgerHead
 from kappa.exceptions import LogResetError
-from kappa.ingest import check_capture_continuity, check_continuity
+from kappa.ingest.capture import check_capture_continuity
+from kappa.ingest.plan import check_continuity
 from kappa.sources.base import LogBounds
 
 if TYPE_CHECKING:

@@ -29,7 +29,8 @@ from kappa.decode.batch import decode_batch
 from kappa.edw.ledger import lock_head, read_heads
 from kappa.edw.poison import REFUSED_PREFIX
 from kappa.edw.types import Schemas
-from kappa.ingest import TopicIngest, reprocess_capture_window
+from kappa.ingest.capture import reprocess_capture_window
+from kappa.ingest.plan import TopicIngest
 from kappa.sources import pg_capture
 from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore

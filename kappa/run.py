@@ -30,16 +30,9 @@ from kappa.catalog.captures import CaptureSpec
 from kappa.edw.types import LedgerHead, Schemas
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.heal import heal_positions
-from kappa.ingest import (
-    BatchOutcome,
-    OffsetRange,
-    TopicIngest,
-    WindowOutcome,
-    locate_windows,
-    plan_ranges,
-    reprocess_window,
-    run_batch,
-)
+from kappa.ingest.plan import OffsetRange, TopicIngest, locate_windows, plan_ranges
+from kappa.ingest.reprocess import WindowOutcome, reprocess_window
+from kappa.ingest.topic import BatchOutcome, run_batch
 from kappa.partitions import TimeWindows, Window
 from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore
@@ -225,7 +218,7 @@ def run_micro_batches(
     """Load ``ranges`` (one per topic partition) as one run appending to ``partition_key``.
 
     Partitions load in parallel (at most ``parallel``; with 1, in the calling thread), each
-    batch exactly once (:func:`kappa.ingest.run_batch`). A batch another run committed first
+    batch exactly once (:func:`kappa.ingest.topic.run_batch`). A batch another run committed first
     is logged and left out; a failing batch does not stop the others: its error is returned
     in ``failures`` for the caller to fail the run with.
     """
@@ -308,7 +301,7 @@ def reprocess_partitions(
     heal: bool = False,
 ) -> ReprocessRun:
     """Replace the time partitions ``keys`` of ``spec.asset`` from the log, in order, each
-    in one transaction (:func:`kappa.ingest.reprocess_window`), on one connection and two
+    in one transaction (:func:`kappa.ingest.reprocess.reprocess_window`), on one connection and two
     consumers (the second reads the next chunk ahead); stops at the first partition that
     fails.
 

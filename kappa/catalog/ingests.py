@@ -7,11 +7,12 @@ from kappa.catalog.captures import CaptureSpec, load_captures
 from kappa.catalog.files import SETTING
 from kappa.catalog.streams import EventContract, resolve_step
 from kappa.exceptions import ConfigurationError
-from kappa.ingest import TopicIngest
+from kappa.ingest.plan import TopicIngest
 from kappa.setting_values import identifier
 from kappa.settings import Settings
-from kappa.steps.api import AsOf, Step
+from kappa.steps.api import AsOf
 from kappa.steps.config import StepConfig
+from kappa.steps.protocol import Step
 
 
 def build_step(

@@ -173,7 +173,8 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
     halted = 1 if stopped else 0
     if not checks:
         return halted
-    from kappa.check_status import InstanceUnavailable, read_check_states
+    from kappa.dagster.check_status import read_check_states
+    from kappa.dagster.instance import InstanceUnavailable
 
     try:
         states = read_check_states(settings)
@@ -210,7 +211,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
 def _run_failures(settings: Settings) -> tuple[dict[str, dict[int, RunFailures]], str]:
     """Per asset, the shards whose last runs failed (from the Dagster instance), and a note
     saying what was read; an instance that cannot be read leaves them unknown, said so."""
-    from kappa.check_status import InstanceUnavailable, open_instance
+    from kappa.dagster.instance import InstanceUnavailable, open_instance
 
     threshold = failure_threshold(settings.run_retries)
     assets = [spec.asset for spec, _ in topic_ingests(settings)] + [

@@ -399,7 +399,7 @@ def status_lines(settings: Any) -> list[str]:
     that cannot be read is said, not raised (the rest of the status stands)."""
     import sqlalchemy.exc
 
-    from kappa.check_status import InstanceUnavailable, open_instance
+    from kappa.dagster.instance import InstanceUnavailable, open_instance
 
     policy = policy_from(settings)
     try:

@@ -10,11 +10,12 @@ StepOutput``. Generic algorithms for steps: :func:`enrich_as_of` (the as-of join
 
 from kappa.exact import round_half_even_div
 from kappa.state.base import State
-from kappa.steps.api import AsOf, Lookup, Range, SideTable, Step, StepOutput
+from kappa.steps.api import AsOf, Lookup, Range, SideTable, StepOutput
 from kappa.steps.asof import AS_OF, PROVISIONAL, STATUS, enrich_as_of, join_key, utc_times
 from kappa.steps.completeness import Completeness, WaitBudget
 from kappa.steps.config import StepConfig
 from kappa.steps.context import Lookups, StepContext
+from kappa.steps.protocol import Step
 from kappa.steps.stats import RunningStats, running_stats, to_cents
 
 __all__ = [

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import pandas as pd
 
 from kappa.state.base import State
-
-if TYPE_CHECKING:
-    from kappa.steps.config import StepConfig
-    from kappa.steps.context import StepContext
 
 #: Columns the engine adds to every side table: the event the row belongs to, and where that
 #: event is in the log (a replay or a partition replacement deletes side rows by them).
@@ -114,29 +109,6 @@ class Range:
 
 
 Lookup = AsOf | Range
-
-
-class Step(Protocol):
-    """A transform with sharded, versioned state between decode and load.
-
-    ``derived_columns`` (name, SQL type) are added, nullable, to the fact after the decoded
-    fields; ``side_tables`` are created by the engine; ``lookups`` are fetched through the
-    context once per batch. ``apply`` must depend only on the rows in log order and the
-    state before them, never on where the batch was cut (see :mod:`kappa.steps.testing`).
-    """
-
-    derived_columns: ClassVar[tuple[tuple[str, str], ...]]
-    side_tables: ClassVar[tuple[SideTable, ...]]
-    lookups: ClassVar[tuple[Lookup, ...]]
-
-    def apply(self, context: StepContext, rows: pd.DataFrame) -> StepOutput: ...
-
-
-class CatalogStep(Protocol):
-    """A step class the catalogue builds with its stream's ``config:`` mapping."""
-
-    @classmethod
-    def from_catalog(cls, config: StepConfig) -> Step: ...
 
 
 def completeness_keys(lookups: tuple[Lookup, ...]) -> tuple[str, ...]:

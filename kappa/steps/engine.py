@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from kappa.state.base import StateAccess
-from kappa.steps.api import Step, StepOutput, completeness_keys, side_table_rows
+from kappa.steps.api import StepOutput, completeness_keys, side_table_rows
 from kappa.steps.completeness import Completeness, WaitBudget, wait_for_capture
 from kappa.steps.context import Lookups, StepContext
+from kappa.steps.protocol import Step
 
 if TYPE_CHECKING:
     import psycopg

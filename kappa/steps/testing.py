@@ -28,9 +28,10 @@ from pandas.testing import assert_frame_equal
 
 from kappa.state.base import State
 from kappa.state.cache import StateCache
-from kappa.steps.api import AsOf, Range, Step
+from kappa.steps.api import AsOf, Range
 from kappa.steps.completeness import Completeness
 from kappa.steps.engine import apply_step
+from kappa.steps.protocol import Step
 
 
 class MemoryLookups:

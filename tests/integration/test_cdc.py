@@ -14,7 +14,7 @@ from kappa.changes.target import ensure_target
 from kappa.edw.connection import connect
 from kappa.edw.schema import ensure_schema
 from kappa.edw.types import Schemas
-from kappa.ingest import run_capture_batch
+from kappa.ingest.capture import run_capture_batch
 from kappa.settings import REPO_ROOT
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from kappa.catalog.captures import load_captures
 from kappa.edw.connection import connect
 from kappa.edw.types import Schemas
 from kappa.exceptions import BatchSupersededError, LogResetError, ReprocessError
-from kappa.ingest import reprocess_capture_window, run_capture_batch
+from kappa.ingest.capture import reprocess_capture_window, run_capture_batch
 from kappa.partitions import TimeWindows
 from kappa.reconcile import compare_capture_with_log, reconcile_capture
 from kappa.settings import REPO_ROOT

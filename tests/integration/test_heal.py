@@ -17,7 +17,7 @@ from kappa.catalog.ingests import topic_ingests
 from kappa.dagster.sensors.heal import HEAL_KEY_TAG, HEAL_TAG
 from kappa.dagster.sensors.micro_batch import ASSET_TAG, PARTITIONS_TAG
 from kappa.edw.connection import connect
-from kappa.ingest import reprocess_window
+from kappa.ingest.reprocess import reprocess_window
 from kappa.run import FactServices
 from kappa.sources.topic import EventStore
 from kappa.steps import WaitBudget

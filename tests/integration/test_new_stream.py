@@ -22,7 +22,7 @@ from kappa.edw.connection import connect
 from kappa.edw.ledger import read_heads
 from kappa.edw.schema import ensure_schema
 from kappa.edw.types import Schemas
-from kappa.ingest import OffsetRange, TopicIngest
+from kappa.ingest.plan import OffsetRange, TopicIngest
 from kappa.run import Connections, FactServices, plan_runs, run_micro_batches
 from kappa.settings import Settings
 from kappa.sources.base import LogBounds

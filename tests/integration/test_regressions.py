@@ -21,7 +21,7 @@ from kappa.edw.replay import reset_for_replay
 from kappa.edw.schema import ensure_schema
 from kappa.edw.types import BatchRecord, Schemas
 from kappa.exceptions import BatchSupersededError
-from kappa.ingest import run_capture_batch
+from kappa.ingest.capture import run_capture_batch
 from kappa.settings import REPO_ROOT
 from kappa.steps.warehouse import WarehouseLookups
 from tests.demo import ORDER_PLACED

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from kappa.cursor import OffsetCursor
 from kappa.edw.types import LedgerHead
 from kappa.exceptions import LogResetError
-from kappa.ingest import check_continuity, plan_ranges
+from kappa.ingest.plan import check_continuity, plan_ranges
 from kappa.sources.base import LogBounds
 
 

@@ -16,7 +16,8 @@ from kappa.dagster.assets.recent_batches import recent_batches_metadata
 from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.exceptions import BatchSupersededError, KappaError
-from kappa.ingest import WindowOutcome, reprocess_capture_window, run_capture_batch
+from kappa.ingest.capture import reprocess_capture_window, run_capture_batch
+from kappa.ingest.reprocess import WindowOutcome
 from kappa.partitions import TimeWindows
 from kappa.reconcile import compare_capture_with_log, reconcile_capture
 from kappa.sources import pg_capture
@@ -62,7 +63,7 @@ def build_capture_asset(
 
     A run with an ``end`` (from the sensor) applies the next committed changes to the open
     partition. A run without (a backfill or a materialisation launched in the UI) replaces
-    each of its partitions, oldest first: see :func:`kappa.ingest.reprocess_capture_window`.
+    each of its partitions, oldest first: see :func:`kappa.ingest.capture.reprocess_capture_window`.
     """
     kind = (
         "SCD type 2 dimension (every version, valid_from/valid_to)"

@@ -31,7 +31,7 @@ from kappa.freshness import (
     verdict,
 )
 from kappa.health import RunFailures, recent_failures
-from kappa.ingest import TopicIngest
+from kappa.ingest.plan import TopicIngest
 from kappa.sources.topic import EventStore
 
 FRESHNESS_CHECK = "freshness"

@@ -22,7 +22,9 @@ from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.state import StateCacheResource
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.heal import HEAL_TAG
-from kappa.ingest import BatchOutcome, OffsetRange, TopicIngest, WindowOutcome
+from kappa.ingest.plan import OffsetRange, TopicIngest
+from kappa.ingest.reprocess import WindowOutcome
+from kappa.ingest.topic import BatchOutcome
 from kappa.partitions import TimeWindows
 from kappa.run import (
     Connections,
@@ -164,7 +166,7 @@ def build_fact_asset(
     A run with offset ranges (from the sensor) appends a micro-batch to the open partition.
     A run without (a backfill or a materialisation launched in the UI) reprocesses each of
     its partitions, oldest first, each in one transaction: see
-    :func:`kappa.ingest.reprocess_window`.
+    :func:`kappa.ingest.reprocess.reprocess_window`.
     """
     services = services or FactServices()
     upstream: list[dg.AssetKey | dg.AssetDep] = [topic_asset_key(spec.topic)]

@@ -9,7 +9,7 @@ import dagster as dg
 from kappa.dagster.resources.event_store import EventStoreResource
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.edw.checkpoints import read_checkpoints
-from kappa.ingest import TopicIngest
+from kappa.ingest.plan import TopicIngest
 from kappa.reconcile import (
     PartitionComparison,
     ShardReconciliation,

@@ -23,7 +23,7 @@ from kappa.dagster.sensors.micro_batch import (
     stopped_shards,
 )
 from kappa.edw.ledger import read_head
-from kappa.ingest import check_capture_continuity
+from kappa.ingest.capture import check_capture_continuity
 from kappa.partitions import TimeWindows
 from kappa.sources import pg_capture
 

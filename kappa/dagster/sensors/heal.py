@@ -29,7 +29,7 @@ from kappa.heal import (
     plan_heal,
     provisional_groups,
 )
-from kappa.ingest import TopicIngest
+from kappa.ingest.plan import TopicIngest
 from kappa.partitions import TimeWindows
 from kappa.steps.warehouse import WarehouseLookups
 

@@ -12,14 +12,12 @@ PostgreSQL).
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kappa.dagster.instance import InstanceUnavailable, open_instance
 from kappa.exceptions import KappaError
 from kappa.settings import Settings
 
@@ -42,37 +40,6 @@ class CheckState:
     @property
     def failing(self) -> bool:
         return self.state in ("failed", "error")
-
-
-class InstanceUnavailable(KappaError):
-    """No Dagster instance to read check results from."""
-
-
-@contextmanager
-def open_instance(settings: Settings) -> Iterator[dg.DagsterInstance]:
-    """The deployment's Dagster instance (see the module docstring)."""
-    import dagster as dg
-
-    from kappa.local.dagster_instance import dagster_environment
-
-    if os.environ.get("DAGSTER_HOME"):
-        home = Path(os.environ["DAGSTER_HOME"])
-    else:
-        home = settings.home / "dagster"
-        if not (home / "dagster.yaml").exists():
-            raise InstanceUnavailable(
-                f"no Dagster instance: DAGSTER_HOME is not set and {home / 'dagster.yaml'} "
-                "does not exist (`kappa up` writes it)"
-            )
-        os.environ.update(dagster_environment(settings, home))
-    try:
-        instance = dg.DagsterInstance.from_config(str(home))
-    except Exception as exc:
-        raise InstanceUnavailable(
-            f"the Dagster instance in {home} did not open: {type(exc).__name__}: {exc}"
-        ) from None
-    with instance:
-        yield instance
 
 
 def catalogue_check_keys(settings: Settings) -> list[dg.AssetCheckKey]:

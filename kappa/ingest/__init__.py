@@ -1,0 +1,1 @@
+"""Micro-batch ingestion without Dagster: :mod:`~kappa.ingest.plan` (ranges from the ledger and the log), :mod:`~kappa.ingest.topic` and :mod:`~kappa.ingest.capture` (one batch of a topic partition or a change table, exactly once), :mod:`~kappa.ingest.reprocess` (a time partition again from the retained log)."""
