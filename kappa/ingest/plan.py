@@ -55,12 +55,24 @@ def check_continuity(
 ) -> None:
     """Raise :class:`LogResetError` when the log cannot continue where the ledger ends.
 
-    That is: the topic was recreated (its id changed), the log ends before the ledger
+    That is: the topic was recreated (its id changed, or the broker no longer reports the id
+    the ledger recorded), the log ends before the ledger
     (reset or truncated), or the log starts after the ledger (expired by retention before
     it was loaded). Each case would otherwise skip or re-load data silently.
     """
     if head is None:
         return
+    if head.epoch and not epoch:
+        # Without the broker's id the log cannot be told from a recreated one that has grown
+        # past the ledger's end: loading on would skip that log's first records.
+        raise LogResetError(
+            asset,
+            topic,
+            partition,
+            f"cannot be confirmed as the log the ledger loaded: the ledger loaded offsets up to "
+            f"{head.end} of topic id {head.epoch}, the broker reports no topic id now "
+            f"(log {bounds.start}..{bounds.end}).",
+        )
     if head.epoch and epoch and head.epoch != epoch:
         raise LogResetError(
             asset,

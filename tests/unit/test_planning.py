@@ -92,6 +92,8 @@ def test_continuity_accepts_a_log_that_extends_the_ledger():
             "the ledger has loaded offsets up to 500, the log now ends at 120",
         ),
         (head(2, 500), LogBounds(0, 900), "t2", "was recreated"),
+        # A log grown past the ledger, from a broker that reports no id: not taken on trust.
+        (head(2, 500), LogBounds(0, 900), "", "the broker reports no topic id now"),
         (head(2, 500), LogBounds(600, 900), "t1", "expired offsets [500, 600)"),
     ],
 )
