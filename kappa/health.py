@@ -6,9 +6,8 @@ without an operator:
 - its source no longer continues where the ledger ends: the topic or change table was
   recreated (new topic id or table oid), the log ends before the ledger (lost or reset
   log), or it starts after it (offsets expired by retention before they were loaded).
-  These are the continuity rules of :func:`kappa.ingest.check_continuity` and
-  :func:`kappa.ingest.check_capture_continuity`; their :class:`LogResetError` text is the
-  reason;
+  These are the continuity rules of :func:`kappa.sources.base.check_continuity`, one for
+  every kind of source; their :class:`LogResetError` text is the reason;
 - or its batches keep failing: the last ``retries + 1`` finished runs of the asset that
   covered the shard all failed (``KAPPA_RUN_RETRIES``: the first attempt and every automatic
   retry of it), as recorded in Dagster's run storage. The reason names how many runs failed
@@ -28,9 +27,7 @@ from typing import TYPE_CHECKING
 from kappa.catalog.captures import CaptureSpec
 from kappa.edw.types import LedgerHead
 from kappa.exceptions import LogResetError
-from kappa.ingest.capture import check_capture_continuity
-from kappa.ingest.plan import check_continuity
-from kappa.sources.base import LogBounds
+from kappa.sources.base import TRANSACTIONS, LogBounds, check_continuity
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -89,7 +86,9 @@ def capture_stop(
 ) -> str | None:
     """Why ``spec``'s change table cannot load, or None when it can."""
     try:
-        check_capture_continuity(spec, head, epoch)
+        check_continuity(
+            spec.asset, str(spec.change_table), 0, head, None, epoch, positions=TRANSACTIONS
+        )
     except LogResetError as exc:
         return str(exc)
     return failures.describe() if failures is not None else None

@@ -12,26 +12,15 @@ from kappa.catalog.captures import CaptureSpec
 from kappa.changes.merge import apply_changes
 from kappa.changes.replace import replace_capture_window
 from kappa.edw.ledger import read_head
-from kappa.edw.types import BatchRecord, LedgerHead, Schemas
-from kappa.exceptions import BatchSupersededError, LogResetError
+from kappa.edw.types import BatchRecord, Schemas
+from kappa.exceptions import BatchSupersededError
 from kappa.ingest.reprocess import (
     WindowOutcome,
 )
 from kappa.ingest.topic import BatchOutcome
 from kappa.partitions import parse_key
 from kappa.sources import pg_capture
-
-
-def check_capture_continuity(spec: CaptureSpec, head: LedgerHead | None, epoch: str) -> None:
-    """Raise :class:`LogResetError` when the change table is not the one the ledger read."""
-    if head is not None and head.epoch != epoch:
-        raise LogResetError(
-            spec.asset,
-            str(spec.change_table),
-            0,
-            f"was recreated: the ledger loaded transactions up to {head.end} of change table "
-            f"{head.epoch}, the OLTP database now has {epoch}.",
-        )
+from kappa.sources.base import TRANSACTIONS, check_continuity
 
 
 def run_capture_batch(
@@ -54,7 +43,7 @@ def run_capture_batch(
     source = str(spec.change_table)
     epoch = pg_capture.source_epoch(oltp, spec)
     head = read_head(edw, schemas, spec.asset, source, 0)
-    check_capture_continuity(spec, head, epoch)
+    check_continuity(spec.asset, source, 0, head, None, epoch, positions=TRANSACTIONS)
     requested = parse_key(partition_key) if partition_key else None
     last = parse_key(head.partition_key) if head is not None and head.partition_key else None
     if requested is not None and last is not None and requested.end <= last.start:

@@ -22,12 +22,11 @@ from kappa.edw.types import BatchCounts, BatchRecord, Schemas
 from kappa.edw.window import replace_window
 from kappa.ingest.plan import (
     TopicIngest,
-    check_continuity,
     event_dates,
 )
 from kappa.ingest.topic import step_batch
 from kappa.partitions import TimeWindows, Window
-from kappa.sources.base import LogBounds, RawBatch
+from kappa.sources.base import LogBounds, RawBatch, check_continuity
 from kappa.sources.topic import EventStore
 from kappa.state import AsOfStateCache
 from kappa.state.postgres import PostgresStateBackend

@@ -21,10 +21,10 @@ from kappa.edw.types import BatchRecord, Schemas
 from kappa.ingest.plan import (
     OffsetRange,
     TopicIngest,
-    check_continuity,
     event_dates,
 )
 from kappa.sources import pg_capture
+from kappa.sources.base import check_continuity
 from kappa.sources.topic import EventStore
 from kappa.state import ScopedStateCache, StateAccess, StateCache
 from kappa.steps.api import StepOutput

@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 from kappa.cursor import OffsetCursor
 from kappa.edw.types import LedgerHead
 from kappa.exceptions import LogResetError
-from kappa.ingest.plan import check_continuity, plan_ranges
-from kappa.sources.base import LogBounds
+from kappa.ingest.plan import plan_ranges
+from kappa.sources.base import TRANSACTIONS, LogBounds, check_continuity
 
 
 def head(partition: int, end: int, epoch: str = "t1") -> LedgerHead:
@@ -102,6 +102,32 @@ def test_continuity_refuses_reset_recreated_and_expired_logs(ledger, bounds, epo
     assert words in message
     assert message.startswith("fact_order: orders[2] ")
     assert "Nothing was skipped or re-loaded" in message
+
+
+def test_a_change_table_is_refused_when_recreated_and_named_in_its_own_terms():
+    ledger = head(0, 812, epoch="5:100")
+    with pytest.raises(LogResetError) as caught:
+        check_continuity(
+            "dim_customer", "cdc.c_changes", 0, ledger, None, "5:200", positions=TRANSACTIONS
+        )
+    assert str(caught.value).startswith(
+        "dim_customer: cdc.c_changes[0] was recreated: the ledger loaded transactions up to 812 "
+        "of change table 5:100, the OLTP database now has 5:200. Nothing was skipped"
+    )
+
+
+def test_a_change_table_is_not_held_to_bounds_it_does_not_have():
+    # A change table keeps every change: its horizon is no log end the ledger could pass.
+    ledger = head(0, 812, epoch="5:100")
+    check_continuity(
+        "dim_customer",
+        "cdc.c_changes",
+        0,
+        ledger,
+        LogBounds(0, 10),
+        "5:100",
+        positions=TRANSACTIONS,
+    )
 
 
 def test_cursor_round_trips_and_starts_a_new_generation_when_empty():
