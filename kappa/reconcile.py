@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -31,9 +31,9 @@ from kappa.edw.poison import REFUSED_PREFIX
 from kappa.edw.types import Schemas
 from kappa.ingest.capture import reprocess_capture_window
 from kappa.ingest.plan import TopicIngest
-from kappa.sources import pg_capture
-from kappa.sources.base import LogBounds
-from kappa.sources.topic import EventStore
+from kappa.sources.base import Source
+from kappa.sources.pg_capture import ChangeTable
+from kappa.sources.topic import EventStore, TopicPartitions
 
 _MASK = (1 << 60) - 1
 
@@ -214,80 +214,51 @@ def _ledger_spans(
     return spans, (head[0] if head else None)
 
 
-def _account(
-    asset: str,
-    shard: str,
-    ledger: tuple[list, int | None],
-    source_count: Callable[[int, int], int],
-    lag: Callable[[int], int],
-) -> ShardReconciliation:
-    spans, head_end = ledger
-    start = spans[0][0] if spans else 0
-    end = spans[-1][1] if spans else 0
-    gaps = tuple((a[1], b[0]) for a, b in itertools.pairwise(spans) if a[1] != b[0])
-    return ShardReconciliation(
-        asset=asset,
-        shard=shard,
-        lag=lag(end),
-        ledger_start=start,
-        ledger_end=end,
-        source_count=source_count(start, end) if spans else 0,
-        received=sum(s[2] for s in spans),
-        loaded=sum(s[3] for s in spans),
-        dead_lettered=sum(s[4] for s in spans),
-        deduplicated=sum(s[5] for s in spans),
-        gaps=gaps,
-        head_end=head_end,
-    )
+def reconcile_source(
+    source: Source, conn: psycopg.Connection, schemas: Schemas, asset: str
+) -> list[ShardReconciliation]:
+    """Per shard of ``source``: the records it holds over the ledger's range against the
+    ledger's counts, and how far the ledger is behind it. The same accounting for every
+    kind of source: only counting records and the lag are the source's."""
+    shards = source.shards()
+    bounds = source.bounds(shards)
+    found = []
+    for shard in shards:
+        spans, head_end = _ledger_spans(conn, schemas, asset, source.name, shard)
+        start = spans[0][0] if spans else 0
+        end = spans[-1][1] if spans else 0
+        found.append(
+            ShardReconciliation(
+                asset=asset,
+                shard=source.shard_name(shard),
+                lag=source.behind(shard, end, bounds[shard]),
+                ledger_start=start,
+                ledger_end=end,
+                source_count=source.count(shard, start, end) if spans else 0,
+                received=sum(s[2] for s in spans),
+                loaded=sum(s[3] for s in spans),
+                dead_lettered=sum(s[4] for s in spans),
+                deduplicated=sum(s[5] for s in spans),
+                gaps=tuple((a[1], b[0]) for a, b in itertools.pairwise(spans) if a[1] != b[0]),
+                head_end=head_end,
+            )
+        )
+    return found
 
 
 def reconcile_topic(
     store: EventStore, conn: psycopg.Connection, schemas: Schemas, spec: TopicIngest
 ) -> list[ShardReconciliation]:
     """Per topic partition: records in the log over the ledger's range against its counts."""
-    bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
-
-    def records(partition: int) -> Callable[[int, int], int]:
-        return lambda start, end: len(store.fetch(spec.topic, partition, start, end))
-
-    def behind(bound: LogBounds) -> Callable[[int], int]:
-        return lambda end: max(0, bound.end - max(end, bound.start))
-
-    return [
-        _account(
-            spec.asset,
-            f"{spec.topic}[{partition}]",
-            _ledger_spans(conn, schemas, spec.asset, spec.topic, partition),
-            records(partition),
-            behind(bound),
-        )
-        for partition, bound in sorted(bounds.items())
-    ]
+    return reconcile_source(TopicPartitions(store, spec.topic), conn, schemas, spec.asset)
 
 
 def reconcile_capture(
     oltp: psycopg.Connection, conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec
 ) -> ShardReconciliation:
     """For a change table: changes of the transactions the ledger covers against its counts."""
-    table = sql.Identifier(spec.change_table.schema, spec.change_table.table)
-
-    def changes(start: int, end: int) -> int:
-        row = oltp.execute(
-            sql.SQL(
-                "SELECT count(*) FROM {} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8"
-            ).format(table),
-            (str(start), str(end)),
-        ).fetchone()
-        return int(row[0]) if row else 0
-
-    source = str(spec.change_table)
-    return _account(
-        spec.asset,
-        source,
-        _ledger_spans(conn, schemas, spec.asset, source, 0),
-        changes,
-        lambda end: pg_capture.capture_lag(oltp, spec, end).pending_changes,
-    )
+    (found,) = reconcile_source(ChangeTable(oltp, spec), conn, schemas, spec.asset)
+    return found
 
 
 def compare_capture_with_log(
