@@ -14,10 +14,7 @@ from kappa.changes.replace import replace_capture_window
 from kappa.edw.ledger import read_head
 from kappa.edw.types import BatchRecord, Schemas
 from kappa.exceptions import BatchSupersededError
-from kappa.ingest.reprocess import (
-    WindowOutcome,
-)
-from kappa.ingest.topic import BatchOutcome
+from kappa.ingest.outcome import BatchOutcome, WindowOutcome, trim_range
 from kappa.partitions import parse_key
 from kappa.sources import pg_capture
 from kappa.sources.base import TRANSACTIONS, check_continuity
@@ -52,19 +49,23 @@ def run_capture_batch(
             f"{spec.asset}: partition {requested.key} is closed, the ledger already has "
             f"batches of {last.key}; the sensor plans the next batch there"
         )
-    start = head.end if head is not None else 0
     complete_until = pg_capture.complete_until(oltp)  # before the horizon: see complete_until
-    end = pg_capture.plan_end(oltp, spec, start, max_changes=max_changes)
-    if requested_end is not None:
-        end = min(end, max(requested_end, start))
-    if end <= start:
+    trimmed = trim_range(
+        head,
+        first=0,
+        ready_end=lambda start: pg_capture.plan_end(oltp, spec, start, max_changes=max_changes),
+        requested_start=None,
+        requested_end=requested_end,
+    )
+    start, end = trimmed.start, trimmed.end
+    if trimmed.skipped is not None:
         return BatchOutcome(
             spec.asset,
             source,
             0,
             start,
             start,
-            status="already loaded",
+            status=trimmed.skipped,
             seconds=time.monotonic() - started,
         )
     changes = pg_capture.read_changes(oltp, spec, start, end)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import pandas as pd
 import psycopg
@@ -18,12 +17,12 @@ from kappa.decode.batch import DecodedBatch, decode_batch, describe_reason
 from kappa.edw.ledger import existing_event_ids, read_head
 from kappa.edw.poison import Rerun, commit_isolated
 from kappa.edw.types import BatchRecord, Schemas
+from kappa.ingest.outcome import BatchOutcome, trim_range
 from kappa.ingest.plan import (
     OffsetRange,
     TopicIngest,
     event_dates,
 )
-from kappa.sources import pg_capture
 from kappa.sources.base import check_continuity
 from kappa.sources.topic import EventStore
 from kappa.state import ScopedStateCache, StateAccess, StateCache
@@ -31,32 +30,6 @@ from kappa.steps.api import StepOutput
 from kappa.steps.completeness import WaitBudget
 from kappa.steps.context import Lookups
 from kappa.steps.engine import apply_step, wait_for_step
-
-
-@dataclass
-class BatchOutcome:
-    """What one batch did, for materialisation metadata and logs."""
-
-    asset: str
-    topic: str
-    partition: int
-    start: int
-    end: int
-    status: str
-    received: int = 0
-    loaded: int = 0
-    dead_lettered: int = 0
-    deduplicated: int = 0
-    lag_after: int = 0
-    seconds: float = 0.0
-    dead_letter_reasons: Counter[str] = field(default_factory=Counter)
-    side_rows: dict[str, int] = field(default_factory=dict)
-    #: For change tables: the lag after the batch, read once for the outcome and metadata.
-    capture_lag: pg_capture.CaptureLag | None = None
-    #: Event dates (UTC, ISO) of the events the batch loaded: the mart partitions it touched.
-    event_dates: set[str] = field(default_factory=set)
-    #: Extra writes it took to isolate records the database refused (0: none refused).
-    probes: int = 0
 
 
 def step_batch(
@@ -130,21 +103,22 @@ def run_batch(
     epoch = store.topic_id(topic) or ""
     head = read_head(conn, schemas, spec.asset, topic, partition)
     check_continuity(spec.asset, topic, partition, head, bounds, epoch)
-    start = head.end if head is not None else bounds.start
-    end = min(requested.end, start + max_batch, bounds.end)
-    # start < requested.start: the ledger was rewound after this range was planned (a
-    # replay); the range may belong to another time partition now, the sensor plans afresh.
-    skipped = (
-        "superseded" if start < requested.start else "already loaded" if end <= start else None
+    trimmed = trim_range(
+        head,
+        first=bounds.start,
+        ready_end=lambda start: min(start + max_batch, bounds.end),
+        requested_start=requested.start,
+        requested_end=requested.end,
     )
-    if skipped is not None:
+    start, end = trimmed.start, trimmed.end
+    if trimmed.skipped is not None:
         return BatchOutcome(
             spec.asset,
             topic,
             partition,
             start,
             start,
-            status=skipped,
+            status=trimmed.skipped,
             lag_after=bounds.end - start,
             seconds=time.monotonic() - started,
         )

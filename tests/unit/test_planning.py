@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 from kappa.cursor import OffsetCursor
 from kappa.edw.types import LedgerHead
 from kappa.exceptions import LogResetError
+from kappa.ingest.outcome import trim_range
 from kappa.ingest.plan import plan_ranges
 from kappa.sources.base import TRANSACTIONS, LogBounds, check_continuity
 
@@ -128,6 +129,40 @@ def test_a_change_table_is_not_held_to_bounds_it_does_not_have():
         "5:100",
         positions=TRANSACTIONS,
     )
+
+
+def test_a_requested_range_starts_where_the_ledger_ends_and_stops_where_records_are_ready():
+    def ready(start: int) -> int:
+        return min(start + 100, 250)
+
+    fresh = trim_range(None, first=7, ready_end=ready, requested_start=None, requested_end=None)
+    assert (fresh.start, fresh.end, fresh.skipped) == (7, 107, None)
+    capped = trim_range(
+        head(0, 200), first=0, ready_end=ready, requested_start=200, requested_end=230
+    )
+    assert (capped.start, capped.end, capped.skipped) == (200, 230, None)
+    at_log_end = trim_range(
+        head(0, 200), first=0, ready_end=ready, requested_start=None, requested_end=900
+    )
+    assert (at_log_end.start, at_log_end.end) == (200, 250)
+
+
+def test_a_range_behind_the_ledger_is_already_loaded_and_one_past_a_rewound_ledger_superseded():
+    def ready(start: int) -> int:
+        return start + 100
+
+    behind = trim_range(
+        head(0, 500), first=0, ready_end=ready, requested_start=300, requested_end=400
+    )
+    assert (behind.start, behind.end, behind.skipped) == (500, 500, "already loaded")
+    rewound = trim_range(
+        head(0, 100), first=0, ready_end=ready, requested_start=300, requested_end=400
+    )
+    assert (rewound.start, rewound.end, rewound.skipped) == (100, 100, "superseded")
+    nothing_ready = trim_range(
+        head(0, 50), first=0, ready_end=lambda s: s, requested_start=None, requested_end=None
+    )
+    assert nothing_ready.skipped == "already loaded"
 
 
 def test_cursor_round_trips_and_starts_a_new_generation_when_empty():
