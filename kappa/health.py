@@ -24,10 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kappa.catalog.captures import CaptureSpec
 from kappa.edw.types import LedgerHead
 from kappa.exceptions import LogResetError
-from kappa.sources.base import TRANSACTIONS, LogBounds, check_continuity
+from kappa.sources.base import OFFSETS, LogBounds, Positions, check_continuity
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -64,31 +63,22 @@ class RunFailures:
         )
 
 
-def topic_stop(
+def shard_stop(
     asset: str,
-    topic: str,
-    partition: int,
+    source: str,
+    shard: int,
     head: LedgerHead | None,
-    bounds: LogBounds,
+    bounds: LogBounds | None,
     epoch: str,
     failures: RunFailures | None = None,
+    *,
+    positions: Positions = OFFSETS,
 ) -> str | None:
-    """Why ``topic[partition]`` cannot load for ``asset``, or None when it can."""
+    """Why shard ``shard`` of ``source`` cannot load for ``asset``, or None when it can: the
+    continuity error first (the operator must act on it whatever the runs did), then the
+    failing runs."""
     try:
-        check_continuity(asset, topic, partition, head, bounds, epoch)
-    except LogResetError as exc:
-        return str(exc)
-    return failures.describe() if failures is not None else None
-
-
-def capture_stop(
-    spec: CaptureSpec, head: LedgerHead | None, epoch: str, failures: RunFailures | None = None
-) -> str | None:
-    """Why ``spec``'s change table cannot load, or None when it can."""
-    try:
-        check_continuity(
-            spec.asset, str(spec.change_table), 0, head, None, epoch, positions=TRANSACTIONS
-        )
+        check_continuity(asset, source, shard, head, bounds, epoch, positions=positions)
     except LogResetError as exc:
         return str(exc)
     return failures.describe() if failures is not None else None
