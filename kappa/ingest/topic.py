@@ -7,24 +7,24 @@ next batch starts: a requested range is a hint that the ledger trims or extends.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pandas as pd
 import psycopg
 
 from kappa.decode.batch import DecodedBatch, decode_batch, describe_reason
-from kappa.edw.ledger import existing_event_ids, read_head
+from kappa.edw.ledger import existing_event_ids
 from kappa.edw.poison import Rerun, commit_isolated
-from kappa.edw.types import BatchRecord, Schemas
-from kappa.ingest.outcome import BatchOutcome, trim_range
+from kappa.edw.types import BatchRecord, LedgerHead, Schemas
+from kappa.ingest.batch import run_source_batch
+from kappa.ingest.outcome import BatchOutcome
 from kappa.ingest.plan import (
     OffsetRange,
     TopicIngest,
     event_dates,
 )
-from kappa.sources.base import check_continuity
-from kappa.sources.topic import EventStore
+from kappa.sources.base import LogBounds
+from kappa.sources.topic import EventStore, TopicPartitions
 from kappa.state import ScopedStateCache, StateAccess, StateCache
 from kappa.steps.api import StepOutput
 from kappa.steps.completeness import WaitBudget
@@ -97,69 +97,104 @@ def run_batch(
     to cover the batch's event times, and its rows, side tables and state commit with
     the batch.
     """
-    started = time.monotonic()
-    topic, partition = requested.topic, requested.partition
-    bounds = store.log_bounds(topic, [partition])[partition]
-    epoch = store.topic_id(topic) or ""
-    head = read_head(conn, schemas, spec.asset, topic, partition)
-    check_continuity(spec.asset, topic, partition, head, bounds, epoch)
-    trimmed = trim_range(
-        head,
-        first=bounds.start,
-        ready_end=lambda start: min(start + max_batch, bounds.end),
+    source = TopicPartitions(store, requested.topic)
+    bounds = source.bounds([requested.partition])[requested.partition]
+    loader = EventLoader(
+        source, conn, schemas, spec, bounds, max_batch, cache, dimensions, max_wait_s
+    )
+    return run_source_batch(
+        source,
+        conn,
+        schemas,
+        spec.asset,
+        requested.partition,
+        loader,
+        bounds=bounds,
         requested_start=requested.start,
         requested_end=requested.end,
-    )
-    start, end = trimmed.start, trimmed.end
-    if trimmed.skipped is not None:
-        return BatchOutcome(
-            spec.asset,
-            topic,
-            partition,
-            start,
-            start,
-            status=trimmed.skipped,
-            lag_after=bounds.end - start,
-            seconds=time.monotonic() - started,
-        )
-    raw = store.fetch(topic, partition, start, end)
-    decoded = decode_batch(raw, spec.contract)
-    scoped = ScopedStateCache(cache, spec.asset) if cache is not None else None
-    output, rerun = step_batch(
-        conn, schemas, spec, decoded, partition, scoped, dimensions, WaitBudget(max_wait_s)
-    )
-    record = BatchRecord(
-        asset=spec.asset,
-        source=topic,
-        shard=partition,
-        epoch=epoch,
-        start=start,
-        end=end,
         run_id=run_id,
         partition_key=partition_key,
-        fresh=head is None,
     )
-    final, load = commit_isolated(
-        conn, schemas, spec.contract, record, raw, decoded, output=output, rerun=rerun, cache=scoped
-    )
-    decoded, output = load.decoded, load.output
-    return BatchOutcome(
-        asset=spec.asset,
-        topic=topic,
-        partition=partition,
-        start=start,
-        end=end,
-        status="committed",
-        received=final.received,
-        loaded=final.loaded,
-        dead_lettered=final.dead_lettered,
-        deduplicated=final.deduplicated,
-        lag_after=bounds.end - end,
-        seconds=time.monotonic() - started,
-        dead_letter_reasons=Counter(describe_reason(r) for r in decoded.dead_letters["reason"]),
-        side_rows={
-            name: len(frame) for name, frame in (output.side_tables if output else {}).items()
-        },
-        event_dates=event_dates(output.rows if output is not None else decoded.rows),
-        probes=load.probes,
-    )
+
+
+class EventLoader:
+    """A topic partition's part of a batch: decode, the stateful step, COPY with isolation
+    of what the database refuses."""
+
+    def __init__(
+        self,
+        source: TopicPartitions,
+        conn: psycopg.Connection,
+        schemas: Schemas,
+        spec: TopicIngest,
+        bounds: LogBounds,
+        max_batch: int,
+        cache: StateCache | None,
+        dimensions: Lookups | None,
+        max_wait_s: float,
+    ) -> None:
+        self.source = source
+        self.conn = conn
+        self.schemas = schemas
+        self.spec = spec
+        self.bounds = bounds
+        self.max_batch = max_batch
+        self.cache = cache
+        self.dimensions = dimensions
+        self.max_wait_s = max_wait_s
+
+    def admit(self, head: LedgerHead | None) -> None:
+        return None
+
+    def ready_end(self, start: int) -> int:
+        return min(start + self.max_batch, self.bounds.end)
+
+    def lag(self, position: int) -> int:
+        return self.bounds.end - position
+
+    def load(self, record: BatchRecord, head: LedgerHead | None) -> BatchOutcome:
+        conn, schemas, spec, partition = self.conn, self.schemas, self.spec, record.shard
+        raw = self.source.read(partition, record.start, record.end)
+        decoded = decode_batch(raw, spec.contract)
+        scoped = ScopedStateCache(self.cache, spec.asset) if self.cache is not None else None
+        output, rerun = step_batch(
+            conn,
+            schemas,
+            spec,
+            decoded,
+            partition,
+            scoped,
+            self.dimensions,
+            WaitBudget(self.max_wait_s),
+        )
+        final, load = commit_isolated(
+            conn,
+            schemas,
+            spec.contract,
+            record,
+            raw,
+            decoded,
+            output=output,
+            rerun=rerun,
+            cache=scoped,
+        )
+        decoded, output = load.decoded, load.output
+        return BatchOutcome(
+            asset=spec.asset,
+            topic=record.source,
+            partition=partition,
+            start=record.start,
+            end=record.end,
+            status="committed",
+            received=final.received,
+            loaded=final.loaded,
+            dead_lettered=final.dead_lettered,
+            deduplicated=final.deduplicated,
+            lag_after=self.bounds.end - record.end,
+            dead_letter_reasons=Counter(describe_reason(r) for r in decoded.dead_letters["reason"]),
+            side_rows={
+                name: len(frame) for name, frame in (output.side_tables if output else {}).items()
+            },
+            event_dates=event_dates(output.rows if output is not None else decoded.rows),
+            probes=load.probes,
+        )
