@@ -24,9 +24,10 @@ import psycopg
 from kappa.catalog.captures import CaptureSpec
 from kappa.edw.ledger import read_head, read_heads
 from kappa.edw.types import Schemas
-from kappa.health import RunFailures, capture_stop, topic_stop
+from kappa.health import RunFailures, shard_stop
 from kappa.ingest.plan import TopicIngest
 from kappa.sources import pg_capture
+from kappa.sources.base import TRANSACTIONS
 from kappa.sources.topic import EventStore
 
 #: Offsets read past the ledger head to find the first pending record (offsets are sparse).
@@ -112,7 +113,7 @@ def topic_freshness(
     shards: list[ShardFreshness] = []
     for partition, bound in sorted(bounds.items()):
         head = heads.get(partition)
-        broken = topic_stop(spec.asset, spec.topic, partition, head, bound, epoch)
+        broken = shard_stop(spec.asset, spec.topic, partition, head, bound, epoch)
         start = max(head.end if head else bound.start, bound.start)
         pending = max(bound.end - start, 0)
         lag: float | None = None
@@ -145,7 +146,16 @@ def capture_freshness(
         str(spec.change_table),
         lag.pending_changes,
         lag.oldest_pending_age_s if lag.pending_changes else None,
-        capture_stop(spec, head, pg_capture.source_epoch(oltp, spec), (failures or {}).get(0)),
+        shard_stop(
+            spec.asset,
+            str(spec.change_table),
+            0,
+            head,
+            None,
+            pg_capture.source_epoch(oltp, spec),
+            (failures or {}).get(0),
+            positions=TRANSACTIONS,
+        ),
     )
 
 

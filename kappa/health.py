@@ -6,9 +6,8 @@ without an operator:
 - its source no longer continues where the ledger ends: the topic or change table was
   recreated (new topic id or table oid), the log ends before the ledger (lost or reset
   log), or it starts after it (offsets expired by retention before they were loaded).
-  These are the continuity rules of :func:`kappa.ingest.check_continuity` and
-  :func:`kappa.ingest.check_capture_continuity`; their :class:`LogResetError` text is the
-  reason;
+  These are the continuity rules of :func:`kappa.sources.base.check_continuity`, one for
+  every kind of source; their :class:`LogResetError` text is the reason;
 - or its batches keep failing: the last ``retries + 1`` finished runs of the asset that
   covered the shard all failed (``KAPPA_RUN_RETRIES``: the first attempt and every automatic
   retry of it), as recorded in Dagster's run storage. The reason names how many runs failed
@@ -25,12 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kappa.catalog.captures import CaptureSpec
 from kappa.edw.types import LedgerHead
 from kappa.exceptions import LogResetError
-from kappa.ingest.capture import check_capture_continuity
-from kappa.ingest.plan import check_continuity
-from kappa.sources.base import LogBounds
+from kappa.sources.base import OFFSETS, LogBounds, Positions, check_continuity
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -67,29 +63,22 @@ class RunFailures:
         )
 
 
-def topic_stop(
+def shard_stop(
     asset: str,
-    topic: str,
-    partition: int,
+    source: str,
+    shard: int,
     head: LedgerHead | None,
-    bounds: LogBounds,
+    bounds: LogBounds | None,
     epoch: str,
     failures: RunFailures | None = None,
+    *,
+    positions: Positions = OFFSETS,
 ) -> str | None:
-    """Why ``topic[partition]`` cannot load for ``asset``, or None when it can."""
+    """Why shard ``shard`` of ``source`` cannot load for ``asset``, or None when it can: the
+    continuity error first (the operator must act on it whatever the runs did), then the
+    failing runs."""
     try:
-        check_continuity(asset, topic, partition, head, bounds, epoch)
-    except LogResetError as exc:
-        return str(exc)
-    return failures.describe() if failures is not None else None
-
-
-def capture_stop(
-    spec: CaptureSpec, head: LedgerHead | None, epoch: str, failures: RunFailures | None = None
-) -> str | None:
-    """Why ``spec``'s change table cannot load, or None when it can."""
-    try:
-        check_capture_continuity(spec, head, epoch)
+        check_continuity(asset, source, shard, head, bounds, epoch, positions=positions)
     except LogResetError as exc:
         return str(exc)
     return failures.describe() if failures is not None else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -31,9 +31,9 @@ from kappa.edw.poison import REFUSED_PREFIX
 from kappa.edw.types import Schemas
 from kappa.ingest.capture import reprocess_capture_window
 from kappa.ingest.plan import TopicIngest
-from kappa.sources import pg_capture
-from kappa.sources.base import LogBounds
-from kappa.sources.topic import EventStore
+from kappa.sources.base import Source
+from kappa.sources.pg_capture import ChangeTable
+from kappa.sources.topic import EventStore, TopicPartitions
 
 _MASK = (1 << 60) - 1
 
@@ -81,6 +81,59 @@ class PartitionComparison:
         )
 
 
+@dataclass(frozen=True)
+class LedgerWindow:
+    """The positions the ledger's batches of one time partition cover in one shard."""
+
+    key: str | None
+    start: int
+    end: int
+    dead_lettered: int
+
+
+def ledger_windows(
+    conn: psycopg.Connection, schemas: Schemas, asset: str, source: str, shard: int
+) -> list[LedgerWindow]:
+    """Per time partition of one shard (None: batches loaded before partitions existed), in
+    position order: the first and last position its batches cover and their dead letters."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT partition_key, min(start_position), max(end_position), sum(dead_lettered) "
+            "FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = %s "
+            "GROUP BY partition_key ORDER BY min(start_position)"
+        ).format(sql.Identifier(schemas.meta)),
+        (asset, source, shard),
+    ).fetchall()
+    return [LedgerWindow(key, int(low), int(high), int(dead)) for key, low, high, dead in rows]
+
+
+def compare(
+    shard: int,
+    window: str | None,
+    start: int,
+    end: int,
+    *,
+    derived: Sequence[tuple[str, int]],
+    held: Sequence[tuple[str, int]],
+    derived_dead_letters: int,
+    held_dead_letters: int,
+) -> PartitionComparison:
+    """The comparison of what the source re-derives (``derived``: identity and position of
+    each row) with what the EDW holds, for one time partition of one shard."""
+    return PartitionComparison(
+        partition=shard,
+        start=start,
+        end=end,
+        window=window,
+        log_rows=len(derived),
+        edw_rows=len(held),
+        log_checksum=checksum(derived),
+        edw_checksum=checksum(held),
+        log_dead_letters=derived_dead_letters,
+        edw_dead_letters=held_dead_letters,
+    )
+
+
 def compare_with_log(
     store: EventStore, conn: psycopg.Connection, schemas: Schemas, spec: TopicIngest
 ) -> list[PartitionComparison]:
@@ -91,14 +144,10 @@ def compare_with_log(
     fact = sql.Identifier(schemas.edw, spec.contract.table)
     comparisons = []
     for partition, head in sorted(read_heads(conn, schemas, spec.asset, spec.topic).items()):
-        windows = conn.execute(
-            sql.SQL(
-                "SELECT partition_key, min(start_position), max(end_position) FROM {}.batch_ledger "
-                "WHERE asset = %s AND source = %s AND shard = %s GROUP BY partition_key "
-                "ORDER BY min(start_position)"
-            ).format(meta),
-            (spec.asset, spec.topic, partition),
-        ).fetchall()
+        windows = [
+            (w.key, w.start, w.end)
+            for w in ledger_windows(conn, schemas, spec.asset, spec.topic, partition)
+        ]
         start = windows[0][1] if windows else head.end
         decoded = decode_batch(store.fetch(spec.topic, partition, start, head.end), spec.contract)
         log_pairs = list(
@@ -135,17 +184,15 @@ def compare_with_log(
             log_in = [p for p in log_pairs if low <= p[1] < high]
             edw_in = [p for p in edw_pairs if low <= p[1] < high]
             comparisons.append(
-                PartitionComparison(
-                    partition=partition,
-                    start=low,
-                    end=high,
-                    window=window,
-                    log_rows=len(log_in),
-                    edw_rows=len(edw_in),
-                    log_checksum=checksum(log_in),
-                    edw_checksum=checksum(edw_in),
-                    log_dead_letters=sum(low <= o < high for o in log_dead),
-                    edw_dead_letters=sum(low <= o < high for o in edw_dead),
+                compare(
+                    partition,
+                    window,
+                    low,
+                    high,
+                    derived=log_in,
+                    held=edw_in,
+                    derived_dead_letters=sum(low <= o < high for o in log_dead),
+                    held_dead_letters=sum(low <= o < high for o in edw_dead),
                 )
             )
     return comparisons
@@ -214,80 +261,51 @@ def _ledger_spans(
     return spans, (head[0] if head else None)
 
 
-def _account(
-    asset: str,
-    shard: str,
-    ledger: tuple[list, int | None],
-    source_count: Callable[[int, int], int],
-    lag: Callable[[int], int],
-) -> ShardReconciliation:
-    spans, head_end = ledger
-    start = spans[0][0] if spans else 0
-    end = spans[-1][1] if spans else 0
-    gaps = tuple((a[1], b[0]) for a, b in itertools.pairwise(spans) if a[1] != b[0])
-    return ShardReconciliation(
-        asset=asset,
-        shard=shard,
-        lag=lag(end),
-        ledger_start=start,
-        ledger_end=end,
-        source_count=source_count(start, end) if spans else 0,
-        received=sum(s[2] for s in spans),
-        loaded=sum(s[3] for s in spans),
-        dead_lettered=sum(s[4] for s in spans),
-        deduplicated=sum(s[5] for s in spans),
-        gaps=gaps,
-        head_end=head_end,
-    )
+def reconcile_source(
+    source: Source, conn: psycopg.Connection, schemas: Schemas, asset: str
+) -> list[ShardReconciliation]:
+    """Per shard of ``source``: the records it holds over the ledger's range against the
+    ledger's counts, and how far the ledger is behind it. The same accounting for every
+    kind of source: only counting records and the lag are the source's."""
+    shards = source.shards()
+    bounds = source.bounds(shards)
+    found = []
+    for shard in shards:
+        spans, head_end = _ledger_spans(conn, schemas, asset, source.name, shard)
+        start = spans[0][0] if spans else 0
+        end = spans[-1][1] if spans else 0
+        found.append(
+            ShardReconciliation(
+                asset=asset,
+                shard=source.shard_name(shard),
+                lag=source.behind(shard, end, bounds[shard]),
+                ledger_start=start,
+                ledger_end=end,
+                source_count=source.count(shard, start, end) if spans else 0,
+                received=sum(s[2] for s in spans),
+                loaded=sum(s[3] for s in spans),
+                dead_lettered=sum(s[4] for s in spans),
+                deduplicated=sum(s[5] for s in spans),
+                gaps=tuple((a[1], b[0]) for a, b in itertools.pairwise(spans) if a[1] != b[0]),
+                head_end=head_end,
+            )
+        )
+    return found
 
 
 def reconcile_topic(
     store: EventStore, conn: psycopg.Connection, schemas: Schemas, spec: TopicIngest
 ) -> list[ShardReconciliation]:
     """Per topic partition: records in the log over the ledger's range against its counts."""
-    bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
-
-    def records(partition: int) -> Callable[[int, int], int]:
-        return lambda start, end: len(store.fetch(spec.topic, partition, start, end))
-
-    def behind(bound: LogBounds) -> Callable[[int], int]:
-        return lambda end: max(0, bound.end - max(end, bound.start))
-
-    return [
-        _account(
-            spec.asset,
-            f"{spec.topic}[{partition}]",
-            _ledger_spans(conn, schemas, spec.asset, spec.topic, partition),
-            records(partition),
-            behind(bound),
-        )
-        for partition, bound in sorted(bounds.items())
-    ]
+    return reconcile_source(TopicPartitions(store, spec.topic), conn, schemas, spec.asset)
 
 
 def reconcile_capture(
     oltp: psycopg.Connection, conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec
 ) -> ShardReconciliation:
     """For a change table: changes of the transactions the ledger covers against its counts."""
-    table = sql.Identifier(spec.change_table.schema, spec.change_table.table)
-
-    def changes(start: int, end: int) -> int:
-        row = oltp.execute(
-            sql.SQL(
-                "SELECT count(*) FROM {} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8"
-            ).format(table),
-            (str(start), str(end)),
-        ).fetchone()
-        return int(row[0]) if row else 0
-
-    source = str(spec.change_table)
-    return _account(
-        spec.asset,
-        source,
-        _ledger_spans(conn, schemas, spec.asset, source, 0),
-        changes,
-        lambda end: pg_capture.capture_lag(oltp, spec, end).pending_changes,
-    )
+    (found,) = reconcile_source(ChangeTable(oltp, spec), conn, schemas, spec.asset)
+    return found
 
 
 def compare_capture_with_log(
@@ -297,50 +315,40 @@ def compare_capture_with_log(
     re-derived from the change table as a backfill would do it, inside a transaction that is
     rolled back, and the rows its transactions wrote or closed are compared with what the EDW
     held (``log_*``: re-derived, ``edw_*``: held)."""
-    meta = sql.Identifier(schemas.meta)
     source = str(spec.change_table)
-    windows = conn.execute(
-        sql.SQL(
-            "SELECT partition_key, sum(dead_lettered) FROM {}.batch_ledger WHERE asset = %s "
-            "AND source = %s AND partition_key IS NOT NULL GROUP BY partition_key "
-            "ORDER BY min(start_position)"
-        ).format(meta),
-        (spec.asset, source),
-    ).fetchall()
+    windows = [w for w in ledger_windows(conn, schemas, spec.asset, source, 0) if w.key is not None]
     rows_of = sql.SQL("SELECT t::text FROM {} t WHERE {}").format(
         sql.Identifier(schemas.edw, spec.target), written_by(spec)
     )
     comparisons = []
-    for window, dead_letters in windows:
+    for listed in windows:
+        assert listed.key is not None
         with conn.transaction(force_rollback=True):
-            # The head's lock keeps live batches out while the EDW's rows are read.
+            # The head's lock keeps live batches out while the EDW's rows are read; the span
+            # is read again under it (a live batch may have extended the partition).
             lock_head(conn, schemas, spec.asset, source, 0)
-            found = conn.execute(
-                sql.SQL(
-                    "SELECT min(start_position), max(end_position) FROM {}.batch_ledger "
-                    "WHERE asset = %s AND source = %s AND partition_key = %s"
-                ).format(meta),
-                (spec.asset, source, window),
-            ).fetchone()
-            assert found is not None
-            span = {"start": found[0], "end": found[1]}
+            (locked,) = [
+                w
+                for w in ledger_windows(conn, schemas, spec.asset, source, 0)
+                if w.key == listed.key
+            ]
+            span = {"start": locked.start, "end": locked.end}
             held = [r[0] for r in conn.execute(rows_of, span)]
             replaced = reprocess_capture_window(
-                oltp, conn, schemas, spec, window, run_id="replay_equivalence"
+                oltp, conn, schemas, spec, listed.key, run_id="replay_equivalence"
             )
             derived = [r[0] for r in conn.execute(rows_of, span)]
         comparisons.append(
-            PartitionComparison(
-                partition=0,
-                start=replaced.start,
-                end=replaced.end,
-                window=window,
-                log_rows=len(derived),
-                edw_rows=len(held),
-                log_checksum=checksum((row, 0) for row in derived),
-                edw_checksum=checksum((row, 0) for row in held),
-                log_dead_letters=replaced.dead_lettered,
-                edw_dead_letters=int(dead_letters),
+            compare(
+                0,
+                listed.key,
+                replaced.start,
+                replaced.end,
+                # Rows are their own identity: a target row has no position of its own.
+                derived=[(row, 0) for row in derived],
+                held=[(row, 0) for row in held],
+                derived_dead_letters=replaced.dead_lettered,
+                held_dead_letters=listed.dead_lettered,
             )
         )
     return comparisons

@@ -30,9 +30,10 @@ from kappa.catalog.captures import CaptureSpec
 from kappa.edw.types import LedgerHead, Schemas
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.heal import heal_positions
+from kappa.ingest.outcome import BatchOutcome, WindowOutcome
 from kappa.ingest.plan import OffsetRange, TopicIngest, locate_windows, plan_ranges
-from kappa.ingest.reprocess import WindowOutcome, reprocess_window
-from kappa.ingest.topic import BatchOutcome, run_batch
+from kappa.ingest.reprocess import reprocess_window
+from kappa.ingest.topic import run_batch
 from kappa.partitions import TimeWindows, Window
 from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore

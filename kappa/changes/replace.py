@@ -27,7 +27,8 @@ from kappa.edw.copy import stage_frame, write_dead_letters
 from kappa.edw.ledger import insert_ledger_row, lock_head
 from kappa.edw.poison import write_rows_isolated
 from kappa.edw.types import BatchCounts, BatchRecord, Schemas
-from kappa.exceptions import LogResetError, ReprocessError
+from kappa.exceptions import ReprocessError
+from kappa.sources.base import TRANSACTIONS, check_continuity
 
 
 @dataclass
@@ -70,14 +71,7 @@ def replace_capture_window(
         head = lock_head(conn, schemas, spec.asset, source, 0)
         if head is None:
             return None
-        if head.epoch != epoch:
-            raise LogResetError(
-                spec.asset,
-                source,
-                0,
-                f"was recreated: the ledger loaded transactions up to {head.end} of change table "
-                f"{head.epoch}, the OLTP database now has {epoch}.",
-            )
+        check_continuity(spec.asset, source, 0, head, None, epoch, positions=TRANSACTIONS)
         batches = conn.execute(
             sql.SQL(
                 "SELECT start_position, end_position, received, watermark FROM {}.batch_ledger "
@@ -99,7 +93,7 @@ def replace_capture_window(
                 result.start,
                 result.end,
                 detail,
-                positions="transactions",
+                positions=TRANSACTIONS.name,
             )
 
         foreign = conn.execute(

@@ -25,7 +25,7 @@ from kappa.edw.connection import connect
 from kappa.edw.ledger import read_heads
 from kappa.edw.types import Schemas
 from kappa.exceptions import ConfigurationError, KappaError
-from kappa.health import topic_stop
+from kappa.health import shard_stop
 from kappa.settings import Settings, redact
 from kappa.sources.topic import EventStore, UnknownTopicError
 
@@ -51,7 +51,7 @@ def ledger_problems(settings: Settings) -> list[str]:
             epoch = store.topic_id(topic) or ""
             heads = read_heads(conn, schemas, asset, topic)
             for partition in partitions:
-                problem = topic_stop(
+                problem = shard_stop(
                     asset, topic, partition, heads.get(partition), bounds[partition], epoch
                 )
                 if problem is not None:

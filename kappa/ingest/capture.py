@@ -5,33 +5,20 @@ change table applied to its target, exactly once, with the ledger.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from datetime import datetime
 
 import psycopg
 
 from kappa.catalog.captures import CaptureSpec
 from kappa.changes.merge import apply_changes
 from kappa.changes.replace import replace_capture_window
-from kappa.edw.ledger import read_head
 from kappa.edw.types import BatchRecord, LedgerHead, Schemas
-from kappa.exceptions import BatchSupersededError, LogResetError
-from kappa.ingest.reprocess import (
-    WindowOutcome,
-)
-from kappa.ingest.topic import BatchOutcome
+from kappa.exceptions import BatchSupersededError
+from kappa.ingest.batch import run_source_batch
+from kappa.ingest.outcome import BatchOutcome, WindowOutcome
 from kappa.partitions import parse_key
 from kappa.sources import pg_capture
-
-
-def check_capture_continuity(spec: CaptureSpec, head: LedgerHead | None, epoch: str) -> None:
-    """Raise :class:`LogResetError` when the change table is not the one the ledger read."""
-    if head is not None and head.epoch != epoch:
-        raise LogResetError(
-            spec.asset,
-            str(spec.change_table),
-            0,
-            f"was recreated: the ledger loaded transactions up to {head.end} of change table "
-            f"{head.epoch}, the OLTP database now has {epoch}.",
-        )
 
 
 def run_capture_batch(
@@ -50,76 +37,98 @@ def run_capture_batch(
     Positions are transaction ids: the batch starts where the ledger ends (0 before the
     first batch) and never passes the snapshot horizon.
     """
-    started = time.monotonic()
-    source = str(spec.change_table)
-    epoch = pg_capture.source_epoch(oltp, spec)
-    head = read_head(edw, schemas, spec.asset, source, 0)
-    check_capture_continuity(spec, head, epoch)
-    requested = parse_key(partition_key) if partition_key else None
-    last = parse_key(head.partition_key) if head is not None and head.partition_key else None
-    if requested is not None and last is not None and requested.end <= last.start:
-        # Visibility times only move forward: a closed partition takes no new batch.
-        raise BatchSupersededError(
-            f"{spec.asset}: partition {requested.key} is closed, the ledger already has "
-            f"batches of {last.key}; the sensor plans the next batch there"
-        )
-    start = head.end if head is not None else 0
-    complete_until = pg_capture.complete_until(oltp)  # before the horizon: see complete_until
-    end = pg_capture.plan_end(oltp, spec, start, max_changes=max_changes)
-    if requested_end is not None:
-        end = min(end, max(requested_end, start))
-    if end <= start:
-        return BatchOutcome(
-            spec.asset,
-            source,
-            0,
-            start,
-            start,
-            status="already loaded",
-            seconds=time.monotonic() - started,
-        )
-    changes = pg_capture.read_changes(oltp, spec, start, end)
-    # The batch makes its target complete up to `complete_until` only if it takes every
-    # ready change; a batch cut short keeps the completeness its predecessor recorded.
-    cut_short = pg_capture.plan_end(oltp, spec, end, max_changes=1) > end
-    watermark = (head.watermark if head is not None else None) if cut_short else complete_until
-    record = BatchRecord(
-        asset=spec.asset,
-        source=source,
-        shard=0,
-        epoch=epoch,
-        start=start,
-        end=end,
-        run_id=run_id,
-        partition_key=partition_key,
-        watermark=watermark,
-        fresh=head is None,
-    )
-    received, applied, dead, probes = apply_changes(
+    source = pg_capture.ChangeTable(oltp, spec)
+    return run_source_batch(
+        source,
         edw,
         schemas,
-        spec,
-        record,
-        changes,
-        history=lambda keys: pg_capture.read_key_history(oltp, spec, keys, end),
+        spec.asset,
+        0,
+        ChangeLoader(source, edw, schemas, spec, max_changes, partition_key),
+        bounds=None,
+        requested_start=None,
+        requested_end=requested_end,
+        run_id=run_id,
+        partition_key=partition_key,
     )
-    lag = pg_capture.capture_lag(oltp, spec, end)
-    return BatchOutcome(
-        asset=spec.asset,
-        topic=source,
-        partition=0,
-        start=start,
-        end=end,
-        status="committed",
-        received=received,
-        loaded=applied,
-        dead_lettered=dead,
-        deduplicated=0,
-        lag_after=lag.pending_changes,
-        seconds=time.monotonic() - started,
-        capture_lag=lag,
-        probes=probes,
-    )
+
+
+class ChangeLoader:
+    """A change table's part of a batch: whole transactions below the horizon, validated and
+    merged into the target, with the completeness the batch gives it."""
+
+    def __init__(
+        self,
+        source: pg_capture.ChangeTable,
+        edw: psycopg.Connection,
+        schemas: Schemas,
+        spec: CaptureSpec,
+        max_changes: int,
+        partition_key: str | None,
+    ) -> None:
+        self.source = source
+        self.oltp = source.conn
+        self.edw = edw
+        self.schemas = schemas
+        self.spec = spec
+        self.max_changes = max_changes
+        self.partition_key = partition_key
+        self.complete_until: datetime | None = None
+
+    def admit(self, head: LedgerHead | None) -> None:
+        spec, partition_key = self.spec, self.partition_key
+        requested = parse_key(partition_key) if partition_key else None
+        last = parse_key(head.partition_key) if head is not None and head.partition_key else None
+        if requested is not None and last is not None and requested.end <= last.start:
+            # Visibility times only move forward: a closed partition takes no new batch.
+            raise BatchSupersededError(
+                f"{spec.asset}: partition {requested.key} is closed, the ledger already has "
+                f"batches of {last.key}; the sensor plans the next batch there"
+            )
+        # Before the horizon, which planning reads: see complete_until.
+        self.complete_until = pg_capture.complete_until(self.oltp)
+
+    def ready_end(self, start: int) -> int:
+        return pg_capture.plan_end(self.oltp, self.spec, start, max_changes=self.max_changes)
+
+    def lag(self, position: int) -> int:
+        # A batch that applies nothing reports no lag: counting the pending changes scans
+        # the change table, and the sensor reads the lag on its own tick.
+        return 0
+
+    def load(self, record: BatchRecord, head: LedgerHead | None) -> BatchOutcome:
+        oltp, spec, start, end = self.oltp, self.spec, record.start, record.end
+        changes = self.source.read(0, start, end)
+        # The batch makes its target complete up to `complete_until` only if it takes every
+        # ready change; a batch cut short keeps the completeness its predecessor recorded.
+        cut_short = pg_capture.plan_end(oltp, spec, end, max_changes=1) > end
+        watermark = (
+            (head.watermark if head is not None else None) if cut_short else self.complete_until
+        )
+        received, applied, dead, probes = apply_changes(
+            self.edw,
+            self.schemas,
+            spec,
+            replace(record, watermark=watermark),
+            changes,
+            history=lambda keys: pg_capture.read_key_history(oltp, spec, keys, end),
+        )
+        lag = pg_capture.capture_lag(oltp, spec, end)
+        return BatchOutcome(
+            asset=spec.asset,
+            topic=record.source,
+            partition=0,
+            start=start,
+            end=end,
+            status="committed",
+            received=received,
+            loaded=applied,
+            dead_lettered=dead,
+            deduplicated=0,
+            lag_after=lag.pending_changes,
+            capture_lag=lag,
+            probes=probes,
+        )
 
 
 def reprocess_capture_window(

@@ -1,5 +1,6 @@
-"""Planning micro-batches of topic partitions from the ledger and the log: continuity of a shard
-(same log, nothing lost), offset ranges for the sensor, the offsets where time windows start.
+"""Planning micro-batches of topic partitions from the ledger and the log: offset ranges for the
+sensor, the offsets where time windows start. (The continuity of a shard, same log and nothing
+lost, is :func:`kappa.sources.base.check_continuity`, the same rule for every kind of source.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pandas as pd
 
 from kappa.catalog.streams import EventContract
 from kappa.edw.types import LedgerHead
-from kappa.exceptions import EventStoreTimeoutError, LogResetError
+from kappa.exceptions import EventStoreTimeoutError
 from kappa.partitions import TimeWindows, Window
 from kappa.sources.base import LogBounds
 from kappa.sources.topic import EventStore
@@ -48,56 +49,6 @@ def event_dates(rows: pd.DataFrame) -> set[str]:
     if rows.empty:
         return set()
     return set(rows["event_time"].dt.tz_convert("UTC").dt.strftime("%Y-%m-%d").unique())
-
-
-def check_continuity(
-    asset: str, topic: str, partition: int, head: LedgerHead | None, bounds: LogBounds, epoch: str
-) -> None:
-    """Raise :class:`LogResetError` when the log cannot continue where the ledger ends.
-
-    That is: the topic was recreated (its id changed, or the broker no longer reports the id
-    the ledger recorded), the log ends before the ledger
-    (reset or truncated), or the log starts after the ledger (expired by retention before
-    it was loaded). Each case would otherwise skip or re-load data silently.
-    """
-    if head is None:
-        return
-    if head.epoch and not epoch:
-        # Without the broker's id the log cannot be told from a recreated one that has grown
-        # past the ledger's end: loading on would skip that log's first records.
-        raise LogResetError(
-            asset,
-            topic,
-            partition,
-            f"cannot be confirmed as the log the ledger loaded: the ledger loaded offsets up to "
-            f"{head.end} of topic id {head.epoch}, the broker reports no topic id now "
-            f"(log {bounds.start}..{bounds.end}).",
-        )
-    if head.epoch and epoch and head.epoch != epoch:
-        raise LogResetError(
-            asset,
-            topic,
-            partition,
-            f"was recreated: the ledger loaded offsets up to {head.end} of topic id {head.epoch}, "
-            f"the broker now serves topic id {epoch} (log {bounds.start}..{bounds.end}).",
-        )
-    if head.end > bounds.end:
-        raise LogResetError(
-            asset,
-            topic,
-            partition,
-            f"holds less than was loaded: the ledger has loaded offsets up to {head.end}, "
-            f"the log now ends at {bounds.end}. The broker lost or reset this partition "
-            "(a local broker keeps nothing across restarts).",
-        )
-    if head.end < bounds.start:
-        raise LogResetError(
-            asset,
-            topic,
-            partition,
-            f"expired offsets [{head.end}, {bounds.start}) before they were loaded: the log "
-            f"now starts at {bounds.start} (retention).",
-        )
 
 
 def plan_ranges(

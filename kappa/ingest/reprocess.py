@@ -6,11 +6,10 @@ replacement in one transaction per shard.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import psycopg
 
@@ -20,44 +19,19 @@ from kappa.edw.ledger import insert_ledger_row, read_heads
 from kappa.edw.poison import write_isolated
 from kappa.edw.types import BatchCounts, BatchRecord, Schemas
 from kappa.edw.window import replace_window
+from kappa.ingest.outcome import WindowOutcome
 from kappa.ingest.plan import (
     TopicIngest,
-    check_continuity,
     event_dates,
 )
 from kappa.ingest.topic import step_batch
 from kappa.partitions import TimeWindows, Window
-from kappa.sources.base import LogBounds, RawBatch
+from kappa.sources.base import LogBounds, RawBatch, check_continuity
 from kappa.sources.topic import EventStore
 from kappa.state import AsOfStateCache
 from kappa.state.postgres import PostgresStateBackend
 from kappa.steps.completeness import WaitBudget
 from kappa.steps.context import Lookups
-
-
-@dataclass
-class WindowOutcome:
-    """What reprocessing one time partition did in one topic partition."""
-
-    asset: str
-    topic: str
-    window: str
-    partition: int
-    start: int
-    end: int
-    status: str
-    received: int = 0
-    loaded: int = 0
-    dead_lettered: int = 0
-    deduplicated: int = 0
-    removed_rows: int = 0
-    batches: int = 0
-    seconds: float = 0.0
-    stale_from: str | None = None
-    side_rows: Counter[str] = field(default_factory=Counter)
-    event_dates: set[str] = field(default_factory=set)
-    #: Extra writes it took to isolate records the database refused (0: none refused).
-    probes: int = 0
 
 
 def resolve_window(

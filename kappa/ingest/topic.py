@@ -7,56 +7,29 @@ next batch starts: a requested range is a hint that the ledger trims or extends.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import pandas as pd
 import psycopg
 
 from kappa.decode.batch import DecodedBatch, decode_batch, describe_reason
-from kappa.edw.ledger import existing_event_ids, read_head
+from kappa.edw.ledger import existing_event_ids
 from kappa.edw.poison import Rerun, commit_isolated
-from kappa.edw.types import BatchRecord, Schemas
+from kappa.edw.types import BatchRecord, LedgerHead, Schemas
+from kappa.ingest.batch import run_source_batch
+from kappa.ingest.outcome import BatchOutcome
 from kappa.ingest.plan import (
     OffsetRange,
     TopicIngest,
-    check_continuity,
     event_dates,
 )
-from kappa.sources import pg_capture
-from kappa.sources.topic import EventStore
+from kappa.sources.base import LogBounds
+from kappa.sources.topic import EventStore, TopicPartitions
 from kappa.state import ScopedStateCache, StateAccess, StateCache
 from kappa.steps.api import StepOutput
 from kappa.steps.completeness import WaitBudget
 from kappa.steps.context import Lookups
 from kappa.steps.engine import apply_step, wait_for_step
-
-
-@dataclass
-class BatchOutcome:
-    """What one batch did, for materialisation metadata and logs."""
-
-    asset: str
-    topic: str
-    partition: int
-    start: int
-    end: int
-    status: str
-    received: int = 0
-    loaded: int = 0
-    dead_lettered: int = 0
-    deduplicated: int = 0
-    lag_after: int = 0
-    seconds: float = 0.0
-    dead_letter_reasons: Counter[str] = field(default_factory=Counter)
-    side_rows: dict[str, int] = field(default_factory=dict)
-    #: For change tables: the lag after the batch, read once for the outcome and metadata.
-    capture_lag: pg_capture.CaptureLag | None = None
-    #: Event dates (UTC, ISO) of the events the batch loaded: the mart partitions it touched.
-    event_dates: set[str] = field(default_factory=set)
-    #: Extra writes it took to isolate records the database refused (0: none refused).
-    probes: int = 0
 
 
 def step_batch(
@@ -124,68 +97,104 @@ def run_batch(
     to cover the batch's event times, and its rows, side tables and state commit with
     the batch.
     """
-    started = time.monotonic()
-    topic, partition = requested.topic, requested.partition
-    bounds = store.log_bounds(topic, [partition])[partition]
-    epoch = store.topic_id(topic) or ""
-    head = read_head(conn, schemas, spec.asset, topic, partition)
-    check_continuity(spec.asset, topic, partition, head, bounds, epoch)
-    start = head.end if head is not None else bounds.start
-    end = min(requested.end, start + max_batch, bounds.end)
-    # start < requested.start: the ledger was rewound after this range was planned (a
-    # replay); the range may belong to another time partition now, the sensor plans afresh.
-    skipped = (
-        "superseded" if start < requested.start else "already loaded" if end <= start else None
+    source = TopicPartitions(store, requested.topic)
+    bounds = source.bounds([requested.partition])[requested.partition]
+    loader = EventLoader(
+        source, conn, schemas, spec, bounds, max_batch, cache, dimensions, max_wait_s
     )
-    if skipped is not None:
-        return BatchOutcome(
-            spec.asset,
-            topic,
-            partition,
-            start,
-            start,
-            status=skipped,
-            lag_after=bounds.end - start,
-            seconds=time.monotonic() - started,
-        )
-    raw = store.fetch(topic, partition, start, end)
-    decoded = decode_batch(raw, spec.contract)
-    scoped = ScopedStateCache(cache, spec.asset) if cache is not None else None
-    output, rerun = step_batch(
-        conn, schemas, spec, decoded, partition, scoped, dimensions, WaitBudget(max_wait_s)
-    )
-    record = BatchRecord(
-        asset=spec.asset,
-        source=topic,
-        shard=partition,
-        epoch=epoch,
-        start=start,
-        end=end,
+    return run_source_batch(
+        source,
+        conn,
+        schemas,
+        spec.asset,
+        requested.partition,
+        loader,
+        bounds=bounds,
+        requested_start=requested.start,
+        requested_end=requested.end,
         run_id=run_id,
         partition_key=partition_key,
-        fresh=head is None,
     )
-    final, load = commit_isolated(
-        conn, schemas, spec.contract, record, raw, decoded, output=output, rerun=rerun, cache=scoped
-    )
-    decoded, output = load.decoded, load.output
-    return BatchOutcome(
-        asset=spec.asset,
-        topic=topic,
-        partition=partition,
-        start=start,
-        end=end,
-        status="committed",
-        received=final.received,
-        loaded=final.loaded,
-        dead_lettered=final.dead_lettered,
-        deduplicated=final.deduplicated,
-        lag_after=bounds.end - end,
-        seconds=time.monotonic() - started,
-        dead_letter_reasons=Counter(describe_reason(r) for r in decoded.dead_letters["reason"]),
-        side_rows={
-            name: len(frame) for name, frame in (output.side_tables if output else {}).items()
-        },
-        event_dates=event_dates(output.rows if output is not None else decoded.rows),
-        probes=load.probes,
-    )
+
+
+class EventLoader:
+    """A topic partition's part of a batch: decode, the stateful step, COPY with isolation
+    of what the database refuses."""
+
+    def __init__(
+        self,
+        source: TopicPartitions,
+        conn: psycopg.Connection,
+        schemas: Schemas,
+        spec: TopicIngest,
+        bounds: LogBounds,
+        max_batch: int,
+        cache: StateCache | None,
+        dimensions: Lookups | None,
+        max_wait_s: float,
+    ) -> None:
+        self.source = source
+        self.conn = conn
+        self.schemas = schemas
+        self.spec = spec
+        self.bounds = bounds
+        self.max_batch = max_batch
+        self.cache = cache
+        self.dimensions = dimensions
+        self.max_wait_s = max_wait_s
+
+    def admit(self, head: LedgerHead | None) -> None:
+        return None
+
+    def ready_end(self, start: int) -> int:
+        return min(start + self.max_batch, self.bounds.end)
+
+    def lag(self, position: int) -> int:
+        return self.bounds.end - position
+
+    def load(self, record: BatchRecord, head: LedgerHead | None) -> BatchOutcome:
+        conn, schemas, spec, partition = self.conn, self.schemas, self.spec, record.shard
+        raw = self.source.read(partition, record.start, record.end)
+        decoded = decode_batch(raw, spec.contract)
+        scoped = ScopedStateCache(self.cache, spec.asset) if self.cache is not None else None
+        output, rerun = step_batch(
+            conn,
+            schemas,
+            spec,
+            decoded,
+            partition,
+            scoped,
+            self.dimensions,
+            WaitBudget(self.max_wait_s),
+        )
+        final, load = commit_isolated(
+            conn,
+            schemas,
+            spec.contract,
+            record,
+            raw,
+            decoded,
+            output=output,
+            rerun=rerun,
+            cache=scoped,
+        )
+        decoded, output = load.decoded, load.output
+        return BatchOutcome(
+            asset=spec.asset,
+            topic=record.source,
+            partition=partition,
+            start=record.start,
+            end=record.end,
+            status="committed",
+            received=final.received,
+            loaded=final.loaded,
+            dead_lettered=final.dead_lettered,
+            deduplicated=final.deduplicated,
+            lag_after=self.bounds.end - record.end,
+            dead_letter_reasons=Counter(describe_reason(r) for r in decoded.dead_letters["reason"]),
+            side_rows={
+                name: len(frame) for name, frame in (output.side_tables if output else {}).items()
+            },
+            event_dates=event_dates(output.rows if output is not None else decoded.rows),
+            probes=load.probes,
+        )

@@ -1,4 +1,5 @@
-"""What every source hands the engine, whatever it is read from: positions, bounds, raw records.
+"""What every source hands the engine, whatever it is read from: positions, bounds, raw records,
+the :class:`Source` protocol a kind of source implements, and the continuity rule every kind obeys.
 
 No client library here (neither kafka-python nor psycopg), so decoding and the steps can be
 imported and tested without either.
@@ -6,7 +7,12 @@ imported and tested without either.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from kappa.edw.types import LedgerHead
+from kappa.exceptions import LogResetError
 
 #: The timestamp of a record that carries none.
 NO_TIMESTAMP = -1
@@ -39,3 +45,147 @@ class RawBatch:
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+
+@dataclass(frozen=True)
+class Positions:
+    """How a kind of source names its positions and its identity, for errors and metadata.
+
+    ``name``: what a position is ("offsets"); ``epoch``: what identifies the log ("topic
+    id"); ``holder``: what serves it now, as a message says it ("the broker now serves").
+    """
+
+    name: str
+    epoch: str
+    holder: str
+    #: Whether the source's bounds are checked against the ledger (a change table keeps
+    #: every change: only its identity can betray a reset).
+    bounded: bool = True
+
+
+#: Topic partitions of a Kafka-API event store.
+OFFSETS = Positions("offsets", "topic id", "the broker now serves topic id")
+#: Change tables filled by capture triggers: positions are transaction ids.
+TRANSACTIONS = Positions("transactions", "change table", "the OLTP database now has", bounded=False)
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A log the engine loads from, one shard at a time, by positions ``[start, end)``.
+
+    The ledger is keyed by (asset, ``name``, shard) and remembers ``epoch()``: a source whose
+    epoch changed is another log, whatever its positions say.
+    """
+
+    #: The ledger's name of the source (a topic, a change table).
+    name: str
+    positions: Positions
+
+    def shards(self) -> list[int]:
+        """The shard ids (topic partitions; a change table is shard 0)."""
+        ...
+
+    def shard_name(self, shard: int) -> str:
+        """How errors and reports name one shard."""
+        ...
+
+    def epoch(self) -> str:
+        """The identity of the log ("" where the source has none)."""
+        ...
+
+    def bounds(self, shards: Iterable[int]) -> dict[int, LogBounds]:
+        """The positions each shard holds now."""
+        ...
+
+    def read(self, shard: int, start: int, end: int) -> Any:
+        """The raw records of positions ``[start, end)`` (a kind's own type)."""
+        ...
+
+    def count(self, shard: int, start: int, end: int) -> int:
+        """How many records positions ``[start, end)`` hold."""
+        ...
+
+    def behind(self, shard: int, end: int, bounds: LogBounds) -> int:
+        """How many records past position ``end`` are not loaded yet."""
+        ...
+
+
+@runtime_checkable
+class TimeIndexed(Protocol):
+    """A source whose records carry times the source itself can search (a topic's broker
+    timestamps): a time window maps to positions there. A change table's windows are the
+    visibility times the ledger recorded, so it has no such map."""
+
+    def locate(
+        self,
+        shards: Iterable[int],
+        ts_ms: int,
+        *,
+        floor: Mapping[int, int] | None = None,
+        bounds: Mapping[int, LogBounds] | None = None,
+    ) -> dict[int, int | None]:
+        """The first position of each shard whose record's time is >= ``ts_ms`` (None: none
+        arrived yet); ``floor``: positions known to be at or below the answer."""
+        ...
+
+
+def check_continuity(
+    asset: str,
+    source: str,
+    shard: int,
+    head: LedgerHead | None,
+    bounds: LogBounds | None,
+    epoch: str,
+    *,
+    positions: Positions = OFFSETS,
+) -> None:
+    """Raise :class:`LogResetError` when the source cannot continue where the ledger ends.
+
+    That is: the log was recreated (its epoch changed), the log ends before the ledger
+    (reset or truncated), or the log starts after the ledger (expired by retention before
+    it was loaded). Each case would otherwise skip or re-load data silently. A ledger that
+    recorded no epoch (a broker without topic ids) checks none; a ledger that recorded one
+    refuses a source that reports none now: a recreated log grown past the ledger's end
+    could not be told from the one it loaded. Bounds are checked only for a bounded kind of
+    source (``positions.bounded``) and when given.
+    """
+    if head is None:
+        return
+    if head.epoch and not epoch:
+        where = f" (log {bounds.start}..{bounds.end})" if bounds is not None else ""
+        raise LogResetError(
+            asset,
+            source,
+            shard,
+            f"cannot be confirmed as the one the ledger loaded: the ledger loaded "
+            f"{positions.name} up to {head.end} of {positions.epoch} {head.epoch}, and no "
+            f"{positions.epoch} is reported now{where}.",
+        )
+    if head.epoch and epoch and head.epoch != epoch:
+        where = f" (log {bounds.start}..{bounds.end})" if bounds is not None else ""
+        raise LogResetError(
+            asset,
+            source,
+            shard,
+            f"was recreated: the ledger loaded {positions.name} up to {head.end} of "
+            f"{positions.epoch} {head.epoch}, {positions.holder} {epoch}{where}.",
+        )
+    if bounds is None or not positions.bounded:
+        return
+    if head.end > bounds.end:
+        raise LogResetError(
+            asset,
+            source,
+            shard,
+            f"holds less than was loaded: the ledger has loaded {positions.name} up to "
+            f"{head.end}, the log now ends at {bounds.end}. The broker lost or reset this "
+            "partition (a local broker keeps nothing across restarts).",
+        )
+    if head.end < bounds.start:
+        raise LogResetError(
+            asset,
+            source,
+            shard,
+            f"expired {positions.name} [{head.end}, {bounds.start}) before they were loaded: "
+            f"the log now starts at {bounds.start} (retention).",
+        )

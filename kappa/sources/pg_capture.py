@@ -11,6 +11,7 @@ changes, it never drops them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +22,7 @@ from psycopg import sql
 
 from kappa.catalog.captures import SETTING, CaptureSpec
 from kappa.exceptions import ConfigurationError
+from kappa.sources.base import TRANSACTIONS, LogBounds
 
 #: One trigger function for every captured table; the change table is the trigger's argument.
 _CAPTURE_FUNCTION = """
@@ -292,3 +294,51 @@ def capture_lag(conn: psycopg.Connection, spec: CaptureSpec, loaded_until: int) 
             for h in holders
         ],
     )
+
+
+def count_changes(conn: psycopg.Connection, spec: CaptureSpec, start: int, end: int) -> int:
+    """How many changes transactions ``[start, end)`` wrote to the change table."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*) FROM {} WHERE xid >= %s::text::xid8 AND xid < %s::text::xid8"
+        ).format(sql.Identifier(spec.change_table.schema, spec.change_table.table)),
+        (str(start), str(end)),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+class ChangeTable:
+    """A captured table's change table as a :class:`~kappa.sources.base.Source`: one shard
+    (0), positions are transaction ids up to the snapshot horizon, the epoch is the change
+    table's identity (database and table oids)."""
+
+    positions = TRANSACTIONS
+
+    def __init__(self, conn: psycopg.Connection, spec: CaptureSpec) -> None:
+        self.conn = conn
+        self.spec = spec
+        self.name = str(spec.change_table)
+
+    def shards(self) -> list[int]:
+        return [0]
+
+    def shard_name(self, shard: int) -> str:
+        return self.name
+
+    def epoch(self) -> str:
+        return source_epoch(self.conn, self.spec)
+
+    def bounds(self, shards: Iterable[int]) -> dict[int, LogBounds]:
+        # Every transaction below the horizon has ended; the change table keeps them all.
+        limit = horizon(self.conn)
+        return {shard: LogBounds(0, limit) for shard in shards}
+
+    def read(self, shard: int, start: int, end: int) -> pd.DataFrame:
+        return read_changes(self.conn, self.spec, start, end)
+
+    def count(self, shard: int, start: int, end: int) -> int:
+        return count_changes(self.conn, self.spec, start, end)
+
+    def behind(self, shard: int, end: int, bounds: LogBounds) -> int:
+        # Changes, not transaction ids: the pending ones, below the horizon or not.
+        return capture_lag(self.conn, self.spec, end).pending_changes

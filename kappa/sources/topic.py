@@ -22,7 +22,7 @@ from kappa.exceptions import (
     KappaError,
     OffsetOutOfRangeError,
 )
-from kappa.sources.base import NO_TIMESTAMP, LogBounds, RawBatch
+from kappa.sources.base import NO_TIMESTAMP, OFFSETS, LogBounds, RawBatch
 
 #: What kafka-python raises when no broker answers: 3.x times out bootstrapping, older
 #: releases raised NoBrokersAvailable.
@@ -341,3 +341,46 @@ class EventStore:
         finally:
             consumer.assign([])
         return batch
+
+
+class TopicPartitions:
+    """One topic of an event store as a :class:`~kappa.sources.base.Source`: shards are its
+    partitions, positions its offsets, the epoch its topic id."""
+
+    positions = OFFSETS
+
+    def __init__(self, store: EventStore, topic: str) -> None:
+        self.store = store
+        self.name = topic
+
+    def shards(self) -> list[int]:
+        return self.store.partitions(self.name)
+
+    def shard_name(self, shard: int) -> str:
+        return f"{self.name}[{shard}]"
+
+    def epoch(self) -> str:
+        return self.store.topic_id(self.name) or ""
+
+    def bounds(self, shards: Iterable[int]) -> dict[int, LogBounds]:
+        return self.store.log_bounds(self.name, shards)
+
+    def read(self, shard: int, start: int, end: int) -> RawBatch:
+        return self.store.fetch(self.name, shard, start, end)
+
+    def count(self, shard: int, start: int, end: int) -> int:
+        # Offsets are sparse (transaction markers): the records are counted, not the offsets.
+        return len(self.read(shard, start, end))
+
+    def behind(self, shard: int, end: int, bounds: LogBounds) -> int:
+        return max(0, bounds.end - max(end, bounds.start))
+
+    def locate(
+        self,
+        shards: Iterable[int],
+        ts_ms: int,
+        *,
+        floor: Mapping[int, int] | None = None,
+        bounds: Mapping[int, LogBounds] | None = None,
+    ) -> dict[int, int | None]:
+        return self.store.boundaries(self.name, shards, ts_ms, floor=floor, bounds=bounds)

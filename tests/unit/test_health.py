@@ -9,9 +9,9 @@ from kappa.health import (
     RunFailures,
     failure_threshold,
     held,
-    topic_stop,
+    shard_stop,
 )
-from kappa.sources.base import LogBounds
+from kappa.sources.base import TRANSACTIONS, LogBounds
 
 
 def _head(end: int, epoch: str = "t1") -> LedgerHead:
@@ -23,25 +23,38 @@ def _failures(at: float, count: int = 4) -> RunFailures:
 
 
 def test_a_log_that_continues_the_ledger_is_not_stopped():
-    assert topic_stop("fact_order", "orders", 0, _head(500), LogBounds(0, 900), "t1") is None
-    assert topic_stop("fact_order", "orders", 0, None, LogBounds(40, 900), "t1") is None
+    assert shard_stop("fact_order", "orders", 0, _head(500), LogBounds(0, 900), "t1") is None
+    assert shard_stop("fact_order", "orders", 0, None, LogBounds(40, 900), "t1") is None
 
 
 def test_a_lost_recreated_or_expired_log_is_stopped_with_the_continuity_error():
-    lost = topic_stop("fact_order", "orders", 0, _head(500), LogBounds(0, 9), "t1")
+    lost = shard_stop("fact_order", "orders", 0, _head(500), LogBounds(0, 9), "t1")
     assert lost is not None and "the log now ends at 9" in lost and "kappa replay" in lost
-    recreated = topic_stop("fact_order", "orders", 0, _head(500), LogBounds(0, 900), "t2")
+    recreated = shard_stop("fact_order", "orders", 0, _head(500), LogBounds(0, 900), "t2")
     assert recreated is not None and "was recreated" in recreated
-    expired = topic_stop("fact_order", "orders", 0, _head(500), LogBounds(600, 900), "t1")
+    expired = shard_stop("fact_order", "orders", 0, _head(500), LogBounds(600, 900), "t1")
     assert expired is not None and "expired offsets [500, 600)" in expired
+
+
+def test_a_recreated_change_table_is_stopped_in_transactions_and_its_bounds_are_not_checked():
+    head = LedgerHead("dim_customer", "cdc.c_changes", 0, "5:100", 812, batches=2)
+    same = shard_stop(
+        "dim_customer", "cdc.c_changes", 0, head, LogBounds(0, 9), "5:100", positions=TRANSACTIONS
+    )
+    assert same is None
+    recreated = shard_stop(
+        "dim_customer", "cdc.c_changes", 0, head, None, "5:200", positions=TRANSACTIONS
+    )
+    assert recreated is not None
+    assert "the ledger loaded transactions up to 812 of change table 5:100" in recreated
 
 
 def test_failing_runs_stop_a_shard_whose_log_is_fine_and_the_log_error_comes_first():
     failures = _failures(at=1000.0)
-    why = topic_stop("fact_order", "orders", 0, _head(500), LogBounds(0, 900), "t1", failures)
+    why = shard_stop("fact_order", "orders", 0, _head(500), LogBounds(0, 900), "t1", failures)
     assert why is not None
     assert why.startswith("its last 4 runs failed (run abcdef01: psycopg.errors.CheckViolation")
-    lost = topic_stop("fact_order", "orders", 0, _head(500), LogBounds(0, 9), "t1", failures)
+    lost = shard_stop("fact_order", "orders", 0, _head(500), LogBounds(0, 9), "t1", failures)
     assert lost is not None and "the log now ends at 9" in lost
     assert failure_threshold(3) == 4 and failure_threshold(0) == 1
 

@@ -5,8 +5,9 @@ from hypothesis import strategies as st
 from kappa.cursor import OffsetCursor
 from kappa.edw.types import LedgerHead
 from kappa.exceptions import LogResetError
-from kappa.ingest.plan import check_continuity, plan_ranges
-from kappa.sources.base import LogBounds
+from kappa.ingest.outcome import trim_range
+from kappa.ingest.plan import plan_ranges
+from kappa.sources.base import TRANSACTIONS, LogBounds, check_continuity
 
 
 def head(partition: int, end: int, epoch: str = "t1") -> LedgerHead:
@@ -93,7 +94,7 @@ def test_continuity_accepts_a_log_that_extends_the_ledger():
         ),
         (head(2, 500), LogBounds(0, 900), "t2", "was recreated"),
         # A log grown past the ledger, from a broker that reports no id: not taken on trust.
-        (head(2, 500), LogBounds(0, 900), "", "the broker reports no topic id now"),
+        (head(2, 500), LogBounds(0, 900), "", "and no topic id is reported now"),
         (head(2, 500), LogBounds(600, 900), "t1", "expired offsets [500, 600)"),
     ],
 )
@@ -104,6 +105,66 @@ def test_continuity_refuses_reset_recreated_and_expired_logs(ledger, bounds, epo
     assert words in message
     assert message.startswith("fact_order: orders[2] ")
     assert "Nothing was skipped or re-loaded" in message
+
+
+def test_a_change_table_is_refused_when_recreated_and_named_in_its_own_terms():
+    ledger = head(0, 812, epoch="5:100")
+    with pytest.raises(LogResetError) as caught:
+        check_continuity(
+            "dim_customer", "cdc.c_changes", 0, ledger, None, "5:200", positions=TRANSACTIONS
+        )
+    assert str(caught.value).startswith(
+        "dim_customer: cdc.c_changes[0] was recreated: the ledger loaded transactions up to 812 "
+        "of change table 5:100, the OLTP database now has 5:200. Nothing was skipped"
+    )
+
+
+def test_a_change_table_is_not_held_to_bounds_it_does_not_have():
+    # A change table keeps every change: its horizon is no log end the ledger could pass.
+    ledger = head(0, 812, epoch="5:100")
+    check_continuity(
+        "dim_customer",
+        "cdc.c_changes",
+        0,
+        ledger,
+        LogBounds(0, 10),
+        "5:100",
+        positions=TRANSACTIONS,
+    )
+
+
+def test_a_requested_range_starts_where_the_ledger_ends_and_stops_where_records_are_ready():
+    def ready(start: int) -> int:
+        return min(start + 100, 250)
+
+    fresh = trim_range(None, first=7, ready_end=ready, requested_start=None, requested_end=None)
+    assert (fresh.start, fresh.end, fresh.skipped) == (7, 107, None)
+    capped = trim_range(
+        head(0, 200), first=0, ready_end=ready, requested_start=200, requested_end=230
+    )
+    assert (capped.start, capped.end, capped.skipped) == (200, 230, None)
+    at_log_end = trim_range(
+        head(0, 200), first=0, ready_end=ready, requested_start=None, requested_end=900
+    )
+    assert (at_log_end.start, at_log_end.end) == (200, 250)
+
+
+def test_a_range_behind_the_ledger_is_already_loaded_and_one_past_a_rewound_ledger_superseded():
+    def ready(start: int) -> int:
+        return start + 100
+
+    behind = trim_range(
+        head(0, 500), first=0, ready_end=ready, requested_start=300, requested_end=400
+    )
+    assert (behind.start, behind.end, behind.skipped) == (500, 500, "already loaded")
+    rewound = trim_range(
+        head(0, 100), first=0, ready_end=ready, requested_start=300, requested_end=400
+    )
+    assert (rewound.start, rewound.end, rewound.skipped) == (100, 100, "superseded")
+    nothing_ready = trim_range(
+        head(0, 50), first=0, ready_end=lambda s: s, requested_start=None, requested_end=None
+    )
+    assert nothing_ready.skipped == "already loaded"
 
 
 def test_cursor_round_trips_and_starts_a_new_generation_when_empty():

@@ -17,7 +17,7 @@ from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.ingest.capture import reprocess_capture_window, run_capture_batch
-from kappa.ingest.reprocess import WindowOutcome
+from kappa.ingest.outcome import WindowOutcome
 from kappa.partitions import TimeWindows
 from kappa.reconcile import compare_capture_with_log, reconcile_capture
 from kappa.sources import pg_capture

@@ -22,9 +22,8 @@ from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.state import StateCacheResource
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.heal import HEAL_TAG
+from kappa.ingest.outcome import BatchOutcome, WindowOutcome
 from kappa.ingest.plan import OffsetRange, TopicIngest
-from kappa.ingest.reprocess import WindowOutcome
-from kappa.ingest.topic import BatchOutcome
 from kappa.partitions import TimeWindows
 from kappa.run import (
     Connections,

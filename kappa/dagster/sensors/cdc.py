@@ -23,9 +23,9 @@ from kappa.dagster.sensors.micro_batch import (
     stopped_shards,
 )
 from kappa.edw.ledger import read_head
-from kappa.ingest.capture import check_capture_continuity
 from kappa.partitions import TimeWindows
 from kappa.sources import pg_capture
+from kappa.sources.base import TRANSACTIONS, check_continuity
 
 
 def build_capture_sensor(
@@ -70,7 +70,7 @@ def build_capture_sensor(
         start = head.end if head is not None else 0
         with oltp.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as conn:
             epoch = pg_capture.source_epoch(conn, spec)
-            check_capture_continuity(spec, head, epoch)
+            check_continuity(spec.asset, source, 0, head, None, epoch, positions=TRANSACTIONS)
             end = pg_capture.plan_end(conn, spec, start, max_changes=max_changes)
             lag = pg_capture.capture_lag(conn, spec, start)
 

@@ -27,9 +27,10 @@ from kappa.dagster.sensors.micro_batch import (
 )
 from kappa.edw.ledger import read_heads
 from kappa.exceptions import ConfigurationError
-from kappa.ingest.plan import TopicIngest, check_continuity
+from kappa.ingest.plan import TopicIngest
 from kappa.partitions import TimeWindows
 from kappa.run import plan_runs
+from kappa.sources.base import check_continuity
 from kappa.sources.topic import UnknownTopicError
 
 
