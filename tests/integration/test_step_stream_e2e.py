@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from kappa.edw.schema import ensure_schema
 from kappa.edw.types import Schemas
 from kappa.local.dagster_instance import dagster_environment, write_dagster_yaml
 from kappa.settings import REPO_ROOT, Settings
+from tests.conftest import _url_with_database
 
 pytestmark = pytest.mark.integration
 
@@ -181,11 +183,20 @@ def produce(bootstrap: str, topic: str) -> tuple[dict[str, int | None], set[str]
     return expected, jumps
 
 
-def _database(server_url: str) -> str:
+@pytest.fixture
+def dagster_database_url(pg_server_url: str) -> Iterator[str]:
+    """A database of its own for the Dagster instance, dropped after the test."""
     name = f"kappa_dagster_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{server_url}/postgres", autocommit=True) as conn:
+    admin_url = _url_with_database(pg_server_url, "postgres")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return f"{server_url}/{name}"
+    try:
+        yield _url_with_database(pg_server_url, name)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
@@ -211,7 +222,7 @@ JUMPS = "SELECT * FROM edw.meter_jump"
 
 @pytest.mark.timeout(600)
 def test_a_new_stream_with_its_own_step_loads_exactly_once_through_the_daemons_sensor(
-    broker, database_url, pg_server_url, topic_factory, tmp_path, monkeypatch
+    broker, database_url, dagster_database_url, topic_factory, tmp_path, monkeypatch
 ):
     topic = topic_factory("meter-readings", PARTITIONS)
     location = tmp_path / "location"
@@ -222,7 +233,7 @@ def test_a_new_stream_with_its_own_step_loads_exactly_once_through_the_daemons_s
         "KAPPA_EDW_URL": database_url,
         "KAPPA_OLTP_URL": database_url,
         "KAPPA_CATALOG": str(catalog),
-        "KAPPA_DAGSTER_PG_URL": _database(pg_server_url),
+        "KAPPA_DAGSTER_PG_URL": dagster_database_url,
         "KAPPA_SENSOR_INTERVAL_S": "2",
         "KAPPA_BATCH_MAX_RECORDS": "40",
         "KAPPA_ENRICH_MAX_WAIT_S": "0",
