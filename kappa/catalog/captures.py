@@ -18,6 +18,11 @@ from kappa.exceptions import ConfigurationError
 from kappa.setting_values import identifier
 
 Mode = Literal["scd2", "current"]
+Engine = Literal["postgresql", "mariadb"]
+
+#: Engines a captured table may live in: PostgreSQL (triggers into change tables) or
+#: MariaDB/MySQL (the binlog, see kappa.sources.mariadb_binlog).
+ENGINES = ("postgresql", "mariadb")
 
 #: Column types a captured column may have in the EDW (their JSON image is converted).
 _TYPES = re.compile(
@@ -63,6 +68,9 @@ class CaptureSpec:
     change_table: QualifiedName
     target: str
     mode: Mode
+    #: Where the table lives; a ``mariadb`` table's ledger source is the table itself
+    #: (``change_table`` equals ``source``).
+    engine: Engine = "postgresql"
 
     @property
     def asset(self) -> str:
@@ -77,11 +85,21 @@ def _spec(index: int, entry: Any) -> CaptureSpec:
     where = f"tables[{index}]"
     if not isinstance(entry, dict):
         raise ConfigurationError(SETTING, f"{where}: expected a mapping")
-    missing = [
-        k
-        for k in ("name", "source", "keys", "columns", "change_table", "target", "mode")
-        if k not in entry
-    ]
+    engine = entry.get("engine", "postgresql")
+    if engine not in ENGINES:
+        raise ConfigurationError(
+            SETTING, f"{where}.engine: expected one of {', '.join(ENGINES)}, got {engine!r}"
+        )
+    if engine == "mariadb" and "change_table" in entry:
+        raise ConfigurationError(
+            SETTING,
+            f"{where}.change_table: a mariadb table is read from the binlog and has no change "
+            "table; remove the key",
+        )
+    required = ("name", "source", "keys", "columns", "target", "mode")
+    if engine == "postgresql":
+        required += ("change_table",)
+    missing = [k for k in required if k not in entry]
     if missing:
         raise ConfigurationError(SETTING, f"{where}: missing {', '.join(missing)}")
     name = identifier(f"{SETTING} {where}.name", str(entry["name"]))
@@ -106,14 +124,20 @@ def _spec(index: int, entry: Any) -> CaptureSpec:
     mode = entry["mode"]
     if mode not in ("scd2", "current"):
         raise ConfigurationError(SETTING, f"{where}.mode: expected scd2 or current, got {mode!r}")
+    source = QualifiedName.parse(f"{where}.source", entry["source"])
     return CaptureSpec(
         name=name,
-        source=QualifiedName.parse(f"{where}.source", entry["source"]),
+        source=source,
         keys=tuple(keys),
         columns=tuple(columns),
-        change_table=QualifiedName.parse(f"{where}.change_table", entry["change_table"]),
+        change_table=(
+            QualifiedName.parse(f"{where}.change_table", entry["change_table"])
+            if engine == "postgresql"
+            else source
+        ),
         target=identifier(f"{SETTING} {where}.target", str(entry["target"])),
         mode=mode,
+        engine=engine,
     )
 
 

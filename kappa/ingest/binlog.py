@@ -1,0 +1,172 @@
+"""Micro-batches and partition replacements of tables captured from a MariaDB binlog: a range of
+GTID sequence numbers applied to the target exactly once, with the ledger, through the same
+batch function, merge and partition replacement as PostgreSQL change tables.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from datetime import datetime
+
+import psycopg
+
+from kappa.catalog.captures import CaptureSpec
+from kappa.changes.merge import apply_changes
+from kappa.changes.replace import replace_capture_window
+from kappa.edw.types import BatchRecord, LedgerHead, Schemas
+from kappa.exceptions import BatchSupersededError
+from kappa.ingest.batch import run_source_batch
+from kappa.ingest.outcome import BatchOutcome, WindowOutcome
+from kappa.partitions import parse_key
+from kappa.sources.mariadb_binlog import BinlogTable
+
+
+def run_binlog_batch(
+    source: BinlogTable,
+    edw: psycopg.Connection,
+    schemas: Schemas,
+    *,
+    requested_end: int | None,
+    run_id: str,
+    max_changes: int,
+    partition_key: str | None = None,
+) -> BatchOutcome:
+    """Apply the next committed transactions of a MariaDB table, bounded by ``requested_end``.
+
+    Positions are GTID sequence numbers: the batch starts where the ledger ends (the oldest
+    retained transaction before the first batch) and ends at a transaction boundary.
+    """
+    spec = source.spec
+    return run_source_batch(
+        source,
+        edw,
+        schemas,
+        spec.asset,
+        0,
+        BinlogLoader(source, edw, schemas, max_changes, partition_key),
+        bounds=source.bounds([0])[0],
+        requested_start=None,
+        requested_end=requested_end,
+        run_id=run_id,
+        partition_key=partition_key,
+    )
+
+
+class BinlogLoader:
+    """A binlog table's part of a batch: whole transactions, validated and merged into the
+    target, with the completeness the batch gives it."""
+
+    def __init__(
+        self,
+        source: BinlogTable,
+        edw: psycopg.Connection,
+        schemas: Schemas,
+        max_changes: int,
+        partition_key: str | None,
+    ) -> None:
+        self.source = source
+        self.edw = edw
+        self.schemas = schemas
+        self.spec = source.spec
+        self.max_changes = max_changes
+        self.partition_key = partition_key
+        self.complete_until: datetime | None = None
+        #: The binlog's end when the batch was planned.
+        self.written = 0
+
+    def admit(self, head: LedgerHead | None) -> None:
+        requested = parse_key(self.partition_key) if self.partition_key else None
+        last = parse_key(head.partition_key) if head is not None and head.partition_key else None
+        if requested is not None and last is not None and requested.end <= last.start:
+            raise BatchSupersededError(
+                f"{self.spec.asset}: partition {requested.key} is closed, the ledger already has "
+                f"batches of {last.key}; the sensor plans the next batch there"
+            )
+        # Before planning reads the binlog's end: a transaction open now commits later.
+        self.complete_until = self.source.open_since()
+
+    def ready_end(self, start: int) -> int:
+        self.written = self.source.bounds([0])[0].end
+        return self.source.plan_end(start, max_changes=self.max_changes)
+
+    def lag(self, position: int) -> int:
+        return 0
+
+    def load(self, record: BatchRecord, head: LedgerHead | None) -> BatchOutcome:
+        source, spec, start, end = self.source, self.spec, record.start, record.end
+        changes = source.read(0, start, end)
+        # A batch that stops before what the binlog held keeps its predecessor's completeness.
+        written = self.written
+        cut_short = end < written
+        watermark = (
+            (head.watermark if head is not None else None) if cut_short else self.complete_until
+        )
+        received, applied, dead, probes = apply_changes(
+            self.edw,
+            self.schemas,
+            spec,
+            replace(record, watermark=watermark),
+            changes,
+        )
+        return BatchOutcome(
+            asset=spec.asset,
+            topic=record.source,
+            partition=0,
+            start=start,
+            end=end,
+            status="committed",
+            received=received,
+            loaded=applied,
+            dead_lettered=dead,
+            deduplicated=0,
+            lag_after=max(0, written - end),
+            probes=probes,
+        )
+
+
+def reprocess_binlog_window(
+    source: BinlogTable,
+    edw: psycopg.Connection,
+    schemas: Schemas,
+    window: str,
+    *,
+    run_id: str,
+) -> WindowOutcome:
+    """Replace time partition ``window`` of a MariaDB-captured table in one transaction: the
+    transactions its ledger batches cover are read again from the binlog and every key they
+    touched is rebuilt from its history (see
+    :func:`kappa.changes.replace.replace_capture_window`). A purged binlog refuses before
+    anything changes."""
+    started = time.monotonic()
+    spec: CaptureSpec = source.spec
+    replaced = replace_capture_window(
+        edw,
+        schemas,
+        spec,
+        epoch=source.epoch(),
+        window=window,
+        run_id=run_id,
+        read=lambda start, end: source.read(0, start, end),
+        history=source.key_history,
+    )
+    if replaced is None:
+        return WindowOutcome(
+            spec.asset, source.name, window, 0, 0, 0, "empty", seconds=time.monotonic() - started
+        )
+    return WindowOutcome(
+        spec.asset,
+        source.name,
+        window,
+        0,
+        replaced.start,
+        replaced.end,
+        "replaced",
+        received=replaced.received,
+        loaded=replaced.loaded,
+        dead_lettered=replaced.dead_lettered,
+        removed_rows=replaced.removed_rows,
+        batches=1,
+        seconds=time.monotonic() - started,
+        probes=replaced.probes,
+    )

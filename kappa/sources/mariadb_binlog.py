@@ -1,0 +1,482 @@
+"""Change capture from a MariaDB (MySQL-compatible) server's binlog, as a
+:class:`~kappa.sources.base.Source`.
+
+Positions are GTID sequence numbers of one replication domain (``domain-server-seq``, the
+``seq`` part): the server numbers every committed transaction of a domain consecutively, in
+commit order, and writes each one to the binlog as one event group. So the range ``[start,
+end)`` names whole committed transactions with no gap and no overlap, whatever binlog file
+holds them, across restarts and file rotation; a file name and byte offset would name the
+same events, but only within one server's files (a purge or a rebuilt server renames them),
+and would not tell a transaction boundary from the middle of one. The first position not
+written yet is ``seq + 1`` of ``@@gtid_binlog_pos``: the binlog holds only committed
+transactions, so everything below it is final (a transaction still open has no GTID yet;
+it delays nothing and is picked up once it commits).
+
+A batch reads the binlog from the GTID before ``start`` (the server finds it, or refuses:
+purged), keeps the row events of the captured table and turns them into the change frame
+every change loader takes (``change_id``, ``xid``, ``op``, ``change_time``, ``before``,
+``after``): ``xid`` is the GTID sequence number, ``change_id`` orders rows within it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pandas as pd
+import pymysql
+from pymysqlreplication import BinLogStreamReader
+from pymysqlreplication.event import MariadbGtidEvent, QueryEvent
+from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+
+from kappa.catalog.captures import SETTING, CaptureSpec
+from kappa.exceptions import ConfigurationError, LogResetError
+from kappa.sources.base import LogBounds, Positions
+
+#: The setting that names the MariaDB server (``mysql://user:password@host:port/``).
+URL_SETTING = "KAPPA_MARIADB_URL"
+
+#: Binlog GTID sequence numbers; the log's identity is the server's GTID domain.
+GTIDS = Positions("GTID sequence numbers", "GTID domain", "the server now has")
+
+#: Rows one transaction may hold: change ids are ``seq * ROWS_PER_TRANSACTION + row``.
+ROWS_PER_TRANSACTION = 1 << 24
+
+#: What the server must be set to for row capture, and why each matters.
+REQUIRED_SETTINGS = {
+    "log_bin": ("1", "the binlog must be on (log_bin)"),
+    "binlog_format": ("ROW", "only ROW events carry the changed rows"),
+    "binlog_row_image": ("FULL", "updates and deletes must carry every column"),
+    "binlog_row_metadata": ("FULL", "row events must name their columns, or a DDL change "
+                            "would be decoded with the wrong column names"),
+}
+
+#: Column types of MariaDB a captured column of each EDW type may have.
+_COMPATIBLE = {
+    "text": {"varchar", "char", "text", "tinytext", "mediumtext", "longtext", "enum", "set"},
+    "integer": {"tinyint", "smallint", "mediumint", "int", "year"},
+    "bigint": {"tinyint", "smallint", "mediumint", "int", "bigint", "year"},
+    "boolean": {"tinyint", "bit"},
+    "date": {"date"},
+    "timestamptz": {"datetime", "timestamp"},
+    "double precision": {"float", "double", "decimal", "tinyint", "smallint", "int", "bigint"},
+    "numeric": {"decimal", "tinyint", "smallint", "mediumint", "int", "bigint"},
+    "char": {"char", "varchar"},
+}
+
+
+class CaptureImpossibleError(ConfigurationError):
+    """The server's settings or schema make row capture impossible; names the setting."""
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    host: str
+    port: int
+    user: str
+    password: str
+
+    @classmethod
+    def parse(cls, url: str) -> ServerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mysql", "mariadb") or not parts.hostname:
+            raise ConfigurationError(
+                URL_SETTING, f"expected mysql://user:password@host:port/, got {url!r}"
+            )
+        return cls(
+            parts.hostname,
+            parts.port or 3306,
+            unquote(parts.username or "root"),
+            unquote(parts.password or ""),
+        )
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "password": self.password,
+            "connect_timeout": 10,
+        }
+
+    def connect(self, **extra: Any) -> pymysql.connections.Connection:
+        return pymysql.connect(**self.settings(), autocommit=True, **extra)
+
+
+def _variables(conn: pymysql.connections.Connection, names: Iterable[str]) -> dict[str, str]:
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT variable_name, variable_value FROM information_schema.global_variables "
+            "WHERE variable_name IN (" + ", ".join(["%s"] * len(list(names))) + ")",
+            [n.upper() for n in names],
+        )
+        return {str(k).lower(): str(v) for k, v in cur.fetchall()}
+
+
+def check_server(conn: pymysql.connections.Connection) -> int:
+    """Raise :class:`CaptureImpossibleError` naming the first server setting that makes row
+    capture impossible; returns the server's GTID domain."""
+    found = _variables(conn, [*REQUIRED_SETTINGS, "gtid_domain_id"])
+    for name, (wanted, why) in REQUIRED_SETTINGS.items():
+        value = found.get(name)
+        if value is None or value.upper() not in (wanted, "ON" if wanted == "1" else wanted):
+            raise CaptureImpossibleError(
+                name,
+                f"the MariaDB server has {name}={value}, change capture needs {name}="
+                f"{'ON' if wanted == '1' else wanted}: {why}",
+            )
+    return int(found.get("gtid_domain_id", "0"))
+
+
+def _domain_seqs(state: str, domain: int) -> dict[int, int]:
+    """``server_id: seq`` of ``domain`` in a GTID list ``d-s-n,d-s-n``."""
+    seqs: dict[int, int] = {}
+    for gtid in filter(None, (g.strip() for g in state.split(","))):
+        d, s, n = (int(p) for p in gtid.split("-"))
+        if d == domain:
+            seqs[s] = max(n, seqs.get(s, 0))
+    return seqs
+
+
+def _to_json(image: dict[str, Any] | None) -> str | None:
+    """A row image as the JSON text the change validation reads: decimals exact, times ISO
+    (MariaDB's DATETIME and TIMESTAMP carry no zone: they are read as UTC)."""
+    if image is None:
+        return None
+    exact: dict[str, str] = {}
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Decimal):
+            token = f"\u0000{len(exact)}\u0000"
+            exact[token] = format(value, "f")
+            return token
+        if isinstance(value, dt.datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).isoformat()
+        if isinstance(value, dt.date | dt.time):
+            return value.isoformat()
+        if isinstance(value, dt.timedelta):
+            return str(value)
+        if isinstance(value, bytes):
+            return value.decode("utf-8", errors="replace")
+        if isinstance(value, set | frozenset):
+            return sorted(value)
+        return value
+
+    text = json.dumps({k: plain(v) for k, v in image.items()}, ensure_ascii=False)
+    for token, digits in exact.items():
+        text = text.replace(json.dumps(token), digits)
+    return text
+
+
+@dataclass
+class _Read:
+    start: int
+    end: int
+    frame: pd.DataFrame
+    #: The last sequence number read (whole transactions up to it are in ``frame``).
+    last: int
+    changes: int = 0
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+_COLUMNS = ["change_id", "xid", "op", "change_time", "before", "after"]
+
+
+class BinlogTable:
+    """One captured MariaDB table as a :class:`~kappa.sources.base.Source`: one shard (0),
+    positions are GTID sequence numbers of the server's domain, the epoch the domain.
+
+    The ledger names it by the captured table (``database.table``).
+    """
+
+    positions = GTIDS
+
+    def __init__(self, address: ServerAddress, spec: CaptureSpec, *, reader_id: int = 0) -> None:
+        self.address = address
+        self.spec = spec
+        self.name = str(spec.change_table)
+        self._conn = address.connect()
+        self.domain = check_server(self._conn)
+        # A replica's id on the server: unique per reader, never the server's own.
+        self.reader_id = reader_id or (1_000_000 + (hash(self.name) % 1_000_000))
+        self._cache: _Read | None = None
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- the Source protocol ------------------------------------------------------------
+    def shards(self) -> list[int]:
+        return [0]
+
+    def shard_name(self, shard: int) -> str:
+        return self.name
+
+    def epoch(self) -> str:
+        return f"{self.domain}"
+
+    def bounds(self, shards: Iterable[int]) -> dict[int, LogBounds]:
+        start, end = self._bounds()
+        return {shard: LogBounds(start, end) for shard in shards}
+
+    def read(self, shard: int, start: int, end: int) -> pd.DataFrame:
+        cached = self._cache
+        if cached is not None and cached.start == start and cached.last >= end - 1:
+            frame = cached.frame
+            return frame[frame["xid"] < end].reset_index(drop=True)
+        return self._read(start, end).frame
+
+    def count(self, shard: int, start: int, end: int) -> int:
+        return len(self.read(shard, start, end))
+
+    def behind(self, shard: int, end: int, bounds: LogBounds) -> int:
+        # Transactions, not rows: counting rows would read the binlog.
+        return max(0, bounds.end - end)
+
+    # -- planning -----------------------------------------------------------------------
+    def _bounds(self) -> tuple[int, int]:
+        """(first retained, first not written) GTID sequence numbers of the domain."""
+        with self._conn.cursor() as cur:
+            cur.execute("SELECT @@global.gtid_binlog_pos")
+            row = cur.fetchone()
+            current = _domain_seqs(str(row[0] if row else ""), self.domain)
+            cur.execute("SHOW BINARY LOGS")
+            files = cur.fetchall()
+            first = 1
+            if files:
+                cur.execute("SHOW BINLOG EVENTS IN %s LIMIT 3", (files[0][0],))
+                for event in cur.fetchall():
+                    if event[2] == "Gtid_list":
+                        listed = str(event[5]).strip("[]")
+                        before = _domain_seqs(listed, self.domain)
+                        first = max(before.values(), default=0) + 1
+        return first, max(current.values(), default=0) + 1
+
+    def plan_end(self, start: int, *, max_changes: int) -> int:
+        """Where a batch starting at ``start`` ends: whole transactions, at most
+        ``max_changes`` rows of the table unless one transaction alone holds more, never past
+        what the binlog holds. Equals ``start`` when nothing is ready. The rows read are kept
+        for :meth:`read`."""
+        _, end = self._bounds()
+        if end <= start:
+            return start
+        read = self._read(start, end, max_changes=max_changes)
+        return read.end
+
+    def _connect_state(self, start: int) -> str:
+        """The GTID after which the server sends the binlog: the one before ``start``."""
+        if start <= 1:
+            return ""
+        with self._conn.cursor() as cur:
+            cur.execute("SELECT @@global.gtid_binlog_state")
+            row = cur.fetchone()
+        servers = _domain_seqs(str(row[0] if row else ""), self.domain)
+        # The server that wrote the transaction before `start`: the one whose last GTID is at
+        # or after it (one writer at a time per domain; the latest one that got that far).
+        candidates = [s for s, n in servers.items() if n >= start - 1]
+        server = min(candidates, key=lambda s: servers[s]) if candidates else next(iter(servers))
+        return f"{self.domain}-{server}-{start - 1}"
+
+    def _read(self, start: int, end: int, *, max_changes: int | None = None) -> _Read:
+        """Rows of the captured table by transactions ``[start, end)``; with ``max_changes``
+        stop at the first transaction boundary past that many rows (``end`` lowered)."""
+        spec = self.spec
+        schema, table = spec.source.schema, spec.source.table
+        state = self._connect_state(start)
+        stream = BinLogStreamReader(
+            connection_settings=self.address.settings(),
+            server_id=self.reader_id,
+            blocking=False,
+            is_mariadb=True,
+            auto_position=state,
+            only_events=[MariadbGtidEvent, QueryEvent, WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent],
+            only_schemas=None,
+            resume_stream=True,
+            enable_logging=False,
+        )
+        rows: list[tuple] = []
+        seq = start - 1
+        last = start - 1
+        in_range = False
+        index = 0
+        try:
+            for event in self._events(stream, start, state):
+                if isinstance(event, MariadbGtidEvent):
+                    if event.domain_id != self.domain:
+                        in_range = False
+                        continue
+                    seq = int(event.gtid_seq_no)
+                    if seq >= end or (
+                        max_changes is not None and len(rows) >= max_changes and seq > start
+                    ):
+                        end = seq
+                        break
+                    if seq < start:
+                        in_range = False
+                        continue
+                    in_range = True
+                    last = seq
+                    index = 0
+                    continue
+                if not in_range:
+                    continue
+                if isinstance(event, QueryEvent):
+                    self._check_ddl(event, seq)
+                    continue
+                if event.schema != schema or event.table != table:
+                    continue
+                self._check_columns(event, seq)
+                at = dt.datetime.fromtimestamp(event.timestamp, dt.UTC)
+                for row in event.rows:
+                    if isinstance(event, WriteRowsEvent):
+                        op, before, after = "I", None, row["values"]
+                    elif isinstance(event, DeleteRowsEvent):
+                        op, before, after = "D", row["values"], None
+                    else:
+                        op, before, after = "U", row["before_values"], row["after_values"]
+                    if index >= ROWS_PER_TRANSACTION:
+                        raise CaptureImpossibleError(
+                            SETTING,
+                            f"{spec.source}: transaction {self.domain}-{seq} changes more than "
+                            f"{ROWS_PER_TRANSACTION} rows of the captured table",
+                        )
+                    rows.append(
+                        (
+                            seq * ROWS_PER_TRANSACTION + index,
+                            seq,
+                            op,
+                            at,
+                            _to_json(before),
+                            _to_json(after),
+                        )
+                    )
+                    index += 1
+        finally:
+            stream.close()
+        frame = pd.DataFrame(rows, columns=_COLUMNS)
+        if not frame.empty:
+            frame["change_time"] = pd.to_datetime(frame["change_time"], utc=True)
+        frame = frame[frame["xid"] < end].reset_index(drop=True) if not frame.empty else frame
+        read = _Read(start, max(end, start), frame, last=max(end, start) - 1, changes=len(frame))
+        self._cache = read
+        return read
+
+    def _events(self, stream: BinLogStreamReader, start: int, state: str) -> Iterable[Any]:
+        try:
+            yield from stream
+        except pymysql.err.OperationalError as exc:
+            code = exc.args[0] if exc.args else None
+            if code == 1236:  # ER_MASTER_FATAL_ERROR_READING_BINLOG: purged or unknown GTID
+                raise LogResetError(
+                    self.spec.asset,
+                    self.name,
+                    0,
+                    f"needs the binlog from GTID {state or 'the beginning'} (position {start}), "
+                    f"which the server no longer has: {exc.args[1] if len(exc.args) > 1 else exc}.",
+                ) from None
+            raise
+
+    # -- schema changes -----------------------------------------------------------------
+    def _check_columns(self, event: Any, seq: int) -> None:
+        """Refuse a row event whose table lost a captured column or changed its type to one
+        the EDW column cannot hold (an added column is simply not captured)."""
+        table = event.table_map[event.table_id]
+        present = {c.name: c for c in table.columns}
+        for column in self.spec.columns:
+            found = present.get(column.name)
+            where = f"{self.spec.source}.{column.name} (transaction {self.domain}-{seq})"
+            if found is None:
+                raise CaptureImpossibleError(
+                    SETTING,
+                    f"{where}: the captured column was dropped or renamed in MariaDB; the "
+                    f"catalogue's {self.spec.name}.columns.{column.name} cannot be filled. "
+                    "Nothing was loaded from this transaction on.",
+                )
+            kind = column.sql_type.split("(")[0].strip()
+            allowed = _COMPATIBLE.get(kind, set())
+            mysql_type = _type_name(found)
+            if allowed and mysql_type not in allowed:
+                raise CaptureImpossibleError(
+                    SETTING,
+                    f"{where}: the captured column became {mysql_type} in MariaDB, which the "
+                    f"catalogue's {column.sql_type} cannot hold. Nothing was loaded from this "
+                    "transaction on.",
+                )
+
+    def key_history(self, keys: list[tuple[str, ...]], end: int) -> pd.DataFrame:
+        """Every change of ``keys`` (compared as text) by transactions below ``end``, read
+        from the oldest retained transaction, in change-id order."""
+        start, _ = self._bounds()
+        frame = self._read(start, end).frame
+        wanted = set(keys)
+
+        def key_of(row: Any) -> tuple[str, ...]:
+            image = json.loads(row.after if row.after is not None else row.before)
+            return tuple(str(image.get(k)) for k in self.spec.keys)
+
+        if frame.empty:
+            return frame
+        mask = [key_of(r) in wanted for r in frame.itertuples(index=False)]
+        return frame[mask].sort_values("change_id").reset_index(drop=True)
+
+    def open_since(self) -> dt.datetime:
+        """A time before which every change still to come lies: now, or the start of the
+        oldest transaction open on the server (its rows carry their statements' times)."""
+        with self._conn.cursor() as cur:
+            cur.execute(
+                "SELECT UTC_TIMESTAMP(6), (SELECT min(trx_started) FROM information_schema.innodb_trx), "
+                "TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), NOW(6))"
+            )
+            now, oldest, offset_us = cur.fetchone()
+        now = now.replace(tzinfo=dt.UTC)
+        if oldest is None:
+            return now
+        # trx_started is in the server's time zone.
+        oldest = (oldest - dt.timedelta(microseconds=int(offset_us))).replace(tzinfo=dt.UTC)
+        return min(now, oldest)
+
+    def _check_ddl(self, event: Any, seq: int) -> None:
+        """A DDL statement is checked when the table's next row event arrives (its table map
+        carries the new columns); nothing to do here but keep the hook for the log."""
+        return None
+
+
+def _type_name(column: Any) -> str:
+    from pymysqlreplication.constants import FIELD_TYPE
+
+    names = {
+        FIELD_TYPE.TINY: "tinyint",
+        FIELD_TYPE.SHORT: "smallint",
+        FIELD_TYPE.INT24: "mediumint",
+        FIELD_TYPE.LONG: "int",
+        FIELD_TYPE.LONGLONG: "bigint",
+        FIELD_TYPE.FLOAT: "float",
+        FIELD_TYPE.DOUBLE: "double",
+        FIELD_TYPE.DECIMAL: "decimal",
+        FIELD_TYPE.NEWDECIMAL: "decimal",
+        FIELD_TYPE.DATE: "date",
+        FIELD_TYPE.NEWDATE: "date",
+        FIELD_TYPE.DATETIME: "datetime",
+        FIELD_TYPE.DATETIME2: "datetime",
+        FIELD_TYPE.TIMESTAMP: "timestamp",
+        FIELD_TYPE.TIMESTAMP2: "timestamp",
+        FIELD_TYPE.YEAR: "year",
+        FIELD_TYPE.VARCHAR: "varchar",
+        FIELD_TYPE.VAR_STRING: "varchar",
+        FIELD_TYPE.STRING: "char",
+        FIELD_TYPE.BLOB: "text",
+        FIELD_TYPE.TINY_BLOB: "text",
+        FIELD_TYPE.MEDIUM_BLOB: "text",
+        FIELD_TYPE.LONG_BLOB: "text",
+        FIELD_TYPE.ENUM: "enum",
+        FIELD_TYPE.SET: "set",
+        FIELD_TYPE.BIT: "bit",
+        FIELD_TYPE.TIME: "time",
+        FIELD_TYPE.TIME2: "time",
+        FIELD_TYPE.JSON: "json",
+    }
+    return names.get(column.type, f"type {column.type}")
