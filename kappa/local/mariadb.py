@@ -59,6 +59,11 @@ class MariaDBServer:
     def url(self) -> str:
         return f"mysql://root@127.0.0.1:{self.port}/"
 
+    def restart(self) -> None:
+        """Stop the server cleanly and start it again on the same data directory and port."""
+        self.stop()
+        self.process = start_mariadb(self.datadir, port=self.port).process
+
     def stop(self, timeout: float = 30.0) -> None:
         if self.process.poll() is None:
             self.process.terminate()

@@ -134,3 +134,191 @@ def test_a_batch_takes_whole_committed_transactions_exactly_once(tmp_path, maria
     # Run again: nothing new, nothing doubled.
     assert drain(address, spec, database_url)[-1].status == "already loaded"
     assert versions(database_url, spec) == found
+
+
+READER = """
+import sys, time
+from pathlib import Path
+from kappa.catalog.captures import load_captures
+from kappa.edw.connection import connect
+from kappa.edw.types import Schemas
+from kappa.ingest.binlog import run_binlog_batch
+from kappa.sources.mariadb_binlog import BinlogTable, ServerAddress
+
+(spec,) = load_captures(Path(sys.argv[1]))
+source = BinlogTable(ServerAddress.parse(sys.argv[2]), spec)
+with connect(sys.argv[3]) as edw:
+    while True:
+        out = run_binlog_batch(source, edw, Schemas(), requested_end=None, run_id="reader",
+                               max_changes=7)
+        if out.status != "committed":
+            time.sleep(0.05)
+"""
+
+
+class Writer(threading.Thread):
+    """Random transactions on its own keys; after each commit, the changes it made go to its
+    log (the independent reference)."""
+
+    def __init__(self, address: ServerAddress, db: str, name: str, seed: int, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.conn = mysql(address, db)
+        self.name_ = name
+        self.rng = random.Random(seed)
+        self.stop = stop
+        self.live: dict[str, tuple] = {}
+        self.log: list[tuple[str, tuple | None]] = []
+        self.next = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.transaction()
+                time.sleep(self.rng.random() * 0.01)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.conn.close()
+
+    def transaction(self) -> None:
+        changes: list[tuple[str, tuple | None]] = []
+        live = dict(self.live)
+        with self.conn.cursor() as cur:
+            for _ in range(self.rng.randint(1, 4)):
+                roll = self.rng.random()
+                if roll < 0.45 or not live:
+                    key = f"{self.name_}-{self.next}"
+                    self.next += 1
+                    image = (f"cust-{self.rng.randint(1, 9)}", "billing", self.rng.randint(1, 999))
+                    cur.execute(
+                        "INSERT INTO calls (call_id, customer_id, reason, duration_s, called_at) "
+                        "VALUES (%s, %s, %s, %s, UTC_TIMESTAMP(6))",
+                        (key, *image),
+                    )
+                elif roll < 0.85:
+                    key = self.rng.choice(sorted(live))
+                    customer, _, duration = live[key]
+                    image = (customer, self.rng.choice(["billing", "fraud", "sales"]), duration + 1)
+                    cur.execute(
+                        "UPDATE calls SET reason = %s, duration_s = %s WHERE call_id = %s",
+                        (image[1], image[2], key),
+                    )
+                else:
+                    key = self.rng.choice(sorted(live))
+                    image = None
+                    cur.execute("DELETE FROM calls WHERE call_id = %s", (key,))
+                if image is None:
+                    live.pop(key)
+                else:
+                    live[key] = image
+                changes.append((key, image))
+        if self.rng.random() < 0.1:
+            self.conn.rollback()  # never committed: must never appear
+            return
+        self.conn.commit()
+        self.live = live
+        self.log.extend(changes)
+
+
+def reference(logs: list[list[tuple[str, tuple | None]]]) -> dict[str, list[tuple]]:
+    """Each key's SCD2 versions from the writers' logs: one per insert or update, the last
+    one current unless the key was deleted."""
+    expected: dict[str, list[tuple]] = {}
+    for log in logs:
+        for key, image in log:
+            history = expected.setdefault(key, [])
+            if history and history[-1][3]:
+                history[-1] = (*history[-1][:3], False)
+            if image is not None:
+                history.append((*image, True))
+    return expected
+
+
+def test_concurrent_writers_a_long_transaction_and_a_killed_reader_give_the_reference(
+    tmp_path, mariadb_db, mariadb_server, database_url
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    address, db = mariadb_db
+    spec = spec_for(tmp_path, db)
+    prepare(address, db, database_url, spec)
+    script = tmp_path / "reader.py"
+    script.write_text(READER)
+
+    def reader() -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "catalog.yaml"), mariadb_server.url,
+             database_url],
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "reader.log", "ab"),  # noqa: SIM115
+        )
+
+    # A transaction open across two reader kills: its rows come after all it saw commit.
+    long_open = mysql(address, db)
+    with long_open.cursor() as cur:
+        cur.execute(
+            "INSERT INTO calls (call_id, customer_id, reason, duration_s, called_at) "
+            "VALUES ('long-1', 'cust-0', 'billing', 5, UTC_TIMESTAMP(6))"
+        )
+    stop = threading.Event()
+    writers: list[Writer] = []
+
+    def start_writers(prefix: str) -> None:
+        stop.clear()
+        batch = [Writer(address, db, f"{prefix}{i}", seed=len(writers) + i, stop=stop) for i in range(3)]
+        writers.extend(batch)
+        for w in batch:
+            w.start()
+
+    def stop_writers() -> None:
+        stop.set()
+        for w in writers:
+            w.join(30)
+
+    start_writers("a")
+    rng = random.Random(7)
+    kills = 0
+    process = reader()
+    try:
+        for round_ in range(4):
+            time.sleep(1.0 + rng.random() * 1.5)
+            process.send_signal(signal.SIGKILL)  # at any instant, mid-batch as likely as not
+            process.wait()
+            kills += 1
+            if round_ == 1:
+                with long_open.cursor() as cur:
+                    cur.execute("UPDATE calls SET reason = 'sales' WHERE call_id = 'long-1'")
+                long_open.commit()
+                long_open.close()
+                # An added column: rows carry it from now on; it is simply not captured.
+                ddl = mysql(address, db)
+                with ddl.cursor() as cur:
+                    cur.execute("ALTER TABLE calls ADD COLUMN note varchar(20) NULL")
+                ddl.close()
+            if round_ == 2:
+                # The server restarts (writers paused, so each knows what it committed).
+                stop_writers()
+                mariadb_server.restart()
+                start_writers("b")
+            process = reader()
+        time.sleep(1.0)
+    finally:
+        stop_writers()
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert [w.error for w in writers if w.error is not None] == []
+    drain(address, spec, database_url, max_changes=50)
+    expected = reference(
+        [w.log for w in writers]
+        + [[("long-1", ("cust-0", "billing", 5)), ("long-1", ("cust-0", "sales", 5))]]
+    )
+    assert kills == 4 and sum(len(w.log) for w in writers) > 100
+    assert versions(database_url, spec) == expected
+    rows = ledger(database_url, spec)
+    assert len(rows) > 4
+    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False)), "gap or overlap"
