@@ -415,7 +415,7 @@ class BinlogTable:
         wanted = set(keys)
 
         def key_of(row: Any) -> tuple[str, ...]:
-            image = json.loads(row.after if row.after is not None else row.before)
+            image = json.loads(row.after if isinstance(row.after, str) else row.before)
             return tuple(str(image.get(k)) for k in self.spec.keys)
 
         if frame.empty:

@@ -286,7 +286,7 @@ def test_concurrent_writers_a_long_transaction_and_a_killed_reader_give_the_refe
     process = reader()
     try:
         for round_ in range(4):
-            time.sleep(1.0 + rng.random() * 1.5)
+            time.sleep(0.6 + rng.random() * 0.6)
             process.send_signal(signal.SIGKILL)  # at any instant, mid-batch as likely as not
             process.wait()
             kills += 1
@@ -322,3 +322,126 @@ def test_concurrent_writers_a_long_transaction_and_a_killed_reader_give_the_refe
     rows = ledger(database_url, spec)
     assert len(rows) > 4
     assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False)), "gap or overlap"
+
+
+def dim_rows(edw_url: str, spec: CaptureSpec) -> list[tuple]:
+    with connect(edw_url) as edw:
+        return edw.execute(f"SELECT * FROM edw.{spec.target} ORDER BY 1").fetchall()
+
+
+def write(address: ServerAddress, db: str, statements: list[str]) -> None:
+    conn = mysql(address, db)
+    with conn.cursor() as cur:
+        for statement in statements:
+            cur.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+def test_a_backfilled_partition_gives_the_rows_of_the_live_batches(
+    tmp_path, mariadb_db, database_url
+):
+    from kappa.ingest.binlog import reprocess_binlog_window
+
+    address, db = mariadb_db
+    spec = spec_for(tmp_path, db)
+    prepare(address, db, database_url, spec)
+    source = BinlogTable(address, spec)
+    insert = "INSERT INTO calls VALUES ('{k}', 'c-1', 'billing', {d}, '2026-01-01 10:00:00')"
+    with connect(database_url) as edw:
+        for day, keys in (("2026-01-01", ["a", "b"]), ("2026-01-02", ["c"])):
+            write(address, db, [insert.format(k=k, d=i) for i, k in enumerate(keys)])
+            write(address, db, ["UPDATE calls SET reason = 'fraud' WHERE call_id = 'a'"])
+            for _ in range(3):  # batches of one transaction each
+                run_binlog_batch(
+                    source, edw, SCHEMAS, requested_end=None, run_id="live", max_changes=1,
+                    partition_key=day,
+                )
+        write(address, db, ["DELETE FROM calls WHERE call_id = 'b'"])
+        run_binlog_batch(
+            source, edw, SCHEMAS, requested_end=None, run_id="live", max_changes=1,
+            partition_key="2026-01-03",
+        )
+        live = dim_rows(database_url, spec)
+        live_ledger = ledger(database_url, spec)
+        outcome = reprocess_binlog_window(source, edw, SCHEMAS, "2026-01-01", run_id="backfill")
+    source.close()
+    assert outcome.status == "replaced" and outcome.received == 3
+    assert dim_rows(database_url, spec) == live
+    # The partition's batches became one batch over the same positions; the others are kept.
+    after = ledger(database_url, spec)
+    assert after[0] == (live_ledger[0][0], live_ledger[1][1], 3)
+    assert after[1:] == live_ledger[2:]
+
+
+def test_an_incompatible_ddl_change_is_refused_by_name_and_nothing_is_loaded(
+    tmp_path, mariadb_db, database_url
+):
+    from kappa.sources.mariadb_binlog import CaptureImpossibleError
+
+    address, db = mariadb_db
+    spec = spec_for(tmp_path, db)
+    prepare(address, db, database_url, spec)
+    write(address, db, ["INSERT INTO calls VALUES ('a', 'c-1', 'billing', 3, '2026-01-01')"])
+    drain(address, spec, database_url)
+    before = (dim_rows(database_url, spec), ledger(database_url, spec))
+    write(address, db, ["ALTER TABLE calls MODIFY duration_s varchar(10)"])
+    write(address, db, ["INSERT INTO calls VALUES ('b', 'c-1', 'billing', 'long', '2026-01-01')"])
+    with pytest.raises(CaptureImpossibleError, match=rf"{db}\.calls\.duration_s .*became varchar"):
+        drain(address, spec, database_url)
+    write(address, db, ["ALTER TABLE calls DROP COLUMN reason"])
+    with pytest.raises(CaptureImpossibleError):
+        drain(address, spec, database_url)
+    assert (dim_rows(database_url, spec), ledger(database_url, spec)) == before
+
+
+def test_a_purged_binlog_position_is_refused_by_name_and_nothing_is_touched(
+    tmp_path, mariadb_db, database_url
+):
+    address, db = mariadb_db
+    spec = spec_for(tmp_path, db)
+    prepare(address, db, database_url, spec)
+    write(address, db, ["INSERT INTO calls VALUES ('a', 'c-1', 'billing', 3, '2026-01-01')"])
+    drain(address, spec, database_url)
+    before = (dim_rows(database_url, spec), ledger(database_url, spec))
+    write(address, db, ["INSERT INTO calls VALUES ('b', 'c-1', 'billing', 3, '2026-01-01')"])
+    admin = address.connect()
+    with admin.cursor() as cur:
+        cur.execute("FLUSH BINARY LOGS")
+        # A file the crash-recovery checkpoint still names stays until InnoDB moves past it.
+        for _ in range(50):
+            cur.execute("SHOW BINARY LOGS")
+            files = cur.fetchall()
+            cur.execute("PURGE BINARY LOGS TO %s", (files[-1][0],))
+            cur.execute("SHOW BINARY LOGS")
+            if len(cur.fetchall()) == 1:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the server kept its older binlog files")
+    admin.close()
+    with pytest.raises(LogResetError, match=r"expired GTID sequence numbers \[\d+, \d+\)"):
+        drain(address, spec, database_url)
+    assert (dim_rows(database_url, spec), ledger(database_url, spec)) == before
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("binlog_format", "MIXED"), ("binlog_row_image", "MINIMAL")]
+)
+def test_server_settings_that_make_capture_impossible_are_named(
+    tmp_path, mariadb_db, setting, value
+):
+    address, db = mariadb_db
+    spec = spec_for(tmp_path, db)
+    admin = address.connect()
+    with admin.cursor() as cur:
+        cur.execute(f"SELECT @@global.{setting}")
+        (previous,) = cur.fetchone()
+        cur.execute(f"SET GLOBAL {setting} = %s", (value,))
+    try:
+        with pytest.raises(ConfigurationError, match=rf"^{setting}: .*{setting}={value}"):
+            BinlogTable(address, spec)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"SET GLOBAL {setting} = %s", (previous,))
+        admin.close()
