@@ -96,7 +96,7 @@ def _spec(index: int, entry: Any) -> CaptureSpec:
             f"{where}.change_table: a mariadb table is read from the binlog and has no change "
             "table; remove the key",
         )
-    required = ("name", "source", "keys", "columns", "target", "mode")
+    required: tuple[str, ...] = ("name", "source", "keys", "columns", "target", "mode")
     if engine == "postgresql":
         required += ("change_table",)
     missing = [k for k in required if k not in entry]

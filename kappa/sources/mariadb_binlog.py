@@ -52,8 +52,11 @@ REQUIRED_SETTINGS = {
     "log_bin": ("1", "the binlog must be on (log_bin)"),
     "binlog_format": ("ROW", "only ROW events carry the changed rows"),
     "binlog_row_image": ("FULL", "updates and deletes must carry every column"),
-    "binlog_row_metadata": ("FULL", "row events must name their columns, or a DDL change "
-                            "would be decoded with the wrong column names"),
+    "binlog_row_metadata": (
+        "FULL",
+        "row events must name their columns, or a DDL change "
+        "would be decoded with the wrong column names",
+    ),
 }
 
 #: Column types of MariaDB a captured column of each EDW type may have.
@@ -109,13 +112,11 @@ class ServerAddress:
 
 
 def _variables(conn: pymysql.connections.Connection, names: Iterable[str]) -> dict[str, str]:
+    wanted = {n.lower() for n in names}
     with conn.cursor() as cur:
-        cur.execute(
-            "SELECT variable_name, variable_value FROM information_schema.global_variables "
-            "WHERE variable_name IN (" + ", ".join(["%s"] * len(list(names))) + ")",
-            [n.upper() for n in names],
-        )
-        return {str(k).lower(): str(v) for k, v in cur.fetchall()}
+        cur.execute("SELECT variable_name, variable_value FROM information_schema.global_variables")
+        found = {str(k).lower(): str(v) for k, v in cur.fetchall()}
+    return {k: v for k, v in found.items() if k in wanted}
 
 
 def check_server(conn: pymysql.connections.Connection) -> int:
@@ -293,14 +294,19 @@ class BinlogTable:
             blocking=False,
             is_mariadb=True,
             auto_position=state,
-            only_events=[MariadbGtidEvent, QueryEvent, WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent],
+            only_events=[
+                MariadbGtidEvent,
+                QueryEvent,
+                WriteRowsEvent,
+                UpdateRowsEvent,
+                DeleteRowsEvent,
+            ],
             only_schemas=None,
             resume_stream=True,
             enable_logging=False,
         )
         rows: list[tuple] = []
         seq = start - 1
-        last = start - 1
         in_range = False
         index = 0
         try:
@@ -319,7 +325,6 @@ class BinlogTable:
                         in_range = False
                         continue
                     in_range = True
-                    last = seq
                     index = 0
                     continue
                 if not in_range:

@@ -11,6 +11,7 @@ from kappa.settings import REPO_ROOT
 from kappa.sources import pg_capture
 from tests.demo import DEMO
 from tests.integration.harness import Pipeline
+from tests.integration.mariadb import mariadb_db, mariadb_server  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ independent reference built from the writers' own log of committed changes."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -18,7 +19,7 @@ from kappa.edw.types import Schemas
 from kappa.exceptions import ConfigurationError, LogResetError
 from kappa.ingest.binlog import run_binlog_batch
 from kappa.sources.mariadb_binlog import BinlogTable, ServerAddress
-from tests.integration.mariadb import mariadb_db, mariadb_server, mysql  # noqa: F401
+from tests.integration.mariadb import mysql
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,9 @@ DDL = (
 )
 
 
-def spec_for(tmp_path: Path, db: str, *, mode: str = "scd2", target: str = "dim_call") -> CaptureSpec:
+def spec_for(
+    tmp_path: Path, db: str, *, mode: str = "scd2", target: str = "dim_call"
+) -> CaptureSpec:
     path = tmp_path / "catalog.yaml"
     path.write_text(CATALOG.format(db=db, mode=mode, target=target))
     (spec,) = load_captures(path)
@@ -104,7 +107,9 @@ def versions(edw_url: str, spec: CaptureSpec) -> dict[str, list[tuple]]:
     return found
 
 
-def test_a_batch_takes_whole_committed_transactions_exactly_once(tmp_path, mariadb_db, database_url):
+def test_a_batch_takes_whole_committed_transactions_exactly_once(
+    tmp_path, mariadb_db, database_url
+):
     address, db = mariadb_db
     spec = spec_for(tmp_path, db)
     prepare(address, db, database_url, spec)
@@ -130,7 +135,7 @@ def test_a_batch_takes_whole_committed_transactions_exactly_once(tmp_path, maria
     assert found["k-1"] == [("c-1", "billing", 1, False), ("c-1", "fraud", 1, True)]
     assert found["k-2"] == [("c-1", "billing", 2, False)]
     rows = ledger(database_url, spec)
-    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False)), rows
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(rows)), rows
     # Run again: nothing new, nothing doubled.
     assert drain(address, spec, database_url)[-1].status == "already loaded"
     assert versions(database_url, spec) == found
@@ -160,7 +165,9 @@ class Writer(threading.Thread):
     """Random transactions on its own keys; after each commit, the changes it made go to its
     log (the independent reference)."""
 
-    def __init__(self, address: ServerAddress, db: str, name: str, seed: int, stop: threading.Event):
+    def __init__(
+        self, address: ServerAddress, db: str, name: str, seed: int, stop: threading.Event
+    ):
         super().__init__(daemon=True)
         self.conn = mysql(address, db)
         self.name_ = name
@@ -238,7 +245,6 @@ def reference(logs: list[list[tuple[str, tuple | None]]]) -> dict[str, list[tupl
 def test_concurrent_writers_a_long_transaction_and_a_killed_reader_give_the_reference(
     tmp_path, mariadb_db, mariadb_server, database_url
 ):
-    import os
     import signal
     import subprocess
     import sys
@@ -251,11 +257,16 @@ def test_concurrent_writers_a_long_transaction_and_a_killed_reader_give_the_refe
 
     def reader() -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / "catalog.yaml"), mariadb_server.url,
-             database_url],
+            [
+                sys.executable,
+                str(script),
+                str(tmp_path / "catalog.yaml"),
+                mariadb_server.url,
+                database_url,
+            ],
             cwd=Path(__file__).resolve().parents[2],
             stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "reader.log", "ab"),  # noqa: SIM115
+            stderr=open(tmp_path / "reader.log", "ab"),
         )
 
     # A transaction open across two reader kills: its rows come after all it saw commit.
@@ -270,7 +281,9 @@ def test_concurrent_writers_a_long_transaction_and_a_killed_reader_give_the_refe
 
     def start_writers(prefix: str) -> None:
         stop.clear()
-        batch = [Writer(address, db, f"{prefix}{i}", seed=len(writers) + i, stop=stop) for i in range(3)]
+        batch = [
+            Writer(address, db, f"{prefix}{i}", seed=len(writers) + i, stop=stop) for i in range(3)
+        ]
         writers.extend(batch)
         for w in batch:
             w.start()
@@ -321,7 +334,7 @@ def test_concurrent_writers_a_long_transaction_and_a_killed_reader_give_the_refe
     assert versions(database_url, spec) == expected
     rows = ledger(database_url, spec)
     assert len(rows) > 4
-    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False)), "gap or overlap"
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(rows)), "gap or overlap"
 
 
 def dim_rows(edw_url: str, spec: CaptureSpec) -> list[tuple]:
@@ -354,12 +367,22 @@ def test_a_backfilled_partition_gives_the_rows_of_the_live_batches(
             write(address, db, ["UPDATE calls SET reason = 'fraud' WHERE call_id = 'a'"])
             for _ in range(3):  # batches of one transaction each
                 run_binlog_batch(
-                    source, edw, SCHEMAS, requested_end=None, run_id="live", max_changes=1,
+                    source,
+                    edw,
+                    SCHEMAS,
+                    requested_end=None,
+                    run_id="live",
+                    max_changes=1,
                     partition_key=day,
                 )
         write(address, db, ["DELETE FROM calls WHERE call_id = 'b'"])
         run_binlog_batch(
-            source, edw, SCHEMAS, requested_end=None, run_id="live", max_changes=1,
+            source,
+            edw,
+            SCHEMAS,
+            requested_end=None,
+            run_id="live",
+            max_changes=1,
             partition_key="2026-01-03",
         )
         live = dim_rows(database_url, spec)
