@@ -88,15 +88,8 @@ def write_batch(
     """Write one batch's output inside the caller's ledger transaction and fill ``counts``."""
     fact = sql.Identifier(schemas.edw, contract.table)
     rows = decoded.rows if rows is None else rows
-    stage = stage_frame(conn, f"stage_{contract.table}", fact, rows)
     counts.received = decoded.received
-    counts.loaded = conn.execute(
-        sql.SQL(
-            "INSERT INTO {fact} SELECT * FROM {stage} ORDER BY kafka_offset "
-            "ON CONFLICT (event_id) DO NOTHING"
-        ).format(fact=fact, stage=stage)
-    ).rowcount
-    conn.execute(sql.SQL("DROP TABLE {}").format(stage))  # a transaction may hold several batches
+    counts.loaded = load_rows(conn, fact, f"stage_{contract.table}", rows)
     for table, frame in (side_tables or {}).items():
         copy_frame(conn, sql.Identifier(schemas.edw, table), frame)
     for store, values in (state or {}).items():
@@ -105,3 +98,39 @@ def write_batch(
     counts.dead_lettered = write_dead_letters(
         conn, schemas, record, decoded.dead_letters.rename(columns={"offset": "position"})
     )
+
+
+def load_rows(
+    conn: psycopg.Connection, fact: sql.Identifier, stage_name: str, rows: pd.DataFrame
+) -> int:
+    """Append ``rows`` (unique ``event_id`` within them) to ``fact`` in offset order; returns
+    how many were new.
+
+    One pass: COPY straight into the fact table inside a savepoint. The batch's events
+    already in the EDW were dropped before its step, so that is the whole write nearly
+    always; only if the COPY meets an ``event_id`` the table holds (a batch of another
+    shard committed the same event meanwhile, or a stateless asset, which does not look
+    first) is it rolled back and the rows go through a staging table and ``INSERT ...
+    ON CONFLICT (event_id) DO NOTHING``, which settles the duplicates in the statement that
+    writes.
+    """
+    if rows.empty:
+        return 0
+    ordered = rows.sort_values("kafka_offset", kind="stable")
+    try:
+        with conn.transaction():
+            copy_frame(conn, fact, ordered)
+    except psycopg.errors.UniqueViolation as exc:
+        if "event_id" not in (exc.diag.message_detail or ""):
+            raise
+    else:
+        return len(ordered)
+    stage = stage_frame(conn, stage_name, fact, ordered)
+    loaded = conn.execute(
+        sql.SQL(
+            "INSERT INTO {fact} SELECT * FROM {stage} ORDER BY kafka_offset "
+            "ON CONFLICT (event_id) DO NOTHING"
+        ).format(fact=fact, stage=stage)
+    ).rowcount
+    conn.execute(sql.SQL("DROP TABLE {}").format(stage))  # a transaction may hold several batches
+    return loaded

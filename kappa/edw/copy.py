@@ -31,6 +31,21 @@ _NULL_MARK = "\x00"
 def copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataFrame) -> None:
     if frame.empty:
         return
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in frame.columns)
+    text = copy_text(frame)
+    if text is not None:
+        with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, columns)) as copy:
+            copy.write(text)
+        return
+    with conn.cursor().copy(
+        sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(table, columns)
+    ) as copy:
+        copy.write(_csv_text(frame))
+
+
+def _csv_text(frame: pd.DataFrame) -> str:
+    """Any frame as COPY's CSV (the general path, for columns :func:`copy_text` does not
+    format)."""
     zoned = [n for n, t in frame.dtypes.items() if isinstance(t, pd.DatetimeTZDtype)]
     if zoned:
         frame = frame.assign(**{str(name): _iso_utc(frame[name]) for name in zoned})
@@ -48,12 +63,76 @@ def copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataFr
         quoting=csv.QUOTE_NONNUMERIC,
         na_rep=_NULL_MARK,
     )
-    text = buffer.getvalue().replace(f'"{_NULL_MARK}"', "")
-    columns = sql.SQL(", ").join(sql.Identifier(c) for c in frame.columns)
-    with conn.cursor().copy(
-        sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(table, columns)
-    ) as copy:
-        copy.write(text)
+    return buffer.getvalue().replace(f'"{_NULL_MARK}"', "")
+
+
+#: What COPY's text format reads as NULL.
+_NULL = "\\N"
+#: The characters COPY's text format gives a meaning to, and how a value writes them.
+_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
+
+
+def _text_column(column: pd.Series) -> list[str] | None:
+    """One column as COPY text fields, built for the whole column at once; None for a
+    column this does not format (the CSV path takes the frame then)."""
+    dtype = column.dtype
+    if isinstance(dtype, pd.DatetimeTZDtype):
+        zoned = _iso_utc(column)
+        zoned[pd.isna(zoned)] = _NULL
+        return zoned.tolist()
+    if dtype == np.float64:
+        doubles = column.to_numpy()
+        out = [repr(v) for v in doubles.tolist()]
+        for index in np.flatnonzero(np.isnan(doubles)).tolist():
+            out[index] = _NULL
+        return out
+    if dtype.kind in "iu" and isinstance(dtype, np.dtype):
+        return [str(v) for v in column.to_numpy().tolist()]
+    integers = isinstance(dtype, pd.Int64Dtype | pd.Int32Dtype | pd.Int16Dtype | pd.Int8Dtype)
+    booleans = isinstance(dtype, pd.BooleanDtype) or dtype == np.bool_
+    generic = isinstance(dtype, np.dtype) and dtype.kind == "O"
+    text = isinstance(dtype, pd.StringDtype) or generic
+    if not (integers or booleans or text):
+        return None
+    missing = column.isna().to_numpy(dtype=bool)
+    whole = not missing.any()
+    if whole and not booleans:
+        present = column.tolist()
+    else:
+        present = column.to_numpy(dtype=object, na_value=None)[~missing].tolist()
+    if integers:
+        present = [str(v) for v in present]
+    elif booleans:
+        present = ["t" if v else "f" for v in present]
+    else:
+        if generic and not all(type(v) is str for v in present):
+            return None
+        joined = "".join(present)
+        for char, escaped in _ESCAPES:
+            if char in joined:
+                present = [v.replace(char, escaped) for v in present]
+    if whole:
+        return present
+    fields = np.full(len(missing), _NULL, dtype=object)
+    fields[~missing] = present
+    return fields.tolist()
+
+
+def copy_text(frame: pd.DataFrame) -> str | None:
+    """``frame`` as COPY's text format, column by column (no Python per field beyond one
+    conversion per value): text escaped only in a column that holds a special character,
+    doubles as their shortest repr (exactly the value, as the CSV path writes them),
+    instants in UTC with microseconds. None when a column holds something else (objects
+    other than strings, naive times, ...): the CSV path writes those."""
+    columns = []
+    for name in frame.columns:
+        column = _text_column(frame[name])
+        if column is None:
+            return None
+        columns.append(column)
+    lines = ["\t".join(fields) for fields in zip(*columns, strict=True)]
+    lines.append("")
+    return "\n".join(lines)
 
 
 def write_dead_letters(
