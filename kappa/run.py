@@ -256,12 +256,8 @@ def run_micro_batches(
             log.error(str(exc))
             result.failures.append(str(exc))
             return
+        # No log line per batch: the materialisation's metadata has each shard's outcome.
         result.outcomes.append(done)
-        log.info(
-            f"{requested.shard} [{done.start}, {done.end}) {done.status}: "
-            f"{done.loaded} loaded, {done.dead_lettered} dead-lettered, "
-            f"{done.deduplicated} deduplicated, lag {done.lag_after}"
-        )
 
     workers = max(1, min(len(ranges), parallel))
     if workers == 1:  # in this thread (a profiler of the main thread sees it)

@@ -16,7 +16,8 @@ time partition (measured in ``tests/integration/test_retention.py``):
 So before any run of a partition goes, the partition gets one summarising materialisation
 (runless, reported through the instance) with its totals from the EDW's batch ledger, the
 record of what was loaded. A partition is summarised once it is *closed*: its window ended more
-than ``grace_s`` ago and no run of it is in flight. Only runs that carry offset ranges (the
+than ``grace_s`` ago, no run of it is in flight and no shard's latest run failed in it (that
+shard loads there next, and its failed runs are what stop it). Only runs that carry offset ranges (the
 micro-batches the sensors plan) are ever deleted; backfill runs, heal runs, check runs and
 anything launched from the UI are kept.
 
@@ -41,7 +42,7 @@ from psycopg import sql
 from kappa.dagster.assets.recent_batches import SUMMARY_MODE
 from kappa.dagster.sensors.micro_batch import IN_FLIGHT, RANGES_TAG
 from kappa.edw.types import Schemas
-from kappa.health import ASSET_TAG
+from kappa.health import ASSET_TAG, recent_failures
 from kappa.partitions import TimeWindows
 
 __all__ = ["SUMMARY_MODE", "RetentionPolicy", "apply_retention", "storage_report"]
@@ -176,8 +177,17 @@ def summarised_through(instance: dg.DagsterInstance, asset: str) -> str | None:
 
 
 def in_flight_partitions(instance: dg.DagsterInstance, asset: str) -> set[str]:
+    """Partitions of ``asset`` that may still get batches: a run of them is queued or running,
+    or a shard's latest finished run failed in them (its retry, or the operator's fix, loads
+    there next; :func:`kappa.health.recent_failures` is what stops such a shard, so its failed
+    runs must stay)."""
     runs = instance.get_runs(filters=dg.RunsFilter(tags={ASSET_TAG: asset}, statuses=IN_FLIGHT))
-    return {r.tags[PARTITION_NAME_TAG] for r in runs if PARTITION_NAME_TAG in r.tags}
+    busy = {r.tags[PARTITION_NAME_TAG] for r in runs if PARTITION_NAME_TAG in r.tags}
+    for failures in recent_failures(instance, asset, threshold=1).values():
+        failed = instance.get_run_by_id(failures.run_id)
+        if failed is not None and PARTITION_NAME_TAG in failed.tags:
+            busy.add(failed.tags[PARTITION_NAME_TAG])
+    return busy
 
 
 def summarise_closed(

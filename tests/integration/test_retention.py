@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import psycopg
 import pytest
 import sqlalchemy as sa
 from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
@@ -255,3 +256,165 @@ def test_retention_deletes_old_micro_batch_runs_and_every_closed_partition_stays
         for check in ("replay_equivalence", "reconciliation"):
             evaluation = run_check(pipeline, fact, check)
             assert evaluation.passed, f"{fact} {check}: {evaluation.description}"
+
+
+def fail_next_batch(pipeline: Pipeline, fact: str) -> list[str]:
+    """Tick ``fact``'s sensor and run what it requests while the fact table is gone (a broken
+    migration, say): the runs really fail. Returns their run ids."""
+    requests = pipeline.tick(fact).run_requests
+    assert requests
+    pipeline.query(f"ALTER TABLE edw.{fact} RENAME TO {fact}_away")
+    try:
+        results = [pipeline.execute(r, raise_on_error=False) for r in requests]
+    finally:
+        pipeline.query(f"ALTER TABLE edw.{fact}_away RENAME TO {fact}")
+    assert not any(r.success for r in results)
+    return [r.run_id for r in results]
+
+
+def test_failed_runs_are_kept_within_the_window_and_while_their_shard_loads_there_next(
+    pipeline: Pipeline, hour_starts: list[datetime]
+) -> None:
+    instance = pipeline.instance
+    fact = "fact_order"
+    first, second = (s.strftime(pipeline.settings.windows.fmt) for s in hour_starts[:2])
+    # First hour: a batch fails, the sensor requests it again and the retry loads it.
+    produce_at(pipeline, hour_starts[0], 120, seed=1)
+    retried = fail_next_batch(pipeline, fact)
+    pipeline.drain(fact)
+    # Second hour: one round loads, the next one fails and nothing retried it yet, so its
+    # shards load in that partition next.
+    produce_at(pipeline, hour_starts[1], 60, seed=2)
+    pipeline.drain(fact)
+    produce_at(pipeline, hour_starts[1] + timedelta(minutes=30), 60, seed=3)
+    pending = fail_next_batch(pipeline, fact)
+    for run_id in retried + pending:
+        assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
+    backfill = reprocess(pipeline, fact, first)
+    assert backfill.success
+    # As the daemon launches it, a backfill's run carries its backfill id; with the asset's tag
+    # too, the retention's query of the partition's runs finds it (and must keep it).
+    instance.add_run_tags(
+        backfill.run_id, {"dagster/backfill": "retention-test", "kappa/asset": fact}
+    )
+
+    now = datetime.now(UTC)
+    policy = RetentionPolicy(keep_hours=1, deletes_per_tick=500, grace_s=605)
+    windows = pipeline.settings.windows
+
+    def tick(at: datetime):
+        with connect(pipeline.edw_url) as conn:
+            return apply_retention(
+                instance, conn, pipeline.schemas, [fact], windows, policy, now=at
+            )
+
+    def runs_of(key: str) -> list[dg.DagsterRun]:
+        return instance.get_runs(
+            filters=dg.RunsFilter(tags={"kappa/asset": fact, "dagster/partition": key})
+        )
+
+    # Every run is younger than the window: the failures are kept. The first hour closes;
+    # the second does not (a shard's latest run failed in it).
+    report = tick(now)
+    assert report.summarised == {fact: [first]} and report.deleted == {fact: []}
+    assert all(instance.get_run_by_id(r) is not None for r in retried + pending)
+
+    # Two hours on, past the window: the first hour's micro-batch runs go, the retried
+    # failure with them; its backfill run stays. The second hour keeps every run.
+    second_runs = {r.run_id for r in runs_of(second)}
+    report = tick(now + timedelta(hours=2))
+    assert not report.summarised[fact]
+    assert set(retried) <= set(report.deleted[fact])
+    assert [r.run_id for r in runs_of(first)] == [backfill.run_id]
+    assert {r.run_id for r in runs_of(second)} == second_runs
+    assert all(instance.get_run_by_id(r) is not None for r in pending)
+
+    # The operator's fix: the retry loads, the second hour closes with every batch in its
+    # summary, and its failed run goes with the others once past the window.
+    pipeline.drain(fact)
+    later = datetime.now(UTC) + timedelta(hours=2)
+    report = tick(later)
+    assert report.summarised == {fact: [second]}
+    assert set(pending) <= set(report.deleted[fact])
+    assert runs_of(second) == []
+    (loaded,) = pipeline.query(
+        "SELECT sum(loaded) FROM kappa.batch_ledger WHERE asset = %s AND partition_key = %s",
+        (fact, second),
+    )[0]
+    summary = latest(instance, fact, second)
+    assert summary is not None and summary.asset_materialization is not None
+    assert summary.asset_materialization.metadata["rows_loaded"].value == loaded > 0
+    # Backfill runs are never touched, however old.
+    tick(later + timedelta(days=30))
+    assert instance.get_run_by_id(backfill.run_id) is not None
+    for check in ("replay_equivalence", "reconciliation"):
+        evaluation = run_check(pipeline, fact, check)
+        assert evaluation.passed, f"{fact} {check}: {evaluation.description}"
+
+
+RUNS_MEASURED = 8
+
+
+def run_bytes(instance: dg.DagsterInstance, run_ids: list[str]) -> dict[str, int]:
+    """Event-log bytes (live rows, ``pg_column_size``) of ``run_ids`` by kind of event."""
+    engine = sa.create_engine(instance.event_log_storage.postgres_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT coalesce(dagster_event_type, 'log line'), sum(pg_column_size(e.*)) "
+                    "FROM event_logs e WHERE run_id = ANY(:ids) GROUP BY 1"
+                ),
+                {"ids": run_ids},
+            ).fetchall()
+    finally:
+        engine.dispose()
+    return {kind: int(size) for kind, size in rows}
+
+
+def total_bytes(instance: dg.DagsterInstance) -> int:
+    sizes = storage_sizes(instance)
+    assert sizes is not None
+    return sum(size for _, size in sizes.values())
+
+
+def test_bytes_per_micro_batch_run_of_a_topic_and_of_a_capture(pipeline: Pipeline) -> None:
+    """What one micro-batch run adds to Dagster's storage, a topic's and a capture's, measured
+    over a known number of real runs; no per-batch log line, and what the UI reads is there."""
+    instance = pipeline.instance
+    measured: dict[str, list[str]] = {"fact_order": [], "dim_customer": []}
+    grown: dict[str, int] = {}
+    for asset in measured:
+        before = total_bytes(instance)
+        for n in range(RUNS_MEASURED):
+            if asset == "fact_order":
+                pipeline.simulate(40, seed=n)
+            else:
+                with psycopg.connect(pipeline.env["KAPPA_OLTP_URL"]) as conn:
+                    for i in range(5):
+                        conn.execute(
+                            "INSERT INTO customers VALUES (%s, 'Ada', 'retail', 'DE', 100)",
+                            (f"c-{n}-{i}",),
+                        )
+            runs = pipeline.drain(asset)
+            assert runs and all(r.success for r in runs)
+            measured[asset] += [r.run_id for r in runs]
+        grown[asset] = total_bytes(instance) - before
+    for asset, run_ids in measured.items():
+        kinds = run_bytes(instance, run_ids)
+        per_run = {kind: size // len(run_ids) for kind, size in sorted(kinds.items())}
+        print(
+            f"\n{asset}: {len(run_ids)} runs, event log {sum(kinds.values()) // len(run_ids)} "
+            f"bytes per run (live rows), {grown[asset] // len(run_ids)} bytes per run in the "
+            f"four tables with indexes (pg_total_relation_size); by kind {per_run}"
+        )
+        assert "log line" not in kinds, f"{asset} runs write per-batch log lines"
+        newest = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        assert newest is not None and newest.asset_materialization is not None
+        metadata = newest.asset_materialization.metadata
+        print(
+            f"{asset} metadata bytes:",
+            {k: len(serialize_value(v)) for k, v in metadata.items()},
+        )
+        for key in ("rows_loaded", "lag_after_batch", "rows_per_second", "recent_batches"):
+            assert key in metadata, key

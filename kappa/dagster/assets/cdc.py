@@ -113,10 +113,6 @@ def build_capture_asset(
                 yield dg.MaterializeResult(metadata={"mode": "micro-batch", "superseded": str(exc)})
                 return
             lag = outcome.capture_lag or pg_capture.capture_lag(source, spec, outcome.end)
-        context.log.info(
-            f"{spec.change_table} transactions [{outcome.start}, {outcome.end}) {outcome.status}: "
-            f"{outcome.loaded} applied, {outcome.dead_lettered} dead-lettered, {lag.pending_changes} pending"
-        )
         metadata = {
             "mode": "micro-batch",
             "transaction_range": f"[{outcome.start}, {outcome.end})",
@@ -134,7 +130,10 @@ def build_capture_asset(
                 context.instance, spec.asset, metadata, run_id=context.run.run_id
             )
         )
-        yield dg.MaterializeResult(metadata=metadata)
+        # On the materialisation only (not stored again in the step's output event), and no
+        # log line: the materialisation says all of it (see "Dagster storage").
+        context.add_asset_metadata(metadata)
+        yield dg.MaterializeResult()
 
     def _reprocess(
         context: dg.AssetExecutionContext, oltp: OltpResource, warehouse: WarehouseResource

@@ -254,16 +254,20 @@ def build_fact_asset(
                 context.instance, spec.asset, metadata, run_id=context.run.run_id
             )
         )
-        yield dg.MaterializeResult(asset_key=spec.asset, metadata=metadata)
+        # On the materialisation only: metadata of the output would be stored a second time,
+        # in the step's output event, which no page reads (see "Dagster storage").
+        context.add_asset_metadata(metadata, asset_key=spec.asset)
+        yield dg.MaterializeResult(asset_key=spec.asset)
         for side in side_assets:
-            yield dg.MaterializeResult(
-                asset_key=side.key,
-                metadata={
+            context.add_asset_metadata(
+                {
                     "side_rows": {
                         o.partition: o.side_rows.get(side.key.path[-1], 0) for o in outcomes
                     }
                 },
+                asset_key=side.key,
             )
+            yield dg.MaterializeResult(asset_key=side.key)
 
     def _reprocess(
         context: dg.AssetExecutionContext, connections: Connections
