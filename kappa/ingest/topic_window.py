@@ -147,7 +147,7 @@ class EventWindowLoader:
             shard,
             record.start,
             replaced.held_end,
-            step.side_tables if step is not None else (),
+            [t.name for t in step.side_tables] if step is not None else (),
         )
         state = AsOfStateCache(self.backend, spec.asset, record.start) if step is not None else None
         for chunk_start in range(record.start, record.end, self.max_batch):
