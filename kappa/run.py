@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 import psycopg
 
 from kappa.catalog.captures import CaptureSpec
+from kappa.edw.connection import connect
 from kappa.edw.types import LedgerHead, Schemas
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.heal import heal_positions
@@ -93,6 +94,21 @@ class Connections:
     event_store: Callable[[], AbstractContextManager[EventStore]]
     edw: Callable[[], AbstractContextManager[psycopg.Connection]]
     oltp: Callable[[], AbstractContextManager[psycopg.Connection]] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Connections:
+        """The clients of ``settings``, opened as the Dagster resources open them (outside
+        Dagster: the benchmarks, the CLI, tests)."""
+        return cls(
+            schemas=Schemas(edw=settings.edw_schema, meta=settings.meta_schema),
+            event_store=partial(
+                EventStore,
+                settings.resolved_bootstrap_servers,
+                timeout_s=settings.kafka_timeout_s,
+            ),
+            edw=partial(connect, settings.resolved_edw_url),
+            oltp=partial(connect, settings.resolved_oltp_url, setting="KAPPA_OLTP_URL"),
+        )
 
 
 def open_dimensions(
