@@ -27,20 +27,15 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 
 import orjson
 
 from kappa.catalog.ingests import topic_ingests
-from kappa.edw.connection import connect
 from kappa.edw.ledger import read_heads
-from kappa.edw.types import Schemas
 from kappa.exceptions import KappaError
 from kappa.ingest.plan import TopicIngest
 from kappa.run import (
@@ -105,19 +100,7 @@ def product_settings(bootstrap: str, edw_url: str, oltp_url: str, **topics: str)
 
 def connections(settings: Settings) -> Connections:
     """Clients as the Dagster resources open them, from ``settings``."""
-    bootstrap = settings.resolved_bootstrap_servers
-
-    @contextmanager
-    def event_store() -> Iterator[EventStore]:
-        with EventStore(bootstrap, timeout_s=settings.kafka_timeout_s) as store:
-            yield store
-
-    return Connections(
-        schemas=Schemas(edw=settings.edw_schema, meta=settings.meta_schema),
-        event_store=event_store,
-        edw=partial(connect, settings.resolved_edw_url),
-        oltp=partial(connect, settings.resolved_oltp_url, setting="KAPPA_OLTP_URL"),
-    )
+    return Connections.from_settings(settings)
 
 
 def fact_services(settings: Settings) -> FactServices:

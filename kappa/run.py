@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 import psycopg
 
 from kappa.catalog.captures import CaptureSpec
+from kappa.edw.connection import connect
 from kappa.edw.types import LedgerHead, Schemas
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.heal import heal_positions
@@ -34,10 +35,12 @@ from kappa.ingest.outcome import BatchOutcome, WindowOutcome
 from kappa.ingest.plan import OffsetRange, TopicIngest, locate_windows, plan_ranges
 from kappa.ingest.reprocess import reprocess_window
 from kappa.ingest.topic import run_batch
+from kappa.ingest.topic_window import EventWindowLoader
 from kappa.partitions import TimeWindows, Window
 from kappa.sources.base import LogBounds
-from kappa.sources.topic import EventStore
+from kappa.sources.topic import EventStore, TopicPartitions
 from kappa.state import StateCache
+from kappa.steps.completeness import WaitBudget
 from kappa.steps.warehouse import VersionCache, WarehouseLookups
 
 #: Partitions of one run loaded at the same time (each with its own consumer and connection).
@@ -91,6 +94,21 @@ class Connections:
     event_store: Callable[[], AbstractContextManager[EventStore]]
     edw: Callable[[], AbstractContextManager[psycopg.Connection]]
     oltp: Callable[[], AbstractContextManager[psycopg.Connection]] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Connections:
+        """The clients of ``settings``, opened as the Dagster resources open them (outside
+        Dagster: the benchmarks, the CLI, tests)."""
+        return cls(
+            schemas=Schemas(edw=settings.edw_schema, meta=settings.meta_schema),
+            event_store=partial(
+                EventStore,
+                settings.resolved_bootstrap_servers,
+                timeout_s=settings.kafka_timeout_s,
+            ),
+            edw=partial(connect, settings.resolved_edw_url),
+            oltp=partial(connect, settings.resolved_oltp_url, setting="KAPPA_OLTP_URL"),
+        )
 
 
 def open_dimensions(
@@ -309,8 +327,9 @@ def reprocess_partitions(
     result = ReprocessRun()
     with ExitStack() as stack:
         store = stack.enter_context(connections.event_store())
+        source = TopicPartitions(store, spec.topic)
         # A second consumer reads a partition's next chunk while the current one is written.
-        ahead = stack.enter_context(connections.event_store())
+        ahead = TopicPartitions(stack.enter_context(connections.event_store()), spec.topic)
         conn = stack.enter_context(connections.edw())
         dims = open_dimensions(stack, conn, spec, connections, services, VersionCache())
         for key in keys:
@@ -322,17 +341,26 @@ def reprocess_partitions(
                 else None
             )
             try:
-                done = reprocess_window(
-                    store,
+                window = windows.window(key)
+                # A budget per window: the step's wait for change capture is paid once there.
+                loader = EventWindowLoader(
+                    source,
                     conn,
                     connections.schemas,
                     spec,
-                    windows,
-                    windows.window(key),
-                    run_id=run_id,
                     max_batch=max_batch,
                     dimensions=dims,
-                    max_wait_s=services.reprocess_wait_s,
+                    budget=WaitBudget(services.reprocess_wait_s),
+                )
+                done = reprocess_window(
+                    source,
+                    conn,
+                    connections.schemas,
+                    spec.asset,
+                    window,
+                    loader,
+                    run_id=run_id,
+                    is_first=windows.is_first(window),
                     from_positions=positions,
                     read_ahead=ahead,
                 )

@@ -14,6 +14,7 @@ The fixtures start what they need lazily: a unit test that uses none of them sta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -98,10 +99,11 @@ def pg_server_url(local_state_dir: Path) -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture
-def database_url(pg_server_url: str) -> Iterator[str]:
-    """URL of a brand-new database (``kappa_test_<hex>``), dropped after the test."""
-    name = f"kappa_test_{uuid.uuid4().hex[:16]}"
+@contextlib.contextmanager
+def fresh_database(pg_server_url: str, prefix: str = "kappa_test") -> Iterator[str]:
+    """URL of a brand-new database (``<prefix>_<hex>``) on the test server, dropped on exit
+    (connections still open to it are closed)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
     admin_url = _url_with_database(pg_server_url, "postgres")
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
@@ -112,6 +114,13 @@ def database_url(pg_server_url: str) -> Iterator[str]:
             conn.execute(
                 sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """URL of a brand-new database (``kappa_test_<hex>``), dropped after the test."""
+    with fresh_database(pg_server_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,15 @@ from kappa.ingest.plan import TopicIngest
 from kappa.setting_values import identifier
 from kappa.settings import Settings
 from kappa.steps.api import AsOf
-from kappa.steps.config import StepConfig
+from kappa.steps.config import build_step_class
 from kappa.steps.protocol import Step
 
 
 def build_step(
     contract: EventContract, captures: dict[str, CaptureSpec] | None = None
 ) -> Step | None:
-    """The stream's step: ``Class.from_catalog(StepConfig)`` where the class defines it,
-    else ``Class(**config)``; its lookups checked against the captured tables."""
+    """The stream's step (:func:`kappa.steps.config.build_step_class`); its side tables and
+    lookups checked against the stream and the captured tables."""
     if contract.step is None:
         return None
     where = f"{contract.catalog}: stream {contract.name}"
@@ -27,15 +27,13 @@ def build_step(
         step_class = resolve_step(contract.step)
     except ValueError as exc:
         raise ConfigurationError(SETTING, f"{where}, field step: {exc}") from None
-    factory = getattr(step_class, "from_catalog", None)
-    if factory is not None:
-        config = StepConfig(
-            contract.step_config, catalog=contract.catalog or "", stream=contract.name
-        )
-        step: Step = factory(config)
-        config.done()
-    else:
-        step = step_class(**dict(contract.step_config))
+    step: Step = build_step_class(
+        step_class,
+        contract.step_config,
+        catalog=contract.catalog or "",
+        stream=contract.name,
+        dotted=contract.step,
+    )
     _check_side_tables(contract, step, where)
     fields = {f.name for f in contract.fields}
     for lookup in getattr(step, "lookups", ()):

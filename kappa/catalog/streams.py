@@ -28,6 +28,7 @@ from kappa.catalog.fields import (
 from kappa.catalog.files import ENV_NAME, SETTING, Where, duration, read_catalog
 from kappa.exceptions import ConfigurationError
 from kappa.setting_values import topic_name
+from kappa.steps.config import build_step_class
 
 _STREAM_KEYS = (
     "name",
@@ -149,11 +150,9 @@ def _step(
     config = {} if config is None else config
     if not isinstance(config, dict):
         raise where.error("expected a mapping", "config")
-    if not hasattr(step_class, "from_catalog"):
-        try:
-            inspect.signature(step_class).bind(**config)
-        except TypeError as exc:
-            raise where.error(f"{raw} does not take this config: {exc}", "config") from None
+    # Built once here and dropped, so a config the step refuses (an unknown key, a wrong
+    # type, a value out of bounds) fails when the catalogue loads, not at the first batch.
+    build_step_class(step_class, config, catalog=where.path, stream=where.stream, dotted=raw)
     derived = []
     names = {f.name for f in fields} | RESERVED_COLUMNS
     for column in getattr(step_class, "derived_columns", ()):

@@ -1,9 +1,10 @@
-"""Replacing one time partition of a captured table from its change table (a backfill)."""
+"""Reloading one time partition of a captured table from its change table (a backfill): the
+change table's part of :func:`kappa.ingest.reprocess.reprocess_window`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import psycopg
@@ -24,19 +25,17 @@ from kappa.changes.validate import (
     validate_changes,
 )
 from kappa.edw.copy import stage_frame, write_dead_letters
-from kappa.edw.ledger import insert_ledger_row, lock_head
+from kappa.edw.ledger import insert_ledger_row
 from kappa.edw.poison import write_rows_isolated
 from kappa.edw.types import BatchCounts, BatchRecord, Schemas
 from kappa.exceptions import ReprocessError
-from kappa.sources.base import TRANSACTIONS, check_continuity
+from kappa.sources.base import TRANSACTIONS
 
 
 @dataclass
-class CaptureWindowReplacement:
-    """What replacing one time partition of a captured table did."""
+class CaptureWindowReload:
+    """What reloading one time partition of a captured table did."""
 
-    start: int = 0
-    end: int = 0
     received: int = 0
     loaded: int = 0
     dead_lettered: int = 0
@@ -45,163 +44,131 @@ class CaptureWindowReplacement:
     probes: int = 0
 
 
-def replace_capture_window(
+def reload_capture_window(
     conn: psycopg.Connection,
     schemas: Schemas,
     spec: CaptureSpec,
+    record: BatchRecord,
     *,
-    epoch: str,
-    window: str,
-    run_id: str,
+    head_end: int,
     read: Callable[[int, int], pd.DataFrame],
     history: Callable[[list[tuple[str, ...]], int], pd.DataFrame],
-) -> CaptureWindowReplacement | None:
-    """Replace time partition ``window`` of ``spec.asset`` in one transaction: its ledger
-    batches, dead letters and every row of the keys its transactions touched.
+) -> CaptureWindowReload:
+    """Reload time partition ``record.partition_key`` of ``spec.asset``: transactions
+    ``[record.start, record.end)``, which its ledger batches cover, inside the replacement's
+    transaction (:func:`kappa.edw.window.replace_window` holds the head's lock and brings
+    it up to date after). The batches, their dead letters and every row of the keys the
+    transactions touched are replaced; the batches become one ledger row.
 
     ``read(start, end)`` gives the changes of transactions ``[start, end)``, ``history(keys,
-    end)`` every change of ``keys`` below ``end``. Returns None when the ledger holds no batch
-    of the partition (nothing became visible in it). Raises :class:`LogResetError` for a
-    recreated change table and :class:`ReprocessError` when the change table no longer holds
-    what the ledger loaded; in both cases nothing is changed.
+    end)`` every change of ``keys`` below ``end`` (``head_end``: the ledger's end). Raises
+    :class:`ReprocessError` when the change table no longer holds what the ledger loaded, or
+    a batch of another partition lies inside; the transaction then changes nothing.
     """
     meta = sql.Identifier(schemas.meta)
-    source = str(spec.change_table)
-    with conn.transaction():
-        head = lock_head(conn, schemas, spec.asset, source, 0)
-        if head is None:
-            return None
-        check_continuity(spec.asset, source, 0, head, None, epoch, positions=TRANSACTIONS)
-        batches = conn.execute(
-            sql.SQL(
-                "SELECT start_position, end_position, received, watermark FROM {}.batch_ledger "
-                "WHERE asset = %s AND source = %s AND shard = 0 AND partition_key = %s "
-                "ORDER BY start_position"
-            ).format(meta),
-            (spec.asset, source, window),
-        ).fetchall()
-        if not batches:
-            return None
-        result = CaptureWindowReplacement(start=batches[0][0], end=batches[-1][1])
+    source, window = record.source, record.partition_key
+    start, end = record.start, record.end
 
-        def refuse(detail: str) -> ReprocessError:
-            return ReprocessError(
-                spec.asset,
-                source,
-                0,
-                window,
-                result.start,
-                result.end,
-                detail,
-                positions=TRANSACTIONS.name,
-            )
+    def refuse(detail: str) -> ReprocessError:
+        return ReprocessError(
+            spec.asset, source, 0, window or "?", start, end, detail, positions=TRANSACTIONS.name
+        )
 
-        foreign = conn.execute(
-            sql.SQL(
-                "SELECT start_position, end_position, partition_key FROM {}.batch_ledger "
-                "WHERE asset = %s AND source = %s AND shard = 0 AND start_position >= %s "
-                "AND start_position < %s AND partition_key IS DISTINCT FROM %s LIMIT 1"
-            ).format(meta),
-            (spec.asset, source, result.start, result.end, window),
-        ).fetchone()
-        if foreign is not None:
-            raise refuse(
-                f"ledger batch [{foreign[0]}, {foreign[1]}) of partition {foreign[2] or '(none)'} "
-                "lies inside it: replay the asset from the beginning."
-            )
-        changes = read(result.start, result.end)
-        expected = sum(int(b[2]) for b in batches)
-        if len(changes) != expected:
-            raise refuse(
-                f"the change table holds {len(changes)} changes of these transactions, the ledger "
-                f"loaded {expected}: changes were purged or rewritten and cannot be read again."
-            )
-        validated = validate_changes(spec, changes)
-        stage = stage_frame(
-            conn, f"stage_{spec.name}", None, validated.rows, columns_ddl=stage_ddl(spec)
+    batches = conn.execute(
+        sql.SQL(
+            "SELECT start_position, end_position, received, watermark FROM {}.batch_ledger "
+            "WHERE asset = %s AND source = %s AND shard = 0 AND partition_key = %s "
+            "ORDER BY start_position"
+        ).format(meta),
+        (spec.asset, source, window),
+    ).fetchall()
+    result = CaptureWindowReload()
+    foreign = conn.execute(
+        sql.SQL(
+            "SELECT start_position, end_position, partition_key FROM {}.batch_ledger "
+            "WHERE asset = %s AND source = %s AND shard = 0 AND start_position >= %s "
+            "AND start_position < %s AND partition_key IS DISTINCT FROM %s LIMIT 1"
+        ).format(meta),
+        (spec.asset, source, start, end, window),
+    ).fetchone()
+    if foreign is not None:
+        raise refuse(
+            f"ledger batch [{foreign[0]}, {foreign[1]}) of partition {foreign[2] or '(none)'} "
+            "lies inside it: replay the asset from the beginning."
         )
-        keys = _touched_keys(conn, schemas, spec, stage, result.start, result.end)
-        change_ids = [int(c) for c in changes["change_id"]]
-        conn.execute(
-            sql.SQL(
-                "DELETE FROM {}.dead_letter WHERE asset = %s AND source = %s AND shard = 0 "
-                "AND position = ANY(%s)"
-            ).format(meta),
-            (spec.asset, source, change_ids),
+    changes = read(start, end)
+    expected = sum(int(b[2]) for b in batches)
+    if len(changes) != expected:
+        raise refuse(
+            f"the change table holds {len(changes)} changes of these transactions, the ledger "
+            f"loaded {expected}: changes were purged or rewritten and cannot be read again."
         )
-        conn.execute(
-            sql.SQL(
-                "DELETE FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = 0 "
-                "AND partition_key = %s"
-            ).format(meta),
-            (spec.asset, source, window),
-        )
-        conn.execute(sql.SQL("DROP TABLE {}").format(stage))
-        # Every touched key is rebuilt from its whole history (less the changes dead-lettered
-        # by other partitions' batches), the changes the target refuses isolated.
-        known = without_dead_letters(
-            conn, schemas, spec, history(keys, head.end) if keys else changes.iloc[0:0]
-        )
-        rebuilt = validate_changes(spec, known).rows
-        result.removed_rows = delete_keys(conn, schemas, spec, keys)
+    validated = validate_changes(spec, changes)
+    stage = stage_frame(
+        conn, f"stage_{spec.name}", None, validated.rows, columns_ddl=stage_ddl(spec)
+    )
+    keys = _touched_keys(conn, schemas, spec, stage, start, end)
+    change_ids = [int(c) for c in changes["change_id"]]
+    conn.execute(
+        sql.SQL(
+            "DELETE FROM {}.dead_letter WHERE asset = %s AND source = %s AND shard = 0 "
+            "AND position = ANY(%s)"
+        ).format(meta),
+        (spec.asset, source, change_ids),
+    )
+    conn.execute(
+        sql.SQL(
+            "DELETE FROM {}.batch_ledger WHERE asset = %s AND source = %s AND shard = 0 "
+            "AND partition_key = %s"
+        ).format(meta),
+        (spec.asset, source, window),
+    )
+    conn.execute(sql.SQL("DROP TABLE {}").format(stage))
+    # Every touched key is rebuilt from its whole history (less the changes dead-lettered
+    # by other partitions' batches), the changes the target refuses isolated.
+    known = without_dead_letters(
+        conn, schemas, spec, history(keys, head_end) if keys else changes.iloc[0:0]
+    )
+    rebuilt = validate_changes(spec, known).rows
+    result.removed_rows = delete_keys(conn, schemas, spec, keys)
 
-        def write(rows: pd.DataFrame) -> None:
-            staged = stage_frame(
-                conn, f"stage_{spec.name}", None, rows, columns_ddl=stage_ddl(spec)
-            )
-            if not rows.empty:
-                merge(conn, schemas, spec, staged)
-            conn.execute(sql.SQL("DROP TABLE {}").format(staged))
+    def write(rows: pd.DataFrame) -> None:
+        staged = stage_frame(conn, f"stage_{spec.name}", None, rows, columns_ddl=stage_ddl(spec))
+        if not rows.empty:
+            merge(conn, schemas, spec, staged)
+        conn.execute(sql.SQL("DROP TABLE {}").format(staged))
 
-        isolated = write_rows_isolated(conn, rebuilt, "source_change_id", write)
-        elsewhere = sorted(set(isolated.refused) - set(change_ids))
-        if elsewhere:
-            raise refuse(
-                f"the target now refuses changes of other partitions (change ids "
-                f"{', '.join(map(str, elsewhere[:5]))}): reprocess those partitions, or replay "
-                "the asset from the beginning."
-            )
-        refusals = changes[changes["change_id"].isin(list(isolated.refused))]
-        dead = pd.concat(
-            [
-                validated.dead_letters,
-                change_dead_letters(
-                    refusals, [isolated.refused[int(c)] for c in refusals["change_id"]]
-                ),
-            ],
-            ignore_index=True,
+    isolated = write_rows_isolated(conn, rebuilt, "source_change_id", write)
+    elsewhere = sorted(set(isolated.refused) - set(change_ids))
+    if elsewhere:
+        raise refuse(
+            f"the target now refuses changes of other partitions (change ids "
+            f"{', '.join(map(str, elsewhere[:5]))}): reprocess those partitions, or replay "
+            "the asset from the beginning."
         )
-        record = BatchRecord(
-            spec.asset,
-            source,
-            0,
-            epoch,
-            result.start,
-            result.end,
-            run_id,
-            window,
-            watermark=batches[-1][3],
-        )
-        counts = BatchCounts(
-            received=len(changes),
-            loaded=int(validated.rows["source_change_id"].nunique()) - len(isolated.refused),
-            dead_lettered=write_dead_letters(conn, schemas, record, dead),
-        )
-        insert_ledger_row(conn, schemas, record, counts)
-        conn.execute(
-            sql.SQL(
-                "UPDATE {meta}.ledger_head SET updated_at = clock_timestamp(), batches = "
-                "(SELECT count(*) FROM {meta}.batch_ledger WHERE asset = %s AND source = %s "
-                "AND shard = 0) WHERE asset = %s AND source = %s AND shard = 0"
-            ).format(meta=meta),
-            (spec.asset, source, spec.asset, source),
-        )
-        result.received, result.loaded, result.dead_lettered, result.probes = (
-            counts.received,
-            counts.loaded,
-            counts.dead_lettered,
-            isolated.probes,
-        )
+    refusals = changes[changes["change_id"].isin(list(isolated.refused))]
+    dead = pd.concat(
+        [
+            validated.dead_letters,
+            change_dead_letters(
+                refusals, [isolated.refused[int(c)] for c in refusals["change_id"]]
+            ),
+        ],
+        ignore_index=True,
+    )
+    record = replace(record, watermark=batches[-1][3])
+    counts = BatchCounts(
+        received=len(changes),
+        loaded=int(validated.rows["source_change_id"].nunique()) - len(isolated.refused),
+        dead_lettered=write_dead_letters(conn, schemas, record, dead),
+    )
+    insert_ledger_row(conn, schemas, record, counts)
+    result.received, result.loaded, result.dead_lettered, result.probes = (
+        counts.received,
+        counts.loaded,
+        counts.dead_lettered,
+        isolated.probes,
+    )
     return result
 
 

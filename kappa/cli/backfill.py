@@ -42,7 +42,7 @@ def backfill(
     if last.start < first.start:
         raise KappaError(f"--to {last.key} is before --from {first.key}")
     keys = [w.key for w in windows.span(first.key, last.key)]
-    selection = [asset, *(step.side_tables if step is not None else ())]
+    selection = [asset, *(t.name for t in (step.side_tables if step is not None else ()))]
     server = url or f"http://127.0.0.1:{settings.ui_port}"
     backfill_id = launch_backfill(
         server, selection, keys, title=f"reprocess {asset} {keys[0]} .. {keys[-1]}"
@@ -64,7 +64,10 @@ def replay(
     """Reload ``asset`` from the beginning of its log, or from ``since`` (topics only)."""
     topics = {spec.asset: spec for spec, _ in topic_ingests(settings)}
     tables = {
-        spec.asset: (spec.contract.table, spec.step.side_tables if spec.step else ())
+        spec.asset: (
+            spec.contract.table,
+            tuple(t.name for t in spec.step.side_tables) if spec.step else (),
+        )
         for spec in topics.values()
     }
     tables.update({spec.asset: (spec.target, ()) for spec in load_captures(settings.catalog)})

@@ -1,13 +1,14 @@
-"""Replacing one time partition of a topic asset in one shard (a backfill, or a heal of its tail),
-in one transaction, checked before anything is deleted.
+"""Replacing one time partition of an asset in one shard of any source (a backfill, or a heal of
+its tail): the ledger's part, in one transaction, checked before anything is deleted. What the
+asset's rows are and how they are re-derived is the source kind's
+(:class:`kappa.ingest.reprocess.WindowLoader`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
@@ -16,24 +17,25 @@ from kappa.edw.checkpoints import state_digest_at, write_checkpoint
 from kappa.edw.ledger import (
     lock_head,
 )
-from kappa.edw.replay import delete_positions
 from kappa.edw.types import BatchRecord, Schemas
 from kappa.exceptions import (
     LogResetError,
     ReprocessError,
 )
 
-if TYPE_CHECKING:
-    pass
-
 
 @dataclass
 class WindowReplacement:
     """What :func:`replace_window` did to one shard."""
 
+    #: Rows the kind's loader removed (it deletes what the asset held of the window).
     removed_rows: int = 0
-    removed_batches: int = 0
     new_end: int = 0
+    #: The ledger's end of the shard when the replacement began.
+    head_end: int = 0
+    #: Where what the asset holds of the replaced positions ends: ``[record.start, held_end)``
+    #: is what the ledger loaded of them (the rest, up to ``record.end``, is new).
+    held_end: int = 0
     #: The next partition whose starting state changed (it and those after it are stale).
     stale_from: str | None = None
 
@@ -43,11 +45,10 @@ def replace_window(
     conn: psycopg.Connection,
     schemas: Schemas,
     *,
-    table: str,
     record: BatchRecord,
     log_start: int,
     stateful: bool,
-    side_tables: Sequence[str] = (),
+    checkpoints: bool = True,
     partition_start: int | None = None,
 ) -> Iterator[WindowReplacement]:
     """Replace what ``record.asset`` holds of one time partition in one shard, in one
@@ -56,12 +57,15 @@ def replace_window(
     ledger batch of it ends) is replaced: what precedes stays, the state is restored from
     the versions that batch wrote, and the checkpoint at the partition's start stays.
 
-    Checks first, deletes nothing unless all pass: the ledger reaches the partition's start
-    (its predecessor is loaded) or the partition is the shard's first; no ledger batch
-    straddles a boundary; for a stateful asset the state checkpoint at the start exists.
-    Then the partition's rows, side rows, dead letters, ledger batches and state versions
-    go, the body reloads them (ledger rows included), and on the way out the head, the
-    checkpoint at the start and the staleness of the next partition are brought up to date.
+    Checks first, under the shard's ledger head lock, and lets the body run only if all
+    pass: the ledger was written for this source (``record.epoch``); the ledger reaches the
+    partition's start (its predecessor is loaded) or the partition is the shard's first; no
+    ledger batch straddles a boundary; for a stateful asset the state checkpoint at the start
+    exists. The body then deletes what the asset holds of positions
+    ``[record.start, held_end)`` (rows, side rows, dead letters, ledger batches, state
+    versions) and reloads them, ledger rows included; on the way out the head is brought up
+    to date and, with ``checkpoints`` (a kind whose steps keep state), the checkpoint at the
+    start and the staleness of the next partition.
     """
     meta = sql.Identifier(schemas.meta)
     asset, source, shard = record.asset, record.source, record.shard
@@ -162,11 +166,9 @@ def replace_window(
                 ).format(meta),
                 (asset, source, shard, record.epoch, start),
             )
-        result.removed_rows, result.removed_batches = delete_positions(
-            conn, schemas, table, asset, source, shard, start, cut, side_tables
-        )
-        yield result
         old_end = head.end if head is not None else start
+        result.head_end, result.held_end = old_end, cut
+        yield result
         result.new_end = max(old_end, end)
         conn.execute(
             sql.SQL(
@@ -177,6 +179,8 @@ def replace_window(
             ).format(meta=meta),
             (result.new_end, end >= old_end, window, asset, source, shard, asset, source, shard),
         )
+        if not checkpoints:
+            return
         if end > start and not partial:
             write_checkpoint(conn, schemas, record, start)
         if end < old_end:
@@ -227,3 +231,26 @@ def _mark_next_stale(conn: psycopg.Connection, schemas: Schemas, record: BatchRe
         ),
     )
     return str(following[0])
+
+
+def ledger_span(
+    conn: psycopg.Connection, schemas: Schemas, asset: str, source: str, shard: int, window: str
+) -> tuple[int, int]:
+    """The positions ``[start, end)`` the ledger's batches of time partition ``window`` cover
+    in one shard, read under the shard's head lock (a live batch may be extending the
+    partition); ``(0, 0)`` when the ledger holds no batch of it.
+
+    This is where a window lies in a source whose records carry no time it can search (a
+    change table: a window is the visibility times the ledger recorded).
+    """
+    lock_head(conn, schemas, asset, source, shard)
+    row = conn.execute(
+        sql.SQL(
+            "SELECT min(start_position), max(end_position) FROM {}.batch_ledger "
+            "WHERE asset = %s AND source = %s AND shard = %s AND partition_key = %s"
+        ).format(sql.Identifier(schemas.meta)),
+        (asset, source, shard, window),
+    ).fetchone()
+    if row is None or row[0] is None:
+        return 0, 0
+    return int(row[0]), int(row[1])

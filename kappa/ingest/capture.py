@@ -4,7 +4,8 @@ change table applied to its target, exactly once, with the ledger.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import replace
 from datetime import datetime
 
@@ -12,13 +13,15 @@ import psycopg
 
 from kappa.catalog.captures import CaptureSpec
 from kappa.changes.merge import apply_changes
-from kappa.changes.replace import replace_capture_window
+from kappa.changes.replace import reload_capture_window
 from kappa.edw.types import BatchRecord, LedgerHead, Schemas
+from kappa.edw.window import WindowReplacement
 from kappa.exceptions import BatchSupersededError
 from kappa.ingest.batch import run_source_batch
 from kappa.ingest.outcome import BatchOutcome, WindowOutcome
 from kappa.partitions import parse_key
 from kappa.sources import pg_capture
+from kappa.sources.base import Source
 
 
 def run_capture_batch(
@@ -131,48 +134,51 @@ class ChangeLoader:
         )
 
 
-def reprocess_capture_window(
-    oltp: psycopg.Connection,
-    edw: psycopg.Connection,
-    schemas: Schemas,
-    spec: CaptureSpec,
-    window: str,
-    *,
-    run_id: str,
-) -> WindowOutcome:
-    """Replace time partition ``window`` of a captured table, in one transaction: the
-    transactions its ledger batches cover are read again from the change table and every key
-    they touched is rebuilt (see :func:`kappa.changes.replace.replace_capture_window`)."""
-    started = time.monotonic()
-    source = str(spec.change_table)
-    epoch = pg_capture.source_epoch(oltp, spec)
-    replaced = replace_capture_window(
-        edw,
-        schemas,
-        spec,
-        epoch=epoch,
-        window=window,
-        run_id=run_id,
-        read=lambda start, end: pg_capture.read_changes(oltp, spec, start, end),
-        history=lambda keys, end: pg_capture.read_key_history(oltp, spec, keys, end),
-    )
-    if replaced is None:
-        return WindowOutcome(
-            spec.asset, source, window, 0, 0, 0, "empty", seconds=time.monotonic() - started
+class ChangeWindowLoader:
+    """A change table's part of reprocessing a time partition (see
+    :func:`kappa.ingest.reprocess.reprocess_window`): the transactions its ledger batches
+    cover are read again and every key they touched is rebuilt (see
+    :func:`kappa.changes.replace.reload_capture_window`)."""
+
+    stateful = False
+    checkpoints = False
+
+    def __init__(
+        self,
+        source: pg_capture.ChangeTable,
+        edw: psycopg.Connection,
+        schemas: Schemas,
+        spec: CaptureSpec,
+    ) -> None:
+        self.source = source
+        self.edw = edw
+        self.schemas = schemas
+        self.spec = spec
+
+    def begin(
+        self,
+        plan: Mapping[int, tuple[int, int]],
+        stack: ExitStack,
+        read_ahead: Source | None,
+    ) -> None:
+        return None
+
+    def reload(
+        self, record: BatchRecord, replaced: WindowReplacement, outcome: WindowOutcome
+    ) -> None:
+        oltp, spec = self.source.conn, self.spec
+        done = reload_capture_window(
+            self.edw,
+            self.schemas,
+            spec,
+            record,
+            head_end=replaced.head_end,
+            read=lambda start, end: self.source.read(0, start, end),
+            history=lambda keys, end: pg_capture.read_key_history(oltp, spec, keys, end),
         )
-    return WindowOutcome(
-        spec.asset,
-        source,
-        window,
-        0,
-        replaced.start,
-        replaced.end,
-        "replaced",
-        received=replaced.received,
-        loaded=replaced.loaded,
-        dead_lettered=replaced.dead_lettered,
-        removed_rows=replaced.removed_rows,
-        batches=1,
-        seconds=time.monotonic() - started,
-        probes=replaced.probes,
-    )
+        replaced.removed_rows = done.removed_rows
+        outcome.received += done.received
+        outcome.loaded += done.loaded
+        outcome.dead_lettered += done.dead_lettered
+        outcome.probes += done.probes
+        outcome.batches += 1

@@ -1,6 +1,27 @@
 """What every source hands the engine, whatever it is read from: positions, bounds, raw records,
 the :class:`Source` protocol a kind of source implements, and the continuity rule every kind obeys.
 
+Adding a kind of source (a MariaDB binlog, say) is three small pieces, none of them in the
+engine's shared code:
+
+1. a :class:`Source`: its ledger name, how its positions are named (a :class:`Positions`),
+   its shards, epoch, bounds, ``read`` of a position range and the counts reconciliation
+   and lag need; and :class:`TimeIndexed` ``locate`` if its records carry times it can
+   search (then a time partition is positions by those times; otherwise the positions the
+   ledger's batches of the partition cover, i.e. arrival as the ledger recorded it);
+2. a batch loader (:class:`kappa.ingest.batch.Loader`: admit, ready end, lag, and ``load``,
+   which reads, transforms and writes one planned range with its ledger row);
+3. a window loader (:class:`kappa.ingest.reprocess.WindowLoader`: ``reload`` of one shard's
+   positions of a time partition, inside the replacement's transaction).
+
+The engine gives each kind, unchanged: the ledger (heads, batches, gap and overlap checks),
+:func:`check_continuity` (recreated, reset or expired logs stop with a message in the kind's
+own words), the trimming of a requested range to the ledger and the exactly-once record
+(:func:`kappa.ingest.batch.run_source_batch`), the one-transaction replacement of a time
+partition with its refusals, head, checkpoints and staleness
+(:func:`kappa.ingest.reprocess.reprocess_window`, :func:`kappa.edw.window.replace_window`),
+and reconciliation (:func:`kappa.reconcile.reconcile_source`).
+
 No client library here (neither kafka-python nor psycopg), so decoding and the steps can be
 imported and tested without either.
 """
@@ -75,6 +96,13 @@ class Source(Protocol):
 
     The ledger is keyed by (asset, ``name``, shard) and remembers ``epoch()``: a source whose
     epoch changed is another log, whatever its positions say.
+
+    What the engine relies on: positions are integers that only grow along a shard, and a
+    range ``[start, end)`` below the shard's ``bounds().end`` reads the same records every
+    time it is read while ``bounds().start <= start`` (a ``bounded`` kind) or always (a kind
+    that keeps everything). A batch never splits what the kind must apply whole (the batch
+    loader's ``ready_end`` says where a batch may end). Shards load in parallel, each in
+    position order; ``read``'s result is whatever the kind's loaders take.
     """
 
     #: The ledger's name of the source (a topic, a change table).

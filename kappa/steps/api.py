@@ -4,7 +4,7 @@ complete change capture is for each row."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -31,49 +31,53 @@ class StepOutput:
     side_tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-class SideTable(str):
+@dataclass(frozen=True, init=False)
+class SideTable:
     """A table a step writes besides its fact, in the same transaction.
 
-    It is a ``str`` (its name) because everything that deletes or selects side tables
-    (replay, partition replacement, asset selections) needs only the name. The engine
-    creates it as ``event_id uuid`` + ``columns`` + the source coordinates
+    The engine creates it as ``event_id uuid`` + ``columns`` + the source coordinates
     (:data:`SIDE_TABLE_ENGINE_COLUMNS`), every column NOT NULL but those in ``nullable``,
-    primary key ``(event_id, *key)``, and shows it in the lineage as an asset written by the
-    fact.
+    primary key ``(event_id, *key)``, and shows it in the lineage as an asset (named
+    ``name``) written by the fact. Replay, partition replacement and asset selections use
+    its ``name``.
     """
 
+    name: str
     columns: tuple[tuple[str, str], ...]
     key: tuple[str, ...]
     nullable: frozenset[str]
     description: str
 
-    def __new__(
-        cls,
+    def __init__(
+        self,
         name: str,
-        columns: tuple[tuple[str, str], ...],
+        columns: Iterable[tuple[str, str]],
         *,
-        key: tuple[str, ...] = (),
-        nullable: tuple[str, ...] = (),
+        key: Iterable[str] = (),
+        nullable: Iterable[str] = (),
         description: str = "",
-    ) -> SideTable:
-        table = super().__new__(cls, name)
-        table.columns = tuple((str(c), str(t)) for c, t in columns)
-        table.key = tuple(key)
-        table.nullable = frozenset(nullable)
-        table.description = description
-        names = [c for c, _ in table.columns]
+    ) -> None:
+        # Normalised, so equal declarations compare equal whatever sequences they came as.
+        values = {
+            "name": str(name),
+            "columns": tuple((str(c), str(t)) for c, t in columns),
+            "key": tuple(key),
+            "nullable": frozenset(nullable),
+            "description": description,
+        }
+        for attribute, value in values.items():
+            object.__setattr__(self, attribute, value)
+        names = [c for c, _ in self.columns]
         reserved = {"event_id", *(c for c, _ in SIDE_TABLE_ENGINE_COLUMNS)}
         clash = sorted(reserved & set(names))
         if clash:
             raise ValueError(f"side table {name}: {', '.join(clash)} are the engine's columns")
-        unknown = [k for k in table.key if k not in names]
+        unknown = [k for k in self.key if k not in names]
         if unknown:
             raise ValueError(f"side table {name}: key {', '.join(unknown)} is not a column")
-        return table
 
-    @property
-    def name(self) -> str:
-        return str(self)
+    def __str__(self) -> str:
+        return self.name
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from kappa.catalog.captures import load_captures
 from kappa.edw.connection import connect
 from kappa.edw.types import Schemas
 from kappa.exceptions import BatchSupersededError, LogResetError, ReprocessError
-from kappa.ingest.capture import reprocess_capture_window, run_capture_batch
+from kappa.ingest.capture import ChangeWindowLoader, run_capture_batch
+from kappa.ingest.reprocess import reprocess_window
 from kappa.partitions import TimeWindows
 from kappa.reconcile import compare_capture_with_log, reconcile_capture
 from kappa.settings import REPO_ROOT
@@ -74,7 +75,17 @@ def load(url: str, window: str, *, max_changes: int = 7) -> int:
 def reprocess(url: str, window: str, *, asset: str = "dim_customer"):
     spec = next(s for s in SPECS.values() if s.asset == asset)
     with connect(url) as oltp, connect(url) as edw:
-        return reprocess_capture_window(oltp, edw, SCHEMAS, spec, window, run_id=f"re-{window}")
+        source = pg_capture.ChangeTable(oltp, spec)
+        (outcome,) = reprocess_window(
+            source,
+            edw,
+            SCHEMAS,
+            spec.asset,
+            WINDOWS.window(window),
+            ChangeWindowLoader(source, edw, SCHEMAS, spec),
+            run_id=f"re-{window}",
+        )
+        return outcome
 
 
 def write(url: str, *statements: str) -> None:

@@ -18,8 +18,9 @@ from kappa.dagster.sensors.heal import HEAL_KEY_TAG, HEAL_TAG
 from kappa.dagster.sensors.micro_batch import ASSET_TAG, PARTITIONS_TAG
 from kappa.edw.connection import connect
 from kappa.ingest.reprocess import reprocess_window
+from kappa.ingest.topic_window import EventWindowLoader
 from kappa.run import FactServices
-from kappa.sources.topic import EventStore
+from kappa.sources.topic import EventStore, TopicPartitions
 from kappa.steps import WaitBudget
 from kappa.steps.warehouse import WarehouseLookups
 from tests.integration.harness import Pipeline
@@ -244,17 +245,24 @@ def test_a_backfill_waits_for_change_capture_once_per_window_not_per_chunk_and_s
                     lookups=spec.step.lookups,
                 )
                 windows = pipeline.settings.windows
+                source = TopicPartitions(store, spec.topic)
                 outcomes = reprocess_window(
-                    store,
+                    source,
                     conn,
                     pipeline.schemas,
-                    spec,
-                    windows,
+                    spec.asset,
                     windows.at(at),
+                    EventWindowLoader(
+                        source,
+                        conn,
+                        pipeline.schemas,
+                        spec,
+                        max_batch=10,
+                        dimensions=dims,
+                        budget=WaitBudget(10.0, clock=lambda: now[0], sleep=sleep),
+                    ),
                     run_id="test-backfill",
-                    max_batch=10,
-                    dimensions=dims,
-                    budget=WaitBudget(10.0, clock=lambda: now[0], sleep=sleep),
+                    is_first=windows.is_first(windows.at(at)),
                 )
         finally:
             store.close()

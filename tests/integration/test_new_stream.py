@@ -6,11 +6,8 @@ PostgreSQL, each valid event exactly once, every malformed message a dead letter
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from functools import partial
 from pathlib import Path
 
 import orjson
@@ -26,7 +23,6 @@ from kappa.ingest.plan import OffsetRange, TopicIngest
 from kappa.run import Connections, FactServices, plan_runs, run_micro_batches
 from kappa.settings import Settings
 from kappa.sources.base import LogBounds
-from kappa.sources.topic import EventStore
 from kappa.state import StateCache
 from kappa.state.postgres import PostgresStateBackend
 
@@ -80,23 +76,9 @@ def reading(n: int, **payload_overrides) -> dict:
     }
 
 
-def _connections(settings: Settings) -> Connections:
-    @contextmanager
-    def event_store() -> Iterator[EventStore]:
-        with EventStore(settings.resolved_bootstrap_servers, timeout_s=10) as store:
-            yield store
-
-    return Connections(
-        schemas=Schemas(settings.edw_schema, settings.meta_schema),
-        event_store=event_store,
-        edw=partial(connect, settings.resolved_edw_url),
-        oltp=partial(connect, settings.resolved_oltp_url, setting="KAPPA_OLTP_URL"),
-    )
-
-
 def _run_all(settings: Settings, spec: TopicIngest, run: str) -> int:
     """Plan as the sensor does and run every planned micro-batch run; returns the runs."""
-    clients = _connections(settings)
+    clients = Connections.from_settings(settings)
     services = FactServices(max_wait_s=0, reprocess_wait_s=0)
     with clients.event_store() as store, clients.edw() as conn:
         bounds = store.log_bounds(spec.topic, store.partitions(spec.topic))
@@ -185,7 +167,7 @@ def test_a_stream_declared_in_the_catalogue_loads_exactly_once_with_its_dead_let
     ticks = [_run_all(settings, spec, f"tick{i}") for i in range(20)]
     assert ticks[0] >= 1 and ticks[-1] == 0, ticks
     # A run of ranges already loaded (a retried or duplicated run) commits nothing.
-    clients = _connections(settings)
+    clients = Connections.from_settings(settings)
     with clients.event_store() as store:
         bounds = store.log_bounds(topic, store.partitions(topic))
     replay = run_micro_batches(

@@ -30,7 +30,6 @@ import psutil
 import psycopg
 import pytest
 from kafka import KafkaProducer
-from psycopg import sql
 
 from kappa.catalog.streams import load_streams
 from kappa.edw.connection import connect
@@ -38,7 +37,7 @@ from kappa.edw.schema import ensure_schema
 from kappa.edw.types import Schemas
 from kappa.local.dagster_instance import dagster_environment, write_dagster_yaml
 from kappa.settings import REPO_ROOT, Settings
-from tests.conftest import _url_with_database
+from tests.conftest import fresh_database
 
 pytestmark = pytest.mark.integration
 
@@ -186,17 +185,8 @@ def produce(bootstrap: str, topic: str) -> tuple[dict[str, int | None], set[str]
 @pytest.fixture
 def dagster_database_url(pg_server_url: str) -> Iterator[str]:
     """A database of its own for the Dagster instance, dropped after the test."""
-    name = f"kappa_dagster_{uuid.uuid4().hex[:12]}"
-    admin_url = _url_with_database(pg_server_url, "postgres")
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield _url_with_database(pg_server_url, name)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    with fresh_database(pg_server_url, "kappa_dagster") as url:
+        yield url
 
 
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:

@@ -75,6 +75,72 @@ def test_a_bad_step_config_names_the_file_the_stream_and_the_key(
     assert f"config key {key}" in message and fragment in message, message
 
 
+def test_a_step_config_the_step_refuses_fails_when_the_catalogue_loads(tmp_path: Path):
+    # Not at the first batch: loading the catalogue (as the settings and the definitions do)
+    # already builds the step with its config.
+    path = payment_catalog(tmp_path, "    config: {velocity_max: 'three', amount_z: 2.5}")
+    with pytest.raises(ConfigurationError) as caught:
+        load_streams(path, {})
+    message = str(caught.value)
+    assert f"{path}: stream fact_payment, config key velocity_max" in message, message
+    assert "got 'three'" in message, message
+
+
+class Threshold:
+    """A step configured by its constructor's keyword arguments (no from_catalog)."""
+
+    derived_columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+    side_tables: ClassVar[tuple[SideTable, ...]] = ()
+    lookups: ClassVar[tuple[Lookup, ...]] = ()
+
+    def __init__(self, limit: int = 3, ratio: float | None = None, label: str = "x") -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self.limit, self.ratio, self.label = limit, ratio, label
+
+    def apply(self, context: StepContext, rows: pd.DataFrame) -> StepOutput:
+        return StepOutput(rows)
+
+
+def threshold_catalog(tmp_path: Path, config: str) -> Path:
+    text = SHOP.read_text().replace(
+        "step: examples.shop.steps:OrderEnrichment",
+        f"step: tests.unit.test_steps:Threshold\n    config: {config}",
+    )
+    path = tmp_path / "catalog.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ("{limit: '3'}", "config key limit: expected int, got '3'"),
+        ("{limit: true}", "config key limit: expected int, got True"),
+        ("{ratio: fast}", "config key ratio: expected float or null, got 'fast'"),
+        ("{label: 7}", "config key label: expected str, got 7"),
+        ("{limits: 3}", "field config: tests.unit.test_steps:Threshold does not take this config"),
+        ("{limit: 0}", "Threshold refuses this config: limit must be at least 1, got 0"),
+    ],
+)
+def test_a_constructor_configured_step_is_checked_at_load_naming_the_file_stream_and_key(
+    tmp_path: Path, config: str, fragment: str
+):
+    path = threshold_catalog(tmp_path, config)
+    with pytest.raises(ConfigurationError) as caught:
+        load_streams(path, {})
+    message = str(caught.value)
+    assert f"{path}: stream fact_order" in message and fragment in message, message
+
+
+def test_a_constructor_configured_step_gets_the_values_given(tmp_path: Path):
+    path = threshold_catalog(tmp_path, "{limit: 5, ratio: 2}")
+    contract = next(c for c in load_streams(path, {}) if c.name == "fact_order")
+    step = build_step(contract)
+    assert isinstance(step, Threshold)
+    assert (step.limit, step.ratio, step.label) == (5, 2, "x")
+
+
 def test_a_lookup_of_a_target_nobody_captures_is_refused_naming_the_stream(tmp_path: Path):
     text = SHOP.read_text().replace("target: fact_call_center_call", "target: call_log")
     path = tmp_path / "catalog.yaml"
@@ -83,6 +149,18 @@ def test_a_lookup_of_a_target_nobody_captures_is_refused_naming_the_stream(tmp_p
         payment_step(path)
     message = str(caught.value)
     assert "stream fact_payment" in message and "fact_call_center_call in mode current" in message
+
+
+def test_a_side_table_is_a_frozen_value_named_by_its_name():
+    table = SideTable("alerts", [("rule", "text"), ("score", "integer")], nullable=["score"])
+    assert not isinstance(table, str) and str(table) == table.name == "alerts"
+    assert table.columns == (("rule", "text"), ("score", "integer"))
+    assert table.nullable == frozenset({"score"})
+    same = SideTable("alerts", (("rule", "text"), ("score", "integer")), nullable=("score",))
+    assert table == same and hash(table) == hash(same)
+    assert table != SideTable("alerts", (("rule", "text"),))
+    with pytest.raises(AttributeError):
+        table.name = "other"  # type: ignore[misc]
 
 
 def test_a_side_table_may_not_redeclare_the_engines_columns():

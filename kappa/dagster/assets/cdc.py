@@ -16,8 +16,9 @@ from kappa.dagster.assets.recent_batches import recent_batches_metadata
 from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.exceptions import BatchSupersededError, KappaError
-from kappa.ingest.capture import reprocess_capture_window, run_capture_batch
+from kappa.ingest.capture import ChangeWindowLoader, run_capture_batch
 from kappa.ingest.outcome import WindowOutcome
+from kappa.ingest.reprocess import reprocess_window
 from kappa.partitions import TimeWindows
 from kappa.reconcile import compare_capture_with_log, reconcile_capture
 from kappa.sources import pg_capture
@@ -63,7 +64,8 @@ def build_capture_asset(
 
     A run with an ``end`` (from the sensor) applies the next committed changes to the open
     partition. A run without (a backfill or a materialisation launched in the UI) replaces
-    each of its partitions, oldest first: see :func:`kappa.ingest.capture.reprocess_capture_window`.
+    each of its partitions, oldest first: see :func:`kappa.ingest.reprocess.reprocess_window`
+    and :class:`kappa.ingest.capture.ChangeWindowLoader`.
     """
     kind = (
         "SCD type 2 dimension (every version, valid_from/valid_to)"
@@ -141,10 +143,17 @@ def build_capture_asset(
         keys = list(context.partition_keys)
         outcomes: list[WindowOutcome] = []
         with oltp.connect() as source, warehouse.connect() as edw:
+            changes = pg_capture.ChangeTable(source, spec)
             for key in keys:
                 try:
-                    outcome = reprocess_capture_window(
-                        source, edw, warehouse.schemas, spec, key, run_id=context.run.run_id
+                    (outcome,) = reprocess_window(
+                        changes,
+                        edw,
+                        warehouse.schemas,
+                        spec.asset,
+                        windows.window(key),
+                        ChangeWindowLoader(changes, edw, warehouse.schemas, spec),
+                        run_id=context.run.run_id,
                     )
                 except KappaError as exc:
                     context.log.error(str(exc))
