@@ -1,23 +1,22 @@
-"""Micro-batches and partition replacements of tables captured from a MariaDB binlog: a range of
-GTID sequence numbers applied to the target exactly once, with the ledger, through the same
-batch function, merge and partition replacement as PostgreSQL change tables.
+"""Micro-batches of tables captured from a MariaDB binlog: a range of GTID sequence numbers
+applied to the target exactly once, with the ledger, through the same batch function and merge
+as PostgreSQL change tables. A time partition is reprocessed like theirs:
+:func:`kappa.ingest.reprocess.reprocess_window` with
+:class:`kappa.ingest.capture.ChangeWindowLoader` over the :class:`BinlogTable`.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from datetime import datetime
 
 import psycopg
 
-from kappa.catalog.captures import CaptureSpec
 from kappa.changes.merge import apply_changes
-from kappa.changes.replace import replace_capture_window
 from kappa.edw.types import BatchRecord, LedgerHead, Schemas
 from kappa.exceptions import BatchSupersededError
 from kappa.ingest.batch import run_source_batch
-from kappa.ingest.outcome import BatchOutcome, WindowOutcome
+from kappa.ingest.outcome import BatchOutcome
 from kappa.partitions import parse_key
 from kappa.sources.mariadb_binlog import BinlogTable
 
@@ -123,50 +122,3 @@ class BinlogLoader:
             lag_after=max(0, written - end),
             probes=probes,
         )
-
-
-def reprocess_binlog_window(
-    source: BinlogTable,
-    edw: psycopg.Connection,
-    schemas: Schemas,
-    window: str,
-    *,
-    run_id: str,
-) -> WindowOutcome:
-    """Replace time partition ``window`` of a MariaDB-captured table in one transaction: the
-    transactions its ledger batches cover are read again from the binlog and every key they
-    touched is rebuilt from its history (see
-    :func:`kappa.changes.replace.replace_capture_window`). A purged binlog refuses before
-    anything changes."""
-    started = time.monotonic()
-    spec: CaptureSpec = source.spec
-    replaced = replace_capture_window(
-        edw,
-        schemas,
-        spec,
-        epoch=source.epoch(),
-        window=window,
-        run_id=run_id,
-        read=lambda start, end: source.read(0, start, end),
-        history=source.key_history,
-    )
-    if replaced is None:
-        return WindowOutcome(
-            spec.asset, source.name, window, 0, 0, 0, "empty", seconds=time.monotonic() - started
-        )
-    return WindowOutcome(
-        spec.asset,
-        source.name,
-        window,
-        0,
-        replaced.start,
-        replaced.end,
-        "replaced",
-        received=replaced.received,
-        loaded=replaced.loaded,
-        dead_lettered=replaced.dead_lettered,
-        removed_rows=replaced.removed_rows,
-        batches=1,
-        seconds=time.monotonic() - started,
-        probes=replaced.probes,
-    )

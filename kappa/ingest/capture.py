@@ -21,7 +21,7 @@ from kappa.ingest.batch import run_source_batch
 from kappa.ingest.outcome import BatchOutcome, WindowOutcome
 from kappa.partitions import parse_key
 from kappa.sources import pg_capture
-from kappa.sources.base import Source
+from kappa.sources.base import ChangeSource, Source
 
 
 def run_capture_batch(
@@ -135,9 +135,10 @@ class ChangeLoader:
 
 
 class ChangeWindowLoader:
-    """A change table's part of reprocessing a time partition (see
-    :func:`kappa.ingest.reprocess.reprocess_window`): the transactions its ledger batches
-    cover are read again and every key they touched is rebuilt (see
+    """A captured table's part of reprocessing a time partition (see
+    :func:`kappa.ingest.reprocess.reprocess_window`), for every kind of change source (a
+    PostgreSQL change table, a MariaDB binlog): the transactions its ledger batches cover are
+    read again and every key they touched is rebuilt from its history (see
     :func:`kappa.changes.replace.reload_capture_window`)."""
 
     stateful = False
@@ -145,7 +146,7 @@ class ChangeWindowLoader:
 
     def __init__(
         self,
-        source: pg_capture.ChangeTable,
+        source: ChangeSource,
         edw: psycopg.Connection,
         schemas: Schemas,
         spec: CaptureSpec,
@@ -166,15 +167,14 @@ class ChangeWindowLoader:
     def reload(
         self, record: BatchRecord, replaced: WindowReplacement, outcome: WindowOutcome
     ) -> None:
-        oltp, spec = self.source.conn, self.spec
         done = reload_capture_window(
             self.edw,
             self.schemas,
-            spec,
+            self.spec,
             record,
             head_end=replaced.head_end,
             read=lambda start, end: self.source.read(0, start, end),
-            history=lambda keys, end: pg_capture.read_key_history(oltp, spec, keys, end),
+            history=self.source.key_history,
         )
         replaced.removed_rows = done.removed_rows
         outcome.received += done.received

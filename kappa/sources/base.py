@@ -139,6 +139,18 @@ class Source(Protocol):
 
 
 @runtime_checkable
+class ChangeSource(Source, Protocol):
+    """A source of row changes of one captured table (a PostgreSQL change table, a MariaDB
+    binlog): ``read`` gives the change frame of whole transactions, and reprocessing a time
+    partition rebuilds every key its transactions touched from that key's history."""
+
+    def key_history(self, keys: list[tuple[str, ...]], end: int) -> Any:
+        """Every change of ``keys`` (compared as text) by transactions below position
+        ``end``, in change order (the same frame as ``read``)."""
+        ...
+
+
+@runtime_checkable
 class TimeIndexed(Protocol):
     """A source whose records carry times the source itself can search (a topic's broker
     timestamps): a time window maps to positions there. A change table's windows are the

@@ -322,6 +322,9 @@ class ChangeTable:
     def shards(self) -> list[int]:
         return [0]
 
+    def key_history(self, keys: list[tuple[str, ...]], end: int) -> pd.DataFrame:
+        return read_key_history(self.conn, self.spec, keys, end)
+
     def shard_name(self, shard: int) -> str:
         return self.name
 

@@ -7,6 +7,7 @@ import itertools
 import random
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from kappa.edw.schema import ensure_schema
 from kappa.edw.types import Schemas
 from kappa.exceptions import ConfigurationError, LogResetError
 from kappa.ingest.binlog import run_binlog_batch
+from kappa.partitions import TimeWindows
 from kappa.sources.mariadb_binlog import BinlogTable, ServerAddress
 from tests.integration.mariadb import mysql
 
@@ -354,7 +356,8 @@ def write(address: ServerAddress, db: str, statements: list[str]) -> None:
 def test_a_backfilled_partition_gives_the_rows_of_the_live_batches(
     tmp_path, mariadb_db, database_url
 ):
-    from kappa.ingest.binlog import reprocess_binlog_window
+    from kappa.ingest.capture import ChangeWindowLoader
+    from kappa.ingest.reprocess import reprocess_window
 
     address, db = mariadb_db
     spec = spec_for(tmp_path, db)
@@ -387,7 +390,15 @@ def test_a_backfilled_partition_gives_the_rows_of_the_live_batches(
         )
         live = dim_rows(database_url, spec)
         live_ledger = ledger(database_url, spec)
-        outcome = reprocess_binlog_window(source, edw, SCHEMAS, "2026-01-01", run_id="backfill")
+        (outcome,) = reprocess_window(
+            source,
+            edw,
+            SCHEMAS,
+            spec.asset,
+            TimeWindows("daily", datetime(2026, 1, 1, tzinfo=UTC)).window("2026-01-01"),
+            ChangeWindowLoader(source, edw, SCHEMAS, spec),
+            run_id="backfill",
+        )
     source.close()
     assert outcome.status == "replaced" and outcome.received == 3
     assert dim_rows(database_url, spec) == live
