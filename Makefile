@@ -37,10 +37,10 @@ $(BROWSER_STAMP): $(STAMP) pyproject.toml
 	touch $(BROWSER_STAMP)
 
 run: $(STAMP) ## Bring up the local stack (PostgreSQL, broker, the catalogue's producers, Dagster UI and daemon)
-	$(BIN)/kappa up $(ARGS)
+	$(BIN)/python -m kappa.cli up $(ARGS)
 
 reset: $(STAMP) ## Bring up the local stack from empty local state
-	$(BIN)/kappa up --reset $(ARGS)
+	$(BIN)/python -m kappa.cli up --reset $(ARGS)
 
 test: $(STAMP) ## Run the test suite (unit + integration against a real broker, PostgreSQL and Dagster)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

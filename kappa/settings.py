@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from kappa.catalog.streams import EventContract
 
 BrokerStorage = Literal["durable", "memory"]
+RunLauncher = Literal["celery", "process"]
+#: The values of ``KAPPA_RUN_LAUNCHER``.
+RUN_LAUNCHERS: tuple[RunLauncher, ...] = ("celery", "process")
+#: URL schemes the run workers' Celery broker and result backend accept.
+CELERY_BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp", "sqla+postgresql")
+CELERY_BACKEND_SCHEMES = ("redis", "rediss", "db+postgresql")
 #: The values of ``KAPPA_BROKER_STORAGE`` (memory: nothing survives a restart).
 BROKER_STORAGES: tuple[BrokerStorage, ...] = ("durable", "memory")
 SETTING_CATALOG = "KAPPA_CATALOG"
@@ -118,6 +124,38 @@ SETTINGS: tuple[Setting, ...] = (
         "a run whose process died with the daemon or its machine stops holding its partitions.",
     ),
     Setting("KAPPA_MAX_CONCURRENT_RUNS", "4", "Runs the Dagster run queue lets run at once."),
+    Setting(
+        "KAPPA_RUN_LAUNCHER",
+        "celery",
+        "How runs execute: `celery` (in warm Celery worker processes that imported the code "
+        "location once; `kappa up` starts them) or `process` (Dagster's default: a new Python "
+        "process per run).",
+    ),
+    Setting(
+        "KAPPA_CELERY_BROKER_URL",
+        "",
+        "Celery broker of the run workers (`redis://host:6379/0`, `amqp://...`, "
+        "`sqla+postgresql://...`). Empty: kombu's SQLAlchemy transport on the Dagster database.",
+    ),
+    Setting(
+        "KAPPA_CELERY_BACKEND_URL",
+        "",
+        "Celery result backend, where the workers' heartbeats go (`redis://...`, "
+        "`db+postgresql://...`). Empty: Celery's database backend on the Dagster database.",
+    ),
+    Setting(
+        "KAPPA_WORKERS",
+        "",
+        "Run worker processes `kappa up` starts for live micro-batches (queue `kappa-live`). "
+        "Empty: the machine's cores, at least 2.",
+    ),
+    Setting(
+        "KAPPA_BACKFILL_WORKERS",
+        "1",
+        "Run worker processes `kappa up` starts for backfill runs (queue `kappa-backfill`); "
+        "at most this many backfill runs run at once. 0: `kappa up` starts none (workers "
+        "elsewhere serve the queue).",
+    ),
     Setting("KAPPA_UI_PORT", "3000", "Port of the Dagster webserver (bound to 127.0.0.1)."),
     Setting(
         "KAPPA_ENRICH_MAX_WAIT_S",
@@ -211,6 +249,35 @@ def broker_storage(env: Mapping[str, str]) -> BrokerStorage:
     )
 
 
+def run_launcher(env: Mapping[str, str]) -> RunLauncher:
+    """``KAPPA_RUN_LAUNCHER``: ``celery`` or ``process``."""
+    raw = _raw(env, "KAPPA_RUN_LAUNCHER").lower()
+    for launcher in RUN_LAUNCHERS:
+        if raw == launcher:
+            return launcher
+    raise ConfigurationError(
+        "KAPPA_RUN_LAUNCHER", f"expected one of {', '.join(RUN_LAUNCHERS)}, got {raw!r}"
+    )
+
+
+def celery_url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    """A Celery broker or result backend URL whose scheme is one of ``schemes``."""
+    scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
+    if not any(scheme == s or scheme.startswith(s + "+") for s in schemes):
+        raise ConfigurationError(
+            name,
+            f"{redact(raw)!r} is not a URL with one of the schemes {', '.join(schemes)}",
+        )
+    return raw
+
+
+def workers(env: Mapping[str, str]) -> int:
+    """``KAPPA_WORKERS``: live run worker processes (empty: the cores, at least 2)."""
+    if not _raw(env, "KAPPA_WORKERS"):
+        return max(2, os.cpu_count() or 1)
+    return _int(env, "KAPPA_WORKERS", minimum=1, maximum=256)
+
+
 def time_windows(env: Mapping[str, str]) -> TimeWindows:
     """The partitioning from ``KAPPA_PARTITIONS`` and ``KAPPA_PARTITIONS_START``."""
     grain = _raw(env, "KAPPA_PARTITIONS").lower()
@@ -259,6 +326,11 @@ class Settings:
     run_retries: int
     run_max_runtime_s: int
     max_concurrent_runs: int
+    run_launcher: RunLauncher
+    celery_broker_url: str | None
+    celery_backend_url: str | None
+    workers: int
+    backfill_workers: int
     ui_port: int
     enrich_max_wait_s: float
     backfill_max_wait_s: float
@@ -297,6 +369,8 @@ class Settings:
             raise ConfigurationError(
                 "KAPPA_RUN_MAX_RECORDS", f"{run_max} is below KAPPA_BATCH_MAX_RECORDS ({batch_max})"
             )
+        broker_url = _raw(env, "KAPPA_CELERY_BROKER_URL")
+        backend_url = _raw(env, "KAPPA_CELERY_BACKEND_URL")
         return cls(
             home=Path(_raw(env, "KAPPA_HOME") or ".kappa").resolve(),
             kafka_bootstrap_servers=bootstrap_servers("KAFKA_BOOTSTRAP_SERVERS", kafka)
@@ -321,6 +395,19 @@ class Settings:
             run_retries=_int(env, "KAPPA_RUN_RETRIES", minimum=0, maximum=100),
             run_max_runtime_s=_int(env, "KAPPA_RUN_MAX_RUNTIME_S", minimum=10, maximum=86_400),
             max_concurrent_runs=_int(env, "KAPPA_MAX_CONCURRENT_RUNS", minimum=1, maximum=256),
+            run_launcher=run_launcher(env),
+            celery_broker_url=celery_url(
+                "KAPPA_CELERY_BROKER_URL", broker_url, CELERY_BROKER_SCHEMES
+            )
+            if broker_url
+            else None,
+            celery_backend_url=celery_url(
+                "KAPPA_CELERY_BACKEND_URL", backend_url, CELERY_BACKEND_SCHEMES
+            )
+            if backend_url
+            else None,
+            workers=workers(env),
+            backfill_workers=_int(env, "KAPPA_BACKFILL_WORKERS", minimum=0, maximum=256),
             ui_port=_int(env, "KAPPA_UI_PORT", minimum=1, maximum=65535),
             enrich_max_wait_s=_float(env, "KAPPA_ENRICH_MAX_WAIT_S", minimum=0.0, maximum=3600),
             backfill_max_wait_s=_float(env, "KAPPA_BACKFILL_MAX_WAIT_S", minimum=0.0, maximum=3600),
@@ -368,6 +455,18 @@ class Settings:
         return self.oltp_url or f"{self.local_pg_base_url}/kappa_oltp"
 
     @property
+    def resolved_celery_broker_url(self) -> str:
+        """The run workers' Celery broker: kombu's SQLAlchemy transport on the Dagster
+        database unless ``KAPPA_CELERY_BROKER_URL`` names another."""
+        return self.celery_broker_url or _sqlalchemy_url("sqla+", self.resolved_dagster_pg_url)
+
+    @property
+    def resolved_celery_backend_url(self) -> str:
+        """The run workers' result backend: Celery's database backend on the Dagster
+        database unless ``KAPPA_CELERY_BACKEND_URL`` names another."""
+        return self.celery_backend_url or _sqlalchemy_url("db+", self.resolved_dagster_pg_url)
+
+    @property
     def uses_embedded_postgres(self) -> bool:
         return self.edw_url is None or self.dagster_pg_url is None or self.oltp_url is None
 
@@ -379,3 +478,11 @@ class Settings:
     def broker_data_dir(self) -> Path:
         """Where the local broker keeps its log on durable storage."""
         return self.home / "broker"
+
+
+def _sqlalchemy_url(prefix: str, postgres: str) -> str:
+    """``postgres`` as a psycopg2 SQLAlchemy URL behind kombu's or Celery's ``prefix``."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres).set(drivername="postgresql+psycopg2")
+    return prefix + url.render_as_string(hide_password=False)

@@ -120,7 +120,11 @@ def up(settings: Settings, *, reset: bool, producers: bool, seed: bool = False) 
     ``top_up`` (see :func:`~kappa.cli.prepare.prepare`)."""
     from kappa.local.broker import LocalBroker
     from kappa.local.catalog import load_local
-    from kappa.local.dagster_instance import dagster_environment, write_dagster_yaml
+    from kappa.local.dagster_instance import (
+        dagster_environment,
+        worker_command,
+        write_dagster_yaml,
+    )
     from kappa.local.pg_admin import check_postgres, ensure_database
     from kappa.local.postgres import EmbeddedPostgres
     from kappa.local.supervisor import Supervisor
@@ -190,7 +194,7 @@ def up(settings: Settings, *, reset: bool, producers: bool, seed: bool = False) 
         )
         dagster_home = home / "dagster"
         with step(f"Dagster instance config in {dagster_home}"):
-            write_dagster_yaml(dagster_home, settings)
+            write_dagster_yaml(dagster_home, settings, root / "workspace.yaml")
 
         problems = ledger_problems(settings)
         env: dict[str, str] = {
@@ -218,6 +222,27 @@ def up(settings: Settings, *, reset: bool, producers: bool, seed: bool = False) 
                     log_path=logs / f"{producer.name}.log",
                     cwd=section.directory,
                 )
+        if settings.run_launcher == "celery":
+            from kappa.dagster.celery import BACKFILL_QUEUE, LIVE_QUEUE
+
+            # The code location loads from the repository root in the workers too.
+            worker_env = {**env, "PYTHONPATH": str(root)}
+            pools = [("worker-live", LIVE_QUEUE, settings.workers)]
+            if settings.backfill_workers:
+                pools.append(("worker-backfill", BACKFILL_QUEUE, settings.backfill_workers))
+            for name, queue, concurrency in pools:
+                with step(f"run workers {name} ({concurrency} processes, Celery queue {queue})"):
+                    supervisor.start(
+                        name,
+                        worker_command(queue, concurrency, name),
+                        env=worker_env,
+                        log_path=logs / f"{name}.log",
+                        cwd=root,
+                        restart=True,
+                        # A worker's warm shutdown waits for its runs; a run cut short is
+                        # safe (exactly once) and the next session settles it.
+                        grace_s=5,
+                    )
         with step("Dagster daemon"):
             supervisor.start(
                 "daemon",

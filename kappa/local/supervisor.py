@@ -50,6 +50,14 @@ class _Child:
     log_path: Path | None
     proc: subprocess.Popen[bytes]
     log_file: IO[bytes] | None
+    #: Started again when it dies (run workers), instead of ending :meth:`Supervisor.wait`.
+    restart: bool = False
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    #: Seconds between SIGTERM and SIGKILL when stopping it (None: the supervisor's).
+    grace_s: float | None = None
 
 
 class Supervisor:
@@ -58,7 +66,11 @@ class Supervisor:
     Ctrl-C in a terminal reaches only the supervisor (children are in other process groups);
     :meth:`wait` returns and the caller calls :meth:`stop_all`, which stops the children in
     reverse start order: SIGTERM to the group, then SIGKILL after the grace period.
+    A child started with ``restart=True`` is started again when it dies (what is left of its
+    process group killed first), at most once per :attr:`RESTART_BACKOFF_S`.
     """
+
+    RESTART_BACKOFF_S = 5.0
 
     def __init__(self, grace_s: float = 15.0) -> None:
         self.grace_s = grace_s
@@ -86,10 +98,13 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
         cwd: Path | None = None,
+        restart: bool = False,
+        grace_s: float | None = None,
     ) -> int:
         """Start ``argv`` as ``name`` (stdout and stderr appended to ``log_path``); return its pid.
 
-        ``env`` replaces the environment when given (merge with ``os.environ`` yourself).
+        ``env`` replaces the environment when given (merge with ``os.environ`` yourself);
+        ``restart``: start it again whenever it dies; ``grace_s``: its own stop grace.
         """
         with self._lock:
             if any(c.name == name for c in self._children):
@@ -99,27 +114,66 @@ class Supervisor:
                 log_path = Path(log_path)
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 log_file = log_path.open("ab")
+            child_env = dict(env) if env is not None else None
+            child_cwd = str(cwd) if cwd is not None else None
             try:
-                proc = subprocess.Popen(
-                    list(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file if log_file is not None else None,
-                    stderr=subprocess.STDOUT if log_file is not None else None,
-                    env=dict(env) if env is not None else None,
-                    cwd=str(cwd) if cwd is not None else None,
-                    start_new_session=True,
-                )
-            except OSError as exc:
+                proc = _popen(name, list(argv), log_file, child_env, child_cwd)
+            except LocalStackError:
                 if log_file is not None:
                     log_file.close()
-                raise LocalStackError(f"cannot start {name} ({argv[0]}): {exc}") from None
-            self._children.append(_Child(name, list(argv), log_path, proc, log_file))
+                raise
+            self._children.append(
+                _Child(
+                    name,
+                    list(argv),
+                    log_path,
+                    proc,
+                    log_file,
+                    restart=restart,
+                    env=child_env,
+                    cwd=child_cwd,
+                    started_at=time.monotonic(),
+                    grace_s=grace_s,
+                )
+            )
             log.info("started %s (pid %s)", name, proc.pid)
             return proc.pid
 
+    def restarts(self, name: str) -> int:
+        """How many times ``name`` was started again after dying."""
+        return self._child(name).restarts
+
+    def restart_dead(self) -> list[str]:
+        """Start again the restartable children found dead; returns their names."""
+        restarted: list[str] = []
+        with self._lock:
+            for child in self._children:
+                if not child.restart:
+                    continue
+                code = _peek_exit(child.proc)
+                if code is None:
+                    continue
+                if time.monotonic() - child.started_at < self.RESTART_BACKOFF_S:
+                    continue  # died right after starting: not more often than the backoff
+                # Its pool processes outlive a killed leader in its group: end them first
+                # (the leader is not reaped yet, so its pid is still the group's).
+                _signal_group(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+                log.warning(
+                    "%s (pid %s) died (%s); starting it again", child.name, child.proc.pid, code
+                )
+                child.proc = _popen(child.name, child.argv, child.log_file, child.env, child.cwd)
+                child.started_at = time.monotonic()
+                child.restarts += 1
+                restarted.append(child.name)
+        return restarted
+
     def exited(self) -> SupervisorExit | None:
-        """The first child found dead (without reaping it), or None when all are alive."""
+        """The first child found dead (without reaping it), or None when all are alive;
+        restartable children are not reported (:meth:`restart_dead` starts them again)."""
         for child in list(self._children):
+            if child.restart:
+                continue
             code = _peek_exit(child.proc)
             if code is not None:
                 return SupervisorExit("child_exited", name=child.name, returncode=code)
@@ -146,6 +200,7 @@ class Supervisor:
             while True:
                 if received:
                     return SupervisorExit("signal", signum=received[0])
+                self.restart_dead()
                 dead = self.exited()
                 if dead is not None:
                     return dead
@@ -164,7 +219,8 @@ class Supervisor:
             children = list(reversed(self._children))
             self._children.clear()
         for child in children:
-            codes[child.name] = self._stop_child(child, grace)
+            own = child.grace_s if child.grace_s is not None else grace
+            codes[child.name] = self._stop_child(child, min(own, grace))
         return codes
 
     def _stop_child(self, child: _Child, grace_s: float) -> int | None:
@@ -196,6 +252,27 @@ class Supervisor:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+def _popen(
+    name: str,
+    argv: list[str],
+    log_file: IO[bytes] | None,
+    env: dict[str, str] | None,
+    cwd: str | None,
+) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file if log_file is not None else None,
+            stderr=subprocess.STDOUT if log_file is not None else None,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise LocalStackError(f"cannot start {name} ({argv[0]}): {exc}") from None
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

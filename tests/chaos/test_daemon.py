@@ -113,6 +113,8 @@ def test_a_daemon_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
         "KAPPA_SENSOR_INTERVAL_S": "2",
         # Runs killed with the daemon stay STARTED: run monitoring fails them after this.
         "KAPPA_RUN_MAX_RUNTIME_S": "60",
+        # Dagster's process-per-run launcher, killed with the daemon (no Celery workers here).
+        "KAPPA_RUN_LAUNCHER": "process",
     }
     settings = Settings.from_env(env)
     home = tmp_path / "dagster_home"

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 from kappa.exceptions import ConfigurationError
 from kappa.local.broker import LocalBroker
-from kappa.local.dagster_instance import DAGSTER_PG_URL_ENV, dagster_environment, write_dagster_yaml
+from kappa.local.dagster_instance import dagster_environment, write_dagster_yaml
 from kappa.local.pg_admin import check_postgres, ensure_database
 from kappa.local.postgres import EmbeddedPostgres
 from kappa.local.processes import free_port
@@ -270,20 +270,23 @@ def test_dagster_instance_loads_from_the_written_yaml(
         }
     )
     write_dagster_yaml(tmp_path, settings)
-    monkeypatch.setenv(
-        DAGSTER_PG_URL_ENV, dagster_environment(settings, tmp_path)[DAGSTER_PG_URL_ENV]
-    )
+    for name, value in dagster_environment(settings, tmp_path).items():
+        if name != "DAGSTER_HOME":
+            monkeypatch.setenv(name, value)
 
     instance = DagsterInstance.from_config(str(tmp_path))
     try:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
+        # Runs go to the Celery workers, on the same database by default.
+        assert type(instance.run_launcher).__name__ == "KappaCeleryRunLauncher"
         queue = instance.get_concurrency_config().run_queue_config
         assert queue is not None
         assert queue.max_concurrent_runs == 6
         assert queue.tag_concurrency_limits == [
-            {"key": "kappa/asset", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+            {"key": "kappa/asset", "value": {"applyLimitPerUniqueValue": True}, "limit": 1},
+            {"key": "dagster/backfill", "limit": 1},
         ]
         assert instance.run_retries_enabled
         assert instance.run_retries_max_retries == 2

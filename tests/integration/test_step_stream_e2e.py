@@ -227,6 +227,8 @@ def test_a_new_stream_with_its_own_step_loads_exactly_once_through_the_daemons_s
         "KAPPA_SENSOR_INTERVAL_S": "2",
         "KAPPA_BATCH_MAX_RECORDS": "40",
         "KAPPA_ENRICH_MAX_WAIT_S": "0",
+        # Only a daemon runs here (no Celery workers): a process per run.
+        "KAPPA_RUN_LAUNCHER": "process",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)

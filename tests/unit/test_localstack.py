@@ -40,7 +40,9 @@ def test_dagster_yaml_has_every_section(tmp_path: Path) -> None:
     assert coordinator["module"] == "dagster._core.run_coordinator"
     assert coordinator["config"]["max_concurrent_runs"] == 7
     assert coordinator["config"]["tag_concurrency_limits"] == [
-        {"key": "kappa/asset", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+        {"key": "kappa/asset", "value": {"applyLimitPerUniqueValue": True}, "limit": 1},
+        # The Celery launcher's backfill pool (KAPPA_BACKFILL_WORKERS) bounds backfill runs.
+        {"key": "dagster/backfill", "limit": 1},
     ]
     assert config["run_retries"] == {"enabled": True, "max_retries": 2}
     assert config["sensors"] == {"use_threads": True, "num_workers": 4}
@@ -69,6 +71,9 @@ def test_dagster_yaml_never_contains_the_password(tmp_path: Path) -> None:
     assert env == {
         "DAGSTER_HOME": str(tmp_path.absolute()),
         DAGSTER_PG_URL_ENV: url.replace("postgresql://", "postgresql+psycopg2://"),
+        # The Celery broker and result backend default to the same database.
+        "KAPPA_CELERY_BROKER_URL": url.replace("postgresql://", "sqla+postgresql+psycopg2://"),
+        "KAPPA_CELERY_BACKEND_URL": url.replace("postgresql://", "db+postgresql+psycopg2://"),
     }
 
 
