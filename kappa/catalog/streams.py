@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -115,8 +116,12 @@ def fact_columns(contract: EventContract) -> list[tuple[str, str]]:
     return [(c.name, c.sql_type) for c in fact_column_specs(contract)]
 
 
-def resolve_step(dotted: str) -> type:
-    """The step class at ``module:Class`` or ``module.Class``."""
+def resolve_step(dotted: str, *, directory: Path | None = None) -> type:
+    """The step class at ``module:Class`` or ``module.Class``; ``directory`` (the
+    catalogue's) is put first on ``sys.path`` and stays there, so the catalogue's own modules
+    import as they do for the Dagster code location, whatever command loads the catalogue."""
+    if directory is not None and str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
     module_name, sep, attribute = dotted.partition(":")
     if not sep:
         module_name, _, attribute = dotted.rpartition(".")
@@ -142,7 +147,7 @@ def _step(
     if not isinstance(raw, str):
         raise where.error(f"expected module:Class, got {raw!r}", "step")
     try:
-        step_class = resolve_step(raw)
+        step_class = resolve_step(raw, directory=where.path.resolve().parent)
     except ValueError as exc:
         raise where.error(f"{raw}: {exc}", "step") from None
     if not callable(getattr(step_class, "apply", None)):

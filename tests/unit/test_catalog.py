@@ -242,3 +242,20 @@ def test_settings_load_the_catalogue_named_by_kappa_catalog(tmp_path):
     assert (
         Decimal(0) == Settings.from_env({}).stream("fact_order").field("amount").type.exclusive_min
     )
+
+
+def test_a_step_module_beside_the_catalogue_imports_from_any_working_directory(
+    tmp_path, monkeypatch
+):
+    # The `kappa` console script's sys.path holds neither the working directory nor the
+    # catalogue's: the catalogue's own modules must import all the same.
+    package = tmp_path / "shipping_steps_beside"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "class Stamp:\n    def apply(self, context, rows):\n        return rows\n"
+    )
+    path = write(tmp_path, GOOD + "    step: shipping_steps_beside:Stamp\n")
+    monkeypatch.chdir("/")
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
+    (contract,) = load_streams(path)
+    assert contract.step == "shipping_steps_beside:Stamp"
