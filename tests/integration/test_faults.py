@@ -27,10 +27,8 @@ def test_a_run_killed_mid_batch_then_run_again_equals_a_clean_single_pass(
     [request] = pipeline.tick("fact_order").run_requests
 
     # Hold the fact table so the run stops inside its transaction: ledger head locked and
-    # moved, rows staged, dead letters copied, the INSERT into the fact waiting.
-    kill_mid_batch(
-        pipeline, request, lock_table="edw.fact_order", blocked_query="INSERT INTO%fact_order%"
-    )
+    # moved, dead letters copied, the COPY into the fact waiting.
+    kill_mid_batch(pipeline, request, lock_table="edw.fact_order", blocked_query="COPY%fact_order%")
 
     # The killed batch left nothing behind: the server rolled its transaction back.
     assert pipeline.query("SELECT count(*) FROM edw.fact_order") == [(0,)]

@@ -121,8 +121,10 @@ def test_backfill_runs_go_to_the_backfill_queue_and_a_queue_tag_wins() -> None:
 @pytest.mark.parametrize(
     ("meta", "expected"),
     [
-        ({"status": "STARTED", "result": {"heartbeat": time.time() - 2}}, WorkerStatus.RUNNING),
-        ({"status": "STARTED", "result": {"heartbeat": time.time() - 120}}, WorkerStatus.FAILED),
+        # Heartbeats as ages in seconds, turned into times when the test runs (collection
+        # may come minutes before).
+        ({"status": "STARTED", "result": {"heartbeat": -2}}, WorkerStatus.RUNNING),
+        ({"status": "STARTED", "result": {"heartbeat": -120}}, WorkerStatus.FAILED),
         ({"status": "STARTED", "result": {"pid": 1}}, WorkerStatus.RUNNING),
         ({"status": "FAILURE", "result": "WorkerLostError"}, WorkerStatus.FAILED),
         ({"status": "SUCCESS", "result": 0}, WorkerStatus.SUCCESS),
@@ -132,6 +134,9 @@ def test_backfill_runs_go_to_the_backfill_queue_and_a_queue_tag_wins() -> None:
 def test_the_health_check_reads_state_and_heartbeat_once(
     meta: dict[str, Any], expected: WorkerStatus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    result_meta = meta.get("result")
+    if isinstance(result_meta, dict) and "heartbeat" in result_meta:
+        meta = {**meta, "result": {"heartbeat": time.time() + result_meta["heartbeat"]}}
     launcher = _launcher()
     monkeypatch.setattr(type(launcher.celery), "backend", FakeBackend(meta), raising=False)
     result = launcher.check_run_worker_health(_run(**{"dagster-celery/task_id": "t1"}))
