@@ -14,10 +14,9 @@ import psycopg
 
 from kappa.changes.merge import apply_changes
 from kappa.edw.types import BatchRecord, LedgerHead, Schemas
-from kappa.exceptions import BatchSupersededError
 from kappa.ingest.batch import run_source_batch
+from kappa.ingest.capture import refuse_closed_partition
 from kappa.ingest.outcome import BatchOutcome
-from kappa.partitions import parse_key
 from kappa.sources.mariadb_binlog import BinlogTable
 
 
@@ -75,13 +74,7 @@ class BinlogLoader:
         self.written = 0
 
     def admit(self, head: LedgerHead | None) -> None:
-        requested = parse_key(self.partition_key) if self.partition_key else None
-        last = parse_key(head.partition_key) if head is not None and head.partition_key else None
-        if requested is not None and last is not None and requested.end <= last.start:
-            raise BatchSupersededError(
-                f"{self.spec.asset}: partition {requested.key} is closed, the ledger already has "
-                f"batches of {last.key}; the sensor plans the next batch there"
-            )
+        refuse_closed_partition(self.spec.asset, self.partition_key, head)
         # Before planning reads the binlog's end: a transaction open now commits later.
         self.complete_until = self.source.open_since()
 

@@ -56,6 +56,18 @@ def run_capture_batch(
     )
 
 
+def refuse_closed_partition(asset: str, partition_key: str | None, head: LedgerHead | None) -> None:
+    """A change batch for a partition before the one the ledger reached is superseded: change
+    times only move forward, so a closed partition takes no new batch (any change source)."""
+    requested = parse_key(partition_key) if partition_key else None
+    last = parse_key(head.partition_key) if head is not None and head.partition_key else None
+    if requested is not None and last is not None and requested.end <= last.start:
+        raise BatchSupersededError(
+            f"{asset}: partition {requested.key} is closed, the ledger already has "
+            f"batches of {last.key}; the sensor plans the next batch there"
+        )
+
+
 class ChangeLoader:
     """A change table's part of a batch: whole transactions below the horizon, validated and
     merged into the target, with the completeness the batch gives it."""
@@ -79,15 +91,7 @@ class ChangeLoader:
         self.complete_until: datetime | None = None
 
     def admit(self, head: LedgerHead | None) -> None:
-        spec, partition_key = self.spec, self.partition_key
-        requested = parse_key(partition_key) if partition_key else None
-        last = parse_key(head.partition_key) if head is not None and head.partition_key else None
-        if requested is not None and last is not None and requested.end <= last.start:
-            # Visibility times only move forward: a closed partition takes no new batch.
-            raise BatchSupersededError(
-                f"{spec.asset}: partition {requested.key} is closed, the ledger already has "
-                f"batches of {last.key}; the sensor plans the next batch there"
-            )
+        refuse_closed_partition(self.spec.asset, self.partition_key, head)
         # Before the horizon, which planning reads: see complete_until.
         self.complete_until = pg_capture.complete_until(self.oltp)
 
