@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-unit test-integration test-pg15 test-browser screenshots lint format typecheck check clean reset bench-cache chaos bench bench-freshness
+.PHONY: help run test test-unit test-integration test-pg15 test-celery-redis test-browser screenshots lint format typecheck check clean reset bench-cache chaos bench bench-freshness
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -51,6 +51,9 @@ test-unit: $(STAMP) ## Run only the fast unit tests
 test-pg15: $(STAMP) ## Run the integration tests against the PostgreSQL server at 127.0.0.1:5432
 	KAPPA_TEST_PG_URL=$${KAPPA_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres} \
 		$(BIN)/python -m pytest tests/integration -m "not e2e" $(PYTEST_ARGS)
+
+test-celery-redis: $(STAMP) ## The warm Celery workers test again, on Redis as broker and result backend (127.0.0.1:6379)
+	KAPPA_TEST_CELERY_TRANSPORTS=redis $(BIN)/python -m pytest tests/integration/test_celery_workers.py $(PYTEST_ARGS)
 
 test-browser: $(BROWSER_STAMP) $(CHROMIUM) ## Browser tests of the Dagster UI against a running local stack (screenshots in tests/artifacts/browser/)
 	$(BIN)/python -m pytest tests/browser $(PYTEST_ARGS)

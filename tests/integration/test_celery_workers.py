@@ -72,9 +72,24 @@ def _redis_answers() -> bool:
             return False
 
 
-@pytest.fixture(params=["postgresql", "redis"])
+#: The Celery transports to test: the default one (on the embedded PostgreSQL) in the
+#: default test run, Redis in its own target (`make test-celery-redis`, run by CI), since
+#: each variant brings a whole stack up and the default run has a time budget.
+TRANSPORTS = [
+    name.strip()
+    for name in os.environ.get("KAPPA_TEST_CELERY_TRANSPORTS", "postgresql").split(",")
+    if name.strip()
+]
+
+
+@pytest.fixture(params=TRANSPORTS)
 def celery_state(request: pytest.FixtureRequest) -> Iterator[CeleryState]:
     extra = {"KAPPA_RUN_LAUNCHER": "celery", "KAPPA_WORKERS": "2"}
+    if request.param not in ("postgresql", "redis"):
+        raise pytest.UsageError(
+            f"KAPPA_TEST_CELERY_TRANSPORTS: unknown transport {request.param!r} "
+            "(postgresql, redis)"
+        )
     if request.param == "redis":
         if not _redis_answers():
             pytest.skip(f"no Redis server answers at {REDIS} (KAPPA_TEST_REDIS)")
