@@ -87,8 +87,7 @@ def celery_state(request: pytest.FixtureRequest) -> Iterator[CeleryState]:
     extra = {"KAPPA_RUN_LAUNCHER": "celery", "KAPPA_WORKERS": "2"}
     if request.param not in ("postgresql", "redis"):
         raise pytest.UsageError(
-            f"KAPPA_TEST_CELERY_TRANSPORTS: unknown transport {request.param!r} "
-            "(postgresql, redis)"
+            f"KAPPA_TEST_CELERY_TRANSPORTS: unknown transport {request.param!r} (postgresql, redis)"
         )
     if request.param == "redis":
         if not _redis_answers():
