@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-unit test-integration test-pg15 test-celery-redis test-browser screenshots lint format typecheck check clean reset bench-cache chaos bench bench-freshness
+.PHONY: help run test test-unit test-integration test-pg15 test-slow test-browser screenshots lint format typecheck check clean reset bench-cache chaos bench bench-freshness
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,7 +43,7 @@ reset: $(STAMP) ## Bring up the local stack from empty local state
 	$(BIN)/python -m kappa.cli up --reset $(ARGS)
 
 test: $(STAMP) ## Run the test suite (unit + integration against a real broker, PostgreSQL and Dagster)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## Run only the fast unit tests
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
@@ -52,8 +52,8 @@ test-pg15: $(STAMP) ## Run the integration tests against the PostgreSQL server a
 	KAPPA_TEST_PG_URL=$${KAPPA_TEST_PG_URL:-postgresql://postgres@127.0.0.1:5432/postgres} \
 		$(BIN)/python -m pytest tests/integration -m "not e2e" $(PYTEST_ARGS)
 
-test-celery-redis: $(STAMP) ## The warm Celery workers test again, on Redis as broker and result backend (127.0.0.1:6379)
-	KAPPA_TEST_CELERY_TRANSPORTS=redis $(BIN)/python -m pytest tests/integration/test_celery_workers.py $(PYTEST_ARGS)
+test-slow: $(STAMP) ## The long fault-injection tests: Celery workers killed mid-run, on PostgreSQL and on Redis (127.0.0.1:6379)
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 test-browser: $(BROWSER_STAMP) $(CHROMIUM) ## Browser tests of the Dagster UI against a running local stack (screenshots in tests/artifacts/browser/)
 	$(BIN)/python -m pytest tests/browser $(PYTEST_ARGS)

@@ -35,7 +35,7 @@ from tests.integration.test_local_stack_e2e import (
     kill_leftovers,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 STARTED_PID = re.compile(r"Started process for run \(pid: (\d+)\)")
 #: How long a run of a dead worker may stay STARTED: heartbeat timeout (30 s) plus run
@@ -72,12 +72,13 @@ def _redis_answers() -> bool:
             return False
 
 
-#: The Celery transports to test: the default one (on the embedded PostgreSQL) in the
-#: default test run, Redis in its own target (`make test-celery-redis`, run by CI), since
-#: each variant brings a whole stack up and the default run has a time budget.
+#: The Celery transports to test: the default one (kombu's SQLAlchemy transport on the
+#: embedded PostgreSQL) and Redis. Each variant brings a whole stack up and waits for dead
+#: workers to be noticed, so the test runs in its own target (`make test-slow`, run by CI);
+#: the default run's `kappa up` test covers the default launcher and transport.
 TRANSPORTS = [
     name.strip()
-    for name in os.environ.get("KAPPA_TEST_CELERY_TRANSPORTS", "postgresql").split(",")
+    for name in os.environ.get("KAPPA_TEST_CELERY_TRANSPORTS", "postgresql,redis").split(",")
     if name.strip()
 ]
 

@@ -29,7 +29,7 @@ from tests.integration.test_reprocess import FACTS, edw_checksums, produce_at, r
 pytestmark = pytest.mark.integration
 
 HOURS = 3
-ROUNDS_PER_HOUR = 12
+ROUNDS_PER_HOUR = 6
 MESSAGES_PER_ROUND = 60
 
 
