@@ -26,8 +26,7 @@ from kappa.edw.ledger import read_head, read_heads
 from kappa.edw.types import Schemas
 from kappa.health import RunFailures, shard_stop
 from kappa.ingest.plan import TopicIngest
-from kappa.sources import pg_capture
-from kappa.sources.base import TRANSACTIONS
+from kappa.sources.base import ChangeSource
 from kappa.sources.topic import EventStore
 
 #: Offsets read past the ledger head to find the first pending record (offsets are sparse).
@@ -130,17 +129,19 @@ def topic_freshness(
 
 
 def capture_freshness(
-    oltp: psycopg.Connection,
+    changes: ChangeSource,
     edw: psycopg.Connection,
     schemas: Schemas,
     spec: CaptureSpec,
     *,
     failures: Mapping[int, RunFailures] | None = None,
 ) -> ShardFreshness:
-    """The change table: changes past the ledger head, the age of the oldest of them, and
-    why it is stopped (recreated, or ``failures``: its runs failing in a row)."""
+    """The change source (a change table, a binlog): changes past the ledger head, the age of
+    the oldest of them, and why it is stopped (recreated, purged past the ledger, or
+    ``failures``: its runs failing in a row)."""
     head = read_head(edw, schemas, spec.asset, str(spec.change_table), 0)
-    lag = pg_capture.capture_lag(oltp, spec, head.end if head else 0)
+    bounds = changes.bounds([0])[0]
+    lag = changes.lag(head.end if head else bounds.start)
     return ShardFreshness(
         spec.asset,
         str(spec.change_table),
@@ -151,10 +152,10 @@ def capture_freshness(
             str(spec.change_table),
             0,
             head,
-            None,
-            pg_capture.source_epoch(oltp, spec),
+            bounds,
+            changes.epoch(),
             (failures or {}).get(0),
-            positions=TRANSACTIONS,
+            positions=changes.positions,
         ),
     )
 

@@ -33,7 +33,7 @@ from kappa.ingest.capture import ChangeWindowLoader
 from kappa.ingest.plan import TopicIngest
 from kappa.ingest.reprocess import reprocess_window
 from kappa.partitions import parse_key
-from kappa.sources.base import Source
+from kappa.sources.base import ChangeSource, Source
 from kappa.sources.pg_capture import ChangeTable
 from kappa.sources.topic import EventStore, TopicPartitions
 
@@ -313,12 +313,18 @@ def reconcile_capture(
 def compare_capture_with_log(
     oltp: psycopg.Connection, conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec
 ) -> list[PartitionComparison]:
+    """:func:`compare_changes_with_log` for a PostgreSQL change table."""
+    return compare_changes_with_log(ChangeTable(oltp, spec), conn, schemas, spec)
+
+
+def compare_changes_with_log(
+    changes: ChangeSource, conn: psycopg.Connection, schemas: Schemas, spec: CaptureSpec
+) -> list[PartitionComparison]:
     """Replay equivalence of a captured table, per time partition: the partition is
-    re-derived from the change table as a backfill would do it, inside a transaction that is
+    re-derived from its change source as a backfill would do it, inside a transaction that is
     rolled back, and the rows its transactions wrote or closed are compared with what the EDW
     held (``log_*``: re-derived, ``edw_*``: held)."""
     source = str(spec.change_table)
-    changes = ChangeTable(oltp, spec)
     windows = [w for w in ledger_windows(conn, schemas, spec.asset, source, 0) if w.key is not None]
     rows_of = sql.SQL("SELECT t::text FROM {} t WHERE {}").format(
         sql.Identifier(schemas.edw, spec.target), written_by(spec)

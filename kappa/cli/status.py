@@ -13,7 +13,7 @@ from kappa.edw.types import LedgerHead, Schemas
 from kappa.freshness import ShardFreshness, capture_freshness, topic_freshness
 from kappa.health import RunFailures, failure_threshold, recent_failures
 from kappa.settings import Settings
-from kappa.sources import pg_capture
+from kappa.sources.captured import open_change_source
 from kappa.sources.topic import EventStore
 
 
@@ -107,19 +107,19 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                         bound.end - (head.end if head else bound.start),
                         shards.get(f"{spec.topic}[{partition}]"),
                     )
-        with connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as oltp:
-            for capture in load_captures(settings.catalog):
+        for capture in load_captures(settings.catalog):
+            with open_change_source(capture, oltp_url=settings.resolved_oltp_url) as changes:
                 head = read_heads(edw, schemas, capture.asset, str(capture.change_table)).get(0)
-                lag = pg_capture.capture_lag(oltp, capture, head.end if head else 0)
+                lag = changes.lag(head.end if head else changes.bounds([0])[0].start)
                 row(
                     capture.asset,
                     str(capture.change_table),
                     0,
-                    f"xid {lag.horizon}",
+                    f"{'gtid' if capture.engine == 'mariadb' else 'xid'} {lag.horizon}",
                     head,
                     lag.pending_changes,
                     capture_freshness(
-                        oltp, edw, schemas, capture, failures=failures.get(capture.asset)
+                        changes, edw, schemas, capture, failures=failures.get(capture.asset)
                     ),
                 )
         recent = edw.execute(

@@ -10,9 +10,11 @@ resources. A code location adds its own assets (marts) with ``dg.Definitions.mer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dagster as dg
 
-from kappa.catalog.captures import load_captures
+from kappa.catalog.captures import CaptureSpec, load_captures
 from kappa.catalog.ingests import topic_ingests
 from kappa.dagster.assets.cdc import (
     build_capture_asset,
@@ -29,6 +31,7 @@ from kappa.dagster.assets.event_store import (
     topic_source,
 )
 from kappa.dagster.resources.event_store import EventStoreResource
+from kappa.dagster.resources.mariadb import MariadbResource
 from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.state import StateCacheResource
 from kappa.dagster.resources.warehouse import WarehouseResource
@@ -41,12 +44,21 @@ from kappa.heal import heals
 from kappa.health import failure_threshold
 from kappa.run import FactServices
 from kappa.settings import Settings
+from kappa.sources.captured import mariadb_url
+from kappa.sources.mariadb_binlog import URL_SETTING
 
 
-def resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+def resources(
+    settings: Settings, captures: Sequence[CaptureSpec] = ()
+) -> dict[str, dg.ConfigurableResource]:
     """The resources every kappa asset and sensor uses; URLs come from the environment
-    (``EnvVar``), so no secret is part of the definitions."""
-    return {
+    (``EnvVar``), so no secret is part of the definitions. ``captures`` in MariaDB add the
+    binlog's server, whose setting must then be there (checked here, at load time)."""
+    extra: dict[str, dg.ConfigurableResource] = {}
+    if any(spec.engine == "mariadb" for spec in captures):
+        mariadb_url()
+        extra["mariadb"] = MariadbResource(url=dg.EnvVar(URL_SETTING))
+    return extra | {
         "event_store": EventStoreResource(
             bootstrap_servers=dg.EnvVar("KAFKA_BOOTSTRAP_SERVERS"),
             timeout_s=settings.kafka_timeout_s,
@@ -168,7 +180,7 @@ def build_definitions(
                 policy=policy_from(settings),
             ),
         ],
-        resources=resources(settings),
+        resources=resources(settings, captures),
         # One process per run: a micro-batch is one step per asset, and a step subprocess
         # would double the start-up cost of every batch.
         executor=dg.in_process_executor,

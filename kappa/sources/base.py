@@ -149,6 +149,17 @@ class ChangeSource(Source, Protocol):
         ``end``, in change order (the same frame as ``read``)."""
         ...
 
+    def plan_end(self, start: int, *, max_changes: int) -> int:
+        """Where a batch from ``start`` ends: whole committed transactions, at most
+        ``max_changes`` changes unless one transaction alone holds more; ``start`` when
+        nothing is ready."""
+        ...
+
+    def lag(self, loaded_until: int) -> Any:
+        """How far a target loaded up to ``loaded_until`` is behind, and which open
+        transactions delay it (a :class:`kappa.sources.pg_capture.CaptureLag`)."""
+        ...
+
 
 @runtime_checkable
 class TimeIndexed(Protocol):

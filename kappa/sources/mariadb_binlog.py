@@ -37,12 +37,16 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 from kappa.catalog.captures import SETTING, CaptureSpec
 from kappa.exceptions import ConfigurationError, LogResetError
 from kappa.sources.base import LogBounds, Positions
+from kappa.sources.pg_capture import CaptureLag
 
 #: The setting that names the MariaDB server (``mysql://user:password@host:port/``).
 URL_SETTING = "KAPPA_MARIADB_URL"
 
 #: Binlog GTID sequence numbers; the log's identity is the server's GTID domain.
 GTIDS = Positions("GTID sequence numbers", "GTID domain", "the server now has")
+
+#: Rows the lag counts at most when no batch was planned from the same position.
+LAG_ROWS = 10_000
 
 #: Rows one transaction may hold: change ids are ``seq * ROWS_PER_TRANSACTION + row``.
 ROWS_PER_TRANSACTION = 1 << 24
@@ -89,7 +93,10 @@ class ServerAddress:
         parts = urlsplit(url)
         if parts.scheme not in ("mysql", "mariadb") or not parts.hostname:
             raise ConfigurationError(
-                URL_SETTING, f"expected mysql://user:password@host:port/, got {url!r}"
+                URL_SETTING,
+                # Not the URL itself: it may hold a password.
+                "expected mysql://user:password@host:port/, got a URL with scheme "
+                f"{parts.scheme!r} and host {parts.hostname!r}",
             )
         return cls(
             parts.hostname,
@@ -427,6 +434,40 @@ class BinlogTable:
             return frame
         mask = [key_of(r) in wanted for r in frame.itertuples(index=False)]
         return frame[mask].sort_values("change_id").reset_index(drop=True)
+
+    def lag(self, loaded_until: int) -> CaptureLag:
+        """The table's rows in the transactions past ``loaded_until``, counted up to the bound
+        of the batch last planned (the binlog holds committed transactions only, so every one
+        of them is ready), the age of the oldest, and the transactions open on the server
+        (they commit later; none holds a committed one back)."""
+        _, end = self._bounds()
+        cached = self._cache
+        if end > loaded_until and (cached is None or cached.start != loaded_until):
+            cached = self._read(loaded_until, end, max_changes=LAG_ROWS)
+        frame = cached.frame if cached is not None and end > loaded_until else None
+        rows = 0 if frame is None else len(frame)
+        oldest = None
+        if rows:
+            first = frame["change_time"].min()  # type: ignore[index]
+            oldest = round((dt.datetime.now(dt.UTC) - first.to_pydatetime()).total_seconds(), 1)
+        with self._conn.cursor() as cur:
+            cur.execute(
+                "SELECT trx_mysql_thread_id, trx_state, "
+                "TIMESTAMPDIFF(MICROSECOND, trx_started, NOW(6)) / 1e6 "
+                "FROM information_schema.innodb_trx ORDER BY trx_started LIMIT 5"
+            )
+            holders = [
+                {"thread": t, "state": state, "open_for_s": round(float(age), 1)}
+                for t, state, age in cur.fetchall()
+            ]
+        return CaptureLag(
+            horizon=end,
+            pending_changes=rows,
+            ready_changes=rows,
+            oldest_pending_age_s=oldest,
+            holding_back=holders,
+            horizon_name="binlog_end_gtid_seq",
+        )
 
     def open_since(self) -> dt.datetime:
         """A time before which every change still to come lies: now, or the start of the

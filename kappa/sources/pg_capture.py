@@ -254,10 +254,13 @@ class CaptureLag:
     ready_changes: int
     oldest_pending_age_s: float | None
     holding_back: list[dict[str, object]]
+    #: What ``horizon`` is, in the metadata: the snapshot horizon's xid for a change table,
+    #: the first GTID sequence number not written yet for a binlog.
+    horizon_name: str = "horizon_xid"
 
     def as_metadata(self) -> dict[str, Any]:
         return {
-            "horizon_xid": self.horizon,
+            self.horizon_name: self.horizon,
             "pending_changes": self.pending_changes,
             "ready_changes": self.ready_changes,
             "oldest_pending_change_age_s": self.oldest_pending_age_s,
@@ -345,3 +348,9 @@ class ChangeTable:
     def behind(self, shard: int, end: int, bounds: LogBounds) -> int:
         # Changes, not transaction ids: the pending ones, below the horizon or not.
         return capture_lag(self.conn, self.spec, end).pending_changes
+
+    def plan_end(self, start: int, *, max_changes: int) -> int:
+        return plan_end(self.conn, self.spec, start, max_changes=max_changes)
+
+    def lag(self, loaded_until: int) -> CaptureLag:
+        return capture_lag(self.conn, self.spec, loaded_until)

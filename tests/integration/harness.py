@@ -52,7 +52,8 @@ class Pipeline:
         with connect(self.env["KAPPA_OLTP_URL"]) as conn:
             ensure_source_tables(conn)
             for spec in load_captures(self.settings.catalog):
-                install_capture(conn, spec)
+                if spec.engine == "postgresql":  # a MariaDB table is read from its binlog
+                    install_capture(conn, spec)
 
     @property
     def edw_url(self) -> str:

@@ -13,15 +13,15 @@ from kappa.dagster.assets.event_store import (
 )
 from kappa.dagster.assets.partitions import arrival_partitions
 from kappa.dagster.assets.recent_batches import recent_batches_metadata
-from kappa.dagster.resources.oltp import OltpResource
+from kappa.dagster.resources.capture import capture_resource, open_capture
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.exceptions import BatchSupersededError, KappaError
-from kappa.ingest.capture import ChangeWindowLoader, run_capture_batch
+from kappa.ingest.capture import ChangeWindowLoader
+from kappa.ingest.changes import run_change_batch
 from kappa.ingest.outcome import WindowOutcome
 from kappa.ingest.reprocess import reprocess_window
 from kappa.partitions import TimeWindows
-from kappa.reconcile import compare_capture_with_log, reconcile_capture
-from kappa.sources import pg_capture
+from kappa.reconcile import compare_changes_with_log, reconcile_source
 
 OWNERS = ["team:data-platform"]
 
@@ -42,7 +42,20 @@ def change_table_key(spec: CaptureSpec) -> dg.AssetKey:
 
 
 def change_table_source(spec: CaptureSpec) -> dg.AssetSpec:
-    """The change table as an external asset, observed by the sensor (horizon and lag)."""
+    """The change source as an external asset, observed by the sensor (horizon and lag)."""
+    if spec.engine == "mariadb":
+        return dg.AssetSpec(
+            key=change_table_key(spec),
+            description=(
+                f"The binlog of the MariaDB server holding `{spec.source}` (row events of "
+                "committed transactions, numbered by GTID). Observed by "
+                f"`{spec.asset}_sensor`: the binlog's end, the table's rows not loaded yet, "
+                "transactions open on the server."
+            ),
+            group_name="oltp_cdc",
+            kinds={"mysql"},
+            owners=OWNERS,
+        )
     return dg.AssetSpec(
         key=change_table_key(spec),
         description=(
@@ -88,23 +101,21 @@ def build_capture_asset(
         tags={"kappa/source": "cdc"},
         partitions_def=arrival_partitions(windows),
         backfill_policy=dg.BackfillPolicy.single_run(),
+        required_resource_keys={"warehouse", capture_resource(spec)},
     )
     def capture(
-        context: dg.AssetExecutionContext,
-        config: ChangeRangeConfig,
-        oltp: OltpResource,
-        warehouse: WarehouseResource,
+        context: dg.AssetExecutionContext, config: ChangeRangeConfig
     ) -> Iterator[dg.MaterializeResult]:
+        warehouse: WarehouseResource = context.resources.warehouse
         if config.end is None:
-            yield _reprocess(context, oltp, warehouse)
+            yield _reprocess(context, warehouse)
             return
-        with oltp.connect() as source, warehouse.connect() as edw:
+        with open_capture(context.resources, spec) as source, warehouse.connect() as edw:
             try:
-                outcome = run_capture_batch(
+                outcome = run_change_batch(
                     source,
                     edw,
                     warehouse.schemas,
-                    spec,
                     requested_end=config.end,
                     run_id=context.run.run_id,
                     max_changes=max_changes,
@@ -114,7 +125,7 @@ def build_capture_asset(
                 context.log.warning(str(exc))
                 yield dg.MaterializeResult(metadata={"mode": "micro-batch", "superseded": str(exc)})
                 return
-            lag = outcome.capture_lag or pg_capture.capture_lag(source, spec, outcome.end)
+            lag = outcome.capture_lag or source.lag(outcome.end)
         metadata = {
             "mode": "micro-batch",
             "transaction_range": f"[{outcome.start}, {outcome.end})",
@@ -138,12 +149,11 @@ def build_capture_asset(
         yield dg.MaterializeResult()
 
     def _reprocess(
-        context: dg.AssetExecutionContext, oltp: OltpResource, warehouse: WarehouseResource
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource
     ) -> dg.MaterializeResult:
         keys = list(context.partition_keys)
         outcomes: list[WindowOutcome] = []
-        with oltp.connect() as source, warehouse.connect() as edw:
-            changes = pg_capture.ChangeTable(source, spec)
+        with open_capture(context.resources, spec) as changes, warehouse.connect() as edw:
             for key in keys:
                 try:
                     (outcome,) = reprocess_window(
@@ -205,10 +215,13 @@ def build_capture_reconciliation_check(spec: CaptureSpec) -> dg.AssetChecksDefin
             f"The ledger covers `{spec.change_table}` without gap or overlap, and the changes of the "
             "covered transactions are what it received: applied + dead-lettered."
         ),
+        required_resource_keys={"warehouse", capture_resource(spec)},
     )
-    def reconciliation(oltp: OltpResource, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        with oltp.connect() as source, warehouse.connect() as conn:
-            return reconciliation_result([reconcile_capture(source, conn, warehouse.schemas, spec)])
+    def reconciliation(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        warehouse: WarehouseResource = context.resources.warehouse
+        with open_capture(context.resources, spec) as source, warehouse.connect() as conn:
+            (found,) = reconcile_source(source, conn, warehouse.schemas, spec.asset)
+            return reconciliation_result([found])
 
     return reconciliation
 
@@ -227,10 +240,12 @@ def build_capture_replay_check(spec: CaptureSpec) -> dg.AssetChecksDefinition:
             "transactions wrote or closed, and its dead letters, with what the EDW holds (counts "
             "and an order-independent checksum)."
         ),
+        required_resource_keys={"warehouse", capture_resource(spec)},
     )
-    def replay_equivalence(oltp: OltpResource, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        with oltp.connect() as source, warehouse.connect() as conn:
-            comparisons = compare_capture_with_log(source, conn, warehouse.schemas, spec)
+    def replay_equivalence(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        warehouse: WarehouseResource = context.resources.warehouse
+        with open_capture(context.resources, spec) as source, warehouse.connect() as conn:
+            comparisons = compare_changes_with_log(source, conn, warehouse.schemas, spec)
         return replay_result(str(spec.change_table), comparisons, "transactions")
 
     return replay_equivalence

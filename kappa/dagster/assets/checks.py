@@ -13,6 +13,8 @@ check evaluation, so the UI shows it without a run per evaluation. The sensor on
 """
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import dagster as dg
 import psycopg
@@ -20,8 +22,8 @@ import psycopg
 from kappa.catalog.captures import CaptureSpec
 from kappa.dagster.assets.cdc import change_table_key
 from kappa.dagster.assets.event_store import topic_asset_key
+from kappa.dagster.resources.capture import capture_resource, open_capture
 from kappa.dagster.resources.event_store import EventStoreResource
-from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.edw.types import Schemas
 from kappa.freshness import (
@@ -32,6 +34,7 @@ from kappa.freshness import (
 )
 from kappa.health import RunFailures, recent_failures
 from kappa.ingest.plan import TopicIngest
+from kappa.sources.base import ChangeSource
 from kappa.sources.topic import EventStore
 
 FRESHNESS_CHECK = "freshness"
@@ -131,12 +134,12 @@ def build_capture_freshness_check(
         blocking=False,
         additional_deps=[change_table_key(spec)],
         description=_description(f"change in `{spec.change_table}`", max_lag_s),
+        required_resource_keys={"warehouse", capture_resource(spec)},
     )
-    def freshness(
-        context: dg.AssetCheckExecutionContext, oltp: OltpResource, warehouse: WarehouseResource
-    ) -> dg.AssetCheckResult:
+    def freshness(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        warehouse: WarehouseResource = context.resources.warehouse
         failures = recent_failures(context.instance, spec.asset, threshold=failure_threshold)
-        with oltp.connect() as source, warehouse.connect() as conn:
+        with open_capture(context.resources, spec) as source, warehouse.connect() as conn:
             shard = capture_freshness(source, conn, warehouse.schemas, spec, failures=failures)
         return freshness_result(verdict(spec.asset, [shard], max_lag_s))
 
@@ -164,7 +167,7 @@ def build_freshness_checks(
 def evaluate_freshness(
     store: EventStore,
     edw: psycopg.Connection,
-    oltp: psycopg.Connection,
+    open_source: Callable[[CaptureSpec], AbstractContextManager[ChangeSource]],
     schemas: Schemas,
     topics: Sequence[TopicIngest],
     captures: Sequence[CaptureSpec],
@@ -186,11 +189,13 @@ def evaluate_freshness(
             on_error(topic.asset, exc)
     for capture in captures:
         try:
-            shard = capture_freshness(oltp, edw, schemas, capture, failures=failures(capture.asset))
+            with open_source(capture) as changes:
+                shard = capture_freshness(
+                    changes, edw, schemas, capture, failures=failures(capture.asset)
+                )
             verdicts.append(verdict(capture.asset, [shard], max_lag_s))
         except Exception as exc:
             edw.rollback()
-            oltp.rollback()
             on_error(capture.asset, exc)
     return verdicts
 
@@ -214,13 +219,14 @@ def build_freshness_sensor(
         ),
         minimum_interval_seconds=FRESHNESS_INTERVAL_S,
         default_status=dg.DefaultSensorStatus.RUNNING,
+        required_resource_keys={"event_store", "warehouse"}
+        | {capture_resource(c) for c in captures},
     )
-    def freshness_sensor(
-        context: dg.SensorEvaluationContext,
-        event_store: EventStoreResource,
-        warehouse: WarehouseResource,
-        oltp: OltpResource,
-    ) -> dg.SensorResult:
+    def freshness_sensor(context: dg.SensorEvaluationContext, **_: Any) -> dg.SensorResult:
+        # Resources by key from ``context.resources`` (which ones depends on the engines of
+        # the captures); a direct call of the sensor also passes them as keywords.
+        event_store: EventStoreResource = context.resources.event_store
+        warehouse: WarehouseResource = context.resources.warehouse
         errors: list[str] = []
 
         def failed(asset: str, exc: Exception) -> None:
@@ -230,12 +236,13 @@ def build_freshness_sensor(
         with (
             event_store.open() as store,
             warehouse.connect(statement_timeout_s=_STATEMENT_TIMEOUT_S) as edw,
-            oltp.connect(statement_timeout_s=_STATEMENT_TIMEOUT_S) as source,
         ):
             verdicts = evaluate_freshness(
                 store,
                 edw,
-                source,
+                lambda capture: open_capture(
+                    context.resources, capture, statement_timeout_s=_STATEMENT_TIMEOUT_S
+                ),
                 warehouse.schemas,
                 topics,
                 captures,

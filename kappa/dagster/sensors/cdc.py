@@ -7,13 +7,14 @@ table shows the lag, and which open transactions hold the horizon back.
 
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 
 from kappa.catalog.captures import CaptureSpec
 from kappa.cursor import OffsetCursor
 from kappa.dagster.assets.cdc import change_table_key
-from kappa.dagster.resources.oltp import OltpResource
+from kappa.dagster.resources.capture import capture_resource, open_capture
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.dagster.sensors.micro_batch import (
     RANGES_TAG,
@@ -24,8 +25,7 @@ from kappa.dagster.sensors.micro_batch import (
 )
 from kappa.edw.ledger import read_head
 from kappa.partitions import TimeWindows
-from kappa.sources import pg_capture
-from kappa.sources.base import TRANSACTIONS, check_continuity
+from kappa.sources.base import check_continuity
 
 
 def build_capture_sensor(
@@ -59,20 +59,28 @@ def build_capture_sensor(
         asset_selection=[dg.AssetKey(spec.asset)],
         minimum_interval_seconds=interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING,
+        required_resource_keys={"warehouse", capture_resource(spec)},
     )
-    def capture_sensor(
-        context: dg.SensorEvaluationContext, oltp: OltpResource, warehouse: WarehouseResource
-    ) -> dg.SensorResult:
+    def capture_sensor(context: dg.SensorEvaluationContext, **_: Any) -> dg.SensorResult:
+        # Resources by key from ``context.resources`` (which ones depends on the engines of
+        # the captures); a direct call of the sensor also passes them as keywords.
         cursor = OffsetCursor.parse(context.cursor)
         source = str(spec.change_table)
+        warehouse: WarehouseResource = context.resources.warehouse
         with warehouse.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as edw:
             head = read_head(edw, warehouse.schemas, spec.asset, source, 0)
-        start = head.end if head is not None else 0
-        with oltp.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as conn:
-            epoch = pg_capture.source_epoch(conn, spec)
-            check_continuity(spec.asset, source, 0, head, None, epoch, positions=TRANSACTIONS)
-            end = pg_capture.plan_end(conn, spec, start, max_changes=max_changes)
-            lag = pg_capture.capture_lag(conn, spec, start)
+        with open_capture(
+            context.resources, spec, statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S
+        ) as changes:
+            # A binlog starts at its oldest retained transaction; a change table at 0.
+            bounds = changes.bounds([0])[0]
+            start = head.end if head is not None else bounds.start
+            epoch = changes.epoch()
+            check_continuity(
+                spec.asset, source, 0, head, bounds, epoch, positions=changes.positions
+            )
+            end = changes.plan_end(start, max_changes=max_changes)
+            lag = changes.lag(start)
 
         events = []
         observed = {
@@ -105,7 +113,10 @@ def build_capture_sensor(
             waiting = ""
             if lag.pending_changes:
                 holders = ", ".join(
-                    f"pid {h['pid']} open {h['open_for_s']} s" for h in lag.holding_back
+                    f"pid {h['pid']} open {h['open_for_s']} s"
+                    if "pid" in h
+                    else f"thread {h['thread']} open {h['open_for_s']} s"
+                    for h in lag.holding_back
                 )
                 waiting = f"; {lag.pending_changes} committed change(s) wait behind open transactions ({holders})"
             return dg.SensorResult(
