@@ -45,7 +45,7 @@ from kappa.health import failure_threshold
 from kappa.run import FactServices
 from kappa.settings import Settings
 from kappa.sources.captured import mariadb_url
-from kappa.sources.mariadb_binlog import URL_SETTING
+from kappa.sources.mariadb_server import URL_SETTING
 
 
 def resources(

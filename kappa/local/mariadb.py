@@ -17,7 +17,7 @@ from pathlib import Path
 #: Where Debian installs the server; PATH is searched too.
 _CANDIDATES = ("/usr/sbin/mariadbd", "/usr/libexec/mariadbd", "/usr/sbin/mysqld")
 
-#: The server settings the binlog source needs (see kappa.sources.mariadb_binlog.check_server).
+#: The server settings the binlog source needs (see kappa.sources.mariadb_server.check_server).
 BINLOG_OPTIONS = (
     "--log-bin=binlog",
     "--binlog-format=ROW",

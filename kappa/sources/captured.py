@@ -11,7 +11,8 @@ from kappa.catalog.captures import CaptureSpec
 from kappa.edw.connection import connect
 from kappa.exceptions import ConfigurationError
 from kappa.sources.base import ChangeSource
-from kappa.sources.mariadb_binlog import URL_SETTING, BinlogTable, ServerAddress
+from kappa.sources.mariadb_binlog import BinlogTable
+from kappa.sources.mariadb_server import URL_SETTING, ServerAddress
 from kappa.sources.pg_capture import ChangeTable
 
 

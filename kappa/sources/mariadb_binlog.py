@@ -26,7 +26,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import pandas as pd
 import pymysql
@@ -35,12 +34,15 @@ from pymysqlreplication.event import MariadbGtidEvent, QueryEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
 from kappa.catalog.captures import SETTING, CaptureSpec
-from kappa.exceptions import ConfigurationError, LogResetError
+from kappa.exceptions import LogResetError
 from kappa.sources.base import LogBounds, Positions
+from kappa.sources.mariadb_server import (
+    CaptureImpossibleError,
+    ServerAddress,
+    check_server,
+    domain_seqs,
+)
 from kappa.sources.pg_capture import CaptureLag
-
-#: The setting that names the MariaDB server (``mysql://user:password@host:port/``).
-URL_SETTING = "KAPPA_MARIADB_URL"
 
 #: Binlog GTID sequence numbers; the log's identity is the server's GTID domain.
 GTIDS = Positions("GTID sequence numbers", "GTID domain", "the server now has")
@@ -50,18 +52,6 @@ LAG_ROWS = 10_000
 
 #: Rows one transaction may hold: change ids are ``seq * ROWS_PER_TRANSACTION + row``.
 ROWS_PER_TRANSACTION = 1 << 24
-
-#: What the server must be set to for row capture, and why each matters.
-REQUIRED_SETTINGS = {
-    "log_bin": ("1", "the binlog must be on (log_bin)"),
-    "binlog_format": ("ROW", "only ROW events carry the changed rows"),
-    "binlog_row_image": ("FULL", "updates and deletes must carry every column"),
-    "binlog_row_metadata": (
-        "FULL",
-        "row events must name their columns, or a DDL change "
-        "would be decoded with the wrong column names",
-    ),
-}
 
 #: Column types of MariaDB a captured column of each EDW type may have.
 _COMPATIBLE = {
@@ -75,80 +65,6 @@ _COMPATIBLE = {
     "numeric": {"decimal", "tinyint", "smallint", "mediumint", "int", "bigint"},
     "char": {"char", "varchar"},
 }
-
-
-class CaptureImpossibleError(ConfigurationError):
-    """The server's settings or schema make row capture impossible; names the setting."""
-
-
-@dataclass(frozen=True)
-class ServerAddress:
-    host: str
-    port: int
-    user: str
-    password: str
-
-    @classmethod
-    def parse(cls, url: str) -> ServerAddress:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mysql", "mariadb") or not parts.hostname:
-            raise ConfigurationError(
-                URL_SETTING,
-                # Not the URL itself: it may hold a password.
-                "expected mysql://user:password@host:port/, got a URL with scheme "
-                f"{parts.scheme!r} and host {parts.hostname!r}",
-            )
-        return cls(
-            parts.hostname,
-            parts.port or 3306,
-            unquote(parts.username or "root"),
-            unquote(parts.password or ""),
-        )
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "port": self.port,
-            "user": self.user,
-            "password": self.password,
-            "connect_timeout": 10,
-        }
-
-    def connect(self, **extra: Any) -> pymysql.connections.Connection:
-        return pymysql.connect(**self.settings(), autocommit=True, **extra)
-
-
-def _variables(conn: pymysql.connections.Connection, names: Iterable[str]) -> dict[str, str]:
-    wanted = {n.lower() for n in names}
-    with conn.cursor() as cur:
-        cur.execute("SELECT variable_name, variable_value FROM information_schema.global_variables")
-        found = {str(k).lower(): str(v) for k, v in cur.fetchall()}
-    return {k: v for k, v in found.items() if k in wanted}
-
-
-def check_server(conn: pymysql.connections.Connection) -> int:
-    """Raise :class:`CaptureImpossibleError` naming the first server setting that makes row
-    capture impossible; returns the server's GTID domain."""
-    found = _variables(conn, [*REQUIRED_SETTINGS, "gtid_domain_id"])
-    for name, (wanted, why) in REQUIRED_SETTINGS.items():
-        value = found.get(name)
-        if value is None or value.upper() not in (wanted, "ON" if wanted == "1" else wanted):
-            raise CaptureImpossibleError(
-                name,
-                f"the MariaDB server has {name}={value}, change capture needs {name}="
-                f"{'ON' if wanted == '1' else wanted}: {why}",
-            )
-    return int(found.get("gtid_domain_id", "0"))
-
-
-def _domain_seqs(state: str, domain: int) -> dict[int, int]:
-    """``server_id: seq`` of ``domain`` in a GTID list ``d-s-n,d-s-n``."""
-    seqs: dict[int, int] = {}
-    for gtid in filter(None, (g.strip() for g in state.split(","))):
-        d, s, n = (int(p) for p in gtid.split("-"))
-        if d == domain:
-            seqs[s] = max(n, seqs.get(s, 0))
-    return seqs
 
 
 def _to_json(image: dict[str, Any] | None) -> str | None:
@@ -251,7 +167,7 @@ class BinlogTable:
         with self._conn.cursor() as cur:
             cur.execute("SELECT @@global.gtid_binlog_pos")
             row = cur.fetchone()
-            current = _domain_seqs(str(row[0] if row else ""), self.domain)
+            current = domain_seqs(str(row[0] if row else ""), self.domain)
             cur.execute("SHOW BINARY LOGS")
             files = cur.fetchall()
             first = 1
@@ -260,7 +176,7 @@ class BinlogTable:
                 for event in cur.fetchall():
                     if event[2] == "Gtid_list":
                         listed = str(event[5]).strip("[]")
-                        before = _domain_seqs(listed, self.domain)
+                        before = domain_seqs(listed, self.domain)
                         first = max(before.values(), default=0) + 1
         return first, max(current.values(), default=0) + 1
 
@@ -282,7 +198,7 @@ class BinlogTable:
         with self._conn.cursor() as cur:
             cur.execute("SELECT @@global.gtid_binlog_state")
             row = cur.fetchone()
-        servers = _domain_seqs(str(row[0] if row else ""), self.domain)
+        servers = domain_seqs(str(row[0] if row else ""), self.domain)
         # The server that wrote the transaction before `start`: the one whose last GTID is at
         # or after it (one writer at a time per domain; the latest one that got that far).
         candidates = [s for s, n in servers.items() if n >= start - 1]

@@ -14,7 +14,7 @@ import pymysql
 import pytest
 
 from kappa.local.mariadb import MariaDBServer, find_mariadbd, start_mariadb
-from kappa.sources.mariadb_binlog import ServerAddress
+from kappa.sources.mariadb_server import ServerAddress
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,8 @@ from kappa.edw.types import Schemas
 from kappa.exceptions import ConfigurationError, LogResetError
 from kappa.ingest.binlog import run_binlog_batch
 from kappa.partitions import TimeWindows
-from kappa.sources.mariadb_binlog import BinlogTable, ServerAddress
+from kappa.sources.mariadb_binlog import BinlogTable
+from kappa.sources.mariadb_server import ServerAddress
 from tests.integration.mariadb import mysql
 
 pytestmark = pytest.mark.integration
@@ -150,7 +151,8 @@ from kappa.catalog.captures import load_captures
 from kappa.edw.connection import connect
 from kappa.edw.types import Schemas
 from kappa.ingest.binlog import run_binlog_batch
-from kappa.sources.mariadb_binlog import BinlogTable, ServerAddress
+from kappa.sources.mariadb_binlog import BinlogTable
+from kappa.sources.mariadb_server import ServerAddress
 
 (spec,) = load_captures(Path(sys.argv[1]))
 source = BinlogTable(ServerAddress.parse(sys.argv[2]), spec)
@@ -411,7 +413,7 @@ def test_a_backfilled_partition_gives_the_rows_of_the_live_batches(
 def test_an_incompatible_ddl_change_is_refused_by_name_and_nothing_is_loaded(
     tmp_path, mariadb_db, database_url
 ):
-    from kappa.sources.mariadb_binlog import CaptureImpossibleError
+    from kappa.sources.mariadb_server import CaptureImpossibleError
 
     address, db = mariadb_db
     spec = spec_for(tmp_path, db)

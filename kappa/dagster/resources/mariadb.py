@@ -8,7 +8,8 @@ import dagster as dg
 from pydantic import Field
 
 from kappa.catalog.captures import CaptureSpec
-from kappa.sources.mariadb_binlog import URL_SETTING, BinlogTable, ServerAddress
+from kappa.sources.mariadb_binlog import BinlogTable
+from kappa.sources.mariadb_server import URL_SETTING, ServerAddress
 
 
 class MariadbResource(dg.ConfigurableResource):
