@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-unit test-integration test-pg15 test-slow test-browser screenshots lint format typecheck check clean reset bench-cache chaos bench bench-freshness
+.PHONY: help run test test-unit test-integration test-pg15 test-slow test-browser screenshots lint format typecheck check clean reset bench-cache chaos bench bench-freshness bench-capture
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,6 +69,9 @@ bench-cache: $(STAMP) ## Benchmark the state cache against per-message EDW queri
 
 bench: $(BENCH_STAMP) ## Pipeline vs row by row, Quix Streams and the ceiling (BENCH_SCALE=quick|full; bench/results/latest.json)
 	BENCH_SCALE=$${BENCH_SCALE:-quick} $(BIN)/python -m bench.suite $(ARGS)
+
+bench-capture: $(BENCH_STAMP) ## Change capture throughput: MariaDB binlog vs PostgreSQL triggers, same writes, same batch bound (bench/results/capture.json)
+	$(BIN)/python -m bench.capture $(ARGS)
 
 bench-freshness: $(BENCH_STAMP) ## Produce-to-EDW latency on the running stack, 5 s sensor interval, 5 min (merged into latest.json)
 	$(BIN)/python -m bench.freshness $(ARGS)

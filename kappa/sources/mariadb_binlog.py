@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import pymysql
 from pymysqlreplication import BinLogStreamReader
-from pymysqlreplication.event import MariadbGtidEvent, QueryEvent
+from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
 from kappa.catalog.captures import SETTING, CaptureSpec
@@ -220,6 +220,7 @@ class BinlogTable:
             only_events=[
                 MariadbGtidEvent,
                 QueryEvent,
+                XidEvent,
                 WriteRowsEvent,
                 UpdateRowsEvent,
                 DeleteRowsEvent,
@@ -228,10 +229,16 @@ class BinlogTable:
             resume_stream=True,
             enable_logging=False,
         )
-        rows: list[tuple] = []
+        # Rows by transaction. The replication client reconnects by itself when the server
+        # drops the stream (errors 2006, 2013) and the server then sends the binlog again from
+        # the start GTID: a transaction seen before is collected again from its first row,
+        # never twice.
+        by_seq: dict[int, list[tuple]] = {}
+        current: list[tuple] = []
+        collected = 0
         seq = start - 1
         in_range = False
-        index = 0
+        standalone = False
         try:
             for event in self._events(stream, start, state):
                 if isinstance(event, MariadbGtidEvent):
@@ -240,20 +247,34 @@ class BinlogTable:
                         continue
                     seq = int(event.gtid_seq_no)
                     if seq >= end or (
-                        max_changes is not None and len(rows) >= max_changes and seq > start
+                        max_changes is not None and collected >= max_changes and seq > start
                     ):
                         end = seq
                         break
                     if seq < start:
                         in_range = False
                         continue
+                    collected -= len(by_seq.pop(seq, ()))
+                    by_seq[seq] = current = []
                     in_range = True
-                    index = 0
+                    # A group flagged standalone (DDL) is one statement with no COMMIT.
+                    standalone = bool(event.flags & 1)
                     continue
                 if not in_range:
                     continue
                 if isinstance(event, QueryEvent):
                     self._check_ddl(event, seq)
+                if isinstance(event, XidEvent) or (
+                    isinstance(event, QueryEvent)
+                    and (standalone or str(event.query).strip().upper() == "COMMIT")
+                ):
+                    # The transaction before `end` is whole: stop here rather than at the
+                    # log's end (the server may reset a non-blocking dump before its EOF
+                    # reaches the client, and the client then starts the dump again).
+                    if seq >= end - 1:
+                        break
+                    continue
+                if isinstance(event, QueryEvent):
                     continue
                 if event.schema != schema or event.table != table:
                     continue
@@ -266,13 +287,14 @@ class BinlogTable:
                         op, before, after = "D", row["values"], None
                     else:
                         op, before, after = "U", row["before_values"], row["after_values"]
+                    index = len(current)
                     if index >= ROWS_PER_TRANSACTION:
                         raise CaptureImpossibleError(
                             SETTING,
                             f"{spec.source}: transaction {self.domain}-{seq} changes more than "
                             f"{ROWS_PER_TRANSACTION} rows of the captured table",
                         )
-                    rows.append(
+                    current.append(
                         (
                             seq * ROWS_PER_TRANSACTION + index,
                             seq,
@@ -282,9 +304,10 @@ class BinlogTable:
                             _to_json(after),
                         )
                     )
-                    index += 1
+                    collected += 1
         finally:
             stream.close()
+        rows = [row for key in sorted(by_seq) for row in by_seq[key]]
         frame = pd.DataFrame(rows, columns=_COLUMNS)
         if not frame.empty:
             frame["change_time"] = pd.to_datetime(frame["change_time"], utc=True)
