@@ -37,7 +37,7 @@ from kappa.ingest.reprocess import reprocess_window
 from kappa.ingest.topic import run_batch
 from kappa.ingest.topic_window import EventWindowLoader
 from kappa.partitions import TimeWindows, Window
-from kappa.sources.base import LogBounds
+from kappa.sources.base import ChangeSource, LogBounds
 from kappa.sources.topic import EventStore, TopicPartitions
 from kappa.state import StateCache
 from kappa.steps.completeness import WaitBudget
@@ -72,14 +72,20 @@ class FactServices:
     captures: Mapping[str, CaptureSpec] = field(default_factory=lambda: MappingProxyType({}))
     max_wait_s: float = 0.0
     reprocess_wait_s: float = 0.0
+    #: Targets of the captures turned off (``KAPPA_CAPTURES_OFF``): read, never waited for.
+    off: frozenset[str] = frozenset()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FactServices:
         """The catalogue's captures and the waits of the settings."""
         from kappa.catalog.captures import load_captures  # reads the catalogue file
+        from kappa.sources.captured import captures_off
 
+        captures = load_captures(settings.catalog)
+        off = captures_off(settings.env, captures)
         return cls(
-            captures=MappingProxyType({c.target: c for c in load_captures(settings.catalog)}),
+            captures=MappingProxyType({c.target: c for c in captures}),
+            off=frozenset(c.target for c in captures if c.name in off),
             max_wait_s=settings.enrich_max_wait_s,
             reprocess_wait_s=settings.backfill_max_wait_s,
         )
@@ -94,11 +100,16 @@ class Connections:
     event_store: Callable[[], AbstractContextManager[EventStore]]
     edw: Callable[[], AbstractContextManager[psycopg.Connection]]
     oltp: Callable[[], AbstractContextManager[psycopg.Connection]] | None = None
+    #: The change source of a captured table of another engine than PostgreSQL (MariaDB),
+    #: which a step's lookups of it read their completeness from.
+    change_source: Callable[[CaptureSpec], AbstractContextManager[ChangeSource]] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Connections:
         """The clients of ``settings``, opened as the Dagster resources open them (outside
         Dagster: the benchmarks, the CLI, tests)."""
+        from kappa.sources.captured import open_change_source
+
         return cls(
             schemas=Schemas(edw=settings.edw_schema, meta=settings.meta_schema),
             event_store=partial(
@@ -108,6 +119,7 @@ class Connections:
             ),
             edw=partial(connect, settings.resolved_edw_url),
             oltp=partial(connect, settings.resolved_oltp_url, setting="KAPPA_OLTP_URL"),
+            change_source=partial(open_change_source, oltp_url=settings.resolved_oltp_url),
         )
 
 
@@ -120,14 +132,30 @@ def open_dimensions(
     versions: VersionCache,
 ) -> WarehouseLookups | None:
     """The lookups of ``spec``'s stateful step (None without a step), completeness read
-    from the OLTP database through a connection closed with ``stack``."""
+    from each looked-up table's change source: PostgreSQL's through one OLTP connection,
+    another engine's through ``connections.change_source``; all closed with ``stack``."""
     if spec.step is None:
         return None
+    engines = {
+        services.captures[lookup.target].engine
+        for lookup in spec.step.lookups
+        if lookup.target in services.captures and lookup.target not in services.off
+    }
     oltp = (
         stack.enter_context(connections.oltp())
-        if connections.oltp is not None and spec.step.lookups
+        if connections.oltp is not None and "postgresql" in engines
         else None
     )
+    sources = {}
+    if connections.change_source is not None:
+        for target in dict.fromkeys(lookup.target for lookup in spec.step.lookups):
+            capture = services.captures.get(target)
+            if (
+                capture is not None
+                and capture.engine != "postgresql"
+                and target not in services.off
+            ):
+                sources[target] = stack.enter_context(connections.change_source(capture))
     return WarehouseLookups(
         edw,
         connections.schemas,
@@ -135,6 +163,8 @@ def open_dimensions(
         captures=services.captures,
         lookups=spec.step.lookups,
         versions=versions,
+        off=services.off,
+        sources=sources,
     )
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from kappa.backfill import SUCCEEDED, launch_backfill, wait_for_backfill
-from kappa.catalog.captures import load_captures
 from kappa.catalog.ingests import topic_ingests
 from kappa.cli.output import say
 from kappa.edw.connection import connect
@@ -14,6 +13,7 @@ from kappa.edw.replay import reset_for_replay, rewind_topic_asset
 from kappa.edw.types import Schemas
 from kappa.exceptions import KappaError
 from kappa.settings import Settings, redact
+from kappa.sources.captured import active_captures
 from kappa.sources.topic import EventStore
 
 
@@ -29,7 +29,7 @@ def backfill(
     """Launch a Dagster backfill of ``asset``'s time partitions from ``since`` (default: the
     first) to ``until`` (default: now), on the running webserver, as the UI would."""
     topics = {spec.asset: spec for spec, _ in topic_ingests(settings)}
-    captured = {spec.asset for spec in load_captures(settings.catalog)}
+    captured = {spec.asset for spec in active_captures(settings)}
     if asset not in topics and asset not in captured:
         raise KappaError(
             f"{asset!r} has no time partitions; partitioned assets: "
@@ -70,7 +70,7 @@ def replay(
         )
         for spec in topics.values()
     }
-    tables.update({spec.asset: (spec.target, ()) for spec in load_captures(settings.catalog)})
+    tables.update({spec.asset: (spec.target, ()) for spec in active_captures(settings)})
     if asset not in tables:
         raise KappaError(f"unknown asset {asset!r}; replayable: {', '.join(sorted(tables))}")
     if since is not None and asset not in topics:

@@ -11,6 +11,7 @@ from kappa.edw.evolution import plan_evolution
 from kappa.edw.schema import ensure_schema
 from kappa.edw.types import Schemas
 from kappa.settings import Settings
+from kappa.sources.captured import active_captures, check_mariadb_tables, mariadb_url
 from kappa.sources.pg_capture import install_capture
 
 
@@ -26,7 +27,12 @@ def prepare(settings: Settings, *, create_topics: bool, local: bool, seed: bool 
     from kappa.local.catalog import load_local
     from kappa.local.topics import ensure_topics
 
-    captures = load_captures(settings.catalog)
+    # Every table's EDW target exists, also of a table turned off (KAPPA_CAPTURES_OFF): a
+    # step reading it sees what was loaded before.
+    targets = load_captures(settings.catalog)
+    captures = active_captures(settings)
+    triggered = [spec for spec in captures if spec.engine == "postgresql"]
+    binlogged = [spec for spec in captures if spec.engine == "mariadb"]
     section = load_local(settings.catalog) if local else None
     prepare_hook = section.hook("prepare") if section is not None else None
     seed_hook = section.hook("seed") if section is not None else None
@@ -51,7 +57,7 @@ def prepare(settings: Settings, *, create_topics: bool, local: bool, seed: bool 
         connect(settings.resolved_edw_url) as conn,
     ):
         changes = ensure_schema(conn, schemas, settings.streams)
-        for spec in captures:
+        for spec in targets:
             ensure_target(conn, schemas, spec)
     for change in changes:
         say(f"  schema evolution: {change}")
@@ -64,13 +70,18 @@ def prepare(settings: Settings, *, create_topics: bool, local: bool, seed: bool 
             messages = prepare_hook(settings, conn)
         for message in messages:
             say(f"    {message}")
-    names = ", ".join(str(spec.source) for spec in captures)
-    with (
-        step(f"change capture on {names}"),
-        connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as conn,
-    ):
-        for spec in captures:
-            install_capture(conn, spec)
+    if triggered:
+        names = ", ".join(str(spec.source) for spec in triggered)
+        with (
+            step(f"change capture on {names}"),
+            connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as conn,
+        ):
+            for spec in triggered:
+                install_capture(conn, spec)
+    if binlogged:
+        names = ", ".join(str(spec.source) for spec in binlogged)
+        with step(f"MariaDB binlog capture of {names}"):
+            check_mariadb_tables(binlogged, mariadb_url(settings.env))
     if seed_hook is not None and section is not None:
         with (
             step(f"local.seed {section.seed}" + (" (--seed)" if seed else "")),

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from kappa.catalog.captures import load_captures
 from kappa.catalog.ingests import topic_ingests
 from kappa.cli.output import print_table
 from kappa.edw.connection import connect
 from kappa.edw.types import Schemas
 from kappa.settings import Settings
+from kappa.sources.captured import active_captures, open_change_source
 from kappa.sources.topic import EventStore
 
 
 def reconcile(settings: Settings) -> int:
     """Per shard: source against ledger against counts; exit 1 if anything does not add up."""
-    from kappa.reconcile import reconcile_capture, reconcile_topic
+    from kappa.reconcile import reconcile_source, reconcile_topic
 
     schemas = Schemas(settings.edw_schema, settings.meta_schema)
     with (
@@ -21,16 +21,15 @@ def reconcile(settings: Settings) -> int:
             settings.resolved_bootstrap_servers, timeout_s=settings.kafka_timeout_s
         ) as store,
         connect(settings.resolved_edw_url) as edw,
-        connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as oltp,
     ):
         accounts = [
             a
             for spec, _ in topic_ingests(settings)
             for a in reconcile_topic(store, edw, schemas, spec)
         ]
-        accounts += [
-            reconcile_capture(oltp, edw, schemas, c) for c in load_captures(settings.catalog)
-        ]
+        for capture in active_captures(settings):
+            with open_change_source(capture, oltp_url=settings.resolved_oltp_url) as changes:
+                accounts += reconcile_source(changes, edw, schemas, capture.asset)
     header = (
         "asset",
         "shard",

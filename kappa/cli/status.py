@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from kappa.catalog.captures import load_captures
 from kappa.catalog.ingests import topic_ingests
 from kappa.cli.output import compact_age, print_table, say, shorten
 from kappa.edw.connection import connect
@@ -13,7 +12,7 @@ from kappa.edw.types import LedgerHead, Schemas
 from kappa.freshness import ShardFreshness, capture_freshness, topic_freshness
 from kappa.health import RunFailures, failure_threshold, recent_failures
 from kappa.settings import Settings
-from kappa.sources.captured import open_change_source
+from kappa.sources.captured import active_captures, open_change_source
 from kappa.sources.topic import EventStore
 
 
@@ -107,7 +106,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                         bound.end - (head.end if head else bound.start),
                         shards.get(f"{spec.topic}[{partition}]"),
                     )
-        for capture in load_captures(settings.catalog):
+        for capture in active_captures(settings):
             with open_change_source(capture, oltp_url=settings.resolved_oltp_url) as changes:
                 head = read_heads(edw, schemas, capture.asset, str(capture.change_table)).get(0)
                 lag = changes.lag(head.end if head else changes.bounds([0])[0].start)
@@ -215,7 +214,7 @@ def _run_failures(settings: Settings) -> tuple[dict[str, dict[int, RunFailures]]
 
     threshold = failure_threshold(settings.run_retries)
     assets = [spec.asset for spec, _ in topic_ingests(settings)] + [
-        c.asset for c in load_captures(settings.catalog)
+        c.asset for c in active_captures(settings)
     ]
     try:
         with open_instance(settings) as instance:

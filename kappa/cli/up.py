@@ -17,7 +17,6 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from kappa.catalog.captures import load_captures
 from kappa.catalog.ingests import topic_ingests
 from kappa.cli.output import loaded_topics, repo_root, say, step
 from kappa.cli.prepare import prepare
@@ -27,6 +26,8 @@ from kappa.edw.types import Schemas
 from kappa.exceptions import ConfigurationError, KappaError
 from kappa.health import shard_stop
 from kappa.settings import Settings, redact
+from kappa.sources.captured import active_captures
+from kappa.sources.mariadb_server import URL_SETTING
 from kappa.sources.topic import EventStore, UnknownTopicError
 
 
@@ -125,6 +126,7 @@ def up(settings: Settings, *, reset: bool, producers: bool, seed: bool = False) 
         worker_command,
         write_dagster_yaml,
     )
+    from kappa.local.mariadb import local_mariadb
     from kappa.local.pg_admin import check_postgres, ensure_database
     from kappa.local.postgres import EmbeddedPostgres
     from kappa.local.supervisor import Supervisor
@@ -164,6 +166,14 @@ def up(settings: Settings, *, reset: bool, producers: bool, seed: bool = False) 
                     ensure_database(
                         postgres.base_url, "kappa_dagster", setting="KAPPA_DAGSTER_PG_URL"
                     )
+        mariadb = local_mariadb(settings, home / "mariadb")
+        if mariadb.server is not None:
+            say(f"  local MariaDB (binlog on) on 127.0.0.1:{mariadb.server.port}")
+            stack.callback(mariadb.server.stop)
+        if mariadb.message is not None:
+            say(f"  ! {mariadb.message}")
+        if mariadb.env:
+            settings = Settings.from_env({**settings.env, **mariadb.env})
         with step("database connections"):
             check_postgres("KAPPA_EDW_URL", settings.resolved_edw_url)
             check_postgres("KAPPA_DAGSTER_PG_URL", settings.resolved_dagster_pg_url)
@@ -287,9 +297,14 @@ def up(settings: Settings, *, reset: bool, producers: bool, seed: bool = False) 
             f"  EDW             {redact(settings.resolved_edw_url)}  (schemas {settings.edw_schema}, {settings.meta_schema})"
         )
         say(f"  Dagster storage {redact(settings.resolved_dagster_pg_url)}")
-        say(
-            f"  OLTP            {redact(settings.resolved_oltp_url)}  (captured: {', '.join(str(c.source) for c in load_captures(settings.catalog))})"
-        )
+        captured = active_captures(settings)
+        for engine, url in (
+            ("postgresql", settings.resolved_oltp_url),
+            ("mariadb", settings.env.get(URL_SETTING, "")),
+        ):
+            tables = ", ".join(str(c.source) for c in captured if c.engine == engine)
+            if tables:
+                say(f"  OLTP {engine:<10} {redact(url)}  (captured: {tables})")
         say(f"  topics          {', '.join(loaded_topics(settings))}")
         say(f"  running         {', '.join(supervisor.names)}")
         say(f"  logs            {logs}")

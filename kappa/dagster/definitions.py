@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from kappa.catalog.captures import CaptureSpec, load_captures
+from kappa.catalog.captures import CaptureSpec
 from kappa.catalog.ingests import topic_ingests
 from kappa.dagster.assets.cdc import (
     build_capture_asset,
@@ -44,7 +44,7 @@ from kappa.heal import heals
 from kappa.health import failure_threshold
 from kappa.run import FactServices
 from kappa.settings import Settings
-from kappa.sources.captured import mariadb_url
+from kappa.sources.captured import active_captures, mariadb_url
 from kappa.sources.mariadb_server import URL_SETTING
 
 
@@ -85,7 +85,7 @@ def build_definitions(
     services = services if services is not None else FactServices.from_settings(settings)
     ingests = topic_ingests(settings)
     topics = [spec for spec, _ in ingests]
-    captures = load_captures(settings.catalog)
+    captures = active_captures(settings)
     limits = {"max_batch": settings.batch_max_records, "max_run": settings.run_max_records}
     interval = settings.sensor_interval_s
     facts = {

@@ -6,6 +6,7 @@ No server binary installed: :func:`find_mariadbd` answers None and the MariaDB s
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -13,6 +14,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kappa.exceptions import ConfigurationError
+from kappa.local.processes import port_in_use
+
+if TYPE_CHECKING:
+    from kappa.settings import Settings
 
 #: Where Debian installs the server; PATH is searched too.
 _CANDIDATES = ("/usr/sbin/mariadbd", "/usr/libexec/mariadbd", "/usr/sbin/mysqld")
@@ -86,7 +94,7 @@ def _install(binary: str, datadir: Path) -> None:
             f"--datadir={datadir}",
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
-            "--user=root" if os.getuid() == 0 else f"--user={os.getlogin()}",
+            "--user=root" if os.getuid() == 0 else f"--user={getpass.getuser()}",
         ],
         check=True,
         capture_output=True,
@@ -119,7 +127,10 @@ def start_mariadb(
     ]
     if os.getuid() == 0:
         args.append("--user=root")
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own session: Ctrl-C in the terminal of `kappa up` stops it through its owner, in order.
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     server = MariaDBServer(datadir, port, process)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,3 +144,51 @@ def start_mariadb(
             time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"mariadbd did not listen on port {port} within {timeout:.0f}s")
+
+
+@dataclass(frozen=True)
+class LocalMariaDB:
+    """What ``kappa up`` makes of the catalogue's MariaDB tables: the settings to add to the
+    stack's environment, the server it started (None: given by ``KAPPA_MARIADB_URL``, or
+    none), and what to tell the user."""
+
+    env: dict[str, str]
+    server: MariaDBServer | None = None
+    message: str | None = None
+
+
+def local_mariadb(settings: Settings, datadir: Path) -> LocalMariaDB:
+    """The MariaDB server of the catalogue's ``engine: mariadb`` tables for the local stack.
+
+    ``KAPPA_MARIADB_URL`` set: that server, nothing started. Else, with a ``mariadbd``
+    installed: a server started on ``datadir`` (kept across restarts, so the binlog and the
+    ledger's GTIDs stay in step) on ``KAPPA_MARIADB_PORT``, with the binlog settings capture
+    needs. Else those tables are turned off (``KAPPA_CAPTURES_OFF``) and the message says so:
+    the rest of the stack runs without them.
+    """
+    from kappa.sources.captured import OFF_SETTING, active_captures
+    from kappa.sources.mariadb_server import URL_SETTING
+
+    tables = [spec.name for spec in active_captures(settings) if spec.engine == "mariadb"]
+    if not tables or settings.env.get(URL_SETTING, "").strip():
+        return LocalMariaDB({})
+    binary = find_mariadbd()
+    if binary is None:
+        off = [n for n in settings.env.get(OFF_SETTING, "").split(",") if n.strip()]
+        return LocalMariaDB(
+            {OFF_SETTING: ",".join([*off, *tables])},
+            message=(
+                f"{', '.join(tables)}: MariaDB source off, no mariadbd is installed "
+                f"(Debian: mariadb-server) and {URL_SETTING} is not set"
+            ),
+        )
+    # Something answering there would pass for the server's start (a closed port's
+    # connections in TIME_WAIT do not count: the server binds with SO_REUSEADDR).
+    if port_in_use(settings.mariadb_port):
+        raise ConfigurationError(
+            "KAPPA_MARIADB_PORT",
+            f"127.0.0.1:{settings.mariadb_port} is in use: choose a free port for the "
+            f"local MariaDB, or set {URL_SETTING} to a server of your own",
+        )
+    server = start_mariadb(datadir, port=settings.mariadb_port, binary=binary)
+    return LocalMariaDB({URL_SETTING: server.url}, server=server)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 from kappa.edw.types import LedgerHead
@@ -158,6 +159,19 @@ class ChangeSource(Source, Protocol):
     def lag(self, loaded_until: int) -> Any:
         """How far a target loaded up to ``loaded_until`` is behind, and which open
         transactions delay it (a :class:`kappa.sources.pg_capture.CaptureLag`)."""
+        ...
+
+    def complete_until(self) -> datetime:
+        """A time before which every change still to come lies (read it before planning:
+        what commits later carries no earlier change time)."""
+        ...
+
+    def pending_since(
+        self, loaded_until: int, column: str, values: list[str]
+    ) -> dict[str, datetime] | None:
+        """For each of ``values`` with a committed change past ``loaded_until`` that has it
+        as ``column`` in an image: the earliest such change's time. None: the source cannot
+        tell by value (then any change waiting holds every value back)."""
         ...
 
 

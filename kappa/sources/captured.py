@@ -1,19 +1,51 @@
-"""The change source of a captured table outside Dagster (the CLI), by the engine the
-catalogue names for it."""
+"""The captured tables a deployment runs (the catalogue's, less those ``KAPPA_CAPTURES_OFF``
+turns off), and the change source of one outside Dagster (the CLI), by its engine."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from kappa.catalog.captures import CaptureSpec
+from kappa.catalog.captures import CaptureSpec, load_captures
 from kappa.edw.connection import connect
 from kappa.exceptions import ConfigurationError
 from kappa.sources.base import ChangeSource
 from kappa.sources.mariadb_binlog import BinlogTable
-from kappa.sources.mariadb_server import URL_SETTING, ServerAddress
+from kappa.sources.mariadb_server import URL_SETTING, ServerAddress, check_server
 from kappa.sources.pg_capture import ChangeTable
+
+if TYPE_CHECKING:
+    from kappa.settings import Settings
+
+#: Captured tables (catalogue ``name``) this deployment does not capture, comma-separated:
+#: no capture asset, sensor or checks, nothing read from their source; their EDW target
+#: stays (a step reading it sees what was loaded before). ``kappa up`` sets it for the
+#: MariaDB tables when no MariaDB server is installed or given.
+OFF_SETTING = "KAPPA_CAPTURES_OFF"
+
+
+def captures_off(env: Mapping[str, str], captures: Sequence[CaptureSpec]) -> frozenset[str]:
+    """The names in ``KAPPA_CAPTURES_OFF``; one that is not a captured table fails, naming
+    the setting."""
+    raw = env.get(OFF_SETTING, "")
+    off = frozenset(name.strip() for name in raw.split(",") if name.strip())
+    unknown = sorted(off - {spec.name for spec in captures})
+    if unknown:
+        known = ", ".join(spec.name for spec in captures) or "none"
+        raise ConfigurationError(
+            OFF_SETTING,
+            f"{', '.join(unknown)} is not a captured table of the catalogue (tables: {known})",
+        )
+    return off
+
+
+def active_captures(settings: Settings) -> list[CaptureSpec]:
+    """The catalogue's captured tables less those turned off (``KAPPA_CAPTURES_OFF``)."""
+    captures = load_captures(settings.catalog)
+    off = captures_off(settings.env, captures)
+    return [spec for spec in captures if spec.name not in off]
 
 
 def mariadb_url(env: Mapping[str, str] | None = None) -> str:
@@ -43,3 +75,25 @@ def open_change_source(spec: CaptureSpec, *, oltp_url: str) -> Iterator[ChangeSo
         return
     with connect(oltp_url, setting="KAPPA_OLTP_URL") as conn:
         yield ChangeTable(conn, spec)
+
+
+def check_mariadb_tables(specs: Sequence[CaptureSpec], url: str) -> None:
+    """Before a MariaDB table is captured: the server's binlog settings allow it (else
+    :class:`~kappa.sources.mariadb_server.CaptureImpossibleError` names the setting) and each
+    source table exists (else a :class:`ConfigurationError` naming the catalogue entry)."""
+    with ServerAddress.parse(url).connect() as conn:
+        check_server(conn)
+        with conn.cursor() as cur:
+            for spec in specs:
+                cur.execute(
+                    "SELECT count(*) FROM information_schema.tables "
+                    "WHERE table_schema = %s AND table_name = %s",
+                    (spec.source.schema, spec.source.table),
+                )
+                row = cur.fetchone()
+                if not row or not row[0]:
+                    raise ConfigurationError(
+                        "KAPPA_CATALOG",
+                        f"captured table {spec.source} ({spec.name}) does not exist in the "
+                        f"MariaDB server of {URL_SETTING}",
+                    )

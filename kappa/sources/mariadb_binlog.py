@@ -408,6 +408,16 @@ class BinlogTable:
             horizon_name="binlog_end_gtid_seq",
         )
 
+    def complete_until(self) -> dt.datetime:
+        return self.open_since()
+
+    def pending_since(
+        self, loaded_until: int, column: str, values: list[str]
+    ) -> dict[str, dt.datetime] | None:
+        # By value it would mean reading the binlog past the ledger on every batch: the
+        # common rule (a change waiting holds every value back to the ledger's watermark).
+        return None
+
     def open_since(self) -> dt.datetime:
         """A time before which every change still to come lies: now, or the start of the
         oldest transaction open on the server (its rows carry their statements' times)."""

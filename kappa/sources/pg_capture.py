@@ -354,3 +354,11 @@ class ChangeTable:
 
     def lag(self, loaded_until: int) -> CaptureLag:
         return capture_lag(self.conn, self.spec, loaded_until)
+
+    def complete_until(self) -> datetime:
+        return complete_until(self.conn)
+
+    def pending_since(
+        self, loaded_until: int, column: str, values: list[str]
+    ) -> dict[str, datetime]:
+        return pending_since(self.conn, self.spec, loaded_until, column, values)

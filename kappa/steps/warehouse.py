@@ -13,7 +13,8 @@ from kappa.catalog.captures import CaptureSpec
 from kappa.changes.target import surrogate_key
 from kappa.edw.ledger import read_head
 from kappa.edw.types import Schemas
-from kappa.sources import pg_capture
+from kappa.sources.base import ChangeSource
+from kappa.sources.pg_capture import ChangeTable
 from kappa.steps.api import AsOf, Lookup, Range
 from kappa.steps.completeness import JUST_BEFORE, Completeness
 
@@ -123,13 +124,23 @@ class WarehouseLookups:
         captures: Mapping[str, CaptureSpec],
         lookups: Sequence[Lookup],
         versions: VersionCache | None = None,
+        off: frozenset[str] = frozenset(),
+        sources: Mapping[str, ChangeSource] | None = None,
     ) -> None:
         self.version_cache = versions or VersionCache()
+        #: Targets whose capture is turned off: read as they are, never waited for.
+        self.off = off
         self.edw = edw
         self.schemas = schemas
-        self.oltp = oltp
         self.lookups = tuple(lookups)
         self.captures = {lookup.target: capture_for(captures, lookup) for lookup in self.lookups}
+        #: The change source of each looked-up target, which completeness is read from:
+        #: ``sources`` (any engine), else the change table through ``oltp`` (PostgreSQL).
+        self.sources: dict[str, ChangeSource] = dict(sources or {})
+        if oltp is not None:
+            for target, spec in self.captures.items():
+                if spec.engine == "postgresql" and target not in self.sources:
+                    self.sources[target] = ChangeTable(oltp, spec)
 
     def _match(self, lookup: Lookup) -> str:
         """The capture's column holding the event field's values."""
@@ -138,28 +149,39 @@ class WarehouseLookups:
         return lookup.match
 
     def watermark(self, keys: Mapping[str, Sequence[str]] | None = None) -> Completeness | None:
-        if self.oltp is None or not self.captures:
+        live = [lookup for lookup in self.lookups if lookup.target not in self.off]
+        if not self.lookups or any(lookup.target not in self.sources for lookup in live):
             return None
-        until = pd.Timestamp(pg_capture.complete_until(self.oltp))
+        if not live:
+            # Every lookup's capture is off: nothing more will come, nothing to wait for.
+            return Completeness(pd.Timestamp.now(tz="UTC"), {})
+        # Every source's bound before anything else is read of it (see complete_until).
+        until = min(
+            pd.Timestamp(source.complete_until())
+            for source in {id(s): s for s in (self.sources[x.target] for x in live)}.values()
+        )
         pending: dict[str, dict[str, pd.Timestamp]] = {}
         asked = {k: list(v) for k, v in (keys or {}).items() if v}
-        for lookup in self.lookups:
+        for lookup in live:
             spec = self.captures[lookup.target]
+            source = self.sources[lookup.target]
             head = read_head(self.edw, self.schemas, spec.asset, str(spec.change_table), 0)
             loaded_until = head.end if head is not None else 0
             values = asked.get(lookup.key)
-            if values and head is not None:
-                # Only these values' changes waiting past the ledger hold them back (a range
-                # scan from the ledger end; before the capture's first batch that would be
-                # the whole change table, on every batch: the common rule applies then).
-                since = pg_capture.pending_since(
-                    self.oltp, spec, loaded_until, self._match(lookup), values
-                )
+            # Only these values' changes waiting past the ledger hold them back (a range
+            # scan from the ledger end; before the capture's first batch that would be the
+            # whole change table, on every batch: the common rule applies then).
+            since = (
+                source.pending_since(loaded_until, self._match(lookup), values)
+                if values and head is not None
+                else None
+            )
+            if since is not None:
                 field_pending = pending.setdefault(lookup.key, {})
                 for value, earliest in since.items():
                     mark = pd.Timestamp(earliest) - JUST_BEFORE
                     field_pending[value] = min(field_pending.get(value, mark), mark)
-            elif pg_capture.plan_end(self.oltp, spec, loaded_until, max_changes=1) > loaded_until:
+            elif source.plan_end(loaded_until, max_changes=1) > loaded_until:
                 # Changes wait: complete only as far as the capture's last batch recorded.
                 if head is None or head.watermark is None:
                     return None

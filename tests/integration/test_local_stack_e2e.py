@@ -97,18 +97,19 @@ class Ports:
     pg: int
     broker: int
     ui: int
+    mariadb: int
 
     @classmethod
     def pick(cls) -> Ports:
         chosen: list[int] = []
-        while len(chosen) < 3:
+        while len(chosen) < 4:
             port = free_port()
             if port not in chosen:
                 chosen.append(port)
         return cls(*chosen)
 
     def __iter__(self) -> Iterator[int]:
-        return iter((self.pg, self.broker, self.ui))
+        return iter((self.pg, self.broker, self.ui, self.mariadb))
 
 
 @dataclass
@@ -136,6 +137,7 @@ class LocalState:
             KAPPA_PG_PORT=str(self.ports.pg),
             KAPPA_BROKER_PORT=str(self.ports.broker),
             KAPPA_UI_PORT=str(self.ports.ui),
+            KAPPA_MARIADB_PORT=str(self.ports.mariadb),
             KAPPA_SENSOR_INTERVAL_S="2",
             KAPPA_SIM_RATE=self.sim_rate,
             KAPPA_BROKER_STORAGE=self.broker_storage,

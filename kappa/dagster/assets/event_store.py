@@ -17,8 +17,7 @@ from kappa.dagster.assets.fact_checks import (
 )
 from kappa.dagster.assets.partitions import arrival_partitions, previous_partition_dep
 from kappa.dagster.assets.recent_batches import recent_batches_metadata
-from kappa.dagster.resources.event_store import EventStoreResource
-from kappa.dagster.resources.oltp import OltpResource
+from kappa.dagster.resources.capture import capture_resource, open_capture
 from kappa.dagster.resources.state import StateCacheResource
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.heal import HEAL_TAG
@@ -186,26 +185,33 @@ def build_fact_asset(
         tags={"kappa/source": "event_store"},
     )
 
+    # The resource of each engine its step's lookups are captured from (their completeness).
+    engines = {
+        capture_resource(services.captures[lookup.target])
+        for lookup in (spec.step.lookups if spec.step is not None else ())
+        if lookup.target in services.captures and lookup.target not in services.off
+    }
+
     @dg.multi_asset(
         name=spec.asset,
         specs=[main, *side_assets],
         can_subset=False,
         partitions_def=arrival_partitions(windows),
         backfill_policy=dg.BackfillPolicy.single_run(),
+        required_resource_keys={"event_store", "warehouse", "oltp", "state_cache", *engines},
     )
     def fact(
-        context: dg.AssetExecutionContext,
-        config: MicroBatchConfig,
-        event_store: EventStoreResource,
-        warehouse: WarehouseResource,
-        oltp: OltpResource,
-        state_cache: StateCacheResource,
+        context: dg.AssetExecutionContext, config: MicroBatchConfig
     ) -> Iterator[dg.MaterializeResult]:
+        resources = context.resources
+        warehouse: WarehouseResource = resources.warehouse
+        state_cache: StateCacheResource = resources.state_cache
         connections = Connections(
             schemas=warehouse.schemas,
-            event_store=event_store.open,
+            event_store=resources.event_store.open,
             edw=warehouse.connect,
-            oltp=oltp.connect,
+            oltp=resources.oltp.connect,
+            change_source=lambda capture: open_capture(resources, capture),
         )
         if not config.ranges:
             yield from _reprocess(context, connections)

@@ -9,11 +9,15 @@ queue's limit of one per asset) and holds every shard, so the live sensor plans 
 while it runs.
 """
 
+from contextlib import ExitStack
+from functools import partial
+from typing import Any
+
 import dagster as dg
 
 from kappa.dagster.assets.event_store import FactServices
+from kappa.dagster.resources.capture import capture_resource, open_capture
 from kappa.dagster.resources.event_store import EventStoreResource
-from kappa.dagster.resources.oltp import OltpResource
 from kappa.dagster.resources.warehouse import WarehouseResource
 from kappa.dagster.sensors.micro_batch import (
     ASSET_TAG,
@@ -31,7 +35,8 @@ from kappa.heal import (
 )
 from kappa.ingest.plan import TopicIngest
 from kappa.partitions import TimeWindows
-from kappa.steps.warehouse import WarehouseLookups
+from kappa.run import Connections, open_dimensions
+from kappa.steps.warehouse import VersionCache
 
 __all__ = ["HEAL_KEY_TAG", "HEAL_TAG", "build_heal_sensor"]
 
@@ -50,6 +55,12 @@ def build_heal_sensor(
 ) -> dg.SensorDefinition:
     """The sensor that heals ``spec.asset``'s provisional rows (see the module)."""
 
+    engines = {
+        capture_resource(services.captures[lookup.target])
+        for lookup in (spec.step.lookups if spec.step is not None else ())
+        if lookup.target in services.captures and lookup.target not in services.off
+    }
+
     @dg.sensor(
         name=f"{spec.asset}_heal_sensor",
         description=(
@@ -61,13 +72,12 @@ def build_heal_sensor(
         asset_selection=selection or [dg.AssetKey(spec.asset)],
         minimum_interval_seconds=interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING,
+        required_resource_keys={"event_store", "warehouse", "oltp", *engines},
     )
-    def heal_sensor(
-        context: dg.SensorEvaluationContext,
-        event_store: EventStoreResource,
-        warehouse: WarehouseResource,
-        oltp: OltpResource,
-    ) -> dg.SensorResult:
+    def heal_sensor(context: dg.SensorEvaluationContext, **_: Any) -> dg.SensorResult:
+        resources = context.resources
+        event_store: EventStoreResource = resources.event_store
+        warehouse: WarehouseResource = resources.warehouse
         in_flight = context.instance.get_runs(
             filters=dg.RunsFilter(tags={ASSET_TAG: spec.asset}, statuses=IN_FLIGHT)
         )
@@ -83,14 +93,23 @@ def build_heal_sensor(
             groups = provisional_groups(conn, schemas, spec.asset, spec.contract)
             completeness = None
             if groups:
-                with oltp.connect(statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S) as source:
-                    completeness = WarehouseLookups(
-                        conn,
-                        schemas,
-                        oltp=source,
-                        captures=services.captures,
-                        lookups=spec.step.lookups if spec.step is not None else (),
-                    ).watermark(group_values(groups))
+                connections = Connections(
+                    schemas=schemas,
+                    event_store=event_store.open,
+                    edw=warehouse.connect,
+                    oltp=partial(
+                        resources.oltp.connect, statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S
+                    ),
+                    change_source=lambda capture: open_capture(
+                        resources, capture, statement_timeout_s=SENSOR_STATEMENT_TIMEOUT_S
+                    ),
+                )
+                with ExitStack() as stack:
+                    lookups = open_dimensions(
+                        stack, conn, spec, connections, services, VersionCache()
+                    )
+                    if lookups is not None:
+                        completeness = lookups.watermark(group_values(groups))
             plan = plan_heal(spec.asset, groups, completeness, windows)
             if plan.partition_key is None:
                 return dg.SensorResult(skip_reason=plan.waiting)
