@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
+from bench.demo import BENCH_CATALOG, ORDER_PLACED, PAYMENT_ATTEMPTED
 from examples.shop.oltp import ensure_source_tables
 from examples.shop.simulator import COUNTRIES, customer_profile
 from kappa.catalog.captures import CaptureSpec, load_captures
@@ -37,7 +37,6 @@ from kappa.exact import round_half_even_div
 from kappa.local.pg_admin import ensure_database
 from kappa.local.postgres import EmbeddedPostgres
 from kappa.local.processes import free_port
-from kappa.settings import REPO_ROOT
 from kappa.sources.pg_capture import install_capture
 
 SEGMENTS = ("retail", "smb", "enterprise")
@@ -70,7 +69,7 @@ def populate_edw(
     another country), so the as-of join matters.
     """
     schemas = Schemas()
-    specs = {s.name: s for s in load_captures(REPO_ROOT / "catalog.yaml")}
+    specs = {s.name: s for s in load_captures(BENCH_CATALOG)}
     ensure_schema(conn, schemas, [ORDER_PLACED, PAYMENT_ATTEMPTED])
     # The database is the OLTP side too: its captured tables and (empty) change tables, so
     # completeness is read from a real OLTP horizon per batch, as a run reads it.

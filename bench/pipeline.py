@@ -34,6 +34,7 @@ from pathlib import Path
 
 import orjson
 
+from bench.demo import BENCH_CATALOG
 from kappa.catalog.ingests import topic_ingests
 from kappa.edw.ledger import read_heads
 from kappa.exceptions import KappaError
@@ -93,6 +94,7 @@ def product_settings(bootstrap: str, edw_url: str, oltp_url: str, **topics: str)
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "KAPPA_EDW_URL": edw_url,
             "KAPPA_OLTP_URL": oltp_url,
+            "KAPPA_CATALOG": str(BENCH_CATALOG),
             **topics,
         }
     )

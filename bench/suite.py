@@ -66,7 +66,7 @@ from bench.common import (
     stats_before,
     stored_mean_before,
 )
-from bench.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
+from bench.demo import BENCH_CATALOG, ORDER_PLACED, PAYMENT_ATTEMPTED
 from examples.shop.simulator import SimulatorConfig, generate
 from kappa.catalog.ingests import topic_ingests
 from kappa.catalog.streams import EventContract, fact_columns
@@ -428,6 +428,7 @@ def rbar(edw_url: str, bootstrap: str, edw: Edw, produced: Produced, events: int
             {
                 "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
                 "KAPPA_EDW_URL": edw_url,
+                "KAPPA_CATALOG": str(BENCH_CATALOG),
                 "KAPPA_TOPIC_ORDERS": produced.topics["orders"],
                 "KAPPA_TOPIC_PAYMENTS": produced.topics["payments"],
             }

@@ -34,6 +34,11 @@ from kappa.local.postgres import EmbeddedPostgres
 from kappa.local.processes import free_port
 from kappa.local.topics import ensure_topics
 from kappa.settings import BROKER_STORAGES, BrokerStorage
+from tests.demo import TEST_CATALOG
+
+# Every settings read of the session from the environment gets the demo catalogue with its
+# calls in PostgreSQL (see tests/demo.py), unless the run names another.
+os.environ.setdefault("KAPPA_CATALOG", str(TEST_CATALOG))
 
 TEST_PG_URL_ENV = "KAPPA_TEST_PG_URL"
 TEST_BROKER_STORAGE_ENV = "KAPPA_TEST_BROKER_STORAGE"

@@ -38,9 +38,18 @@ SHOP_SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("KAPPA_SIM_INVALID_RATE", "0.005", "Share of simulated messages that are malformed."),
     Setting(
-        "KAPPA_OLTP_RATE", "5", "Simulated OLTP transactions per second (customers and calls)."
+        "KAPPA_OLTP_RATE",
+        "5",
+        "Simulated OLTP transactions per second (customers, and calls when they are captured "
+        "from PostgreSQL).",
     ),
     Setting("KAPPA_OLTP_WRITERS", "3", "Concurrent writers of the OLTP simulator."),
+    Setting(
+        "KAPPA_CALLS_RATE",
+        "2",
+        "Simulated call-centre transactions per second (1-3 calls each), written to MariaDB "
+        "by `examples.shop.calls` when the catalogue captures the calls from there.",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SHOP_SETTINGS}
@@ -68,6 +77,7 @@ class ShopSettings:
     sim_invalid_rate: float
     oltp_rate: float
     oltp_writers: int
+    calls_rate: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ShopSettings:
@@ -91,4 +101,5 @@ class ShopSettings:
             sim_invalid_rate=_float(env, "KAPPA_SIM_INVALID_RATE", minimum=0.0, maximum=1.0),
             oltp_rate=_float(env, "KAPPA_OLTP_RATE", minimum=0.0, maximum=100_000),
             oltp_writers=writers,
+            calls_rate=_float(env, "KAPPA_CALLS_RATE", minimum=0.0, maximum=100_000),
         )

@@ -7,9 +7,8 @@ from kappa.changes.target import ensure_target
 from kappa.edw.connection import connect
 from kappa.edw.schema import ensure_schema
 from kappa.edw.types import Schemas
-from kappa.settings import REPO_ROOT
 from kappa.sources import pg_capture
-from tests.demo import DEMO
+from tests.demo import DEMO, TEST_CATALOG
 from tests.integration.harness import Pipeline
 from tests.integration.mariadb import mariadb_db, mariadb_server  # noqa: F401  (fixtures)
 
@@ -20,6 +19,7 @@ def pipeline_env(broker, database_url, topic_factory, monkeypatch) -> dict[str, 
         "KAFKA_BOOTSTRAP_SERVERS": broker,
         "KAPPA_EDW_URL": database_url,
         "KAPPA_OLTP_URL": database_url,
+        "KAPPA_CATALOG": str(TEST_CATALOG),
         "KAPPA_TOPIC_ORDERS": topic_factory("orders", 4),
         "KAPPA_TOPIC_PAYMENTS": topic_factory("payments", 2),
         "KAPPA_BATCH_MAX_RECORDS": "500",
@@ -48,7 +48,7 @@ def captured(database_url: str) -> str:
     with connect(database_url) as conn:
         ensure_schema(conn, schemas, DEMO.streams)
         ensure_source_tables(conn)
-        for spec in load_captures(REPO_ROOT / "catalog.yaml"):
+        for spec in load_captures(TEST_CATALOG):
             ensure_target(conn, schemas, spec)
             pg_capture.install_capture(conn, spec)
     return database_url

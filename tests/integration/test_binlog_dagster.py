@@ -16,7 +16,8 @@ import yaml
 from kappa.catalog.captures import load_captures
 from kappa.dagster.definitions import build_definitions
 from kappa.exceptions import ConfigurationError
-from kappa.settings import REPO_ROOT, Settings
+from kappa.settings import Settings
+from tests.demo import TEST_CATALOG
 from tests.integration.harness import Pipeline
 from tests.integration.mariadb import mysql
 
@@ -49,7 +50,7 @@ DDL = (
 def binlog_env(tmp_path: Path, pipeline_env, mariadb_db, mariadb_server, monkeypatch):
     """The shop catalogue with one more table, ``calls``, in MariaDB."""
     address, db = mariadb_db
-    catalog = yaml.safe_load((REPO_ROOT / "catalog.yaml").read_text())
+    catalog = yaml.safe_load(TEST_CATALOG.read_text())
     catalog.pop("local", None)
     catalog["tables"].append({**CALLS, "source": f"{db}.calls"})
     path = tmp_path / "catalog.yaml"

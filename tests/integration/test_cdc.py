@@ -15,11 +15,11 @@ from kappa.edw.connection import connect
 from kappa.edw.schema import ensure_schema
 from kappa.edw.types import Schemas
 from kappa.ingest.capture import run_capture_batch
-from kappa.settings import REPO_ROOT
+from tests.demo import TEST_CATALOG
 
 pytestmark = pytest.mark.integration
 
-SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "catalog.yaml")}
+SPECS = {spec.name: spec for spec in load_captures(TEST_CATALOG)}
 CUSTOMERS = SPECS["customers"]
 CALLS = SPECS["call_center_calls"]
 SCHEMAS = Schemas()

@@ -19,12 +19,12 @@ from kappa.ingest.capture import ChangeWindowLoader, run_capture_batch
 from kappa.ingest.reprocess import reprocess_window
 from kappa.partitions import TimeWindows
 from kappa.reconcile import compare_capture_with_log, reconcile_capture
-from kappa.settings import REPO_ROOT
 from kappa.sources import pg_capture
+from tests.demo import TEST_CATALOG
 
 pytestmark = pytest.mark.integration
 
-SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "catalog.yaml")}
+SPECS = {spec.name: spec for spec in load_captures(TEST_CATALOG)}
 SCHEMAS = Schemas()
 WINDOWS = TimeWindows("hourly", datetime(2026, 11, 1, tzinfo=UTC))
 HOUR_1 = WINDOWS.at(datetime(2026, 11, 20, 8, 30, tzinfo=UTC)).key

@@ -22,13 +22,12 @@ from kappa.edw.schema import ensure_schema
 from kappa.edw.types import BatchRecord, Schemas
 from kappa.exceptions import BatchSupersededError
 from kappa.ingest.capture import run_capture_batch
-from kappa.settings import REPO_ROOT
 from kappa.steps.warehouse import WarehouseLookups
-from tests.demo import ORDER_PLACED
+from tests.demo import ORDER_PLACED, TEST_CATALOG
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration
-SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "catalog.yaml")}
+SPECS = {spec.name: spec for spec in load_captures(TEST_CATALOG)}
 SCHEMAS = Schemas()
 
 

@@ -259,3 +259,29 @@ def test_a_step_module_beside_the_catalogue_imports_from_any_working_directory(
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
     (contract,) = load_streams(path)
     assert contract.step == "shipping_steps_beside:Stamp"
+
+
+def test_a_step_may_look_up_a_table_captured_from_mariadb():
+    from kappa.catalog.captures import load_captures
+    from kappa.catalog.ingests import topic_ingests
+
+    settings = Settings.from_env({"KAPPA_CATALOG": str(REPO_ROOT / "catalog.yaml")})
+    engines = {c.target: c.engine for c in load_captures(settings.catalog)}
+    assert engines == {"dim_customer": "postgresql", "fact_call_center_call": "mariadb"}
+    ingests = {spec.asset: spec for spec, _ in topic_ingests(settings)}
+    step = ingests["fact_payment"].step
+    assert step is not None
+    assert "fact_call_center_call" in {lookup.target for lookup in step.lookups}
+
+
+def test_captures_turned_off_are_left_out_and_an_unknown_name_is_refused():
+    from kappa.sources.captured import OFF_SETTING, active_captures
+
+    names = [c.name for c in active_captures(Settings.from_env({}))]  # the shipped catalogue
+    assert names == ["customers", "call_center_calls"]
+    off = Settings.from_env({OFF_SETTING: " call_center_calls ,"})
+    assert [c.name for c in active_captures(off)] == ["customers"]
+    with pytest.raises(ConfigurationError) as caught:
+        active_captures(Settings.from_env({OFF_SETTING: "customers,calls"}))
+    assert str(caught.value).startswith(OFF_SETTING), caught.value
+    assert "calls is not a captured table" in str(caught.value), caught.value

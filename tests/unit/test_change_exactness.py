@@ -9,9 +9,9 @@ import pytest
 
 from kappa.catalog.captures import load_captures
 from kappa.changes.validate import validate_changes
-from kappa.settings import REPO_ROOT
+from tests.demo import TEST_CATALOG
 
-SPECS = {spec.name: spec for spec in load_captures(REPO_ROOT / "catalog.yaml")}
+SPECS = {spec.name: spec for spec in load_captures(TEST_CATALOG)}
 AT = datetime(2026, 11, 26, 6, 0, tzinfo=UTC)
 
 

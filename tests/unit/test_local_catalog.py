@@ -27,6 +27,7 @@ def test_the_repository_catalogue_names_the_shop_s_hooks_and_producers() -> None
     assert section.producers == (
         Producer("simulator", "examples.shop.simulator"),
         Producer("oltp-simulator", "examples.shop.oltp"),
+        Producer("calls-simulator", "examples.shop.calls"),
     )
     assert section.directory == REPO_ROOT
     from examples.shop.oltp import prepare, seed

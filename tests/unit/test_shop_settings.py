@@ -76,6 +76,17 @@ def _producer(module: str, env: dict[str, str]) -> subprocess.Popen[str]:
     [
         ("examples.shop.simulator", {"KAPPA_SIM_RATE": "0"}, "simulator idle"),
         ("examples.shop.oltp", {"KAPPA_OLTP_RATE": "0"}, "oltp simulator idle"),
+        ("examples.shop.calls", {"KAPPA_CALLS_RATE": "0"}, "calls simulator idle"),
+        # The calls captured from PostgreSQL (the tests' catalogue): nothing for it to write.
+        ("examples.shop.calls", {}, "does not capture call_center_calls from MariaDB"),
+        (
+            "examples.shop.calls",
+            {
+                "KAPPA_CATALOG": str(REPO_ROOT / "catalog.yaml"),
+                "KAPPA_CAPTURES_OFF": "call_center_calls",
+            },
+            "call_center_calls is off",
+        ),
     ],
 )
 def test_each_producer_runs_until_sigterm(module, env, idle) -> None:
@@ -93,9 +104,19 @@ def test_each_producer_runs_until_sigterm(module, env, idle) -> None:
     assert process.wait(timeout=30) == 0
 
 
-@pytest.mark.parametrize("module", ["examples.shop.simulator", "examples.shop.oltp"])
+@pytest.mark.parametrize(
+    "module", ["examples.shop.simulator", "examples.shop.oltp", "examples.shop.calls"]
+)
 def test_a_producer_with_a_bad_setting_exits_2_naming_it(module) -> None:
     process = _producer(module, {"KAPPA_SIM_CUSTOMERS": "many"})
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 2, output
     assert "KAPPA_SIM_CUSTOMERS: expected a whole number, got 'many'" in output
+
+
+def test_the_calls_simulator_without_its_server_exits_2_naming_the_setting() -> None:
+    env = {"KAPPA_CATALOG": str(REPO_ROOT / "catalog.yaml")}
+    process = _producer("examples.shop.calls", env)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, output
+    assert "KAPPA_MARIADB_URL: the catalogue captures tables with engine: mariadb" in output

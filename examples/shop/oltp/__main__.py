@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 
+from examples.shop.calls import calls_in_postgres
 from examples.shop.oltp.plans import OltpConfig
 from examples.shop.oltp.writers import OltpWriters
 from examples.shop.process import run_producer
@@ -18,7 +19,8 @@ from kappa.settings import Settings
 
 
 def _write(settings: Settings, shop: ShopSettings, stop: threading.Event) -> None:
-    config = OltpConfig.from_settings(shop)
+    # The calls go to the call centre's own database when they are captured from there.
+    config = OltpConfig.from_settings(shop, calls=calls_in_postgres(settings))
     OltpWriters(settings.resolved_oltp_url, config, rate=shop.oltp_rate).run(stop)
 
 

@@ -70,6 +70,9 @@ class OltpConfig:
     segments: tuple[str, ...] = ("retail", "smb", "enterprise")
     reasons: tuple[str, ...] = ("billing", "card_lost", "fraud_report", "delivery", "other")
     sentiments: tuple[str, ...] = ("positive", "neutral", "negative")
+    #: Whether the writers insert calls: not when the catalogue captures the calls from
+    #: another database (``examples.shop.calls`` writes them there).
+    calls: bool = True
 
     def __post_init__(self) -> None:
         if self.customers < 1:
@@ -97,13 +100,18 @@ class OltpConfig:
                 raise ValueError(f"{name} has duplicates: {values!r}")
 
     @classmethod
-    def from_settings(cls, shop: ShopSettings) -> OltpConfig:
+    def from_settings(cls, shop: ShopSettings, *, calls: bool = True) -> OltpConfig:
         """The configuration of the stack's OLTP simulator, from the validated settings.
 
         Uses the event simulator's customers and seed, so both simulators describe the same
         people (the settings refuse more writers than customers, naming the variable).
         """
-        return cls(customers=shop.sim_customers, seed=shop.sim_seed, writers=shop.oltp_writers)
+        return cls(
+            customers=shop.sim_customers,
+            seed=shop.sim_seed,
+            writers=shop.oltp_writers,
+            calls=calls,
+        )
 
     @property
     def bootstrap_customers(self) -> int:
@@ -275,7 +283,8 @@ def _update(rng: random.Random, config: OltpConfig) -> UpdateCustomer:
     )
 
 
-def _call(rng: random.Random, config: OltpConfig, number: int) -> InsertCall:
+def plan_call(rng: random.Random, config: OltpConfig, number: int) -> InsertCall:
+    """A call's reason, sentiment and duration; ``number`` makes its id unique per writer."""
     duration = round(rng.lognormvariate(5.5, 0.8))
     return InsertCall(
         number=number,
@@ -311,7 +320,9 @@ def plan_transaction(rng: random.Random, state: WriterState, config: OltpConfig)
         weights = [
             (mix[kind] if free else 0)
             if kind is OpKind.INSERT_CUSTOMER
-            else (mix[kind] if known > 0 else 0)
+            else (
+                mix[kind] if known > 0 and (config.calls or kind is not OpKind.INSERT_CALL) else 0
+            )
             for kind in OpKind
         ]
         if not any(weights):
@@ -323,7 +334,7 @@ def plan_transaction(rng: random.Random, state: WriterState, config: OltpConfig)
         elif kind is OpKind.UPDATE_CUSTOMER:
             operations.append(_update(rng, config))
         elif kind is OpKind.INSERT_CALL:
-            operations.append(_call(rng, config, next_call))
+            operations.append(plan_call(rng, config, next_call))
             next_call += 1
         else:
             operations.append(DeleteCustomer())

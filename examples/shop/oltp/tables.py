@@ -72,7 +72,7 @@ _EXPECTED_COLUMNS: Final[dict[str, dict[str, str]]] = {
 }
 
 
-def ensure_source_tables(conn: psycopg.Connection[Any]) -> None:
+def ensure_source_tables(conn: psycopg.Connection[Any], *, calls: bool = True) -> None:
     """Create the captured source tables if they do not exist, and check those that do.
 
     Idempotent and safe to run from several processes at once: the advisory lock
@@ -81,11 +81,13 @@ def ensure_source_tables(conn: psycopg.Connection[Any]) -> None:
     or has it with another type, raises instead of failing later inside a trigger or a batch.
     ``conn`` must be in autocommit mode; the work runs in one transaction.
     """
+    expected = {t: c for t, c in _EXPECTED_COLUMNS.items() if calls or t != "call_center_calls"}
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_DDL_LOCK,))
         conn.execute(_CUSTOMERS_DDL)
-        conn.execute(_CALLS_DDL)
-        conn.execute(_CALLS_INDEX_DDL)
+        if calls:
+            conn.execute(_CALLS_DDL)
+            conn.execute(_CALLS_INDEX_DDL)
         rows = conn.execute(
             """
             SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
@@ -95,25 +97,25 @@ def ensure_source_tables(conn: psycopg.Connection[Any]) -> None:
             WHERE n.nspname = 'public' AND c.relname = ANY(%s)
               AND a.attnum > 0 AND NOT a.attisdropped
             """,
-            (list(_EXPECTED_COLUMNS),),
+            (list(expected),),
         ).fetchall()
-    actual: dict[str, dict[str, str]] = {table: {} for table in _EXPECTED_COLUMNS}
+    actual: dict[str, dict[str, str]] = {table: {} for table in expected}
     for table, column, sql_type in rows:
         actual[table][column] = sql_type
     problems = [
-        f"public.{table}.{column} is {actual[table].get(column, 'missing')}, expected {expected}"
-        for table, columns in _EXPECTED_COLUMNS.items()
-        for column, expected in columns.items()
-        if actual[table].get(column) != expected
+        f"public.{table}.{column} is {actual[table].get(column, 'missing')}, expected {wanted}"
+        for table, columns in expected.items()
+        for column, wanted in columns.items()
+        if actual[table].get(column) != wanted
     ]
     if problems:
         raise KappaError("the OLTP source tables exist with another shape: " + "; ".join(problems))
 
 
-def check_tables(conn: psycopg.Connection[Any]) -> None:
+def check_tables(conn: psycopg.Connection[Any], *, calls: bool = True) -> None:
     missing = [
         table
-        for table in (CUSTOMERS_TABLE, CALLS_TABLE)
+        for table in (CUSTOMERS_TABLE, *([CALLS_TABLE] if calls else []))
         if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,)
     ]
     if missing:
@@ -195,9 +197,21 @@ def seed_demo_customers(
 
 def prepare(settings: Settings, conn: psycopg.Connection[Any]) -> list[str]:
     """``local.prepare``: the shop's source tables, before ``kappa up`` installs their capture
-    triggers (which refuse a table that does not exist)."""
-    ensure_source_tables(conn)
-    return []
+    triggers (which refuse a table that does not exist): customers in PostgreSQL, and the
+    calls where the catalogue captures them from (the call centre's MariaDB, unless off)."""
+    from examples.shop.calls import calls_capture, ensure_calls_table
+    from kappa.sources.captured import active_captures, mariadb_url
+    from kappa.sources.mariadb_server import ServerAddress
+
+    spec = calls_capture(settings)
+    in_postgres = spec is None or spec.engine == "postgresql"
+    ensure_source_tables(conn, calls=in_postgres)
+    if spec is None or in_postgres:
+        return []
+    if spec.name not in {c.name for c in active_captures(settings)}:
+        return [f"{spec.source} (MariaDB) not created: {spec.name} is off"]
+    ensure_calls_table(ServerAddress.parse(mariadb_url(settings.env)), spec)
+    return [f"{spec.source} ready in MariaDB"]
 
 
 def seed(settings: Settings, conn: psycopg.Connection[Any], *, top_up: bool) -> list[str]:

@@ -120,7 +120,7 @@ class _Writer:
             application_name=APPLICATION_NAME,
             connect_timeout=_CONNECT_TIMEOUT_S,
         ) as conn:
-            check_tables(conn)
+            check_tables(conn, calls=self._config.calls)
             self._taken = {
                 i
                 for i in existing_indexes(conn, self._config)
