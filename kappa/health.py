@@ -20,7 +20,7 @@ here, so a stopped shard never shows as a negative lag or as "fresh".
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,8 +35,26 @@ if TYPE_CHECKING:
 ASSET_TAG = "kappa/asset"
 PARTITIONS_TAG = "kappa/partitions"
 
-#: How many finished runs of an asset are read to count its shards' failures in a row.
-_RUNS_READ = 100
+#: Run tag prefix, one tag per shard a run loads (``kappa/shard/3: fact_order``): the run
+#: storage filters a shard's runs by it, so a shard's last runs are read exactly however many
+#: runs of other shards came after them.
+SHARD_TAG_PREFIX = "kappa/shard/"
+
+
+def shard_tag(shard: int) -> str:
+    """The run tag that says a run loads ``shard`` (its value is the asset)."""
+    return f"{SHARD_TAG_PREFIX}{shard}"
+
+
+def shard_tags(asset: str, shards: Iterable[int]) -> dict[str, str]:
+    """The tags of a run of ``asset`` over ``shards``: the shard list (:data:`PARTITIONS_TAG`)
+    and one :func:`shard_tag` per shard."""
+    ordered = sorted(shards)
+    return {
+        PARTITIONS_TAG: ",".join(str(shard) for shard in ordered),
+        **{shard_tag(shard): asset for shard in ordered},
+    }
+
 
 #: A shard stopped by failing runs gets one new attempt once its newest failure is this old:
 #: a transient cause (a database restarting) heals by itself, a refused batch costs a few
@@ -52,12 +70,10 @@ class RunFailures:
     first_line: str
     run_id: str
     failed_at: float  # epoch seconds of the newest failure
-    at_least: bool = False  # more runs may have failed than were read
 
     def describe(self) -> str:
-        count = f"{'at least ' if self.at_least else ''}{self.failed}"
         return (
-            f"its last {count} runs failed (run {self.run_id[:8]}: {self.first_line}); "
+            f"its last {self.failed} runs failed (run {self.run_id[:8]}: {self.first_line}); "
             f"the sensor tries again {RETRY_STOPPED_AFTER_S:g} s after the newest failure, "
             "or re-execute the run once the cause is fixed"
         )
@@ -96,43 +112,46 @@ def recent_failures(
 
     Runs in flight do not count (they may still succeed); a cancelled run ends the streak
     as a success does, since an operator stopped it on purpose.
+
+    Exact whatever the number of runs: the shards that may be stopped are those of the
+    asset's failed runs (the run storage filters them by status), and each one's last runs
+    are read through its own tag (:func:`shard_tag`), so a shard's failures count however many
+    runs of other shards finished after them. The failures counted are the shard's failed runs
+    since its newest success or cancellation. Runs made before the shard tags (none of them
+    planned by this version) are not seen by the per-shard queries.
     """
     import dagster as dg
 
-    runs = instance.get_runs(
-        filters=dg.RunsFilter(
-            tags={ASSET_TAG: asset},
-            statuses=[
-                dg.DagsterRunStatus.SUCCESS,
-                dg.DagsterRunStatus.FAILURE,
-                dg.DagsterRunStatus.CANCELED,
-            ],
-        ),
-        limit=_RUNS_READ,
-    )
-    streaks: dict[int, list[dg.DagsterRun]] = {}
-    ended: set[int] = set()
-    for run in runs:  # newest first
-        for shard in (int(p) for p in run.tags.get(PARTITIONS_TAG, "").split(",") if p):
-            if shard in ended:
-                continue
-            if run.status == dg.DagsterRunStatus.FAILURE:
-                streaks.setdefault(shard, []).append(run)
-            else:
-                ended.add(shard)
+    failure = [dg.DagsterRunStatus.FAILURE]
+    ending = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.CANCELED]
+    candidates: set[int] = set()
+    for run in instance.get_runs(filters=dg.RunsFilter(tags={ASSET_TAG: asset}, statuses=failure)):
+        candidates.update(int(p) for p in run.tags.get(PARTITIONS_TAG, "").split(",") if p)
     found: dict[int, RunFailures] = {}
-    for shard, failed in streaks.items():
-        if len(failed) < threshold:
+    for shard in sorted(candidates):
+        tags = {shard_tag(shard): asset}
+        last = instance.get_run_records(
+            filters=dg.RunsFilter(tags=tags, statuses=[*failure, *ending]),
+            limit=max(threshold, 1),
+        )  # newest first
+        if not last or len(last) < threshold:
             continue
-        newest = failed[0]
-        record = instance.get_run_record_by_id(newest.run_id)
-        at = record.end_time if record is not None and record.end_time else time.time()
+        if any(r.dagster_run.status != dg.DagsterRunStatus.FAILURE for r in last):
+            continue
+        ended = instance.get_run_records(filters=dg.RunsFilter(tags=tags, statuses=ending), limit=1)
+        failed = instance.get_runs_count(
+            dg.RunsFilter(
+                tags=tags,
+                statuses=failure,
+                created_after=ended[0].create_timestamp if ended else None,
+            )
+        )
+        newest = last[0]
         found[shard] = RunFailures(
-            failed=len(failed),
-            first_line=failure_first_line(instance, newest.run_id),
-            run_id=newest.run_id,
-            failed_at=at,
-            at_least=len(runs) >= _RUNS_READ and shard not in ended,
+            failed=max(failed, len(last)),
+            first_line=failure_first_line(instance, newest.dagster_run.run_id),
+            run_id=newest.dagster_run.run_id,
+            failed_at=newest.end_time or time.time(),
         )
     return found
 

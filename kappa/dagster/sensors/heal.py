@@ -23,7 +23,6 @@ from kappa.dagster.sensors.micro_batch import (
     ASSET_TAG,
     IN_FLIGHT,
     MAX_RUNTIME_TAG,
-    PARTITIONS_TAG,
     SENSOR_STATEMENT_TIMEOUT_S,
 )
 from kappa.heal import (
@@ -33,6 +32,7 @@ from kappa.heal import (
     plan_heal,
     provisional_groups,
 )
+from kappa.health import shard_tags
 from kappa.ingest.plan import TopicIngest
 from kappa.partitions import TimeWindows
 from kappa.run import Connections, open_dimensions
@@ -146,7 +146,7 @@ def build_heal_sensor(
                     asset_check_keys=[],
                     tags={
                         ASSET_TAG: spec.asset,
-                        PARTITIONS_TAG: ",".join(str(s) for s in sorted(shards)),
+                        **shard_tags(spec.asset, shards),
                         HEAL_TAG: key,
                         HEAL_KEY_TAG: fingerprint,
                         **({MAX_RUNTIME_TAG: str(max_runtime_s)} if max_runtime_s else {}),

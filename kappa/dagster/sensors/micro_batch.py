@@ -3,7 +3,14 @@
 import dagster as dg
 
 from kappa.cursor import OffsetCursor
-from kappa.health import ASSET_TAG, PARTITIONS_TAG, RunFailures, held, recent_failures
+from kappa.health import (
+    ASSET_TAG,
+    PARTITIONS_TAG,
+    RunFailures,
+    held,
+    recent_failures,
+    shard_tags,
+)
 
 #: Dagster abandons a sensor evaluation after 60 s: no query of a tick may take longer.
 SENSOR_STATEMENT_TIMEOUT_S = 20.0
@@ -81,7 +88,7 @@ def micro_batch_request(
         run_config={"ops": {asset: {"config": config}}},
         tags={
             ASSET_TAG: asset,
-            PARTITIONS_TAG: ",".join(str(shard) for shard in sorted(spans)),
+            **shard_tags(asset, spans),
             RANGES_TAG: f"{source}:{text}",
             # Run monitoring fails a run past this (a worker that died with the daemon
             # would otherwise hold its partitions forever: the run stays STARTED).
