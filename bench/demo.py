@@ -5,14 +5,10 @@
 them; the benchmarks measure the event path, not the MariaDB capture (``bench.capture``).
 """
 
-import os
-import tempfile
-from pathlib import Path
-
 from examples.shop.variants import postgres_catalog
 from kappa.settings import Settings
 
-BENCH_CATALOG = postgres_catalog(Path(tempfile.gettempdir()) / f"kappa-bench-catalog-{os.getuid()}")
+BENCH_CATALOG = postgres_catalog()
 DEMO = Settings.from_env({"KAPPA_CATALOG": str(BENCH_CATALOG)})
 ORDER_PLACED = DEMO.stream("fact_order")
 PAYMENT_ATTEMPTED = DEMO.stream("fact_payment")

@@ -7,14 +7,10 @@ database's writers. The test session names it in ``KAPPA_CATALOG`` (tests/confte
 the MariaDB capture of the shipped catalogue has tests of its own.
 """
 
-import os
-import tempfile
-from pathlib import Path
-
 from examples.shop.variants import postgres_catalog
 from kappa.settings import Settings
 
-TEST_CATALOG = postgres_catalog(Path(tempfile.gettempdir()) / f"kappa-test-catalog-{os.getuid()}")
+TEST_CATALOG = postgres_catalog()
 DEMO = Settings.from_env({"KAPPA_CATALOG": str(TEST_CATALOG)})
 ORDER_PLACED = DEMO.stream("fact_order")
 PAYMENT_ATTEMPTED = DEMO.stream("fact_payment")

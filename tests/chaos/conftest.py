@@ -17,6 +17,7 @@ import dagster as dg
 import pytest
 
 from tests.chaos.reference import Anomalies
+from tests.demo import TEST_CATALOG
 from tests.integration.harness import Pipeline
 
 SCALE_ENV = "KAPPA_CHAOS_SCALE"
@@ -111,6 +112,7 @@ def chaos_env(broker, database_url, topic_factory, monkeypatch) -> dict[str, str
         "KAFKA_BOOTSTRAP_SERVERS": broker,
         "KAPPA_EDW_URL": database_url,
         "KAPPA_OLTP_URL": database_url,
+        "KAPPA_CATALOG": str(TEST_CATALOG),
         "KAPPA_TOPIC_ORDERS": topic_factory("orders", 4),
         "KAPPA_TOPIC_PAYMENTS": topic_factory("payments", 2),
         "KAPPA_BATCH_MAX_RECORDS": "2000",

@@ -32,6 +32,7 @@ from kappa.edw.types import Schemas
 from kappa.settings import Settings
 from kappa.sources.pg_capture import install_capture
 from pipelines.definitions import build_definitions
+from tests.demo import TEST_CATALOG
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Pipeline:
     cursors: dict[str, str | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # The demo's catalogue with its calls in PostgreSQL, unless the test names another.
+        self.env = {"KAPPA_CATALOG": str(TEST_CATALOG), **self.env}
         self.settings = Settings.from_env(self.env)
         self.defs = build_definitions(self.settings)
         with connect(self.edw_url) as conn:

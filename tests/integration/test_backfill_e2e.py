@@ -20,6 +20,7 @@ import pytest
 from kafka import KafkaProducer
 
 from kappa.backfill import SUCCEEDED, wait_for_backfill
+from tests.demo import TEST_CATALOG
 from tests.integration.test_local_stack_e2e import (
     REPO_ROOT,
     LocalState,
@@ -35,13 +36,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 @dataclass
 class HourlyState(LocalState):
     """The stack with hourly partitions from the day before ``hours[0]``, and the product's
-    default enrichment wait (``KAPPA_ENRICH_MAX_WAIT_S``)."""
+    default enrichment wait (``KAPPA_ENRICH_MAX_WAIT_S``), on the demo catalogue with its
+    calls in PostgreSQL (the test writes them there)."""
 
     hours: tuple[datetime, datetime] = field(default_factory=lambda: past_hours(datetime.now(UTC)))
 
     @property
     def env(self) -> dict[str, str]:
-        return {**super().env, **hourly_env(self.hours[0]), "KAPPA_BATCH_MAX_RECORDS": "200"}
+        return {
+            **super().env,
+            **hourly_env(self.hours[0]),
+            "KAPPA_BATCH_MAX_RECORDS": "200",
+            "KAPPA_CATALOG": str(TEST_CATALOG),
+        }
 
 
 @pytest.fixture
