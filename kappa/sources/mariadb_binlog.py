@@ -16,6 +16,7 @@ A batch reads the binlog from the GTID before ``start`` (the server finds it, or
 purged), keeps the row events of the captured table and turns them into the change frame
 every change loader takes (``change_id``, ``xid``, ``op``, ``change_time``, ``before``,
 ``after``): ``xid`` is the GTID sequence number, ``change_id`` orders rows within it.
+Row images and the check of the captured columns are :mod:`kappa.sources.mariadb_rows`'.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import datetime as dt
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import pandas as pd
@@ -36,6 +36,7 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 from kappa.catalog.captures import SETTING, CaptureSpec
 from kappa.exceptions import LogResetError
 from kappa.sources.base import LogBounds, Positions
+from kappa.sources.mariadb_rows import check_columns, to_json
 from kappa.sources.mariadb_server import (
     CaptureImpossibleError,
     ServerAddress,
@@ -52,49 +53,6 @@ LAG_ROWS = 10_000
 
 #: Rows one transaction may hold: change ids are ``seq * ROWS_PER_TRANSACTION + row``.
 ROWS_PER_TRANSACTION = 1 << 24
-
-#: Column types of MariaDB a captured column of each EDW type may have.
-_COMPATIBLE = {
-    "text": {"varchar", "char", "text", "tinytext", "mediumtext", "longtext", "enum", "set"},
-    "integer": {"tinyint", "smallint", "mediumint", "int", "year"},
-    "bigint": {"tinyint", "smallint", "mediumint", "int", "bigint", "year"},
-    "boolean": {"tinyint", "bit"},
-    "date": {"date"},
-    "timestamptz": {"datetime", "timestamp"},
-    "double precision": {"float", "double", "decimal", "tinyint", "smallint", "int", "bigint"},
-    "numeric": {"decimal", "tinyint", "smallint", "mediumint", "int", "bigint"},
-    "char": {"char", "varchar"},
-}
-
-
-def _to_json(image: dict[str, Any] | None) -> str | None:
-    """A row image as the JSON text the change validation reads: decimals exact, times ISO
-    (MariaDB's DATETIME and TIMESTAMP carry no zone: they are read as UTC)."""
-    if image is None:
-        return None
-    exact: dict[str, str] = {}
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Decimal):
-            token = f"\u0000{len(exact)}\u0000"
-            exact[token] = format(value, "f")
-            return token
-        if isinstance(value, dt.datetime):
-            return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).isoformat()
-        if isinstance(value, dt.date | dt.time):
-            return value.isoformat()
-        if isinstance(value, dt.timedelta):
-            return str(value)
-        if isinstance(value, bytes):
-            return value.decode("utf-8", errors="replace")
-        if isinstance(value, set | frozenset):
-            return sorted(value)
-        return value
-
-    text = json.dumps({k: plain(v) for k, v in image.items()}, ensure_ascii=False)
-    for token, digits in exact.items():
-        text = text.replace(json.dumps(token), digits)
-    return text
 
 
 @dataclass
@@ -278,7 +236,7 @@ class BinlogTable:
                     continue
                 if event.schema != schema or event.table != table:
                     continue
-                self._check_columns(event, seq)
+                check_columns(spec, f"{self.domain}-{seq}", event)
                 at = dt.datetime.fromtimestamp(event.timestamp, dt.UTC)
                 for row in event.rows:
                     if isinstance(event, WriteRowsEvent):
@@ -300,8 +258,8 @@ class BinlogTable:
                             seq,
                             op,
                             at,
-                            _to_json(before),
-                            _to_json(after),
+                            to_json(before),
+                            to_json(after),
                         )
                     )
                     collected += 1
@@ -331,33 +289,7 @@ class BinlogTable:
                 ) from None
             raise
 
-    # -- schema changes -----------------------------------------------------------------
-    def _check_columns(self, event: Any, seq: int) -> None:
-        """Refuse a row event whose table lost a captured column or changed its type to one
-        the EDW column cannot hold (an added column is simply not captured)."""
-        table = event.table_map[event.table_id]
-        present = {c.name: c for c in table.columns}
-        for column in self.spec.columns:
-            found = present.get(column.name)
-            where = f"{self.spec.source}.{column.name} (transaction {self.domain}-{seq})"
-            if found is None:
-                raise CaptureImpossibleError(
-                    SETTING,
-                    f"{where}: the captured column was dropped or renamed in MariaDB; the "
-                    f"catalogue's {self.spec.name}.columns.{column.name} cannot be filled. "
-                    "Nothing was loaded from this transaction on.",
-                )
-            kind = column.sql_type.split("(")[0].strip()
-            allowed = _COMPATIBLE.get(kind, set())
-            mysql_type = _type_name(found)
-            if allowed and mysql_type not in allowed:
-                raise CaptureImpossibleError(
-                    SETTING,
-                    f"{where}: the captured column became {mysql_type} in MariaDB, which the "
-                    f"catalogue's {column.sql_type} cannot hold. Nothing was loaded from this "
-                    "transaction on.",
-                )
-
+    # -- history and lag ----------------------------------------------------------------
     def key_history(self, keys: list[tuple[str, ...]], end: int) -> pd.DataFrame:
         """Every change of ``keys`` (compared as text) by transactions below ``end``, read
         from the oldest retained transaction, in change-id order."""
@@ -428,40 +360,3 @@ class BinlogTable:
         """A DDL statement is checked when the table's next row event arrives (its table map
         carries the new columns); nothing to do here but keep the hook for the log."""
         return None
-
-
-def _type_name(column: Any) -> str:
-    from pymysqlreplication.constants import FIELD_TYPE
-
-    names = {
-        FIELD_TYPE.TINY: "tinyint",
-        FIELD_TYPE.SHORT: "smallint",
-        FIELD_TYPE.INT24: "mediumint",
-        FIELD_TYPE.LONG: "int",
-        FIELD_TYPE.LONGLONG: "bigint",
-        FIELD_TYPE.FLOAT: "float",
-        FIELD_TYPE.DOUBLE: "double",
-        FIELD_TYPE.DECIMAL: "decimal",
-        FIELD_TYPE.NEWDECIMAL: "decimal",
-        FIELD_TYPE.DATE: "date",
-        FIELD_TYPE.NEWDATE: "date",
-        FIELD_TYPE.DATETIME: "datetime",
-        FIELD_TYPE.DATETIME2: "datetime",
-        FIELD_TYPE.TIMESTAMP: "timestamp",
-        FIELD_TYPE.TIMESTAMP2: "timestamp",
-        FIELD_TYPE.YEAR: "year",
-        FIELD_TYPE.VARCHAR: "varchar",
-        FIELD_TYPE.VAR_STRING: "varchar",
-        FIELD_TYPE.STRING: "char",
-        FIELD_TYPE.BLOB: "text",
-        FIELD_TYPE.TINY_BLOB: "text",
-        FIELD_TYPE.MEDIUM_BLOB: "text",
-        FIELD_TYPE.LONG_BLOB: "text",
-        FIELD_TYPE.ENUM: "enum",
-        FIELD_TYPE.SET: "set",
-        FIELD_TYPE.BIT: "bit",
-        FIELD_TYPE.TIME: "time",
-        FIELD_TYPE.TIME2: "time",
-        FIELD_TYPE.JSON: "json",
-    }
-    return names.get(column.type, f"type {column.type}")
