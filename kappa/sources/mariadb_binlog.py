@@ -16,13 +16,15 @@ A batch reads the binlog from the GTID before ``start`` (the server finds it, or
 purged), keeps the row events of the captured table and turns them into the change frame
 every change loader takes (``change_id``, ``xid``, ``op``, ``change_time``, ``before``,
 ``after``): ``xid`` is the GTID sequence number, ``change_id`` orders rows within it.
-Row images and the check of the captured columns are :mod:`kappa.sources.mariadb_rows`'.
+The replication stream is :mod:`kappa.sources.mariadb_stream`'s; row images and the check of
+the captured columns are :mod:`kappa.sources.mariadb_rows`'.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +33,7 @@ import pandas as pd
 import pymysql
 from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
-from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+from pymysqlreplication.row_event import DeleteRowsEvent, WriteRowsEvent
 
 from kappa.catalog.captures import SETTING, CaptureSpec
 from kappa.exceptions import LogResetError
@@ -43,7 +45,10 @@ from kappa.sources.mariadb_server import (
     check_server,
     domain_seqs,
 )
+from kappa.sources.mariadb_stream import open_stream
 from kappa.sources.pg_capture import CaptureLag
+
+_LOG = logging.getLogger(__name__)
 
 #: Binlog GTID sequence numbers; the log's identity is the server's GTID domain.
 GTIDS = Positions("GTID sequence numbers", "GTID domain", "the server now has")
@@ -87,6 +92,9 @@ class BinlogTable:
         # A replica's id on the server: unique per reader, never the server's own.
         self.reader_id = reader_id or (1_000_000 + (hash(self.name) % 1_000_000))
         self._cache: _Read | None = None
+        #: Binlog dumps the reads asked the server for: one per read, and one more each time
+        #: the stream was lost and the dump started again from the read's first GTID.
+        self.dumps = 0
 
     def close(self) -> None:
         self._conn.close()
@@ -169,28 +177,11 @@ class BinlogTable:
         spec = self.spec
         schema, table = spec.source.schema, spec.source.table
         state = self._connect_state(start)
-        stream = BinLogStreamReader(
-            connection_settings=self.address.settings(),
-            server_id=self.reader_id,
-            blocking=False,
-            is_mariadb=True,
-            auto_position=state,
-            only_events=[
-                MariadbGtidEvent,
-                QueryEvent,
-                XidEvent,
-                WriteRowsEvent,
-                UpdateRowsEvent,
-                DeleteRowsEvent,
-            ],
-            only_schemas=None,
-            resume_stream=True,
-            enable_logging=False,
-        )
-        # Rows by transaction. The replication client reconnects by itself when the server
-        # drops the stream (errors 2006, 2013) and the server then sends the binlog again from
-        # the start GTID: a transaction seen before is collected again from its first row,
-        # never twice.
+        stream, dumps = open_stream(self.address.settings(), server_id=self.reader_id, state=state)
+        # Rows by transaction. The replication client reconnects by itself when the stream is
+        # lost (errors 2006, 2013: a killed dump thread, a restarted server, the network) and
+        # the server then sends the binlog again from the start GTID: a transaction seen
+        # before is collected again from its first row, never twice.
         by_seq: dict[int, list[tuple]] = {}
         current: list[tuple] = []
         collected = 0
@@ -226,9 +217,8 @@ class BinlogTable:
                     isinstance(event, QueryEvent)
                     and (standalone or str(event.query).strip().upper() == "COMMIT")
                 ):
-                    # The transaction before `end` is whole: stop here rather than at the
-                    # log's end (the server may reset a non-blocking dump before its EOF
-                    # reaches the client, and the client then starts the dump again).
+                    # The transaction before `end` is whole: stop here rather than read on
+                    # to the log's end.
                     if seq >= end - 1:
                         break
                     continue
@@ -265,6 +255,17 @@ class BinlogTable:
                     collected += 1
         finally:
             stream.close()
+            self.dumps += dumps.started
+            if dumps.started > 1:
+                _LOG.warning(
+                    "%s: the replication stream was lost %d times reading GTIDs [%d, %d); "
+                    "each time the dump started again from %s",
+                    self.name,
+                    dumps.started - 1,
+                    start,
+                    end,
+                    state or "the beginning",
+                )
         rows = [row for key in sorted(by_seq) for row in by_seq[key]]
         frame = pd.DataFrame(rows, columns=_COLUMNS)
         if not frame.empty:
