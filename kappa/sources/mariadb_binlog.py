@@ -16,33 +16,39 @@ A batch reads the binlog from the GTID before ``start`` (the server finds it, or
 purged), keeps the row events of the captured table and turns them into the change frame
 every change loader takes (``change_id``, ``xid``, ``op``, ``change_time``, ``before``,
 ``after``): ``xid`` is the GTID sequence number, ``change_id`` orders rows within it.
+The replication stream is :mod:`kappa.sources.mariadb_stream`'s; row images and the check of
+the captured columns are :mod:`kappa.sources.mariadb_rows`'.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import pandas as pd
 import pymysql
 from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
-from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
+from pymysqlreplication.row_event import DeleteRowsEvent, WriteRowsEvent
 
 from kappa.catalog.captures import SETTING, CaptureSpec
 from kappa.exceptions import LogResetError
 from kappa.sources.base import LogBounds, Positions
+from kappa.sources.mariadb_rows import check_columns, to_json
 from kappa.sources.mariadb_server import (
     CaptureImpossibleError,
     ServerAddress,
     check_server,
     domain_seqs,
 )
+from kappa.sources.mariadb_stream import open_stream
 from kappa.sources.pg_capture import CaptureLag
+
+_LOG = logging.getLogger(__name__)
 
 #: Binlog GTID sequence numbers; the log's identity is the server's GTID domain.
 GTIDS = Positions("GTID sequence numbers", "GTID domain", "the server now has")
@@ -52,49 +58,6 @@ LAG_ROWS = 10_000
 
 #: Rows one transaction may hold: change ids are ``seq * ROWS_PER_TRANSACTION + row``.
 ROWS_PER_TRANSACTION = 1 << 24
-
-#: Column types of MariaDB a captured column of each EDW type may have.
-_COMPATIBLE = {
-    "text": {"varchar", "char", "text", "tinytext", "mediumtext", "longtext", "enum", "set"},
-    "integer": {"tinyint", "smallint", "mediumint", "int", "year"},
-    "bigint": {"tinyint", "smallint", "mediumint", "int", "bigint", "year"},
-    "boolean": {"tinyint", "bit"},
-    "date": {"date"},
-    "timestamptz": {"datetime", "timestamp"},
-    "double precision": {"float", "double", "decimal", "tinyint", "smallint", "int", "bigint"},
-    "numeric": {"decimal", "tinyint", "smallint", "mediumint", "int", "bigint"},
-    "char": {"char", "varchar"},
-}
-
-
-def _to_json(image: dict[str, Any] | None) -> str | None:
-    """A row image as the JSON text the change validation reads: decimals exact, times ISO
-    (MariaDB's DATETIME and TIMESTAMP carry no zone: they are read as UTC)."""
-    if image is None:
-        return None
-    exact: dict[str, str] = {}
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Decimal):
-            token = f"\u0000{len(exact)}\u0000"
-            exact[token] = format(value, "f")
-            return token
-        if isinstance(value, dt.datetime):
-            return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).isoformat()
-        if isinstance(value, dt.date | dt.time):
-            return value.isoformat()
-        if isinstance(value, dt.timedelta):
-            return str(value)
-        if isinstance(value, bytes):
-            return value.decode("utf-8", errors="replace")
-        if isinstance(value, set | frozenset):
-            return sorted(value)
-        return value
-
-    text = json.dumps({k: plain(v) for k, v in image.items()}, ensure_ascii=False)
-    for token, digits in exact.items():
-        text = text.replace(json.dumps(token), digits)
-    return text
 
 
 @dataclass
@@ -129,6 +92,9 @@ class BinlogTable:
         # A replica's id on the server: unique per reader, never the server's own.
         self.reader_id = reader_id or (1_000_000 + (hash(self.name) % 1_000_000))
         self._cache: _Read | None = None
+        #: Binlog dumps the reads asked the server for: one per read, and one more each time
+        #: the stream was lost and the dump started again from the read's first GTID.
+        self.dumps = 0
 
     def close(self) -> None:
         self._conn.close()
@@ -211,28 +177,11 @@ class BinlogTable:
         spec = self.spec
         schema, table = spec.source.schema, spec.source.table
         state = self._connect_state(start)
-        stream = BinLogStreamReader(
-            connection_settings=self.address.settings(),
-            server_id=self.reader_id,
-            blocking=False,
-            is_mariadb=True,
-            auto_position=state,
-            only_events=[
-                MariadbGtidEvent,
-                QueryEvent,
-                XidEvent,
-                WriteRowsEvent,
-                UpdateRowsEvent,
-                DeleteRowsEvent,
-            ],
-            only_schemas=None,
-            resume_stream=True,
-            enable_logging=False,
-        )
-        # Rows by transaction. The replication client reconnects by itself when the server
-        # drops the stream (errors 2006, 2013) and the server then sends the binlog again from
-        # the start GTID: a transaction seen before is collected again from its first row,
-        # never twice.
+        stream, dumps = open_stream(self.address.settings(), server_id=self.reader_id, state=state)
+        # Rows by transaction. The replication client reconnects by itself when the stream is
+        # lost (errors 2006, 2013: a killed dump thread, a restarted server, the network) and
+        # the server then sends the binlog again from the start GTID: a transaction seen
+        # before is collected again from its first row, never twice.
         by_seq: dict[int, list[tuple]] = {}
         current: list[tuple] = []
         collected = 0
@@ -268,9 +217,8 @@ class BinlogTable:
                     isinstance(event, QueryEvent)
                     and (standalone or str(event.query).strip().upper() == "COMMIT")
                 ):
-                    # The transaction before `end` is whole: stop here rather than at the
-                    # log's end (the server may reset a non-blocking dump before its EOF
-                    # reaches the client, and the client then starts the dump again).
+                    # The transaction before `end` is whole: stop here rather than read on
+                    # to the log's end.
                     if seq >= end - 1:
                         break
                     continue
@@ -278,7 +226,7 @@ class BinlogTable:
                     continue
                 if event.schema != schema or event.table != table:
                     continue
-                self._check_columns(event, seq)
+                check_columns(spec, f"{self.domain}-{seq}", event)
                 at = dt.datetime.fromtimestamp(event.timestamp, dt.UTC)
                 for row in event.rows:
                     if isinstance(event, WriteRowsEvent):
@@ -300,13 +248,24 @@ class BinlogTable:
                             seq,
                             op,
                             at,
-                            _to_json(before),
-                            _to_json(after),
+                            to_json(before),
+                            to_json(after),
                         )
                     )
                     collected += 1
         finally:
             stream.close()
+            self.dumps += dumps.started
+            if dumps.started > 1:
+                _LOG.warning(
+                    "%s: the replication stream was lost %d times reading GTIDs [%d, %d); "
+                    "each time the dump started again from %s",
+                    self.name,
+                    dumps.started - 1,
+                    start,
+                    end,
+                    state or "the beginning",
+                )
         rows = [row for key in sorted(by_seq) for row in by_seq[key]]
         frame = pd.DataFrame(rows, columns=_COLUMNS)
         if not frame.empty:
@@ -331,33 +290,7 @@ class BinlogTable:
                 ) from None
             raise
 
-    # -- schema changes -----------------------------------------------------------------
-    def _check_columns(self, event: Any, seq: int) -> None:
-        """Refuse a row event whose table lost a captured column or changed its type to one
-        the EDW column cannot hold (an added column is simply not captured)."""
-        table = event.table_map[event.table_id]
-        present = {c.name: c for c in table.columns}
-        for column in self.spec.columns:
-            found = present.get(column.name)
-            where = f"{self.spec.source}.{column.name} (transaction {self.domain}-{seq})"
-            if found is None:
-                raise CaptureImpossibleError(
-                    SETTING,
-                    f"{where}: the captured column was dropped or renamed in MariaDB; the "
-                    f"catalogue's {self.spec.name}.columns.{column.name} cannot be filled. "
-                    "Nothing was loaded from this transaction on.",
-                )
-            kind = column.sql_type.split("(")[0].strip()
-            allowed = _COMPATIBLE.get(kind, set())
-            mysql_type = _type_name(found)
-            if allowed and mysql_type not in allowed:
-                raise CaptureImpossibleError(
-                    SETTING,
-                    f"{where}: the captured column became {mysql_type} in MariaDB, which the "
-                    f"catalogue's {column.sql_type} cannot hold. Nothing was loaded from this "
-                    "transaction on.",
-                )
-
+    # -- history and lag ----------------------------------------------------------------
     def key_history(self, keys: list[tuple[str, ...]], end: int) -> pd.DataFrame:
         """Every change of ``keys`` (compared as text) by transactions below ``end``, read
         from the oldest retained transaction, in change-id order."""
@@ -438,40 +371,3 @@ class BinlogTable:
         """A DDL statement is checked when the table's next row event arrives (its table map
         carries the new columns); nothing to do here but keep the hook for the log."""
         return None
-
-
-def _type_name(column: Any) -> str:
-    from pymysqlreplication.constants import FIELD_TYPE
-
-    names = {
-        FIELD_TYPE.TINY: "tinyint",
-        FIELD_TYPE.SHORT: "smallint",
-        FIELD_TYPE.INT24: "mediumint",
-        FIELD_TYPE.LONG: "int",
-        FIELD_TYPE.LONGLONG: "bigint",
-        FIELD_TYPE.FLOAT: "float",
-        FIELD_TYPE.DOUBLE: "double",
-        FIELD_TYPE.DECIMAL: "decimal",
-        FIELD_TYPE.NEWDECIMAL: "decimal",
-        FIELD_TYPE.DATE: "date",
-        FIELD_TYPE.NEWDATE: "date",
-        FIELD_TYPE.DATETIME: "datetime",
-        FIELD_TYPE.DATETIME2: "datetime",
-        FIELD_TYPE.TIMESTAMP: "timestamp",
-        FIELD_TYPE.TIMESTAMP2: "timestamp",
-        FIELD_TYPE.YEAR: "year",
-        FIELD_TYPE.VARCHAR: "varchar",
-        FIELD_TYPE.VAR_STRING: "varchar",
-        FIELD_TYPE.STRING: "char",
-        FIELD_TYPE.BLOB: "text",
-        FIELD_TYPE.TINY_BLOB: "text",
-        FIELD_TYPE.MEDIUM_BLOB: "text",
-        FIELD_TYPE.LONG_BLOB: "text",
-        FIELD_TYPE.ENUM: "enum",
-        FIELD_TYPE.SET: "set",
-        FIELD_TYPE.BIT: "bit",
-        FIELD_TYPE.TIME: "time",
-        FIELD_TYPE.TIME2: "time",
-        FIELD_TYPE.JSON: "json",
-    }
-    return names.get(column.type, f"type {column.type}")
