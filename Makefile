@@ -67,8 +67,9 @@ chaos: $(STAMP) ## Fault and bad-input suite at full scale (kills, restarts, bad
 bench-cache: $(STAMP) ## Benchmark the state cache against per-message EDW queries (figures in bench/results/)
 	$(BIN)/python -m bench.cache_vs_queries $(ARGS)
 
-bench: $(BENCH_STAMP) ## Pipeline vs row by row, Quix Streams and the ceiling (BENCH_SCALE=quick|full; bench/results/latest.json)
+bench: $(BENCH_STAMP) ## Pipeline vs row by row, Quix Streams and the ceiling, then change capture (BENCH_SCALE=quick|full; bench/results/latest.json)
 	BENCH_SCALE=$${BENCH_SCALE:-quick} $(BIN)/python -m bench.suite $(ARGS)
+	$(BIN)/python -m bench.capture --changes $$([ "$${BENCH_SCALE:-quick}" = full ] && echo 200000 || echo 20000)
 
 bench-capture: $(BENCH_STAMP) ## Change capture throughput: MariaDB binlog vs PostgreSQL triggers, same writes, same batch bound (bench/results/capture.json)
 	$(BIN)/python -m bench.capture $(ARGS)
