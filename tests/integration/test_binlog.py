@@ -481,3 +481,43 @@ def test_server_settings_that_make_capture_impossible_are_named(
         with admin.cursor() as cur:
             cur.execute(f"SET GLOBAL {setting} = %s", (previous,))
         admin.close()
+
+
+def test_a_row_its_target_cannot_hold_is_dead_lettered_and_the_rest_loads(
+    tmp_path, mariadb_db, database_url
+):
+    """``duration_s`` is a MariaDB int, the catalogue's column numeric(4,1): 12345 does not
+    fit. That change goes to the dead letters with its reason; the rest of its transaction
+    and the next ones load, and the ledger counts it."""
+    address, db = mariadb_db
+    path = tmp_path / "catalog.yaml"
+    path.write_text(
+        CATALOG.format(db=db, mode="current", target="fact_call").replace(
+            "duration_s: integer", 'duration_s: "numeric(4,1)"'
+        )
+    )
+    (spec,) = load_captures(path)
+    prepare(address, db, database_url, spec)
+    w = mysql(address, db)
+    with w.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO calls VALUES (%s, 'c-1', 'billing', %s, '2026-01-01 10:00:00')",
+            [("k-1", 60), ("k-2", 12345), ("k-3", 7)],
+        )
+    w.commit()
+    with w.cursor() as cur:
+        cur.execute("UPDATE calls SET duration_s = 61 WHERE call_id = 'k-1'")
+    w.commit()
+    w.close()
+    outcomes = [o for o in drain(address, spec, database_url) if o.status == "committed"]
+    assert sum(o.received for o in outcomes) == 4
+    assert sum(o.dead_lettered for o in outcomes) == 1
+    with connect(database_url) as edw:
+        rows = edw.execute("SELECT call_id, duration_s FROM edw.fact_call ORDER BY 1").fetchall()
+        dead = edw.execute(
+            "SELECT source, reason FROM kappa.dead_letter WHERE asset = 'fact_call'"
+        ).fetchall()
+    assert rows == [("k-1", 61), ("k-3", 7)]
+    [(source, reason)] = dead
+    assert source == f"{db}.calls"
+    assert "duration_s" in reason, reason
