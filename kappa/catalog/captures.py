@@ -24,6 +24,13 @@ Engine = Literal["postgresql", "mariadb"]
 #: MariaDB/MySQL (the binlog, see kappa.sources.mariadb_binlog).
 ENGINES = ("postgresql", "mariadb")
 
+#: Where a MariaDB table's first batch starts (``start:``): ``history``, the binlog must hold
+#: the table's whole history (refused when earlier transactions were purged: rows they wrote
+#: would never reach the EDW); ``oldest_retained``, from the oldest transaction the binlog
+#: still holds, for a table created since or whose older rows the EDW does not need.
+Start = Literal["history", "oldest_retained"]
+STARTS = ("history", "oldest_retained")
+
 #: Column types a captured column may have in the EDW (their JSON image is converted).
 _TYPES = re.compile(
     r"^(text|integer|bigint|boolean|date|timestamptz|double precision"
@@ -71,6 +78,8 @@ class CaptureSpec:
     #: Where the table lives; a ``mariadb`` table's ledger source is the table itself
     #: (``change_table`` equals ``source``).
     engine: Engine = "postgresql"
+    #: A MariaDB table's first batch (see :data:`STARTS`).
+    start: Start = "history"
 
     @property
     def asset(self) -> str:
@@ -95,6 +104,15 @@ def _spec(index: int, entry: Any) -> CaptureSpec:
             SETTING,
             f"{where}.change_table: a mariadb table is read from the binlog and has no change "
             "table; remove the key",
+        )
+    start = entry.get("start", "history")
+    if start not in STARTS:
+        raise ConfigurationError(
+            SETTING, f"{where}.start: expected one of {', '.join(STARTS)}, got {start!r}"
+        )
+    if start != "history" and engine != "mariadb":
+        raise ConfigurationError(
+            SETTING, f"{where}.start: only a mariadb table starts elsewhere than its history"
         )
     required: tuple[str, ...] = ("name", "source", "keys", "columns", "target", "mode")
     if engine == "postgresql":
@@ -138,6 +156,7 @@ def _spec(index: int, entry: Any) -> CaptureSpec:
         target=identifier(f"{SETTING} {where}.target", str(entry["target"])),
         mode=mode,
         engine=engine,
+        start=start,
     )
 
 

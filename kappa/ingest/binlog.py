@@ -12,8 +12,10 @@ from datetime import datetime
 
 import psycopg
 
+from kappa.catalog.files import SETTING
 from kappa.changes.merge import apply_changes
 from kappa.edw.types import BatchRecord, LedgerHead, Schemas
+from kappa.exceptions import ConfigurationError
 from kappa.ingest.batch import run_source_batch
 from kappa.ingest.capture import refuse_closed_partition
 from kappa.ingest.outcome import BatchOutcome
@@ -51,6 +53,24 @@ def run_binlog_batch(
     )
 
 
+def refuse_partial_history(source: BinlogTable) -> None:
+    """Before a table's first batch: a binlog whose oldest transactions were purged cannot
+    give the rows they wrote, so the target would silently lack them: refused, naming the
+    purged range and the catalogue's way out, before anything is read or written."""
+    first = source.bounds([0])[0].start
+    if first > 1:
+        spec = source.spec
+        raise ConfigurationError(
+            SETTING,
+            f"{spec.asset}: the binlog of {spec.source} starts at GTID sequence number {first} "
+            f"of domain {source.domain}: transactions [1, {first}) were purged, so rows the "
+            f"table got from them would never reach {spec.target}. Capture it from a server "
+            "whose binlog holds its whole history, or, if the table was created since (or "
+            f"its older rows are not needed), set `start: oldest_retained` on {spec.name} "
+            "in the catalogue",
+        )
+
+
 class BinlogLoader:
     """A binlog table's part of a batch: whole transactions, validated and merged into the
     target, with the completeness the batch gives it."""
@@ -75,6 +95,8 @@ class BinlogLoader:
 
     def admit(self, head: LedgerHead | None) -> None:
         refuse_closed_partition(self.spec.asset, self.partition_key, head)
+        if head is None and self.spec.start == "history":
+            refuse_partial_history(self.source)
         # Before planning reads the binlog's end: a transaction open now commits later.
         self.complete_until = self.source.open_since()
 

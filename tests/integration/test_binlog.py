@@ -460,6 +460,26 @@ def test_a_purged_binlog_position_is_refused_by_name_and_nothing_is_touched(
         drain(address, spec, database_url)
     assert (dim_rows(database_url, spec), ledger(database_url, spec)) == before
 
+    # A capture starting now, with no ledger: the purged transactions wrote 'a' and 'b',
+    # which the binlog can no longer give. Refused by name, nothing written; with `start:
+    # oldest_retained` the table is taken from the oldest transaction kept ('c', after).
+    fresh = spec_for(tmp_path, db, target="dim_call_new")
+    with connect(database_url) as edw:
+        ensure_target(edw, SCHEMAS, fresh)
+    with pytest.raises(ConfigurationError, match=r"transactions \[1, \d+\) were purged") as refused:
+        drain(address, fresh, database_url)
+    assert "start: oldest_retained" in str(refused.value)
+    assert ledger(database_url, fresh) == []
+    path = tmp_path / "catalog.yaml"
+    path.write_text(
+        path.read_text().replace("mode: scd2", "mode: scd2\n    start: oldest_retained")
+    )
+    (retained,) = load_captures(path)
+    assert retained.start == "oldest_retained"
+    write(address, db, ["INSERT INTO calls VALUES ('c', 'c-1', 'billing', 3, '2026-01-01')"])
+    drain(address, retained, database_url)
+    assert list(versions(database_url, retained)) == ["c"]
+
 
 @pytest.mark.parametrize(
     ("setting", "value"), [("binlog_format", "MIXED"), ("binlog_row_image", "MINIMAL")]

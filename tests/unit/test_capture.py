@@ -76,3 +76,18 @@ def test_a_missing_or_broken_file_names_the_setting(tmp_path):
         load_captures(tmp_path / "absent.yaml")
     with pytest.raises(ConfigurationError, match="^KAPPA_CATALOG: .* is not valid YAML"):
         load_captures(write(tmp_path, "tables: [unclosed"))
+
+
+def test_a_start_other_than_the_history_is_for_mariadb_tables_only(tmp_path):
+    mariadb = GOOD.replace(
+        "source: public.customers", "engine: mariadb\n    source: shop.customers"
+    )
+    mariadb = "\n".join(line for line in mariadb.splitlines() if "change_table" not in line)
+    [spec] = load_captures(write(tmp_path, mariadb))
+    assert spec.start == "history"
+    [spec] = load_captures(write(tmp_path, mariadb + "\n    start: oldest_retained\n"))
+    assert spec.start == "oldest_retained"
+    with pytest.raises(ConfigurationError, match=r"tables\[0\]\.start: expected one of history"):
+        load_captures(write(tmp_path, mariadb + "\n    start: now\n"))
+    with pytest.raises(ConfigurationError, match=r"tables\[0\]\.start: only a mariadb table"):
+        load_captures(write(tmp_path, GOOD + "\n    start: oldest_retained\n"))
