@@ -119,7 +119,7 @@ class Connections:
             ),
             edw=partial(connect, settings.resolved_edw_url),
             oltp=partial(connect, settings.resolved_oltp_url, setting="KAPPA_OLTP_URL"),
-            change_source=partial(open_change_source, oltp_url=settings.resolved_oltp_url),
+            change_source=partial(open_change_source, settings=settings),
         )
 
 

@@ -28,7 +28,7 @@ def reconcile(settings: Settings) -> int:
             for a in reconcile_topic(store, edw, schemas, spec)
         ]
         for capture in active_captures(settings):
-            with open_change_source(capture, oltp_url=settings.resolved_oltp_url) as changes:
+            with open_change_source(capture, settings) as changes:
                 accounts += reconcile_source(changes, edw, schemas, capture.asset)
     header = (
         "asset",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
+import pymysql
 from psycopg import sql
 
 from kappa.catalog.ingests import topic_ingests
@@ -9,6 +12,7 @@ from kappa.cli.output import compact_age, print_table, say, shorten
 from kappa.edw.connection import connect
 from kappa.edw.ledger import read_heads
 from kappa.edw.types import LedgerHead, Schemas
+from kappa.exceptions import KappaError
 from kappa.freshness import ShardFreshness, capture_freshness, topic_freshness
 from kappa.health import RunFailures, failure_threshold, recent_failures
 from kappa.settings import Settings
@@ -41,6 +45,7 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
     )
     rows: list[tuple[str, ...]] = []
     stopped: list[tuple[str, str, str]] = []
+    unreachable: list[tuple[str, str, str]] = []
     with connect(settings.resolved_edw_url) as edw:
         meta = sql.Identifier(schemas.meta)
         totals = {
@@ -107,7 +112,15 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
                         shards.get(f"{spec.topic}[{partition}]"),
                     )
         for capture in active_captures(settings):
-            with open_change_source(capture, oltp_url=settings.resolved_oltp_url) as changes:
+            with ExitStack() as stack:
+                try:
+                    changes = stack.enter_context(open_change_source(capture, settings))
+                except (KappaError, pymysql.MySQLError) as exc:
+                    if capture.engine == "postgresql":
+                        raise
+                    # Another server, which may be down while the rest runs: say so, go on.
+                    unreachable.append((capture.asset, str(capture.source), str(exc)))
+                    continue
                 head = read_heads(edw, schemas, capture.asset, str(capture.change_table)).get(0)
                 lag = changes.lag(head.end if head else changes.bounds([0])[0].start)
                 row(
@@ -134,6 +147,8 @@ def status(settings: Settings, *, batches: int = 5, checks: bool = True) -> int:
         f"lag per shard (oldest: age of the oldest record or change not loaded yet; bound {settings.freshness_max_lag_s:g} s)"
     )
     print_table(header, rows)
+    for asset, source, why in unreachable:
+        say(f"  {asset} {source}: not read ({why})")
     if stopped:
         say(f"\n{len(stopped)} shard(s) stopped: they load nothing until an operator acts")
         for asset, shard, why in stopped:

@@ -62,18 +62,30 @@ def mariadb_url(env: Mapping[str, str] | None = None) -> str:
     return url
 
 
+def cli_mariadb_url(settings: Settings) -> str:
+    """The MariaDB server as a command outside the stack reaches it: ``KAPPA_MARIADB_URL``,
+    else the local stack's own server (``kappa up`` started one in ``$KAPPA_HOME/mariadb``,
+    on ``KAPPA_MARIADB_PORT``), else a :class:`ConfigurationError` naming the setting."""
+    if (
+        not settings.env.get(URL_SETTING, "").strip()
+        and (settings.home / "mariadb" / "mysql").is_dir()
+    ):
+        return f"mysql://root@127.0.0.1:{settings.mariadb_port}/"
+    return mariadb_url(settings.env)
+
+
 @contextmanager
-def open_change_source(spec: CaptureSpec, *, oltp_url: str) -> Iterator[ChangeSource]:
+def open_change_source(spec: CaptureSpec, settings: Settings) -> Iterator[ChangeSource]:
     """``spec``'s change source, closed on exit: its change table in the PostgreSQL OLTP
-    database at ``oltp_url``, or the binlog of the server in ``KAPPA_MARIADB_URL``."""
+    database, or the binlog of its MariaDB server (:func:`cli_mariadb_url`)."""
     if spec.engine == "mariadb":
-        table = BinlogTable(ServerAddress.parse(mariadb_url()), spec)
+        table = BinlogTable(ServerAddress.parse(cli_mariadb_url(settings)), spec)
         try:
             yield table
         finally:
             table.close()
         return
-    with connect(oltp_url, setting="KAPPA_OLTP_URL") as conn:
+    with connect(settings.resolved_oltp_url, setting="KAPPA_OLTP_URL") as conn:
         yield ChangeTable(conn, spec)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from kappa.local import mariadb as local_mariadb_module
 from kappa.local.mariadb import find_mariadbd, local_mariadb
 from kappa.settings import Settings
 from tests.integration.test_local_stack_e2e import (
+    REPO_ROOT,
     SENSOR_TAG,
     LocalState,
     Ports,
@@ -176,6 +179,20 @@ def test_kappa_up_starts_mariadb_and_captures_its_binlog(
         assert batches, batches
         assert all(a[1] == b[0] for a, b in itertools.pairwise(batches)), batches
         assert sum(loaded for _, _, loaded in batches) == 8, batches
+        # `kappa status` from another shell (no KAPPA_MARIADB_URL there) finds the stack's
+        # own server and shows the table's binlog end.
+        status = subprocess.run(
+            [sys.executable, "-m", "kappa.cli", "status"],
+            cwd=REPO_ROOT,
+            env=state.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        lines = status.stdout.splitlines()
+        [line] = [row for row in lines if row.startswith("fact_ticket") and "gtid" in row]
+        assert "support.tickets[0]" in line, status.stdout
         code = stack.interrupt(timeout_s=60)
         output = stack.output
     assert code == 0, f"`kappa up` exited with {code} after SIGINT:\n{output[-3000:]}"
