@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pymysql
+
 from kappa.cli.output import loaded_topics, say
 from kappa.exceptions import ConfigurationError, KappaError
 from kappa.settings import Settings
+from kappa.sources.captured import active_captures, check_mariadb_tables, cli_mariadb_url
+from kappa.sources.mariadb_server import URL_SETTING
 from kappa.sources.topic import EventStore, UnknownTopicError
 
 
@@ -32,6 +36,19 @@ def check(settings: Settings) -> int:
         "KAPPA_DAGSTER_PG_URL",
         lambda: check_postgres("KAPPA_DAGSTER_PG_URL", settings.resolved_dagster_pg_url),
     )
+
+    binlogged = [spec for spec in active_captures(settings) if spec.engine == "mariadb"]
+    if binlogged:
+
+        def mariadb() -> None:
+            try:
+                check_mariadb_tables(binlogged, cli_mariadb_url(settings))
+            except pymysql.MySQLError as exc:
+                raise ConfigurationError(
+                    URL_SETTING, f"the server does not answer: {exc}"
+                ) from None
+
+        run(f"{URL_SETTING}: binlog settings and captured tables", mariadb)
 
     def topics() -> None:
         with EventStore(

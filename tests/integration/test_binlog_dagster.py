@@ -180,3 +180,19 @@ def test_a_mariadb_table_without_its_server_setting_fails_at_load_naming_it(
     with pytest.raises(ConfigurationError, match="KAPPA_MARIADB_URL") as refused:
         build_definitions(settings)
     assert "secret-pw" not in str(refused.value)
+
+
+def test_kappa_check_checks_the_mariadb_server_and_its_tables(
+    binlog_env, monkeypatch, capsys
+) -> None:
+    from kappa import cli
+    from kappa.local.processes import free_port
+
+    monkeypatch.setenv("KAPPA_DAGSTER_PG_URL", binlog_env["KAPPA_EDW_URL"])
+    assert cli.main(["check"]) == 0, capsys.readouterr().out
+    assert "✓ KAPPA_MARIADB_URL: binlog settings and captured tables" in capsys.readouterr().out
+    monkeypatch.setenv("KAPPA_MARIADB_URL", f"mysql://root:pw5678@127.0.0.1:{free_port()}/")
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "✗ KAPPA_MARIADB_URL: binlog settings and captured tables: KAPPA_MARIADB_URL: " in out
+    assert "pw5678" not in out
