@@ -23,6 +23,7 @@ dagster.yaml (:mod:`kappa.dagster.celery_worker`).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -38,6 +39,10 @@ from dagster_celery.config import TASK_EXECUTE_JOB_NAME, TASK_RESUME_JOB_NAME
 from dagster_celery.launcher import CeleryRunLauncher
 from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG, DAGSTER_CELERY_TASK_ID_TAG
 from kombu import Exchange, Queue
+
+from kappa.dagster.celery_storage import CLEAN_EVERY_S, clean_celery_storage
+
+_LOG = logging.getLogger(__name__)
 
 LIVE_QUEUE = "kappa-live"
 BACKFILL_QUEUE = "kappa-backfill"
@@ -70,6 +75,7 @@ class KappaCeleryRunLauncher(CeleryRunLauncher):
         self.backfill_queue = backfill_queue
         self.heartbeat_timeout_s = heartbeat_timeout_seconds
         declare_queues(self.celery, (default_queue, backfill_queue))
+        self._cleaned_at: float | None = None
 
     def queue_for(self, run: DagsterRun) -> str:
         """The queue a run goes to: a queue tag wins, then backfill runs to the backfill queue."""
@@ -86,6 +92,25 @@ class KappaCeleryRunLauncher(CeleryRunLauncher):
             run = run.with_tags({**run.tags, DAGSTER_CELERY_QUEUE_TAG: queue})
             context = LaunchRunContext(dagster_run=run, workspace=context.workspace)
         super().launch_run(context)
+        self._clean_storage()
+
+    def _clean_storage(self) -> None:
+        """At most every :data:`CLEAN_EVERY_S`: delete what the broker and result backend keep
+        of finished runs (:mod:`kappa.dagster.celery_storage`); never fails a launch."""
+        now = time.monotonic()
+        if self._cleaned_at is not None and now - self._cleaned_at < CLEAN_EVERY_S:
+            return
+        self._cleaned_at = now
+        try:
+            cleaned = clean_celery_storage(self.celery)
+        except Exception as exc:  # a cleanup that failed is tried again next time
+            _LOG.warning("cleaning the Celery broker and result tables failed: %s", exc)
+            return
+        _LOG.info(
+            "Celery storage cleaned: %s delivered message(s) deleted, expired results %s",
+            cleaned.delivered_messages,
+            "deleted" if cleaned.expired_results else "left to the backend",
+        )
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         task_id = run.tags.get(DAGSTER_CELERY_TASK_ID_TAG)

@@ -161,3 +161,32 @@ def test_the_supervisor_restarts_a_dead_worker_and_not_others(tmp_path: Path) ->
         assert supervisor.restarts("worker") >= 2
     finally:
         supervisor.stop_all()
+
+
+def test_the_launcher_cleans_the_celery_tables_at_most_every_ten_minutes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kappa.dagster import celery as launcher_module
+
+    calls: list[float] = []
+    clock = [1000.0]
+    monkeypatch.setattr(launcher_module.time, "monotonic", lambda: clock[0])
+    from kappa.dagster.celery_storage import Cleaned
+
+    def clean(app: object) -> Cleaned:
+        calls.append(clock[0])
+        return Cleaned(delivered_messages=0, expired_results=True)
+
+    monkeypatch.setattr(launcher_module, "clean_celery_storage", clean)
+    launcher = _launcher()
+    for step in (0.0, 10.0, 599.0, 1.0, 300.0):
+        clock[0] += step
+        launcher._clean_storage()
+    assert calls == [1000.0, 1609.0]
+
+    def broken(app: object) -> None:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(launcher_module, "clean_celery_storage", broken)
+    clock[0] += 601.0
+    launcher._clean_storage()  # logged, never raised into a launch
