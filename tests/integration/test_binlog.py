@@ -70,8 +70,8 @@ def prepare(address: ServerAddress, db: str, edw_url: str, spec: CaptureSpec) ->
         ensure_target(edw, SCHEMAS, spec)
 
 
-def drain(address: ServerAddress, spec: CaptureSpec, edw_url: str, *, max_changes: int = 10_000):
-    source = BinlogTable(address, spec)
+def drain_source(source: BinlogTable, edw_url: str, *, max_changes: int = 10_000):
+    """Batches of ``source`` until one commits nothing (its outcomes); closes the source."""
     outcomes = []
     try:
         with connect(edw_url) as edw:
@@ -84,6 +84,10 @@ def drain(address: ServerAddress, spec: CaptureSpec, edw_url: str, *, max_change
                     return outcomes
     finally:
         source.close()
+
+
+def drain(address: ServerAddress, spec: CaptureSpec, edw_url: str, *, max_changes: int = 10_000):
+    return drain_source(BinlogTable(address, spec), edw_url, max_changes=max_changes)
 
 
 def ledger(edw_url: str, spec: CaptureSpec) -> list[tuple[int, int, int]]:

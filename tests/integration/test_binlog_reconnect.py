@@ -11,14 +11,12 @@ from typing import Any
 import pytest
 
 import kappa.sources.mariadb_binlog as mariadb_binlog
-from kappa.edw.connection import connect
-from kappa.ingest.changes import run_change_batch
 from kappa.ingest.outcome import BatchOutcome
 from kappa.sources.mariadb_binlog import BinlogTable
 from kappa.sources.mariadb_server import ServerAddress
 from kappa.sources.mariadb_stream import Dumps
 from tests.integration.mariadb import mysql
-from tests.integration.test_binlog import SCHEMAS, ledger, prepare, spec_for, versions
+from tests.integration.test_binlog import drain_source, ledger, prepare, spec_for, versions
 
 pytestmark = pytest.mark.integration
 
@@ -111,18 +109,7 @@ def write_wide_rows(address: ServerAddress, db: str) -> dict[str, list[tuple]]:
 
 
 def drain(source: BinlogTable, edw_url: str, batch: int) -> list[BatchOutcome]:
-    outcomes = []
-    try:
-        with connect(edw_url) as edw:
-            while True:
-                outcome = run_change_batch(
-                    source, edw, SCHEMAS, requested_end=None, run_id="test", max_changes=batch
-                )
-                outcomes.append(outcome)
-                if outcome.status != "committed":
-                    return outcomes
-    finally:
-        source.close()
+    return drain_source(source, edw_url, max_changes=batch)
 
 
 def test_a_log_larger_than_the_socket_buffers_is_read_in_one_dump(
