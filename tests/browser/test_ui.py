@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
+import psycopg
 import pytest
 from playwright.sync_api import Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+from psycopg import sql
 
 from tests.browser.conftest import Stack, screenshot, wait_for
 
@@ -95,20 +97,20 @@ def test_asset_graph_renders_every_asset(stack: Stack, page: Page) -> None:
 
 
 def test_sensor_page_shows_ticks_and_why_they_skipped(stack: Stack, page: Page) -> None:
+    """The sensor page: a tick that requested the burst's run, a tick skipped while that run
+    was in flight, and one skipped with nothing new, each saying why.
+
+    A warm worker may load a burst within one sensor interval, and then no tick ever sees the
+    run in flight. So the test holds the run: a SHARE lock on ``fact_order`` (reads go on,
+    the run's insert waits) until the page shows a "batch in flight" tick, then lets go."""
     stack.wait_until(
         "fact_order materialised",
         lambda: materialised(stack, "fact_order"),
         timeout_s=180,
     )
-    stack.produce(800, seed=2)  # a fresh burst: a run, ticks waiting for it, then quiet
-    page.goto(f"/locations/{LOCATION}/sensors/fact_order_sensor")
-    expect(page.get_by_text("fact_order_sensor").first).to_be_visible()
-    expect(page.get_by_text('"generation"').first).to_be_visible()  # the readable cursor
-    expect(page.get_by_text("1 run requested").first).to_be_visible(timeout=90_000)
-
     seen: dict[str, str] = {}
 
-    def open_skipped_ticks() -> bool:
+    def open_skipped_ticks(kinds: tuple[str, ...]) -> bool:
         page.reload()
         buttons = page.locator("td button", has_text="0 runs requested")
         expect(buttons.first).to_be_visible()
@@ -121,11 +123,33 @@ def test_sensor_page_shows_ticks_and_why_they_skipped(stack: Stack, page: Page) 
                     seen[kind] = text
                     screenshot(page, f"sensor-skip-{kind.replace(' ', '-')}")
             dialog.get_by_role("button", name="Close").click()
-            if len(seen) == len(SKIP_REASONS):
+            if all(kind in seen for kind in kinds):
                 return True
         return False
 
-    wait_for("a skipped tick of each kind in the tick history", open_skipped_ticks, 120, 5)
+    schema = stack.state.settings.edw_schema
+    with psycopg.connect(stack.state.edw_url, connect_timeout=10) as hold:
+        hold.execute(
+            sql.SQL("LOCK TABLE {} IN SHARE MODE").format(sql.Identifier(schema, "fact_order"))
+        )
+        stack.produce(800, seed=2)  # a fresh burst: a run, ticks waiting for it, then quiet
+        page.goto(f"/locations/{LOCATION}/sensors/fact_order_sensor")
+        expect(page.get_by_text("fact_order_sensor").first).to_be_visible()
+        expect(page.get_by_text('"generation"').first).to_be_visible()  # the readable cursor
+        expect(page.get_by_text("1 run requested").first).to_be_visible(timeout=90_000)
+        wait_for(
+            "a tick skipped while the run is in flight",
+            lambda: open_skipped_ticks(("batch in flight",)),
+            120,
+            5,
+        )
+        hold.rollback()  # the run goes on
+    wait_for(
+        "a skipped tick of each kind in the tick history",
+        lambda: open_skipped_ticks(tuple(SKIP_REASONS)),
+        120,
+        5,
+    )
     for text in seen.values():
         assert "Skip reason:" in text, text
     screenshot(page, "sensor-fact-order")
