@@ -21,6 +21,7 @@ from kappa.dagster.sensors.micro_batch import (
     SENSOR_STATEMENT_TIMEOUT_S,
     busy_partitions,
     micro_batch_request,
+    minimum_interval,
     stopped_shards,
 )
 from kappa.edw.ledger import read_head
@@ -57,7 +58,7 @@ def build_capture_sensor(
             "where the changes became visible."
         ),
         asset_selection=[dg.AssetKey(spec.asset)],
-        minimum_interval_seconds=interval_s,
+        minimum_interval_seconds=minimum_interval(interval_s),
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={"warehouse", capture_resource(spec)},
     )

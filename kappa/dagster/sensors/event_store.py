@@ -23,6 +23,7 @@ from kappa.dagster.sensors.micro_batch import (
     SENSOR_STATEMENT_TIMEOUT_S,
     busy_partitions,
     micro_batch_request,
+    minimum_interval,
     stopped_shards,
 )
 from kappa.edw.ledger import read_heads
@@ -57,7 +58,7 @@ def build_offset_sensor(
             "partition), one batch in flight per partition."
         ),
         asset_selection=selection or [dg.AssetKey(spec.asset)],
-        minimum_interval_seconds=interval_s,
+        minimum_interval_seconds=minimum_interval(interval_s),
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
     def offset_sensor(
