@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -298,6 +299,95 @@ def measure(url: str, start: datetime, end: datetime, ledger: LedgerRecorder) ->
     }
 
 
+def produce_backlog(env: dict[str, str], count: int) -> None:
+    """``count`` simulator events to the stack's topics at once, stamped now."""
+    from itertools import islice
+
+    from kafka import KafkaProducer
+
+    from examples.shop import simulator
+    from examples.shop.settings import ShopSettings
+    from kappa.settings import Settings
+
+    settings = Settings.from_env(env)
+    config = simulator.SimulatorConfig.from_settings(settings, ShopSettings.from_env(env))
+    # Another seed than the stack's simulator: the same seed makes the same event ids, which
+    # the facts would drop as duplicates of the live events.
+    config = dataclasses.replace(config, seed=config.seed + 1)
+    began = time.monotonic()
+    producer = KafkaProducer(bootstrap_servers=settings.resolved_bootstrap_servers, acks="all")
+    try:
+        simulator.produce(
+            list(islice(simulator.generate(config, start=datetime.now(UTC), rate=1e6), count)),
+            producer,
+        )
+    finally:
+        producer.close()
+    print(f"backlog of {count:,} events produced in {time.monotonic() - began:.1f} s", flush=True)
+
+
+def during_backfill(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    ledger: LedgerRecorder,
+    proc: subprocess.Popen[bytes],
+) -> tuple[datetime, datetime, dict[str, Any]]:
+    """A backfill of today's partition of both facts (their side tables with them), launched
+    as ``kappa backfill`` launches one, while the stream goes on: the window of live events
+    it measures is from its launch to its end."""
+    from kappa.backfill import DONE, backfill_status, launch_backfill
+    from kappa.catalog.ingests import topic_ingests
+    from kappa.settings import Settings
+
+    settings = Settings.from_env(env)
+    partition = settings.windows.at(datetime.now(UTC)).key
+    selection = [
+        name
+        for spec, _ in topic_ingests(settings)
+        if spec.asset in TOPICS
+        for name in (spec.asset, *(t.name for t in (spec.step.side_tables if spec.step else ())))
+    ]
+    ui = f"http://127.0.0.1:{env['KAPPA_UI_PORT']}"
+    with psycopg.connect(ledger.url) as conn:
+        row = conn.execute(
+            "SELECT sum(end_position - start_position) FROM kappa.batch_ledger "
+            "WHERE asset IN ('fact_order', 'fact_payment') AND partition_key = %s",
+            (partition,),
+        ).fetchone()
+    held = int(row[0] or 0) if row else 0
+    start = datetime.now(UTC)
+    backfill_id = launch_backfill(ui, selection, [partition], title=f"bench: {partition}")
+    print(
+        f"backfill {backfill_id} of {partition} ({', '.join(selection)}; {held:,} events "
+        "loaded in it so far) launched; the stream goes on",
+        flush=True,
+    )
+    deadline = time.monotonic() + args.backfill_timeout
+    status = backfill_status(ui, backfill_id)
+    while status not in DONE:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the stack exited ({proc.returncode}) during the backfill")
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"backfill {backfill_id} still {status} after the timeout")
+        ledger.poll()
+        time.sleep(2)
+        status = backfill_status(ui, backfill_id)
+    end = datetime.now(UTC)
+    seconds = round((end - start) / timedelta(seconds=1), 1)
+    print(f"backfill {backfill_id} {status} after {seconds} s", flush=True)
+    return (
+        start,
+        end,
+        {
+            "backfill_partition": partition,
+            "backfill_assets": selection,
+            "backfill_events_approx": held,
+            "backfill_s": seconds,
+            "backfill_status": status,
+        },
+    )
+
+
 def stack_processes(root_pid: int, home: Path) -> list[Any]:
     """The stack's processes: `kappa up` and everything under it, and the embedded
     PostgreSQL (pg_ctl daemonises it) with its backends."""
@@ -370,6 +460,22 @@ def main(argv: list[str] | None = None) -> int:
         default="celery,process",
         help="KAPPA_RUN_LAUNCHER values measured one after the other (celery,process)",
     )
+    parser.add_argument(
+        "--backfill",
+        action="store_true",
+        help="after the window, backfill today's partition of both facts while the stream goes "
+        "on, and measure the live events produced meanwhile (figures under during_backfill)",
+    )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=0,
+        help="events produced at once before the warm-up (loaded before the window starts), "
+        "so that today's partition holds more than the window for --backfill (0)",
+    )
+    parser.add_argument(
+        "--backfill-timeout", type=float, default=900.0, help="seconds allowed (900)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "freshness.json")
     parser.add_argument("--latest", type=Path, default=RESULTS_DIR / "latest.json")
     args = parser.parse_args(argv)
@@ -421,6 +527,10 @@ def measure_stack(args: argparse.Namespace, launcher: str) -> dict[str, Any]:
         )
     try:
         _wait(lambda: _first_batch(url), 600, "the first batch of both facts", proc)
+        if args.backlog:
+            produce_backlog(env, args.backlog)
+            ends = log_ends(env)
+            _wait(lambda: covered(url, ends), args.catch_up, "the backlog to load", proc)
         print(f"first batches committed; warm-up {args.warmup:g} s", flush=True)
         time.sleep(args.warmup)
         start = datetime.now(UTC)
@@ -437,6 +547,7 @@ def measure_stack(args: argparse.Namespace, launcher: str) -> dict[str, Any]:
         end = datetime.now(UTC)
         cpu_window = stack_cpu_s(proc.pid, home) - cpu_start
         load_window = [round(x, 2) for x in os.getloadavg()]
+        during = during_backfill(args, env, ledger, proc) if args.backfill else None
         # Everything produced in the window must land before it is measured: wait until
         # the ledger covers the log ends seen at the window's end.
         ends = log_ends(env)
@@ -449,6 +560,14 @@ def measure_stack(args: argparse.Namespace, launcher: str) -> dict[str, Any]:
         )
         ledger.poll()
         figures = measure(url, start, end, ledger)
+        if during is not None:
+            b_start, b_end, info = during
+            with_backfill = measure(url, b_start, b_end, ledger)
+            with_backfill.update(info)
+            with_backfill["p95_ratio_to_without"] = round(
+                with_backfill["freshness_p95_s"] / figures["freshness_p95_s"], 2
+            )
+            figures["during_backfill"] = with_backfill
         figures["catch_up_s"] = round(time.monotonic() - covered_after, 1)
         # Then give the heal sensors time to re-derive what is still provisional.
         heal_deadline = time.monotonic() + args.heal_wait
@@ -534,6 +653,14 @@ def write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
             f"{figures['freshness_p95_s']:6} s  CPU/run {figures['cpu_s_per_run']} s  stack "
             f"{figures['stack_cpu_share_of_one_core']:.0%} of one core at {figures['rate_eps']:g} ev/s"
         )
+        during = figures.get("during_backfill")
+        if during:
+            print(
+                f"{launcher:8} during a {during['backfill_s']} s backfill of "
+                f"{during['backfill_partition']} (~{during['backfill_events_approx']:,} events): "
+                f"p50 {during['freshness_p50_s']} s  p95 {during['freshness_p95_s']} s "
+                f"({during['p95_ratio_to_without']}x without)"
+            )
     if {"celery", "process"} <= results.keys():
         c, p = results["celery"], results["process"]
         print(
