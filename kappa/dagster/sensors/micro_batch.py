@@ -31,6 +31,7 @@ def minimum_interval(interval_s: int) -> int:
     """
     return max(1, interval_s - 1)
 
+
 #: Runs that hold their partitions: queued, starting, running or being cancelled.
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
