@@ -75,7 +75,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_TOPIC_PARTITIONS", "4", "Partitions per topic when `kappa up` creates topics."),
     Setting("KAPPA_BATCH_MAX_RECORDS", "50000", "Upper bound of one batch, per topic partition."),
     Setting("KAPPA_RUN_MAX_RECORDS", "200000", "Upper bound of one run, over all its partitions."),
-    Setting("KAPPA_SENSOR_INTERVAL_S", "5", "Seconds between sensor ticks."),
+    Setting(
+        "KAPPA_SENSOR_INTERVAL_S",
+        "5",
+        "Seconds between the offset and capture sensors' ticks "
+        "(Dagster's daemon looks at its sensors every 5 s: below 5, every 5 s).",
+    ),
     Setting(
         "KAPPA_PARTITIONS",
         "daily",
