@@ -90,8 +90,9 @@ class BinlogLoader:
         self.max_changes = max_changes
         self.partition_key = partition_key
         self.complete_until: datetime | None = None
-        #: The binlog's end when the batch was planned.
+        #: The binlog's end when the batch was planned, and how far planning read it.
         self.written = 0
+        self.read_to = 0
 
     def admit(self, head: LedgerHead | None) -> None:
         refuse_closed_partition(self.spec.asset, self.partition_key, head)
@@ -102,20 +103,36 @@ class BinlogLoader:
 
     def ready_end(self, start: int) -> int:
         self.written = self.source.bounds([0])[0].end
-        return self.source.plan_end(start, max_changes=self.max_changes)
+        self.read_to = self.source.plan_end(start, max_changes=self.max_changes)
+        return self.read_to
 
     def lag(self, position: int) -> int:
         return 0
 
+    def _cut_watermark(self, start: int, end: int, head: LedgerHead | None) -> datetime | None:
+        """The completeness of a batch that stops before what the binlog held: a run's range
+        was planned by its sensor a few seconds before, so in a live stream nearly every batch
+        ends before the binlog's end by the time it runs. The transactions left out
+        (``[end, written)``) were read with the batch's plan when that read reached the
+        binlog's end: the target is complete up to their earliest change of the table (none:
+        they changed other tables, and up to ``complete_until``). A read stopped short by the
+        batch bound keeps the predecessor's completeness."""
+        if self.complete_until is None or self.read_to < self.written:
+            return head.watermark if head is not None else None
+        later = self.source.read(0, start, self.read_to)
+        times = later.loc[later["xid"] >= end, "change_time"]
+        if times.empty:
+            return self.complete_until
+        # Binlog event times are whole seconds, never after the statement: an earlier bound.
+        return min(self.complete_until, times.min().to_pydatetime())
+
     def load(self, record: BatchRecord, head: LedgerHead | None) -> BatchOutcome:
         source, spec, start, end = self.source, self.spec, record.start, record.end
         changes = source.read(0, start, end)
-        # A batch that stops before what the binlog held keeps its predecessor's completeness.
         written = self.written
-        cut_short = end < written
-        watermark = (
-            (head.watermark if head is not None else None) if cut_short else self.complete_until
-        )
+        watermark = self.complete_until
+        if end < written:
+            watermark = self._cut_watermark(start, end, head)
         received, applied, dead, probes = apply_changes(
             self.edw,
             self.schemas,

@@ -7,7 +7,7 @@ import itertools
 import random
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -545,3 +545,63 @@ def test_a_row_its_target_cannot_hold_is_dead_lettered_and_the_rest_loads(
     [(source, reason)] = dead
     assert source == f"{db}.calls"
     assert "duration_s" in reason, reason
+
+
+def test_a_batch_planned_before_later_transactions_still_records_its_completeness(
+    tmp_path, mariadb_db, database_url
+):
+    """A run loads the range its sensor planned a few seconds before, so in a live stream the
+    binlog has moved on by then. The batch must still say how far the target is complete (the
+    as-of lookups wait for it): up to the first change of the table it left out. Before, such
+    a batch kept its predecessor's completeness, none at all from the first one on, and every
+    payment looking up call-centre calls loaded provisional."""
+    address, db = mariadb_db
+    spec = spec_for(tmp_path, db)
+    prepare(address, db, database_url, spec)
+
+    def insert(key: str) -> None:
+        write(
+            address,
+            db,
+            [f"INSERT INTO calls VALUES ('{key}', 'c-1', 'billing', 1, '2026-01-01 10:00:00')"],
+        )
+
+    insert("k-0")
+    insert("k-1")
+    source = BinlogTable(address, spec)
+    try:
+        first = source.bounds([0])[0].start
+        planned = source.plan_end(first, max_changes=10_000)  # the sensor's plan: both inserts
+        time.sleep(1.1)  # binlog times are whole seconds
+        between = datetime.now(UTC)
+        insert("k-2")  # written after the plan, before the run
+        with connect(database_url) as edw:
+            out = run_binlog_batch(
+                source, edw, SCHEMAS, requested_end=planned, run_id="run", max_changes=10_000
+            )
+            assert (out.status, out.start, out.end, out.received) == (
+                "committed",
+                first,
+                planned,
+                2,
+            )
+            (watermark,) = edw.execute(
+                "SELECT watermark FROM kappa.ledger_head WHERE asset = %s", (spec.asset,)
+            ).fetchone()
+        assert watermark is not None
+        # Complete up to the left-out insert, which the batch does not hold.
+        assert watermark <= datetime.now(UTC)
+        assert watermark.replace(microsecond=0) <= between
+        assert watermark >= between.replace(microsecond=0) - timedelta(seconds=1)
+        # The next batch takes it and is complete up to its own planning.
+        with connect(database_url) as edw:
+            nxt = run_binlog_batch(
+                source, edw, SCHEMAS, requested_end=None, run_id="run", max_changes=10_000
+            )
+            assert (nxt.start, nxt.received) == (planned, 1)
+            (later,) = edw.execute(
+                "SELECT watermark FROM kappa.ledger_head WHERE asset = %s", (spec.asset,)
+            ).fetchone()
+        assert later > watermark
+    finally:
+        source.close()
