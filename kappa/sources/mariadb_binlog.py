@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,14 @@ GTIDS = Positions("GTID sequence numbers", "GTID domain", "the server now has")
 
 #: Rows the lag counts at most when no batch was planned from the same position.
 LAG_ROWS = 10_000
+
+#: Rows a by-value completeness question reads past the ledger at most: a capture further
+#: behind than this answers for every value at once (the common rule).
+PENDING_ROWS = 10_000
+
+#: Replica ids of readers: the server ends a dump when another replica registers with the
+#: same id, so every reader (each partition of a run has its own) takes one of its own.
+_READER_IDS = random.SystemRandom()
 
 #: Rows one transaction may hold: change ids are ``seq * ROWS_PER_TRANSACTION + row``.
 ROWS_PER_TRANSACTION = 1 << 24
@@ -89,12 +98,24 @@ class BinlogTable:
         self.name = str(spec.change_table)
         self._conn = address.connect()
         self.domain = check_server(self._conn)
-        # A replica's id on the server: unique per reader, never the server's own.
-        self.reader_id = reader_id or (1_000_000 + (hash(self.name) % 1_000_000))
+        # A replica's id on the server: unique per reader, never the server's own. A shared
+        # id would make concurrent readers (the partitions of a fact run asking for
+        # completeness, a capture run) end each other's dumps, each then starting again.
+        self.reader_id = reader_id or self._new_reader_id()
         self._cache: _Read | None = None
         #: Binlog dumps the reads asked the server for: one per read, and one more each time
         #: the stream was lost and the dump started again from the read's first GTID.
         self.dumps = 0
+
+    def _new_reader_id(self) -> int:
+        with self._conn.cursor() as cur:
+            cur.execute("SELECT @@server_id")
+            row = cur.fetchone()
+        own = int(row[0]) if row else 0
+        while True:
+            candidate = _READER_IDS.randrange(1 << 20, 1 << 32)
+            if candidate != own:
+                return candidate
 
     def close(self) -> None:
         self._conn.close()
@@ -347,9 +368,40 @@ class BinlogTable:
     def pending_since(
         self, loaded_until: int, column: str, values: list[str]
     ) -> dict[str, dt.datetime] | None:
-        # By value it would mean reading the binlog past the ledger on every batch: the
-        # common rule (a change waiting holds every value back to the ledger's watermark).
-        return None
+        """For each of ``values`` that a committed change past ``loaded_until`` has as
+        ``column`` in its before or after image (compared as text): the earliest such
+        change's time. Reads the binlog from the ledger to its end (a few transactions in a
+        live stream; the rows are kept for the next plan); None when more than
+        :data:`PENDING_ROWS` rows wait, so the caller applies the common rule."""
+        _, end = self._bounds()
+        if end <= loaded_until:
+            return {}
+        cached = self._cache
+        if cached is not None and cached.start == loaded_until and cached.last >= end - 1:
+            frame = cached.frame[cached.frame["xid"] < end]
+        else:
+            read = self._read(loaded_until, end, max_changes=PENDING_ROWS)
+            if read.end < end:
+                return None
+            frame = read.frame
+        wanted = set(values)
+        found: dict[str, dt.datetime] = {}
+        for before, after, at in zip(
+            frame["before"], frame["after"], frame["change_time"], strict=True
+        ):
+            for image in (before, after):
+                if not isinstance(image, str):  # no image (NaN in the frame)
+                    continue
+                # Numbers as their literals, as PostgreSQL's ->> gives them.
+                value = json.loads(image, parse_int=str, parse_float=str).get(column)
+                if value is None:
+                    continue
+                text = value if isinstance(value, str) else json.dumps(value)
+                if text in wanted:
+                    when = at.to_pydatetime()
+                    if text not in found or when < found[text]:
+                        found[text] = when
+        return found
 
     def open_since(self) -> dt.datetime:
         """A time before which every change still to come lies: now, or the start of the

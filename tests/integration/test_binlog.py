@@ -605,3 +605,44 @@ def test_a_batch_planned_before_later_transactions_still_records_its_completenes
         assert later > watermark
     finally:
         source.close()
+
+
+def test_pending_changes_are_told_by_value_from_the_binlog_past_the_ledger(
+    tmp_path, mariadb_db, database_url
+):
+    """A fact batch's as-of lookup waits only for the customers whose changes are in the
+    binlog and not loaded yet: the binlog read from the ledger to its end names them, with the
+    earliest change time of each (from the before image too: an update moving a row away from
+    a customer changes what that customer had)."""
+    address, db = mariadb_db
+    spec = spec_for(tmp_path, db)
+    prepare(address, db, database_url, spec)
+    write(
+        address,
+        db,
+        ["INSERT INTO calls VALUES ('k-0', 'c-0', 'billing', 1, '2026-01-01 10:00:00')"],
+    )
+    source = BinlogTable(address, spec)
+    other = BinlogTable(address, spec)
+    try:
+        first = source.bounds([0])[0].start
+        loaded = source.plan_end(first, max_changes=10_000)
+        assert source.pending_since(loaded, "customer_id", ["c-0", "c-1"]) == {}
+        before = datetime.now(UTC).replace(microsecond=0)
+        write(
+            address,
+            db,
+            [
+                "INSERT INTO calls VALUES ('k-1', 'c-1', 'billing', 1, '2026-01-01 10:00:00')",
+                "UPDATE calls SET customer_id = 'c-2' WHERE call_id = 'k-0'",
+            ],
+        )
+        found = source.pending_since(loaded, "customer_id", ["c-0", "c-1", "c-3"])
+        assert set(found) == {"c-0", "c-1"}
+        assert all(before <= at <= datetime.now(UTC) for at in found.values())
+        # Every reader has its own replica id: two dumps at once do not end each other.
+        assert source.reader_id != other.reader_id
+        assert other.pending_since(first, "customer_id", ["c-2"]) == {"c-2": found["c-0"]}
+    finally:
+        source.close()
+        other.close()

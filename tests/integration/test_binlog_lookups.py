@@ -95,10 +95,18 @@ def test_the_fraud_step_joins_calls_captured_from_mariadb(shop_env, mariadb_db, 
 
     # c-3 calls; the call is in the binlog, not loaded: c-3's payment waits for the capture
     # (1 s here) and is loaded provisional, since the call could change its score.
+    # c-1's payment in the same batch does not wait for c-3's call: completeness is per
+    # customer (the binlog read past the ledger tells whose changes wait).
     call(address, db, "k-2", "c-3", datetime.now(UTC) - timedelta(minutes=5))
     [(t,)] = pipeline.query("SELECT clock_timestamp()")
-    pipeline.produce([payment(pipeline, "c-3", 15.00, t, card="card-k", country="NL")])
+    pipeline.produce(
+        [
+            payment(pipeline, "c-3", 15.00, t, card="card-k", country="NL"),
+            payment(pipeline, "c-1", 16.00, t, card="card-m", country="DE"),
+        ]
+    )
     assert all(r.success for r in pipeline.drain("fact_payment"))
-    assert pipeline.query("SELECT enrichment FROM edw.fact_payment WHERE customer_id = 'c-3'") == [
-        ("provisional",)
-    ]
+    assert pipeline.query(
+        "SELECT customer_id, enrichment FROM edw.fact_payment WHERE card_id IN "
+        "('card-k', 'card-m') ORDER BY 1"
+    ) == [("c-1", "as_of"), ("c-3", "provisional")]
