@@ -256,11 +256,56 @@ def run_phases(
         result[f"median_{name}"] = round(float(np.median(values)), 2) if values else None
     queued = phases["queued_s"]
     result["p90_queued_s"] = round(float(np.percentile(queued, 90)), 2) if queued else None
+    if not heal:
+        result["capture_wait_s"] = capture_waits(dagster_url, start, end)
     if heal:
         steps = phases["step_s"]
         result["max_step_s"] = round(max(steps), 2) if steps else None
         result["total_step_s"] = round(sum(steps), 2)
     return result
+
+
+CAPTURE_WAITS = """
+SELECT t.value, e.event
+FROM runs r
+JOIN run_tags t ON t.run_id = r.run_id AND t.key = 'kappa/asset'
+ AND t.value IN ('fact_order', 'fact_payment')
+JOIN event_logs e ON e.run_id = r.run_id AND e.dagster_event_type = 'ASSET_MATERIALIZATION'
+WHERE r.create_timestamp >= %s AND r.create_timestamp < %s
+  AND NOT EXISTS (SELECT 1 FROM run_tags h WHERE h.run_id = r.run_id AND h.key = 'kappa/heal')
+"""
+
+
+def _metadata_value(event: str, label: str) -> float | None:
+    """The value of the metadata entry ``label`` of a stored materialisation event."""
+    data = json.loads(event)["dagster_event"]["event_specific_data"]["materialization"]
+    for entry in data.get("metadata_entries", []):
+        if entry.get("label") == label:
+            value = entry.get("entry_data", {}).get("value")
+            return float(value) if value is not None else None
+    return None
+
+
+def capture_waits(dagster_url: str, start: datetime, end: datetime) -> dict[str, Any]:
+    """Per fact: how long its live runs waited for change capture (the ``capture_wait_s`` of
+    their materialisations): median, p90, and the share of runs that waited at all."""
+    naive = (start.astimezone(UTC).replace(tzinfo=None), end.astimezone(UTC).replace(tzinfo=None))
+    with psycopg.connect(dagster_url) as conn:
+        rows = conn.execute(CAPTURE_WAITS, naive).fetchall()
+    waits: dict[str, list[float]] = {}
+    for asset, event in rows:
+        found = _metadata_value(event, "capture_wait_s")
+        if found is not None:
+            waits.setdefault(asset, []).append(found)
+    return {
+        asset: {
+            "runs": len(values),
+            "median_s": round(float(np.median(values)), 2),
+            "p90_s": round(float(np.percentile(values, 90)), 2),
+            "share_waiting": round(sum(v > 0 for v in values) / len(values), 2),
+        }
+        for asset, values in sorted(waits.items())
+    }
 
 
 def measure(url: str, start: datetime, end: datetime, ledger: LedgerRecorder) -> dict[str, Any]:
@@ -410,17 +455,34 @@ def stack_processes(root_pid: int, home: Path) -> list[Any]:
     return list(found.values())
 
 
-def stack_cpu_s(root_pid: int, home: Path) -> float:
-    """CPU seconds the stack used so far: its live processes' own time plus the time of the
-    children they reaped (run processes, PostgreSQL backends)."""
+#: What a stack process is, by a fragment of its command line (first match wins).
+ROLES = (
+    ("kappa-live", "run workers (live)"),
+    ("kappa-backfill", "run workers (backfill)"),
+    ("dagster-daemon", "Dagster daemon"),
+    ("api grpc", "code servers (sensors)"),
+    ("dagster-webserver", "Dagster webserver"),
+    ("tansu", "broker"),
+    ("simulator", "producers (simulators)"),
+    ("mariadbd", "MariaDB"),
+    ("postgres", "PostgreSQL"),
+)
+
+
+def stack_cpu_by_role(root_pid: int, home: Path) -> dict[str, float]:
+    """CPU seconds the stack used so far, by role: its live processes' own time plus the
+    time of the children they reaped (run processes, PostgreSQL backends)."""
     import psutil
 
-    total = 0.0
+    totals: dict[str, float] = {}
     for proc in stack_processes(root_pid, home):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             t = proc.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-    return total
+            command = " ".join(proc.cmdline())
+            role = next((r for fragment, r in ROLES if fragment in command), "other")
+            used = t.user + t.system + t.children_user + t.children_system
+            totals[role] = totals.get(role, 0.0) + used
+    return totals
 
 
 def runs_created(dagster_url: str, start: datetime, end: datetime) -> int:
@@ -476,9 +538,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backfill-timeout", type=float, default=900.0, help="seconds allowed (900)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KAPPA_NAME=VALUE",
+        help="a setting of the stack (repeatable), e.g. --set KAPPA_WORKERS=4",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "freshness.json")
     parser.add_argument("--latest", type=Path, default=RESULTS_DIR / "latest.json")
     args = parser.parse_args(argv)
+    for assignment in args.set:
+        if not assignment.startswith("KAPPA_") or "=" not in assignment:
+            parser.error(f"--set {assignment!r}: expected KAPPA_NAME=VALUE")
     launchers = [name.strip() for name in args.launchers.split(",") if name.strip()]
     results: dict[str, Any] = {}
     for launcher in launchers:
@@ -512,6 +584,9 @@ def measure_stack(args: argparse.Namespace, launcher: str) -> dict[str, Any]:
     )
     if args.enrich_max_wait is not None:
         env["KAPPA_ENRICH_MAX_WAIT_S"] = f"{args.enrich_max_wait:g}"
+    for assignment in args.set:
+        name, _, value = assignment.partition("=")
+        env[name] = value
     url = f"postgresql://postgres@127.0.0.1:{pg_port}/kappa_edw"
     log_path = work / "stack.log"
     print(f"starting the stack (KAPPA_HOME={home}, log {log_path}) ...", flush=True)
@@ -534,7 +609,8 @@ def measure_stack(args: argparse.Namespace, launcher: str) -> dict[str, Any]:
         print(f"first batches committed; warm-up {args.warmup:g} s", flush=True)
         time.sleep(args.warmup)
         start = datetime.now(UTC)
-        cpu_start = stack_cpu_s(proc.pid, home)
+        roles_start = stack_cpu_by_role(proc.pid, home)
+        cpu_start = sum(roles_start.values())
         print(f"measuring {args.duration:g} s at {args.rate:g} events/s ...", flush=True)
         tracker = ProvisionalTracker(url)
         ledger = LedgerRecorder(url)
@@ -545,7 +621,14 @@ def measure_stack(args: argparse.Namespace, launcher: str) -> dict[str, Any]:
             tracker.sample(start, datetime.now(UTC) + timedelta(days=1))
             time.sleep(max(0.0, min(tracker.poll_s, until - time.monotonic())))
         end = datetime.now(UTC)
-        cpu_window = stack_cpu_s(proc.pid, home) - cpu_start
+        roles_end = stack_cpu_by_role(proc.pid, home)
+        cpu_window = sum(roles_end.values()) - cpu_start
+        # A process that ended within the window is missing at its end: its time is lost
+        # from its role, as from the total.
+        cpu_by_role = {
+            role: round(max(0.0, used - roles_start.get(role, 0.0)), 1)
+            for role, used in sorted(roles_end.items(), key=lambda item: -item[1])
+        }
         load_window = [round(x, 2) for x in os.getloadavg()]
         during = during_backfill(args, env, ledger, proc) if args.backfill else None
         # Everything produced in the window must land before it is measured: wait until
@@ -585,6 +668,7 @@ def measure_stack(args: argparse.Namespace, launcher: str) -> dict[str, Any]:
                 "run_launcher": launcher,
                 "stack_cpu_s": round(cpu_window, 1),
                 "stack_cpu_share_of_one_core": round(cpu_window / window_s, 3),
+                "stack_cpu_s_by_role": cpu_by_role,
                 "runs_in_window": runs,
                 "cpu_s_per_run": round(cpu_window / runs, 3) if runs else None,
                 "load_average_before": load_before,
@@ -607,6 +691,7 @@ def measure_stack(args: argparse.Namespace, launcher: str) -> dict[str, Any]:
             "rate_eps": args.rate,
             "sensor_interval_s": args.sensor_interval,
             "enrich_max_wait_s": args.enrich_max_wait,
+            "settings": dict(a.split("=", 1) for a in args.set),
             "expected_events_approx": round(produced),
             "window": [start.isoformat(timespec="seconds"), end.isoformat(timespec="seconds")],
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -616,11 +701,14 @@ def measure_stack(args: argparse.Namespace, launcher: str) -> dict[str, Any]:
         f"[{launcher}] freshness over {figures['events']:,} events: p50 "
         f"{figures['freshness_p50_s']} s, p95 {figures['freshness_p95_s']} s, max "
         f"{figures['freshness_max_s']} s; stack CPU {figures['stack_cpu_s']} s over "
-        f"{window_s:.0f} s ({figures['stack_cpu_share_of_one_core']:.0%} of one core), "
+        f"{window_s:.0f} s ({figures['stack_cpu_share_of_one_core']:.0%} of one core: "
+        + ", ".join(f"{role} {used:g} s" for role, used in cpu_by_role.items())
+        + "), "
         f"{figures['runs_in_window']} runs, {figures['cpu_s_per_run']} CPU s per run; "
         f"live runs queued median {figures['run_phases']['median_queued_s']} s, start "
-        f"median {figures['run_phases']['median_process_start_s']} s; "
-        f"provisional enrichment {figures['provisional_share']} at the end; "
+        f"median {figures['run_phases']['median_process_start_s']} s, step median "
+        f"{figures['run_phases']['median_step_s']} s; waited for change capture "
+        f"{figures['run_phases']['capture_wait_s']}; provisional enrichment {figures['provisional_share']} at the end; "
         f"{figures['heal_runs']['runs']} heal runs; load average {load_window}",
         flush=True,
     )

@@ -39,6 +39,8 @@ class BatchOutcome:
     event_dates: set[str] = field(default_factory=set)
     #: Extra writes it took to isolate records the database refused (0: none refused).
     probes: int = 0
+    #: Seconds the step waited for change capture of the targets its lookups read.
+    capture_wait_s: float = 0.0
 
 
 @dataclass

@@ -157,15 +157,9 @@ class EventLoader:
         raw = self.source.read(partition, record.start, record.end)
         decoded = decode_batch(raw, spec.contract)
         scoped = ScopedStateCache(self.cache, spec.asset) if self.cache is not None else None
+        budget = WaitBudget(self.max_wait_s)
         output, rerun = step_batch(
-            conn,
-            schemas,
-            spec,
-            decoded,
-            partition,
-            scoped,
-            self.dimensions,
-            WaitBudget(self.max_wait_s),
+            conn, schemas, spec, decoded, partition, scoped, self.dimensions, budget
         )
         final, load = commit_isolated(
             conn,
@@ -197,4 +191,5 @@ class EventLoader:
             },
             event_dates=event_dates(output.rows if output is not None else decoded.rows),
             probes=load.probes,
+            capture_wait_s=budget.waited_s,
         )

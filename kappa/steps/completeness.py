@@ -64,6 +64,9 @@ class WaitBudget:
         self.clock = clock
         self.sleep = sleep
         self.deadline = clock() + max(0.0, seconds)
+        #: Seconds waited so far: from a first look that found capture behind until the
+        #: wait ended (shown per batch as ``capture_wait_s``).
+        self.waited_s = 0.0
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""
@@ -89,13 +92,18 @@ def wait_for_capture(
     budget = budget if budget is not None else WaitBudget(max_wait_s, sleep=sleep)
     present = [k for k in keys if k in rows]
     values = key_values(rows, present)
+    started, waited = budget.clock(), False
     while True:
         completeness = source.watermark(values)
         if completeness is not None:
             marks = completeness.marks(rows[present])
             if bool((pd.to_datetime(rows["event_time"], utc=True) <= marks).all()):
-                return completeness
+                break
         left = budget.remaining()
         if left <= 0:
-            return completeness
+            break
+        waited = True
         budget.sleep(min(0.5, left))
+    if waited:
+        budget.waited_s += budget.clock() - started
+    return completeness

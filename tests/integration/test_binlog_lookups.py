@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import dagster as dg
 import psycopg
 import pytest
 import yaml
@@ -105,7 +106,16 @@ def test_the_fraud_step_joins_calls_captured_from_mariadb(shop_env, mariadb_db, 
             payment(pipeline, "c-1", 16.00, t, card="card-m", country="DE"),
         ]
     )
-    assert all(r.success for r in pipeline.drain("fact_payment"))
+    results = pipeline.drain("fact_payment")
+    assert all(r.success for r in results)
+    # The run says how long its batch waited for the calls' capture (the whole 1 s here).
+    waits = [
+        event.materialization.metadata["capture_wait_s"].value
+        for result in results
+        for event in result.get_asset_materialization_events()
+        if event.asset_key == dg.AssetKey("fact_payment")
+    ]
+    assert waits and 0.9 <= max(waits) <= 3.0, waits
     assert pipeline.query(
         "SELECT customer_id, enrichment FROM edw.fact_payment WHERE card_id IN "
         "('card-k', 'card-m') ORDER BY 1"

@@ -86,6 +86,7 @@ def _outcomes_table(outcomes: list[BatchOutcome]) -> dg.TableMetadataValue:
                 "deduplicated": o.deduplicated,
                 "lag_after": o.lag_after,
                 "seconds": round(o.seconds, 3),
+                "capture_wait_s": round(o.capture_wait_s, 3),
             }
             for o in outcomes
         ]
@@ -251,6 +252,9 @@ def build_fact_asset(
             "poison_probes": sum(o.probes for o in outcomes),
             "lag_after_batch": sum(o.lag_after for o in outcomes),
             "batch_seconds": round(sum(o.seconds for o in outcomes), 3),
+            # The longest a batch of the run waited for change capture of its lookups'
+            # targets (at most KAPPA_ENRICH_MAX_WAIT_S; the partitions run in parallel).
+            "capture_wait_s": round(max((o.capture_wait_s for o in outcomes), default=0.0), 3),
             "dead_letter_reasons": dict(reasons),
             "event_dates": sorted(set().union(*(o.event_dates for o in outcomes))),
             "state_cache": {"keys": len(cache), "hits": cache.hits, "misses": cache.misses},
