@@ -457,10 +457,11 @@ def stack_processes(root_pid: int, home: Path) -> list[Any]:
 
 #: What a stack process is, by a fragment of its command line (first match wins).
 ROLES = (
-    ("kappa-live", "run workers (live)"),
-    ("kappa-backfill", "run workers (backfill)"),
-    ("dagster-daemon", "Dagster daemon"),
+    # Before the workers: a code server's command line holds the instance's queue names.
     ("api grpc", "code servers (sensors)"),
+    ("-Q kappa-live", "run workers (live)"),
+    ("-Q kappa-backfill", "run workers (backfill)"),
+    ("dagster-daemon", "Dagster daemon"),
     ("dagster-webserver", "Dagster webserver"),
     ("tansu", "broker"),
     ("simulator", "producers (simulators)"),
