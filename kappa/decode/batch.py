@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import compress
 
 import numpy as np
 import orjson
@@ -139,7 +140,12 @@ def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
     if slow_positions.size == 0:
         broker_time = _broker_time(batch.timestamps)
         return _finish(
-            batch, fast_rows, Reasons([None] * n), broker_time, valid=np.ones(n, dtype=bool)
+            batch,
+            fast_rows,
+            Reasons([None] * n),
+            broker_time,
+            valid=np.ones(n, dtype=bool),
+            dedup_only=True,
         )
     sub = _subset(batch, slow_positions)
     slow_rows, reasons, broker_time = _validate(sub, contract)
@@ -332,7 +338,7 @@ def _finish(
     if not dedup_only:
         rows = rows[valid]
     duplicated = rows["event_id"].duplicated(keep="first").to_numpy()
-    rows = rows[~duplicated].reset_index(drop=True)
+    rows = (rows[~duplicated] if duplicated.any() else rows).reset_index(drop=True)
 
     offsets = np.asarray(batch.offsets, dtype=np.int64)
     dead_mask = ~valid
@@ -340,8 +346,8 @@ def _finish(
         {
             "offset": offsets[dead_mask],
             "broker_time": broker_time[dead_mask].reset_index(drop=True),
-            "key": [k for k, d in zip(batch.keys, dead_mask, strict=True) if d],
-            "value": [v for v, d in zip(batch.values, dead_mask, strict=True) if d],
+            "key": list(compress(batch.keys, dead_mask)),
+            "value": list(compress(batch.values, dead_mask)),
             "reason": reasons.values[dead_mask],
         }
     )

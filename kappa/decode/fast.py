@@ -16,7 +16,7 @@ path accepts, with the same values (tests/unit/test_decode_fast.py compares both
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from itertools import compress
 from operator import attrgetter
@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import orjson
 import pandas as pd
 
 from kappa.catalog.fields import INTEGER_RANGES, PayloadField
@@ -39,7 +40,9 @@ _TYPED: dict[str, type] = {
     "char": str,
     "enum": str,
     "uuid": str,
-    "numeric": float,
+    # The literal itself: parsed by orjson as the general path parses it, and its length
+    # tells a literal a double may not carry exactly (see kappa/exact.py).
+    "numeric": msgspec.Raw,
     "integer": int,
     "bigint": int,
     "boolean": bool,
@@ -47,6 +50,8 @@ _TYPED: dict[str, type] = {
 
 _HEX_POSITIONS = [i for i in range(36) if i not in (8, 13, 18, 23)]
 _DATE_TIME_DIGITS = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18]
+#: A number literal this long may be one a double does not carry exactly (kappa/exact.py).
+_LONG_LITERAL = 16
 #: The longest event_time the fast path reads: ``YYYY-MM-DDTHH:MM:SS.ffffff+HH:MM``.
 _LONGEST_TIME = 32
 
@@ -69,6 +74,9 @@ class FastRows:
 class _Plan:
     decode: Callable[[bytes], Any]
     fields: tuple[tuple[PayloadField, str, bool], ...]  # field, attribute, checked here
+    #: A number may reach a field checked by the general column check: messages holding a
+    #: long number literal are then left to the general path (which re-parses them exactly).
+    long_literals: bool
 
 
 _PLANS: dict[EventContract, _Plan | None] = {}
@@ -116,10 +124,18 @@ def _build_plan(contract: EventContract) -> _Plan | None:
         forbid_unknown_fields=True,
         gc=False,
     )
-    return _Plan(decode=msgspec.json.Decoder(envelope).decode, fields=tuple(fields))
+    untyped_numbers = any(
+        not typed and (f.type.kind == "numeric" or f.type.kind in INTEGER_RANGES)
+        for f, _, typed in fields
+    )
+    return _Plan(
+        decode=msgspec.json.Decoder(envelope).decode,
+        fields=tuple(fields),
+        long_literals=untyped_numbers,
+    )
 
 
-def _lengths(values: Sequence[str]) -> np.ndarray:
+def _lengths(values: Sequence[Sized]) -> np.ndarray:
     return np.fromiter(map(len, values), dtype=np.int64, count=len(values))
 
 
@@ -191,7 +207,7 @@ def _iso_shaped(values: list[str]) -> np.ndarray:
     return ok
 
 
-def _in(values: list, allowed: Sequence) -> np.ndarray:
+def _in(values: list, allowed: Iterable[object]) -> np.ndarray:
     """Membership by equality, as ``Series.isin`` decides it for these values."""
     allowed_set = frozenset(allowed)
     return np.fromiter(map(allowed_set.__contains__, values), dtype=bool, count=len(values))
@@ -225,11 +241,34 @@ def _text(f: PayloadField, values: list[str]) -> tuple[np.ndarray, Any]:
     return ok, pd.array(values, dtype="string")
 
 
-def _number(f: PayloadField, values: list[float]) -> tuple[np.ndarray, Any]:
+def _is_number(value: object) -> bool:
+    return type(value) is int or type(value) is float
+
+
+def _loads_number(literal: msgspec.Raw) -> object:
+    try:
+        return orjson.loads(bytes(literal))
+    except orjson.JSONDecodeError:  # 1e400: the general path says why
+        return None
+
+
+def _number(f: PayloadField, values: list[msgspec.Raw]) -> tuple[np.ndarray, Any]:
+    """Each value is one JSON value as written (msgspec checked its syntax): parsed by orjson
+    in one array, as the general path parses the message; a literal of 16 characters or more
+    (every one a double may not carry exactly among them) is left to the general path."""
     kind = f.type
     target = NumericType(kind.precision or 0, kind.scale or 0)
-    doubles = np.array(values, dtype=np.float64)
-    ok = np.isfinite(doubles)
+    try:
+        parsed = orjson.loads(b"[" + b",".join(values) + b"]")
+    except orjson.JSONDecodeError:
+        parsed = [_loads_number(v) for v in values]
+    ok = _lengths(values) < _LONG_LITERAL
+    if set(map(type, parsed)) <= {int, float}:
+        doubles = np.array(parsed, dtype=np.float64)
+    else:
+        ok &= np.fromiter(map(_is_number, parsed), dtype=bool, count=len(parsed))
+        doubles = np.array([v if _is_number(v) else np.nan for v in parsed], dtype=np.float64)
+    ok &= np.isfinite(doubles)
     with np.errstate(invalid="ignore"):
         if kind.exclusive_min is not None:
             ok &= ~(doubles <= float(kind.exclusive_min))
@@ -242,9 +281,12 @@ def _number(f: PayloadField, values: list[float]) -> tuple[np.ndarray, Any]:
 def _integer(f: PayloadField, values: list[int]) -> tuple[np.ndarray, Any]:
     kind = f.type
     low, high = INTEGER_RANGES[kind.kind]
-    # Every value is below 10**15 in magnitude (longer literals never reach the fast path).
-    ints = np.array(values, dtype=np.int64)
-    ok = (ints >= low) & (ints <= high)
+    try:
+        ints = np.array(values, dtype=np.int64)
+        ok = (ints >= low) & (ints <= high)
+    except OverflowError:  # beyond 64 bits: refused here, the general path says why
+        ok = np.fromiter((low <= v <= high for v in values), dtype=bool, count=len(values))
+        ints = np.array([v if inside else 0 for v, inside in zip(values, ok, strict=True)])
     if kind.minimum is not None:
         ok &= ints >= int(kind.minimum)  # an integer field's bounds are ints (the catalogue)
     if kind.maximum is not None:
@@ -264,6 +306,29 @@ def _check(f: PayloadField, values: list) -> tuple[np.ndarray, Any]:
     return _text(f, values)
 
 
+def _keys_match(keys: list[bytes | None], expected: Any) -> np.ndarray:
+    """Which keys the general path finds equal to the payload's key field: the key decoded
+    (invalid UTF-8 replaced) against the field as text. When every key is the field's text
+    in UTF-8 (one comparison of the joined columns, NUL-separated: neither side holds a NUL
+    then, so the parts line up), all are; otherwise each is compared as the general path
+    compares it."""
+    text = pd.Series(expected).astype("string")
+    if isinstance(expected, pd.arrays.StringArray | pd.Series) and not text.isna().any():
+        words = text.tolist()
+        joined = "\x00".join(words)
+        if (
+            None not in keys
+            and joined.count("\x00") == len(words) - 1
+            and b"\x00".join(keys) == joined.encode("utf-8")  # type: ignore[arg-type]
+        ):
+            return np.ones(len(keys), dtype=bool)
+    present = np.fromiter((k is not None for k in keys), dtype=bool, count=len(keys))
+    decoded = pd.Series(
+        [k.decode("utf-8", "replace") if k is not None else None for k in keys], dtype="string"
+    )
+    return present & (decoded == text).fillna(False).to_numpy(dtype=bool)
+
+
 def _pick(column: Any, keep: np.ndarray) -> Any:
     if isinstance(column, list):
         return list(compress(column, keep))
@@ -280,7 +345,7 @@ def decode_fast(batch: RawBatch, contract: EventContract) -> FastRows | None:
         return None
     values = batch.values
     max_bytes = contract.max_message_bytes
-    long = set(long_literals(values).tolist())
+    long = set(long_literals(values).tolist()) if plan.long_literals else set()
     decode = plan.decode
     decoded: list[Any] = []
     positions: list[int] = []
@@ -289,7 +354,7 @@ def decode_fast(batch: RawBatch, contract: EventContract) -> FastRows | None:
             continue
         try:
             decoded.append(decode(value))
-        except msgspec.DecodeError:  # also a ValidationError: the general path says why
+        except (msgspec.DecodeError, RecursionError):  # the general path says why
             continue
         positions.append(index)
     if not decoded:
@@ -298,8 +363,8 @@ def decode_fast(batch: RawBatch, contract: EventContract) -> FastRows | None:
 
     event_type = list(map(attrgetter("event_type"), decoded))
     ok = _in(event_type, contract.event_types)
-    versions = np.fromiter(map(attrgetter("schema_version"), decoded), np.int64, count)
-    ok &= np.isin(versions, sorted(contract.schema_versions))
+    versions = list(map(attrgetter("schema_version"), decoded))
+    ok &= _in(versions, contract.schema_versions)
     event_id = list(map(attrgetter("event_id"), decoded))
     ok &= _uuid_shaped(event_id)
     source = list(map(attrgetter("source"), decoded))
@@ -319,14 +384,8 @@ def decode_fast(batch: RawBatch, contract: EventContract) -> FastRows | None:
             converted[f.name] = check_field(f, pd.Series(column, dtype=object), reasons)
             ok &= reasons.open
 
-    # The key, as the general path compares it: decoded text against the payload's as text.
     keys = [batch.keys[i] for i in positions]
-    ok &= np.fromiter((k is not None for k in keys), dtype=bool, count=count)
-    key_text = pd.Series(
-        [k.decode("utf-8", "replace") if k is not None else None for k in keys], dtype="string"
-    )
-    expected_key = pd.Series(converted[contract.key_field]).astype("string")
-    ok &= (key_text == expected_key).fillna(False).to_numpy(dtype=bool)
+    ok &= _keys_match(keys, converted[contract.key_field])
 
     # Instants last, on the rows still accepted: the general path's own conversion.
     position = np.asarray(positions, dtype=np.int64)
@@ -358,5 +417,5 @@ def decode_fast(batch: RawBatch, contract: EventContract) -> FastRows | None:
         converted={name: _pick(column, keep) for name, column in converted.items()},
         event_time=event_time[timely].reset_index(drop=True),
         source=list(compress(source, keep)),
-        schema_version=versions[keep],
+        schema_version=np.array(list(compress(versions, keep)), dtype=np.int64),
     )
