@@ -16,6 +16,7 @@ path accepts, with the same values (tests/unit/test_decode_fast.py compares both
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from itertools import compress
@@ -241,8 +242,8 @@ def _text(f: PayloadField, values: list[str]) -> tuple[np.ndarray, Any]:
     return ok, pd.array(values, dtype="string")
 
 
-def _is_number(value: object) -> bool:
-    return type(value) is int or type(value) is float
+#: The types of a JSON number as orjson parses it (a bool is not one).
+_NUMBERS = frozenset({int, float})
 
 
 def _loads_number(literal: msgspec.Raw) -> object:
@@ -263,11 +264,14 @@ def _number(f: PayloadField, values: list[msgspec.Raw]) -> tuple[np.ndarray, Any
     except orjson.JSONDecodeError:
         parsed = [_loads_number(v) for v in values]
     ok = _lengths(values) < _LONG_LITERAL
-    if set(map(type, parsed)) <= {int, float}:
+    types = list(map(type, parsed))
+    if set(types) <= _NUMBERS and ok.all():
         doubles = np.array(parsed, dtype=np.float64)
-    else:
-        ok &= np.fromiter(map(_is_number, parsed), dtype=bool, count=len(parsed))
-        doubles = np.array([v if _is_number(v) else np.nan for v in parsed], dtype=np.float64)
+    else:  # only short literals of numbers are converted (no int beyond a double's range)
+        ok &= np.fromiter(map(_NUMBERS.__contains__, types), dtype=bool, count=len(types))
+        doubles = np.full(len(parsed), np.nan)
+        objects = np.fromiter(parsed, dtype=object, count=len(parsed))
+        doubles[ok] = objects[ok].astype(np.float64)
     ok &= np.isfinite(doubles)
     with np.errstate(invalid="ignore"):
         if kind.exclusive_min is not None:
@@ -308,25 +312,26 @@ def _check(f: PayloadField, values: list) -> tuple[np.ndarray, Any]:
 
 def _keys_match(keys: list[bytes | None], expected: Any) -> np.ndarray:
     """Which keys the general path finds equal to the payload's key field: the key decoded
-    (invalid UTF-8 replaced) against the field as text. When every key is the field's text
-    in UTF-8 (one comparison of the joined columns, NUL-separated: neither side holds a NUL
-    then, so the parts line up), all are; otherwise each is compared as the general path
-    compares it."""
-    text = pd.Series(expected).astype("string")
-    if isinstance(expected, pd.arrays.StringArray | pd.Series) and not text.isna().any():
-        words = text.tolist()
-        joined = "\x00".join(words)
-        if (
-            None not in keys
-            and joined.count("\x00") == len(words) - 1
-            and b"\x00".join(keys) == joined.encode("utf-8")  # type: ignore[arg-type]
-        ):
+    (invalid UTF-8 replaced) against the field as text. A key that is the field's text in
+    UTF-8 is equal (when every one is, one comparison of the joined columns says so: joined
+    with NUL, which neither side then holds, so the parts line up); any other key is
+    compared as the general path compares it."""
+    words = pd.Series(expected).astype("string").tolist()
+    try:
+        encoded = [w.encode("utf-8") if isinstance(w, str) else None for w in words]
+    except UnicodeEncodeError:
+        encoded = [None] * len(words)
+    if None not in keys and None not in encoded:
+        joined = b"\x00".join(encoded)  # type: ignore[arg-type]
+        if joined.count(b"\x00") == len(words) - 1 and b"\x00".join(keys) == joined:  # type: ignore[arg-type]
             return np.ones(len(keys), dtype=bool)
-    present = np.fromiter((k is not None for k in keys), dtype=bool, count=len(keys))
-    decoded = pd.Series(
-        [k.decode("utf-8", "replace") if k is not None else None for k in keys], dtype="string"
-    )
-    return present & (decoded == text).fillna(False).to_numpy(dtype=bool)
+    same = np.fromiter(map(operator.eq, keys, encoded), dtype=bool, count=len(keys))
+    for index in np.flatnonzero(~same).tolist():
+        key, word = keys[index], words[index]
+        same[index] = (
+            key is not None and isinstance(word, str) and key.decode("utf-8", "replace") == word
+        )
+    return same
 
 
 def _pick(column: Any, keep: np.ndarray) -> Any:

@@ -134,6 +134,8 @@ ADVERSARIAL: list[tuple[bytes | None, bytes | None]] = [
     (_amount(b"1e400"), b"c-00001"),
     (_amount(b"123456789012345678901234567890"), b"c-00001"),
     (_amount(b"-0"), b"c-00001"),
+    (_amount(b"1" * 400), b"c-00001"),
+    (_amount(b"1" * 400 + b".5"), b"c-00001"),
     (_amount(b"null"), b"c-00001"),
     (_amount(b'{"cents": 1999}'), b"c-00001"),
     (_amount(b"[19.99]"), b"c-00001"),
