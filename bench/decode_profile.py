@@ -10,6 +10,9 @@ best of ``--repeat``) on the same batch:
   compared (rows, dead letters, duplicates) before any figure is printed.
 - ``copy_text``: the decoded rows as COPY's text format (:func:`kappa.edw.copy.copy_text`).
 
+``--baseline FILE`` takes ``old`` from another revision's ``kappa/decode/batch.py`` instead
+(``git show a7b86c2:kappa/decode/batch.py > /tmp/batch_main.py``), loaded beside this one.
+
 ``--invalid-rate`` mixes the simulator's malformed messages in (they all take the general
 path); ``--profile`` prints cProfile's top functions of the new decode.
 """
@@ -19,7 +22,9 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import importlib.util
 import pstats
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -91,6 +96,15 @@ def decode_general(batch: RawBatch, contract: EventContract) -> DecodedBatch:
         batch_module._FAST = True
 
 
+def load_baseline(path: str) -> Callable[[RawBatch, EventContract], DecodedBatch]:
+    spec = importlib.util.spec_from_file_location("decode_baseline", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.decode_batch  # type: ignore[no-any-return]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, default=50_000)
@@ -98,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--invalid-rate", type=float, default=0.0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--baseline", help="a kappa/decode/batch.py of another revision")
     args = parser.parse_args(argv)
+    decode_old = load_baseline(args.baseline) if args.baseline else decode_general
 
     contracts = {"orders": ORDER_PLACED, "payments": PAYMENT_ATTEMPTED}
     print(
@@ -111,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         # Interleaved, so a change of the machine's speed meets both paths alike.
         old_s, new_s = float("inf"), float("inf")
         for _ in range(args.repeat):
-            t, old = cpu(lambda b=batch, c=contract: decode_general(b, c), 1)
+            t, old = cpu(lambda b=batch, c=contract: decode_old(b, c), 1)
             old_s = min(old_s, t)
             t, new = cpu(lambda b=batch, c=contract: decode_batch(b, c), 1)
             new_s = min(new_s, t)
