@@ -342,6 +342,40 @@ def _pick(column: Any, keep: np.ndarray) -> Any:
     return column[keep]
 
 
+#: Messages decoded by one ``map`` call; a chunk holding a message that fails is decoded
+#: again message by message.
+_CHUNK = 1024
+
+
+def _decode_all(
+    decode: Callable[[bytes], Any], values: list[bytes | None], max_bytes: int, long: set[int]
+) -> tuple[list[Any], list[int]]:
+    """The structs of the messages that decode (and their positions): a chunk at a time
+    while every message of it does, otherwise message by message."""
+    decoded: list[Any] = []
+    positions: list[int] = []
+    for start in range(0, len(values), _CHUNK):
+        chunk = values[start : start + _CHUNK]
+        if not long:
+            try:
+                if max(map(len, chunk)) <= max_bytes:  # type: ignore[arg-type]
+                    whole = list(map(decode, chunk))  # type: ignore[arg-type]
+                    decoded.extend(whole)
+                    positions.extend(range(start, start + len(chunk)))
+                    continue
+            except (TypeError, msgspec.DecodeError, RecursionError):
+                pass  # a null value, bad JSON, a wrong type: one by one below
+        for index, value in enumerate(chunk, start):
+            if value is None or len(value) > max_bytes or index in long:
+                continue
+            try:
+                decoded.append(decode(value))
+            except (msgspec.DecodeError, RecursionError):  # the general path says why
+                continue
+            positions.append(index)
+    return decoded, positions
+
+
 def decode_fast(batch: RawBatch, contract: EventContract) -> FastRows | None:
     """The messages of ``batch`` proven valid without the general path (possibly none);
     None when the fast path does not apply to ``contract``."""
@@ -351,17 +385,7 @@ def decode_fast(batch: RawBatch, contract: EventContract) -> FastRows | None:
     values = batch.values
     max_bytes = contract.max_message_bytes
     long = set(long_literals(values).tolist()) if plan.long_literals else set()
-    decode = plan.decode
-    decoded: list[Any] = []
-    positions: list[int] = []
-    for index, value in enumerate(values):
-        if value is None or len(value) > max_bytes or index in long:
-            continue
-        try:
-            decoded.append(decode(value))
-        except (msgspec.DecodeError, RecursionError):  # the general path says why
-            continue
-        positions.append(index)
+    decoded, positions = _decode_all(plan.decode, values, max_bytes, long)
     if not decoded:
         return FastRows(np.zeros(0, dtype=np.int64), [], {}, pd.Series([]), [], np.zeros(0))
     count = len(decoded)

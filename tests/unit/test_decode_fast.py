@@ -449,3 +449,13 @@ def test_keys_holding_nul_never_line_up_with_other_rows_keys():
     shifted = [*keys[1:], keys[0]]
     general, _ = both(raw(values, shifted), ORDER_PLACED)
     assert len(general.dead_letters) == 5 - sum(a == b for a, b in zip(keys, shifted, strict=True))
+
+
+def test_bad_messages_at_chunk_boundaries_leave_the_other_chunks_whole():
+    values, keys = simulated("orders", 2100, seed=9)
+    for at, value in ((1023, None), (1024, b"{not json"), (2050, orjson.dumps([1]))):
+        values[at] = value
+    values[5] = orjson.dumps(order(5, payload={"order_id": "o-" + "x" * (2 * 1024 * 1024)}))
+    general, _ = both(raw(values, keys), ORDER_PLACED)
+    assert len(general.dead_letters) == 4 and len(general.rows) == 2096
+    assert accepted(raw(values, keys), ORDER_PLACED) == 2096
