@@ -184,7 +184,8 @@ def _iso_shaped(values: list[str]) -> np.ndarray:
         if not 20 <= width <= _LONGEST_TIME:
             continue
         rows = np.flatnonzero(lengths == width)
-        codes = _codes([values[i] for i in rows.tolist()], width)
+        picked = values if len(rows) == len(values) else [values[i] for i in rows.tolist()]
+        codes = _codes(picked, width)
         digit = (codes >= 0x30) & (codes <= 0x39)
         shaped = (
             digit[:, _DATE_TIME_DIGITS].all(axis=1)
@@ -310,21 +311,34 @@ def _check(f: PayloadField, values: list) -> tuple[np.ndarray, Any]:
     return _text(f, values)
 
 
+#: Equal to no key (not even a missing one).
+_NO_TEXT = object()
+
+
+def _utf8(word: object) -> object:
+    try:
+        return word.encode("utf-8") if isinstance(word, str) else _NO_TEXT
+    except UnicodeEncodeError:
+        return _NO_TEXT
+
+
 def _keys_match(keys: list[bytes | None], expected: Any) -> np.ndarray:
     """Which keys the general path finds equal to the payload's key field: the key decoded
     (invalid UTF-8 replaced) against the field as text. A key that is the field's text in
     UTF-8 is equal (when every one is, one comparison of the joined columns says so: joined
     with NUL, which neither side then holds, so the parts line up); any other key is
     compared as the general path compares it."""
-    words = pd.Series(expected).astype("string").tolist()
-    try:
-        encoded = [w.encode("utf-8") if isinstance(w, str) else None for w in words]
-    except UnicodeEncodeError:
-        encoded = [None] * len(words)
-    if None not in keys and None not in encoded:
-        joined = b"\x00".join(encoded)  # type: ignore[arg-type]
-        if joined.count(b"\x00") == len(words) - 1 and b"\x00".join(keys) == joined:  # type: ignore[arg-type]
-            return np.ones(len(keys), dtype=bool)
+    text = pd.Series(expected).astype("string")
+    words = text.tolist()
+    if None not in keys and not text.isna().any():
+        joined = "\x00".join(words)
+        if joined.count("\x00") == len(words) - 1:
+            try:
+                if b"\x00".join(keys) == joined.encode("utf-8"):  # type: ignore[arg-type]
+                    return np.ones(len(keys), dtype=bool)
+            except UnicodeEncodeError:  # a lone surrogate: compared row by row below
+                pass
+    encoded = [_utf8(w) for w in words]
     same = np.fromiter(map(operator.eq, keys, encoded), dtype=bool, count=len(keys))
     for index in np.flatnonzero(~same).tolist():
         key, word = keys[index], words[index]

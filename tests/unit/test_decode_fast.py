@@ -459,3 +459,13 @@ def test_bad_messages_at_chunk_boundaries_leave_the_other_chunks_whole():
     general, _ = both(raw(values, keys), ORDER_PLACED)
     assert len(general.dead_letters) == 4 and len(general.rows) == 2096
     assert accepted(raw(values, keys), ORDER_PLACED) == 2096
+
+
+def test_a_missing_key_never_matches_a_missing_key_field(probe):
+    # `later` is nullable: as the key field, a message without it and without a key.
+    from dataclasses import replace
+
+    contract = replace(probe, key_field="later")
+    values = [probe_message(1, probe_payload()), probe_message(2, probe_payload(later=3))]
+    general, _ = both(raw(values, [None, b"3"], "probes"), contract)
+    assert general.rows["later"].tolist() == [3]
