@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import compress
 
 import numpy as np
 import orjson
@@ -24,6 +25,7 @@ from kappa.decode.columns import (
     has_nul,
     of_type,
 )
+from kappa.decode.fast import decode_fast
 from kappa.exact import (
     exact_payload,
     long_literals,
@@ -112,7 +114,123 @@ def _parse(
 
 
 def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
-    """Decode and validate ``batch``; never raises for bad messages."""
+    """Decode and validate ``batch``; never raises for bad messages.
+
+    The messages the fast path (:mod:`kappa.decode.fast`) proves valid column-wise skip the
+    general path; every other message (all dead letters among them) goes through it, so the
+    rows and reasons are the same either way, in offset order."""
+    fast = decode_fast(batch, contract) if _FAST else None
+    if fast is None or len(fast.positions) == 0:
+        return _finish(batch, *_validate(batch, contract))
+    n = len(batch.values)
+    rest = np.ones(n, dtype=bool)
+    rest[fast.positions] = False
+    slow_positions = np.flatnonzero(rest)
+    fast_rows = _rows_frame(
+        contract,
+        batch,
+        event_id=pd.array(fast.event_id, dtype="string"),
+        converted=fast.converted,
+        event_time=fast.event_time,
+        source=pd.array(fast.source, dtype="string"),
+        schema_version=pd.array(fast.schema_version, dtype="Int64"),
+        offsets=np.asarray(batch.offsets, dtype=np.int64)[fast.positions],
+        broker_time=_broker_time([batch.timestamps[i] for i in fast.positions.tolist()]),
+    )
+    if slow_positions.size == 0:
+        broker_time = _broker_time(batch.timestamps)
+        return _finish(
+            batch,
+            fast_rows,
+            Reasons([None] * n),
+            broker_time,
+            valid=np.ones(n, dtype=bool),
+            dedup_only=True,
+        )
+    sub = _subset(batch, slow_positions)
+    slow_rows, reasons, broker_time = _validate(sub, contract)
+    valid = reasons.open
+    slow_valid = slow_rows[valid]
+    fast_rows, slow_valid = _same_units(fast_rows, slow_valid, slow_rows)
+    order = np.argsort(np.concatenate([fast.positions, slow_positions[valid]]), kind="stable")
+    rows = pd.concat([fast_rows, slow_valid], ignore_index=True).iloc[order]
+    return _finish(sub, rows, reasons, broker_time, valid=valid, dedup_only=True)
+
+
+#: Off only to compare the two paths (tests, bench/decode_profile.py).
+_FAST = True
+
+
+def _subset(batch: RawBatch, positions: np.ndarray) -> RawBatch:
+    picked = positions.tolist()
+    return RawBatch(
+        topic=batch.topic,
+        partition=batch.partition,
+        start=batch.start,
+        end=batch.end,
+        offsets=[batch.offsets[i] for i in picked],
+        timestamps=[batch.timestamps[i] for i in picked],
+        keys=[batch.keys[i] for i in picked],
+        values=[batch.values[i] for i in picked],
+    )
+
+
+def _same_units(
+    fast: pd.DataFrame, slow: pd.DataFrame, slow_all: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Instants of both parts in the finer unit of the two, as the general path over the
+    whole batch infers one unit per column (nanoseconds when any value needs them; a part
+    with no instant at all has the unit of an empty column, which does not count)."""
+    for name in fast.columns:
+        a, b = fast[name].dtype, slow_all[name].dtype
+        if a == b or not (isinstance(a, pd.DatetimeTZDtype) and isinstance(b, pd.DatetimeTZDtype)):
+            continue
+        if not slow_all[name].notna().any():
+            finer = a
+        elif not fast[name].notna().any():
+            finer = b
+        else:
+            finer = a if np.datetime64(1, a.unit) < np.datetime64(1, b.unit) else b
+        fast = fast.assign(**{name: fast[name].astype(finer)})
+        slow = slow.assign(**{name: slow[name].astype(finer)})
+    return fast, slow
+
+
+def _broker_time(timestamps: list[int]) -> pd.Series:
+    return pd.to_datetime(pd.Series(timestamps, dtype="int64"), unit="ms", utc=True)
+
+
+def _rows_frame(
+    contract: EventContract,
+    batch: RawBatch,
+    *,
+    event_id: object,
+    converted: dict[str, object],
+    event_time: object,
+    source: object,
+    schema_version: object,
+    offsets: np.ndarray,
+    broker_time: pd.Series,
+) -> pd.DataFrame:
+    """The fact table's decoded columns, in order (both paths build their rows here)."""
+    return pd.DataFrame(
+        {
+            "event_id": event_id,
+            **converted,
+            "event_time": event_time,
+            "source": source,
+            "schema_version": schema_version,
+            "topic": batch.topic,
+            "kafka_partition": batch.partition,
+            "kafka_offset": offsets,
+            "broker_time": broker_time,
+        }
+    )[[name for name, _ in fact_columns(contract)]]
+
+
+def _validate(batch: RawBatch, contract: EventContract) -> tuple[pd.DataFrame, Reasons, pd.Series]:
+    """The general path: every message of ``batch`` as a row (NA where it failed), with the
+    first reason of each failing one, and the broker times."""
     envelope, payload, initial = _parse(
         batch.values, contract.max_message_bytes, contract.field_names
     )
@@ -160,7 +278,7 @@ def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
     reasons.flag(~iso, "'event_time' is not ISO-8601 with a zone")
     event_time = pd.to_datetime(raw_time.where(iso), utc=True, format="ISO8601", errors="coerce")
     reasons.flag(iso & event_time.isna().to_numpy(), "'event_time' is not a valid time")
-    broker_time = pd.to_datetime(pd.Series(batch.timestamps, dtype="int64"), unit="ms", utc=True)
+    broker_time = _broker_time(batch.timestamps)
     future = (event_time - broker_time) > contract.max_future_skew
     reasons.flag(
         future.fillna(False).to_numpy(),
@@ -188,32 +306,48 @@ def decode_batch(batch: RawBatch, contract: EventContract) -> DecodedBatch:
 
     valid = reasons.open
     offsets = np.asarray(batch.offsets, dtype=np.int64)
-    rows = pd.DataFrame(
-        {
-            "event_id": event_id.str.lower(),
-            **converted,
-            "event_time": event_time,
-            "source": source,
-            "schema_version": pd.to_numeric(
-                frame["schema_version"].where(valid), errors="coerce"
-            ).astype("Int64"),
-            "topic": batch.topic,
-            "kafka_partition": batch.partition,
-            "kafka_offset": offsets,
-            "broker_time": broker_time,
-        }
-    )[[name for name, _ in fact_columns(contract)]]
-    rows = rows[valid]
-    duplicated = rows["event_id"].duplicated(keep="first").to_numpy()
-    rows = rows[~duplicated].reset_index(drop=True)
+    rows = _rows_frame(
+        contract,
+        batch,
+        event_id=event_id.str.lower(),
+        converted=converted,
+        event_time=event_time,
+        source=source,
+        schema_version=pd.to_numeric(frame["schema_version"].where(valid), errors="coerce").astype(
+            "Int64"
+        ),
+        offsets=offsets,
+        broker_time=broker_time,
+    )
+    return rows, reasons, broker_time
 
+
+def _finish(
+    batch: RawBatch,
+    rows: pd.DataFrame,
+    reasons: Reasons,
+    broker_time: pd.Series,
+    *,
+    valid: np.ndarray | None = None,
+    dedup_only: bool = False,
+) -> DecodedBatch:
+    """The valid rows (``rows[valid]``, or ``rows`` as they are with ``dedup_only``),
+    deduplicated by ``event_id`` (first offset wins), and ``batch``'s dead letters."""
+    if valid is None:
+        valid = reasons.open
+    if not dedup_only:
+        rows = rows[valid]
+    duplicated = rows["event_id"].duplicated(keep="first").to_numpy()
+    rows = (rows[~duplicated] if duplicated.any() else rows).reset_index(drop=True)
+
+    offsets = np.asarray(batch.offsets, dtype=np.int64)
     dead_mask = ~valid
     dead_letters = pd.DataFrame(
         {
             "offset": offsets[dead_mask],
             "broker_time": broker_time[dead_mask].reset_index(drop=True),
-            "key": [k for k, d in zip(batch.keys, dead_mask, strict=True) if d],
-            "value": [v for v, d in zip(batch.values, dead_mask, strict=True) if d],
+            "key": list(compress(batch.keys, dead_mask)),
+            "value": list(compress(batch.values, dead_mask)),
             "reason": reasons.values[dead_mask],
         }
     )
