@@ -168,6 +168,12 @@ ADVERSARIAL: list[tuple[bytes | None, bytes | None]] = [
     (orjson.dumps(order(34, event_time="2026-11-26T05:59:00")), b"c-00001"),
     (orjson.dumps(order(35, event_time="\uff12\uff10\uff12\uff16-11-26T05:59:00Z")), b"c-00001"),
     (orjson.dumps(order(36, event_time="2026-11-2\u0666T05:59:00Z")), b"c-00001"),
+    # The broker-time bounds (an hour ahead, a year behind), on and just past them.
+    (orjson.dumps(order(136, event_time="2026-11-26T07:00:00Z")), b"c-00001"),
+    (orjson.dumps(order(137, event_time="2026-11-26T07:00:00.5Z")), b"c-00001"),
+    (orjson.dumps(order(138, event_time="2025-11-26T06:00:00Z")), b"c-00001"),
+    (orjson.dumps(order(139, event_time="2025-11-26T05:59:59Z")), b"c-00001"),
+    (orjson.dumps(order(140, event_time="1999-01-01T00:00:00Z")), b"c-00001"),
     (orjson.dumps(order(37, event_time="2026-02-30T05:59:00Z")), b"c-00001"),
     (orjson.dumps(order(38, event_time="2026-11-26T24:00:00Z")), b"c-00001"),
     (orjson.dumps(order(39, event_time="2026-11-26T05:59:60Z")), b"c-00001"),
