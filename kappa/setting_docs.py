@@ -128,8 +128,7 @@ SETTINGS: tuple[Setting, ...] = (
         "KAPPA_WORKERS",
         "",
         "Run worker processes `kappa up` starts for live micro-batches (queue `kappa-live`). "
-        "Empty: one per micro-batch asset of the catalogue (its streams and captured tables), "
-        "at least 2, at most two per core plus two.",
+        "Empty: the machine's cores, at least 2.",
     ),
     Setting(
         "KAPPA_BACKFILL_WORKERS",

@@ -117,11 +117,10 @@ def celery_url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     return raw
 
 
-def workers(env: Mapping[str, str]) -> int | None:
-    """``KAPPA_WORKERS``: live run worker processes (None when unset: see
-    :meth:`Settings.live_workers`)."""
+def workers(env: Mapping[str, str]) -> int:
+    """``KAPPA_WORKERS``: live run worker processes (empty: the cores, at least 2)."""
     if not _raw(env, "KAPPA_WORKERS"):
-        return None
+        return max(2, os.cpu_count() or 1)
     return _int(env, "KAPPA_WORKERS", minimum=1, maximum=256)
 
 
@@ -177,8 +176,7 @@ class Settings:
     run_launcher: RunLauncher
     celery_broker_url: str | None
     celery_backend_url: str | None
-    #: KAPPA_WORKERS as set (None: fitted to the catalogue, :meth:`live_workers`).
-    workers: int | None
+    workers: int
     backfill_workers: int
     ui_port: int
     enrich_max_wait_s: float
@@ -272,19 +270,6 @@ class Settings:
             ),
             env=env,
         )
-
-    def live_workers(self, assets: int) -> int:
-        """Live run worker processes: ``KAPPA_WORKERS``, or when unset one per micro-batch
-        asset of the catalogue (``assets``: its streams and captured tables), at least 2 and
-        at most two per core plus two.
-
-        Each asset has at most one run in flight, so with a process per asset no asset's run
-        waits for another's: a fact batch waiting for change capture keeps its process, and
-        the capture run it waits for must not queue behind it."""
-        if self.workers is not None:
-            return self.workers
-        cores = os.cpu_count() or 1
-        return max(2, min(assets, 2 * cores + 2))
 
     def stream(self, name: str) -> EventContract:
         """The catalogue's stream ``name``."""

@@ -237,8 +237,7 @@ def up(settings: Settings, *, reset: bool, producers: bool, seed: bool = False) 
 
             # The code location loads from the repository root in the workers too.
             worker_env = {**env, "PYTHONPATH": str(root)}
-            assets = len(settings.streams) + len(active_captures(settings))
-            pools = [("worker-live", LIVE_QUEUE, settings.live_workers(assets))]
+            pools = [("worker-live", LIVE_QUEUE, settings.workers)]
             if settings.backfill_workers:
                 pools.append(("worker-backfill", BACKFILL_QUEUE, settings.backfill_workers))
             for name, queue, concurrency in pools:

@@ -4,7 +4,6 @@ tests/integration/test_celery_workers.py."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,12 +31,7 @@ def test_defaults_use_celery_on_the_dagster_database() -> None:
         f"sqla+postgresql+psycopg2://u:{SECRET}@db:5432/dg"
     )
     assert settings.resolved_celery_backend_url == f"db+postgresql+psycopg2://u:{SECRET}@db:5432/dg"
-    # Unset: a process per micro-batch asset, at least 2, at most two per core plus two.
-    assert settings.workers is None
-    assert settings.live_workers(1) == 2
-    assert settings.live_workers(4) == min(4, 2 * (os.cpu_count() or 1) + 2)
-    assert settings.live_workers(1000) == 2 * (os.cpu_count() or 1) + 2
-    assert Settings.from_env({"KAPPA_WORKERS": "3"}).live_workers(10) == 3
+    assert settings.workers >= 2
     assert settings.backfill_workers == 1
 
 
