@@ -4,8 +4,11 @@ SIGKILL with everything they started, wait, and how far the facts' ledger is beh
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +17,10 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from kappa.local.dagster_instance import dagster_environment, write_dagster_yaml
+from kappa.settings import Settings
 from tests.chaos.reference import Record
+from tests.chaos.streams import produce, simulated
 from tests.integration.harness import ROOT, Pipeline
 
 
@@ -92,3 +98,41 @@ def behind(pipeline: Pipeline, records: list[Record]) -> int:
         )
     }
     return sum(max(0, end - heads.get(key, 0)) for key, end in produced.items())
+
+
+def instance_env(env: dict[str, str], home: Path, workspace: Path | None = None) -> dict[str, str]:
+    """Write the dagster.yaml of ``env``'s settings in ``home``; the environment of the
+    processes that use it (of this process's own variables, no KAPPA_ or KAFKA_ one)."""
+    settings = Settings.from_env(env)
+    write_dagster_yaml(home, settings, workspace)
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("KAPPA_", "KAFKA_"))},
+        **env,
+        **dagster_environment(settings, home),
+    }
+
+
+class Stream:
+    """Simulated events produced in the background, 100 to 300 a second, until stopped; the
+    records the broker acknowledged in ``records``."""
+
+    def __init__(self, pipeline: Pipeline, bootstrap: str, seed: int) -> None:
+        self.records: list[Record] = []
+        self._stop = threading.Event()
+        rng = random.Random(seed)
+
+        def run() -> None:
+            while not self._stop.is_set():
+                batch = simulated(pipeline, rng.randint(100, 300), seed=rng.randrange(2**31))
+                self.records.extend(produce(bootstrap, batch))
+                time.sleep(1.0)
+
+        self._thread = threading.Thread(target=run, name="stream", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(60)

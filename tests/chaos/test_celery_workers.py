@@ -19,10 +19,8 @@ the EDW must equal the independent reference: nothing lost, nothing twice, no le
 from __future__ import annotations
 
 import os
-import random
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,19 +29,19 @@ import psutil
 import psycopg
 import pytest
 
-from kappa.local.dagster_instance import dagster_environment, write_dagster_yaml
-from kappa.settings import Settings
 from tests.chaos.conftest import full_only, record
 from tests.chaos.processes import (
+    Stream,
     behind,
     database,
+    instance_env,
     kill_tree,
     start_daemon,
     start_worker,
     wait,
 )
-from tests.chaos.reference import Anomalies, Record
-from tests.chaos.streams import audit, produce, simulated
+from tests.chaos.reference import Anomalies
+from tests.chaos.streams import audit
 from tests.integration.harness import ROOT, Pipeline
 
 pytestmark = pytest.mark.integration
@@ -137,34 +135,15 @@ def test_two_workers_killed_one_after_the_other_then_with_the_daemon_lose_nothin
         # heartbeat check, not by the runtime bound.
         "KAPPA_RUN_MAX_RUNTIME_S": "600",
     }
-    settings = Settings.from_env(env)
-    home = tmp_path / "dagster_home"
-    write_dagster_yaml(home, settings, ROOT / "workspace.yaml")
-    proc_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("KAPPA_", "KAFKA_"))},
-        **env,
-        **dagster_environment(settings, home),
-    }
+    proc_env = instance_env(env, tmp_path / "dagster_home", ROOT / "workspace.yaml")
     dagster_url = env["KAPPA_DAGSTER_PG_URL"]
-    rng = random.Random(SEED)
-    records: list[Record] = []
-    stop = threading.Event()
-
-    def stream() -> None:
-        while not stop.is_set():
-            records.extend(
-                produce(
-                    env["KAFKA_BOOTSTRAP_SERVERS"],
-                    simulated(pipeline, rng.randint(100, 300), seed=rng.randrange(2**31)),
-                )
-            )
-            time.sleep(1.0)
+    stream = Stream(pipeline, env["KAFKA_BOOTSTRAP_SERVERS"], SEED)
+    records = stream.records
 
     log_path = tmp_path / "stack.log"
     log = log_path.open("ab")
     daemon = start_daemon(proc_env, log)
     workers = {name: start_worker(name, proc_env, log) for name in ("worker-a", "worker-b")}
-    producer = threading.Thread(target=stream, name="stream", daemon=True)
     rows: list[tuple[str, str]] = []
     dead_runs: list[str] = []
 
@@ -193,7 +172,7 @@ def test_two_workers_killed_one_after_the_other_then_with_the_daemon_lose_nothin
         return moved
 
     try:
-        producer.start()
+        stream.start()
         wait(
             lambda: pipeline.query("SELECT 1 FROM kappa.batch_ledger LIMIT 1"),
             timeout_s=240,
@@ -244,15 +223,14 @@ def test_two_workers_killed_one_after_the_other_then_with_the_daemon_lose_nothin
             )
         )
         time.sleep(10)
-        stop.set()
-        producer.join(60)
+        stream.stop()
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline and behind(pipeline, records):
             time.sleep(3)
         lag = behind(pipeline, records)
         statuses = {run_id: _status(dagster_url, run_id) for run_id in dead_runs}
     finally:
-        stop.set()
+        stream.stop()
         for proc in (daemon, *workers.values()):
             kill_tree(proc)
         log.close()

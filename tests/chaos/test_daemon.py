@@ -10,19 +10,23 @@ Afterwards the EDW must equal the reference: nothing lost, nothing twice, no led
 from __future__ import annotations
 
 import os
-import random
-import threading
 import time
 
 import psycopg
 import pytest
 
-from kappa.local.dagster_instance import dagster_environment, write_dagster_yaml
-from kappa.settings import Settings
 from tests.chaos.conftest import full_only, record
-from tests.chaos.processes import behind, database, kill_tree, start_daemon, wait
-from tests.chaos.reference import Anomalies, Record
-from tests.chaos.streams import audit, produce, simulated
+from tests.chaos.processes import (
+    Stream,
+    behind,
+    database,
+    instance_env,
+    kill_tree,
+    start_daemon,
+    wait,
+)
+from tests.chaos.reference import Anomalies
+from tests.chaos.streams import audit
 from tests.integration.harness import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -45,35 +49,16 @@ def test_a_daemon_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
         # Dagster's process-per-run launcher, killed with the daemon (no Celery workers here).
         "KAPPA_RUN_LAUNCHER": "process",
     }
-    settings = Settings.from_env(env)
-    home = tmp_path / "dagster_home"
-    write_dagster_yaml(home, settings)
-    daemon_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("KAPPA_", "KAFKA_"))},
-        **env,
-        **dagster_environment(settings, home),
-    }
-    rng = random.Random(SEED)
-    records: list[Record] = []
-    stop = threading.Event()
-
-    def stream() -> None:
-        while not stop.is_set():
-            records.extend(
-                produce(
-                    env["KAFKA_BOOTSTRAP_SERVERS"],
-                    simulated(pipeline, rng.randint(100, 300), seed=rng.randrange(2**31)),
-                )
-            )
-            time.sleep(1.0)
+    daemon_env = instance_env(env, tmp_path / "dagster_home")
+    stream = Stream(pipeline, env["KAFKA_BOOTSTRAP_SERVERS"], SEED)
+    records = stream.records
 
     log_path = tmp_path / "daemon.log"
     log = log_path.open("ab")
     daemon = start_daemon(daemon_env, log)
-    producer = threading.Thread(target=stream, name="stream", daemon=True)
     killed: list[str] = []
     try:
-        producer.start()
+        stream.start()
         # Let the sensors launch runs, then kill the daemon while a run is executing.
         wait(
             lambda: pipeline.query("SELECT 1 FROM kappa.batch_ledger LIMIT 1"),
@@ -97,8 +82,7 @@ def test_a_daemon_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
         time.sleep(3)
         daemon = start_daemon(daemon_env, log)
         time.sleep(15)
-        stop.set()
-        producer.join(60)
+        stream.stop()
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline and behind(pipeline, records):
             time.sleep(3)
@@ -110,7 +94,7 @@ def test_a_daemon_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(
                 ).fetchall()
             )
     finally:
-        stop.set()
+        stream.stop()
         kill_tree(daemon)
         log.close()
     # The code server (`dagster api grpc`) executes each run in a spawned child process.
