@@ -16,6 +16,7 @@ every :data:`CLEAN_EVERY_S` as it launches runs. Redis (and AMQP) expire or drop
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import sqlalchemy
@@ -63,3 +64,27 @@ def clean_celery_storage(app: Celery) -> Cleaned:
     if expired:
         backend.cleanup()
     return Cleaned(delivered_messages=delivered, expired_results=expired)
+
+
+def prepare_celery_storage(app: Celery, *, attempts: int = 5) -> None:
+    """Create the tables of an SQLAlchemy broker and of a database result backend of ``app``
+    before a worker consumes (both create them on first use, idempotently).
+
+    Two workers starting at once on a new database (``kappa up --reset`` starts the live and
+    the backfill worker together; workers on several machines) would both create them, and
+    the one that loses the race dies at startup (``IntegrityError`` on kombu's
+    ``queue_id_sequence``). A collision is retried: the other worker has created the table
+    by then."""
+    for attempt in range(attempts):
+        try:
+            if str(app.conf.broker_url or "").startswith("sqla+"):
+                with app.connection_for_write() as conn:
+                    conn.default_channel.session  # noqa: B018 (kombu creates its tables here)
+            backend = app.backend
+            if isinstance(backend, DatabaseBackend):
+                backend.ResultSession().close()
+            return
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))

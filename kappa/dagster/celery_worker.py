@@ -13,6 +13,7 @@ from celery import Celery
 from dagster import DagsterInstance
 
 from kappa.dagster.celery import KappaCeleryRunLauncher, register_worker_tasks
+from kappa.dagster.celery_storage import prepare_celery_storage
 from kappa.exceptions import ConfigurationError
 
 
@@ -27,6 +28,9 @@ def _app() -> Celery:
             )
         app = launcher.celery
     register_worker_tasks(app)
+    # Before the worker consumes: two workers starting at once on a new database would both
+    # create the broker's tables, and the loser would die.
+    prepare_celery_storage(app)
     return app
 
 

@@ -147,13 +147,23 @@ def test_two_workers_killed_one_after_the_other_then_with_the_daemon_lose_nothin
     rows: list[tuple[str, str]] = []
     dead_runs: list[str] = []
 
-    def kill_during_a_batch(name: str, then: Callable[[], None]) -> dict[Shard, float]:
-        """SIGKILL worker ``name`` with its pool while it runs a batch, call ``then``
-        (restarts), and time each shard until it moves again."""
-        run_id = wait(
-            lambda: _running_in(dagster_url, _pool(workers[name])),
+    def busy(names: list[str]) -> tuple[str, str] | None:
+        """(worker, run) for a run executing now in one of the workers ``names``."""
+        for name in names:
+            run_id = _running_in(dagster_url, _pool(workers[name]))
+            if run_id is not None:
+                return name, run_id
+        return None
+
+    def kill_during_a_batch(
+        names: list[str], then: Callable[[str], None]
+    ) -> tuple[str, dict[Shard, float]]:
+        """SIGKILL whichever of the workers ``names`` runs a batch first, with its pool;
+        call ``then`` with its name (a restart); time each shard until it moves again."""
+        name, run_id = wait(
+            lambda: busy(names),
             timeout_s=180,
-            what=f"a run executing in {name}",
+            what=f"a run executing in {' or '.join(names)}",
             log=log_path,
         )
         killed = kill_tree(workers[name])
@@ -161,7 +171,7 @@ def test_two_workers_killed_one_after_the_other_then_with_the_daemon_lose_nothin
         before = _heads(pipeline)
         assert killed, f"{name} had no pool process to kill"
         dead_runs.append(run_id)
-        then()
+        then(name)
         moved = _moved_again(pipeline, before, killed_at, log_path)
         wait(
             lambda: _status(dagster_url, run_id) in ("FAILURE", "CANCELED"),
@@ -169,7 +179,10 @@ def test_two_workers_killed_one_after_the_other_then_with_the_daemon_lose_nothin
             what=f"run {run_id} of the killed {name} seen failed",
             log=log_path,
         )
-        return moved
+        return name, moved
+
+    def restart(name: str) -> None:
+        workers[name] = start_worker(name, proc_env, log)
 
     try:
         stream.start()
@@ -179,31 +192,23 @@ def test_two_workers_killed_one_after_the_other_then_with_the_daemon_lose_nothin
             what="the sensors' first micro-batch in the ledger",
             log=log_path,
         )
-
-        def restart_a() -> None:
-            workers["worker-a"] = start_worker("worker-a", proc_env, log)
-
-        moved = kill_during_a_batch("worker-a", restart_a)
+        # 1. Whichever worker runs a batch first; the other goes on alone while it restarts.
+        first, moved = kill_during_a_batch(list(workers), restart)
         rows.append(
-            ("Celery worker A SIGKILLed with its pool mid-batch, B goes on", _describe(moved))
+            (
+                f"Celery {first} SIGKILLed with its pool mid-batch, the other goes on",
+                _describe(moved),
+            )
         )
-
-        moved = kill_during_a_batch("worker-b", lambda: None)
-        rows.append(
-            ("Celery worker B SIGKILLed with its pool mid-batch, A goes on", _describe(moved))
-        )
-        workers["worker-b"] = start_worker("worker-b", proc_env, log)
+        # 2. The other one, while the first (restarted) goes on.
+        (other,) = [name for name in workers if name != first]
+        _, moved = kill_during_a_batch([other], lambda _: None)
+        rows.append((f"then {other} SIGKILLed the same way, {first} goes on", _describe(moved)))
+        restart(other)
 
         # The daemon with every worker, while a batch runs (as when their one machine dies).
-        busy, run_id = wait(
-            lambda: next(
-                (
-                    (n, r)
-                    for n, w in workers.items()
-                    if (r := _running_in(dagster_url, _pool(w))) is not None
-                ),
-                None,
-            ),
+        busy_worker, run_id = wait(
+            lambda: busy(list(workers)),
             timeout_s=180,
             what="a run executing in a worker",
             log=log_path,
@@ -219,7 +224,7 @@ def test_two_workers_killed_one_after_the_other_then_with_the_daemon_lose_nothin
         rows.append(
             (
                 "Dagster daemon SIGKILLed with both Celery workers mid-batch, all restarted",
-                f"{len(killed)} child processes killed ({busy} mid-batch); {_describe(moved)}",
+                f"{len(killed)} child processes killed ({busy_worker} mid-batch); {_describe(moved)}",
             )
         )
         time.sleep(10)

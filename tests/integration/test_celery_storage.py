@@ -53,3 +53,37 @@ def test_delivered_messages_and_expired_results_are_deleted_and_the_rest_stays(d
         queue = conn.SimpleQueue("kappa-live")
         assert sorted(queue.get(timeout=5).payload["run"] for _ in range(2)) == [1, 2]
         queue.close()
+
+
+PREPARE = """
+import sys
+from celery import Celery
+from kappa.dagster.celery_storage import prepare_celery_storage
+app = Celery(broker=sys.argv[1], backend=sys.argv[2])
+prepare_celery_storage(app)
+"""
+
+
+def test_workers_starting_together_on_a_new_database_all_come_up(database_url):
+    """Each worker creates the broker's and backend's tables as it starts; on a new database
+    several at once collide (the loser used to die: IntegrityError on queue_id_sequence)."""
+    import subprocess
+    import sys
+
+    settings = Settings.from_env({"KAPPA_DAGSTER_PG_URL": database_url})
+    urls = [settings.resolved_celery_broker_url, settings.resolved_celery_backend_url]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", PREPARE, *urls], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outcomes = [(p.wait(120), p.stderr.read() if p.stderr else "") for p in procs]
+    assert all(code == 0 for code, _ in outcomes), outcomes
+    with psycopg.connect(database_url, autocommit=True) as pg:
+        tables = {
+            name
+            for (name,) in pg.execute(
+                "SELECT tablename FROM pg_tables WHERE tablename IN "
+                "('kombu_queue', 'kombu_message', 'celery_taskmeta', 'celery_tasksetmeta')"
+            ).fetchall()
+        }
+    assert tables == {"kombu_queue", "kombu_message", "celery_taskmeta", "celery_tasksetmeta"}
