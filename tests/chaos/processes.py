@@ -62,11 +62,12 @@ def kill_tree(proc: subprocess.Popen[bytes]) -> list[str]:
     """SIGKILL a process and everything it started (a daemon's code server and run processes,
     a worker's pool); returns the command lines of the children it killed."""
     try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
+        main = psutil.Process(proc.pid)
+        family = [main, *main.children(recursive=True)]
+    except psutil.NoSuchProcess:  # gone already (a worker that died by itself)
+        family = []
     killed = []
-    for p in [psutil.Process(proc.pid), *children]:
+    for p in family:
         with contextlib.suppress(psutil.NoSuchProcess):
             command = " ".join(p.cmdline())
             p.kill()
