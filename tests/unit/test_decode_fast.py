@@ -22,6 +22,7 @@ from kappa.decode.batch import DecodedBatch, decode_batch
 from kappa.decode.fast import decode_fast
 from kappa.sources.base import RawBatch
 from tests.demo import ORDER_PLACED, PAYMENT_ATTEMPTED
+from tests.unit.test_decode import order
 
 BROKER = datetime(2026, 11, 26, 6, 0, tzinfo=UTC)
 BROKER_MS = int(BROKER.timestamp() * 1000)
@@ -75,29 +76,6 @@ def simulated(topic: str, n: int, seed: int = 3) -> tuple[list[bytes | None], li
     messages = islice((m for m in generate(config, start=start, rate=200) if m.topic == topic), n)
     pairs = [(m.value, m.key) for m in messages]
     return [v for v, _ in pairs], [k for _, k in pairs]
-
-
-def order(n: int, **overrides: object) -> dict:
-    envelope: dict = {
-        "event_id": f"00000000-0000-4000-8000-{n:012d}",
-        "event_type": "order_placed",
-        "event_time": "2026-11-26T05:59:00.250+01:00",
-        "source": "order-service",
-        "schema_version": 1,
-        "payload": {
-            "order_id": f"o-{n}",
-            "customer_id": "c-00001",
-            "amount": 19.99,
-            "currency": "EUR",
-            "item_count": 2,
-            "channel": "web",
-        },
-    }
-    payload = overrides.pop("payload", {})
-    envelope.update(overrides)
-    assert isinstance(payload, dict)
-    envelope["payload"].update(payload)
-    return envelope
 
 
 def _amount(literal: bytes) -> bytes:
