@@ -47,6 +47,7 @@ from sqlalchemy.engine import make_url
 
 from bench.demo import ORDER_PLACED
 from kappa.catalog.streams import fact_columns
+from kappa.exact import round_half_even_div
 
 COLUMNS = [name for name, _ in fact_columns(ORDER_PLACED)] + [
     name for name, _ in ORDER_PLACED.derived
@@ -153,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         version = _as_of(value.get("customer_versions"), at)
         n, total, sumsq = state.get("stats", [0, 0, 0])
         cents = round(float(payload["amount"]) * 100)
-        # As kappa.steps.running_stats: one division of exact integers, numpy rounding.
-        mean = float(np.round(total / n / 100.0, 2)) if n > 0 else None
+        # As kappa.steps.running_stats: the mean in whole cents, rounded half to even in
+        # exact integers (a float division first rounds 1.5 cents, 0.015, down to 0.01).
+        mean = round_half_even_div(total, n) / 100.0 if n > 0 else None
         stddev = (
             float(
                 np.round(

@@ -157,6 +157,7 @@ def drain(
                 run_id=f"bench-{spec.asset}-{result.runs}",
                 partition_key=planned.partition_key,
                 max_batch=settings.batch_max_records,
+                memory_records=settings.run_memory_records,
                 cache=cache,
                 services=services,
                 parallel=parallel,

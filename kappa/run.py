@@ -15,9 +15,10 @@ so what it measures is the path a run takes:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -249,6 +250,8 @@ class MicroBatchRun:
     outcomes: list[BatchOutcome] = field(default_factory=list)
     superseded: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: The most records its batches held at once (see ``memory_records``).
+    peak_records: int = 0
 
 
 def run_micro_batches(
@@ -261,20 +264,28 @@ def run_micro_batches(
     max_batch: int,
     cache: StateCache,
     services: FactServices,
+    memory_records: int | None = None,
     parallel: int = PARALLEL_PARTITIONS,
     log: RunLog = _LOG,
 ) -> MicroBatchRun:
     """Load ``ranges`` (one per topic partition) as one run appending to ``partition_key``.
 
     Partitions load in parallel (at most ``parallel``; with 1, in the calling thread), each
-    batch exactly once (:func:`kappa.ingest.topic.run_batch`). A batch another run committed first
+    batch exactly once (:func:`kappa.ingest.topic.run_batch`), while the batches being
+    loaded hold at most ``memory_records`` records together (``KAPPA_RUN_MEMORY_RECORDS``;
+    default ``max_batch``): a batch read, decoded, stepped and written is in memory whole,
+    so a run's memory follows that bound, not the backlog (a batch alone always goes). A batch another run committed first
     is logged and left out; a failing batch does not stop the others: its error is returned
     in ``failures`` for the caller to fail the run with.
     """
     versions = VersionCache()  # dimension versions, shared by the partitions of the run
+    budget = RecordBudget(memory_records or max_batch)
 
     def load(requested: OffsetRange) -> BatchOutcome:
         with ExitStack() as stack:
+            # A batch holds at most its requested range (the ledger only trims it) and
+            # never more than the batch bound.
+            stack.enter_context(budget.hold(min(max_batch, requested.end - requested.start)))
             store = stack.enter_context(connections.event_store())
             conn = stack.enter_context(connections.edw())
             return run_batch(
@@ -317,7 +328,37 @@ def run_micro_batches(
             for future in as_completed(futures):
                 record(futures[future], future.result)
     result.outcomes.sort(key=lambda o: o.partition)
+    result.peak_records = budget.peak
     return result
+
+
+class RecordBudget:
+    """Records the batches of one run may hold in memory together: :meth:`hold` waits until
+    the batches held leave room for another's, or none is held (a batch larger than the
+    whole budget then goes alone)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"a record budget must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self.held = 0
+        #: The most records held at once.
+        self.peak = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, records: int) -> Iterator[None]:
+        records = max(records, 0)
+        with self._changed:
+            self._changed.wait_for(lambda: self.held == 0 or self.held + records <= self.capacity)
+            self.held += records
+            self.peak = max(self.peak, self.held)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= records
+                self._changed.notify_all()
 
 
 # -- a backfill run -------------------------------------------------------------------------------------

@@ -76,6 +76,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_BATCH_MAX_RECORDS", "50000", "Upper bound of one batch, per topic partition."),
     Setting("KAPPA_RUN_MAX_RECORDS", "200000", "Upper bound of one run, over all its partitions."),
     Setting(
+        "KAPPA_RUN_MEMORY_RECORDS",
+        "",
+        "Records a micro-batch run holds in memory at once over the partitions it loads in "
+        "parallel; a batch waits while the others hold too many. Empty: "
+        "`KAPPA_BATCH_MAX_RECORDS`, so a run's memory follows one batch bound.",
+    ),
+    Setting(
         "KAPPA_SENSOR_INTERVAL_S",
         "5",
         "Seconds between the offset and capture sensors' ticks "

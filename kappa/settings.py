@@ -167,6 +167,7 @@ class Settings:
     topic_partitions: int
     batch_max_records: int
     run_max_records: int
+    run_memory_records: int
     sensor_interval_s: int
     windows: TimeWindows
     kafka_timeout_s: float
@@ -216,6 +217,17 @@ class Settings:
             raise ConfigurationError(
                 "KAPPA_RUN_MAX_RECORDS", f"{run_max} is below KAPPA_BATCH_MAX_RECORDS ({batch_max})"
             )
+        memory = (
+            _int(env, "KAPPA_RUN_MEMORY_RECORDS", minimum=1, maximum=100_000_000)
+            if _raw(env, "KAPPA_RUN_MEMORY_RECORDS")
+            else batch_max
+        )
+        if memory < batch_max:
+            raise ConfigurationError(
+                "KAPPA_RUN_MEMORY_RECORDS",
+                f"{memory} is below KAPPA_BATCH_MAX_RECORDS ({batch_max}): one batch may hold "
+                "that many",
+            )
         broker_url = _raw(env, "KAPPA_CELERY_BROKER_URL")
         backend_url = _raw(env, "KAPPA_CELERY_BACKEND_URL")
         return cls(
@@ -237,6 +249,7 @@ class Settings:
             topic_partitions=_int(env, "KAPPA_TOPIC_PARTITIONS", minimum=1, maximum=1024),
             batch_max_records=batch_max,
             run_max_records=run_max,
+            run_memory_records=memory,
             sensor_interval_s=_int(env, "KAPPA_SENSOR_INTERVAL_S", minimum=1, maximum=3600),
             windows=time_windows(env),
             kafka_timeout_s=_float(env, "KAPPA_KAFKA_TIMEOUT_S", minimum=0.1, maximum=300),

@@ -93,6 +93,7 @@ def build_definitions(
             spec,
             services=services,
             windows=settings.windows,
+            memory_records=settings.run_memory_records,
             **limits,
         )
         for spec, _ in ingests

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -32,10 +33,11 @@ def copy_frame(conn: psycopg.Connection, table: sql.Composable, frame: pd.DataFr
     if frame.empty:
         return
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in frame.columns)
-    text = copy_text(frame)
-    if text is not None:
+    pieces = copy_chunks(frame)
+    if pieces is not None:
         with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, columns)) as copy:
-            copy.write(text)
+            for piece in pieces:
+                copy.write(piece)
         return
     with conn.cursor().copy(
         sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(table, columns)
@@ -72,41 +74,59 @@ _NULL = "\\N"
 _ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 
 
-def _text_column(column: pd.Series) -> list[str] | None:
-    """One column as COPY text fields, built for the whole column at once; None for a
-    column this does not format (the CSV path takes the frame then)."""
+#: Rows formatted and sent per piece of a COPY: the text of a whole batch is never in
+#: memory at once, and the server parses one piece while the next is formatted.
+COPY_CHUNK_ROWS = 8192
+
+
+def _text_kind(column: pd.Series) -> str | None:
+    """How :func:`_text_fields` writes ``column`` in COPY's text format, decided over the
+    whole column; None for a column it does not format (the CSV path takes the frame)."""
     dtype = column.dtype
     if isinstance(dtype, pd.DatetimeTZDtype):
+        return "instant"
+    if dtype == np.float64:
+        return "double"
+    if dtype.kind in "iu" and isinstance(dtype, np.dtype):
+        return "integer"
+    if isinstance(dtype, pd.Int64Dtype | pd.Int32Dtype | pd.Int16Dtype | pd.Int8Dtype):
+        return "nullable integer"
+    if isinstance(dtype, pd.BooleanDtype) or dtype == np.bool_:
+        return "boolean"
+    if isinstance(dtype, pd.StringDtype):
+        return "text"
+    if isinstance(dtype, np.dtype) and dtype.kind == "O":
+        values = column.to_numpy(dtype=object)
+        present = values[~pd.isna(values)].tolist()
+        return "text" if all(type(v) is str for v in present) else None
+    return None
+
+
+def _text_fields(column: pd.Series, kind: str) -> list[str]:
+    """One column as COPY text fields, built for the whole column at once."""
+    if kind == "instant":
         zoned = _iso_utc(column)
         zoned[pd.isna(zoned)] = _NULL
         return zoned.tolist()
-    if dtype == np.float64:
+    if kind == "double":
         doubles = column.to_numpy()
         out = [repr(v) for v in doubles.tolist()]
         for index in np.flatnonzero(np.isnan(doubles)).tolist():
             out[index] = _NULL
         return out
-    if dtype.kind in "iu" and isinstance(dtype, np.dtype):
+    if kind == "integer":
         return [str(v) for v in column.to_numpy().tolist()]
-    integers = isinstance(dtype, pd.Int64Dtype | pd.Int32Dtype | pd.Int16Dtype | pd.Int8Dtype)
-    booleans = isinstance(dtype, pd.BooleanDtype) or dtype == np.bool_
-    generic = isinstance(dtype, np.dtype) and dtype.kind == "O"
-    text = isinstance(dtype, pd.StringDtype) or generic
-    if not (integers or booleans or text):
-        return None
     missing = column.isna().to_numpy(dtype=bool)
     whole = not missing.any()
-    if whole and not booleans:
+    if whole and kind != "boolean":
         present = column.tolist()
     else:
         present = column.to_numpy(dtype=object, na_value=None)[~missing].tolist()
-    if integers:
+    if kind == "nullable integer":
         present = [str(v) for v in present]
-    elif booleans:
+    elif kind == "boolean":
         present = ["t" if v else "f" for v in present]
     else:
-        if generic and not all(type(v) is str for v in present):
-            return None
         joined = "".join(present)
         for char, escaped in _ESCAPES:
             if char in joined:
@@ -118,21 +138,37 @@ def _text_column(column: pd.Series) -> list[str] | None:
     return fields.tolist()
 
 
+def copy_chunks(frame: pd.DataFrame, rows: int = COPY_CHUNK_ROWS) -> Iterator[str] | None:
+    """``frame`` as COPY's text format, ``rows`` rows per piece, column by column (no
+    Python per field beyond one conversion per value): text escaped only in a column that
+    holds a special character, doubles as their shortest repr (exactly the value, as the
+    CSV path writes them), instants in UTC with microseconds. None when a column holds
+    something else (objects other than strings, naive times, ...): the CSV path writes
+    those. Every column is judged whole before the first piece, so a COPY that starts in
+    this format ends in it."""
+    kinds = [_text_kind(frame[name]) for name in frame.columns]
+    if any(kind is None for kind in kinds):
+        return None
+
+    def pieces() -> Iterator[str]:
+        for lo in range(0, len(frame), max(rows, 1)):
+            part = frame.iloc[lo : lo + rows]
+            columns = [
+                _text_fields(part[name], kind)
+                for name, kind in zip(frame.columns, kinds, strict=True)
+                if kind is not None
+            ]
+            lines = ["\t".join(fields) for fields in zip(*columns, strict=True)]
+            lines.append("")
+            yield "\n".join(lines)
+
+    return pieces()
+
+
 def copy_text(frame: pd.DataFrame) -> str | None:
-    """``frame`` as COPY's text format, column by column (no Python per field beyond one
-    conversion per value): text escaped only in a column that holds a special character,
-    doubles as their shortest repr (exactly the value, as the CSV path writes them),
-    instants in UTC with microseconds. None when a column holds something else (objects
-    other than strings, naive times, ...): the CSV path writes those."""
-    columns = []
-    for name in frame.columns:
-        column = _text_column(frame[name])
-        if column is None:
-            return None
-        columns.append(column)
-    lines = ["\t".join(fields) for fields in zip(*columns, strict=True)]
-    lines.append("")
-    return "\n".join(lines)
+    """``frame`` as COPY's text format in one string (see :func:`copy_chunks`)."""
+    pieces = copy_chunks(frame, rows=max(len(frame), 1))
+    return None if pieces is None else "".join(pieces)
 
 
 def write_dead_letters(

@@ -77,7 +77,11 @@ def reading(n: int, **payload_overrides) -> dict:
 
 
 def _run_all(settings: Settings, spec: TopicIngest, run: str) -> int:
-    """Plan as the sensor does and run every planned micro-batch run; returns the runs."""
+    """Plan as the sensor does and run every planned micro-batch run; returns the runs.
+
+    The run's partitions load in parallel, holding at most KAPPA_RUN_MEMORY_RECORDS (the
+    batch bound, 7) together: batches of 7 records go one at a time, smaller ones side by side.
+    """
     clients = Connections.from_settings(settings)
     services = FactServices(max_wait_s=0, reprocess_wait_s=0)
     with clients.event_store() as store, clients.edw() as conn:
@@ -101,10 +105,14 @@ def _run_all(settings: Settings, spec: TopicIngest, run: str) -> int:
             run_id=f"{run}-{index}",
             partition_key=planned.partition_key,
             max_batch=settings.batch_max_records,
+            memory_records=settings.run_memory_records,
             cache=StateCache(PostgresStateBackend(clients.schemas), max_keys=1000),
             services=services,
         )
         assert not result.failures, result.failures
+        held = [o.end - o.start for o in result.outcomes]
+        assert result.peak_records <= settings.run_memory_records == 7, (held, result)
+        assert result.peak_records >= max(held, default=0), (held, result)
     return len(plan.runs)
 
 

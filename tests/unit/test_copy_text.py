@@ -46,3 +46,25 @@ def test_a_column_of_other_objects_is_left_to_the_csv_path():
 
     assert copy_text(pd.DataFrame({"d": [Decimal("1.10"), None]})) is None
     assert copy_text(pd.DataFrame({"naive": pd.to_datetime(["2026-01-01"])})) is None
+
+
+def test_pieces_of_a_copy_join_to_the_whole_text_and_are_judged_whole_first():
+    from decimal import Decimal
+
+    from kappa.edw.copy import copy_chunks
+
+    frame = pd.DataFrame(
+        {
+            "n": np.arange(10, dtype=np.int64),
+            "t": pd.Series([f"v{i}\t" if i % 3 else None for i in range(10)], dtype=object),
+            "at": pd.Series(pd.to_datetime(["2026-11-26T05:59:00Z"] * 10, utc=True)),
+        }
+    )
+    pieces = list(copy_chunks(frame, rows=3) or [])
+    assert len(pieces) == 4
+    assert [p.count("\n") for p in pieces] == [3, 3, 3, 1]
+    assert "".join(pieces) == copy_text(frame)
+    # A column with a value of another kind past the first piece: the whole frame goes to
+    # the CSV path, before anything is written.
+    mixed = frame.assign(t=pd.Series(["a"] * 9 + [Decimal("1")], dtype=object))
+    assert copy_chunks(mixed, rows=3) is None

@@ -74,3 +74,14 @@ def test_broker_storage_is_memory_unless_durable_is_asked_for():
     assert settings.broker_data_dir == settings.home / "broker"
     with pytest.raises(ConfigurationError, match="^KAPPA_BROKER_STORAGE: .*'s3'"):
         Settings.from_env({"KAPPA_BROKER_STORAGE": "s3"})
+
+
+def test_a_runs_memory_bound_defaults_to_the_batch_bound_and_never_goes_below_it():
+    assert Settings.from_env({}).run_memory_records == Settings.from_env({}).batch_max_records
+    assert Settings.from_env({"KAPPA_BATCH_MAX_RECORDS": "100"}).run_memory_records == 100
+    bound = Settings.from_env({"KAPPA_BATCH_MAX_RECORDS": "100", "KAPPA_RUN_MEMORY_RECORDS": "400"})
+    assert bound.run_memory_records == 400
+    with pytest.raises(ConfigurationError, match="^KAPPA_RUN_MEMORY_RECORDS: 99 is below"):
+        Settings.from_env({"KAPPA_BATCH_MAX_RECORDS": "100", "KAPPA_RUN_MEMORY_RECORDS": "99"})
+    with pytest.raises(ConfigurationError, match="^KAPPA_RUN_MEMORY_RECORDS: "):
+        Settings.from_env({"KAPPA_RUN_MEMORY_RECORDS": "lots"})

@@ -157,6 +157,7 @@ def build_fact_asset(
     windows: TimeWindows,
     max_batch: int,
     max_run: int,
+    memory_records: int | None = None,
     services: FactServices | None = None,
 ) -> dg.AssetsDefinition:
     """The EDW fact loaded from one topic in micro-batches (and the side tables its step
@@ -225,6 +226,7 @@ def build_fact_asset(
             run_id=context.run.run_id,
             partition_key=context.partition_key,
             max_batch=max_batch,
+            memory_records=memory_records,
             cache=cache,
             services=services,
             log=context.log,
@@ -255,6 +257,8 @@ def build_fact_asset(
             # The longest a batch of the run waited for change capture of its lookups'
             # targets (at most KAPPA_ENRICH_MAX_WAIT_S; the partitions run in parallel).
             "capture_wait_s": round(max((o.capture_wait_s for o in outcomes), default=0.0), 3),
+            # The most records its batches held in memory at once (KAPPA_RUN_MEMORY_RECORDS).
+            "records_in_memory_peak": run.peak_records,
             "dead_letter_reasons": dict(reasons),
             "event_dates": sorted(set().union(*(o.event_dates for o in outcomes))),
             "state_cache": {"keys": len(cache), "hits": cache.hits, "misses": cache.misses},
