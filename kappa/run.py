@@ -46,6 +46,8 @@ from kappa.steps.warehouse import VersionCache, WarehouseLookups
 
 #: Partitions of one run loaded at the same time (each with its own consumer and connection).
 PARALLEL_PARTITIONS = 4
+#: Records the batches of one run hold together (``KAPPA_RUN_MEMORY_RECORDS``'s default).
+RUN_MEMORY_RECORDS = 20_000
 
 _LOG = logging.getLogger(__name__)
 
@@ -264,7 +266,7 @@ def run_micro_batches(
     max_batch: int,
     cache: StateCache,
     services: FactServices,
-    memory_records: int | None = None,
+    memory_records: int = RUN_MEMORY_RECORDS,
     parallel: int = PARALLEL_PARTITIONS,
     log: RunLog = _LOG,
 ) -> MicroBatchRun:
@@ -272,14 +274,14 @@ def run_micro_batches(
 
     Partitions load in parallel (at most ``parallel``; with 1, in the calling thread), each
     batch exactly once (:func:`kappa.ingest.topic.run_batch`), while the batches being
-    loaded hold at most ``memory_records`` records together (``KAPPA_RUN_MEMORY_RECORDS``;
-    default ``max_batch``): a batch read, decoded, stepped and written is in memory whole,
-    so a run's memory follows that bound, not the backlog (a batch alone always goes). A batch another run committed first
+    loaded hold at most ``memory_records`` records together (``KAPPA_RUN_MEMORY_RECORDS``):
+    a batch read, decoded, stepped and written is in memory whole, so a run holds at most
+    that or one batch, not the backlog (a larger batch loads alone). A batch another run committed first
     is logged and left out; a failing batch does not stop the others: its error is returned
     in ``failures`` for the caller to fail the run with.
     """
     versions = VersionCache()  # dimension versions, shared by the partitions of the run
-    budget = RecordBudget(memory_records or max_batch)
+    budget = RecordBudget(memory_records)
 
     def load(requested: OffsetRange) -> BatchOutcome:
         with ExitStack() as stack:

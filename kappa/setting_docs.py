@@ -77,10 +77,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_RUN_MAX_RECORDS", "200000", "Upper bound of one run, over all its partitions."),
     Setting(
         "KAPPA_RUN_MEMORY_RECORDS",
-        "",
-        "Records a micro-batch run holds in memory at once over the partitions it loads in "
-        "parallel; a batch waits while the others hold too many. Empty: "
-        "`KAPPA_BATCH_MAX_RECORDS`, so a run's memory follows one batch bound.",
+        "20000",  # kappa.run.RUN_MEMORY_RECORDS
+        "Records the batches of a micro-batch run hold in memory together while it loads its "
+        "partitions in parallel; a batch waits while the others hold too many, and a larger "
+        "batch loads alone, so a run holds at most this or one batch bound.",
     ),
     Setting(
         "KAPPA_SENSOR_INTERVAL_S",

@@ -217,17 +217,7 @@ class Settings:
             raise ConfigurationError(
                 "KAPPA_RUN_MAX_RECORDS", f"{run_max} is below KAPPA_BATCH_MAX_RECORDS ({batch_max})"
             )
-        memory = (
-            _int(env, "KAPPA_RUN_MEMORY_RECORDS", minimum=1, maximum=100_000_000)
-            if _raw(env, "KAPPA_RUN_MEMORY_RECORDS")
-            else batch_max
-        )
-        if memory < batch_max:
-            raise ConfigurationError(
-                "KAPPA_RUN_MEMORY_RECORDS",
-                f"{memory} is below KAPPA_BATCH_MAX_RECORDS ({batch_max}): one batch may hold "
-                "that many",
-            )
+        memory = _int(env, "KAPPA_RUN_MEMORY_RECORDS", minimum=1, maximum=100_000_000)
         broker_url = _raw(env, "KAPPA_CELERY_BROKER_URL")
         backend_url = _raw(env, "KAPPA_CELERY_BACKEND_URL")
         return cls(

@@ -79,8 +79,8 @@ def reading(n: int, **payload_overrides) -> dict:
 def _run_all(settings: Settings, spec: TopicIngest, run: str) -> int:
     """Plan as the sensor does and run every planned micro-batch run; returns the runs.
 
-    The run's partitions load in parallel, holding at most KAPPA_RUN_MEMORY_RECORDS (the
-    batch bound, 7) together: batches of 7 records go one at a time, smaller ones side by side.
+    The run's partitions load in parallel, holding at most KAPPA_RUN_MEMORY_RECORDS (7,
+    the batch bound) together: batches of 7 records go one at a time, smaller ones side by side.
     """
     clients = Connections.from_settings(settings)
     services = FactServices(max_wait_s=0, reprocess_wait_s=0)
@@ -129,6 +129,7 @@ def test_a_stream_declared_in_the_catalogue_loads_exactly_once_with_its_dead_let
             "KAPPA_OLTP_URL": database_url,
             "KAPPA_CATALOG": str(catalog),
             "KAPPA_BATCH_MAX_RECORDS": "7",
+            "KAPPA_RUN_MEMORY_RECORDS": "7",
         }
     )
     [(spec, setting)] = topic_ingests(settings)

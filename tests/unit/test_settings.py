@@ -76,12 +76,13 @@ def test_broker_storage_is_memory_unless_durable_is_asked_for():
         Settings.from_env({"KAPPA_BROKER_STORAGE": "s3"})
 
 
-def test_a_runs_memory_bound_defaults_to_the_batch_bound_and_never_goes_below_it():
-    assert Settings.from_env({}).run_memory_records == Settings.from_env({}).batch_max_records
-    assert Settings.from_env({"KAPPA_BATCH_MAX_RECORDS": "100"}).run_memory_records == 100
-    bound = Settings.from_env({"KAPPA_BATCH_MAX_RECORDS": "100", "KAPPA_RUN_MEMORY_RECORDS": "400"})
-    assert bound.run_memory_records == 400
-    with pytest.raises(ConfigurationError, match="^KAPPA_RUN_MEMORY_RECORDS: 99 is below"):
-        Settings.from_env({"KAPPA_BATCH_MAX_RECORDS": "100", "KAPPA_RUN_MEMORY_RECORDS": "99"})
-    with pytest.raises(ConfigurationError, match="^KAPPA_RUN_MEMORY_RECORDS: "):
-        Settings.from_env({"KAPPA_RUN_MEMORY_RECORDS": "lots"})
+def test_a_runs_memory_bound_is_its_own_setting():
+    from kappa.run import RUN_MEMORY_RECORDS
+
+    assert Settings.from_env({}).run_memory_records == RUN_MEMORY_RECORDS == 20_000
+    # Below the batch bound: a larger batch loads alone, the bound limits what loads beside it.
+    bound = Settings.from_env({"KAPPA_BATCH_MAX_RECORDS": "100", "KAPPA_RUN_MEMORY_RECORDS": "40"})
+    assert (bound.batch_max_records, bound.run_memory_records) == (100, 40)
+    for bad in ("lots", "0"):
+        with pytest.raises(ConfigurationError, match="^KAPPA_RUN_MEMORY_RECORDS: "):
+            Settings.from_env({"KAPPA_RUN_MEMORY_RECORDS": bad})

@@ -157,7 +157,7 @@ def build_fact_asset(
     windows: TimeWindows,
     max_batch: int,
     max_run: int,
-    memory_records: int | None = None,
+    memory_records: int,
     services: FactServices | None = None,
 ) -> dg.AssetsDefinition:
     """The EDW fact loaded from one topic in micro-batches (and the side tables its step
