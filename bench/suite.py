@@ -330,6 +330,8 @@ def run_workers(
             argv += ["--limit", f"{partition}={end}"]
         if profile:
             argv += ["--profile", str(RESULTS_DIR / f"profile_{mode}_{asset}.txt")]
+        if mode == "pipeline":
+            argv.append("--stages")
         procs[asset] = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     results = {}
     for asset, proc in procs.items():
@@ -354,6 +356,8 @@ def run_workers(
                 "runs": r["runs"],
                 "batches": r["batches"],
                 "peak_rss_mib": r["peak_rss_mib"],
+                "cpu_seconds": r["cpu_seconds"],
+                "stages": r["stages"],
             }
             for asset, r in results.items()
         },
@@ -990,7 +994,33 @@ def render_details(figures: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {part['events']:,} | {part['seconds']:,.2f} | {part['peak_rss_mib']:,.0f} |"
         )
+    lines += stage_table(d["scaling"].get("10x"))
     return "\n".join(lines)
+
+
+def stage_table(run: dict[str, Any] | None) -> list[str]:
+    """Thread CPU per event of each stage of the 10x run's batches, per fact, and the
+    process's CPU per event (the rest is planning, connections and the threads' waits)."""
+    if not run or not all(part.get("stages") for part in run["per_asset"].values()):
+        return []
+    assets = list(run["per_asset"])
+    names = list(dict.fromkeys(n for a in assets for n in run["per_asset"][a]["stages"]))
+    lines = [
+        "",
+        "| CPU per event, 10x (µs) | " + " | ".join(assets) + " |",
+        "| --- |" + " --- |" * len(assets),
+    ]
+
+    def per_event(asset: str, seconds: float) -> str:
+        events = run["per_asset"][asset]["events"]
+        return f"{seconds / events * 1e6:.1f}" if events else "-"
+
+    for name in names:
+        cells = [per_event(a, run["per_asset"][a]["stages"].get(name, 0.0)) for a in assets]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cells = [per_event(a, run["per_asset"][a]["cpu_seconds"]) for a in assets]
+    lines.append("| whole process | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":
