@@ -82,7 +82,14 @@ def dagster_config(settings: Settings, workspace: Path | None = None) -> dict[st
     """The content of dagster.yaml (no secrets: the storage and Celery URLs come from the
     environment); ``workspace``: the workspace.yaml whose code locations the workers import."""
     config: dict[str, Any] = {
-        "storage": {"postgres": {"postgres_url": {"env": DAGSTER_PG_URL_ENV}}},
+        # dagster-postgres, without a schema reflection per run event (kappa.dagster.storage).
+        "storage": {
+            "custom": {
+                "module": "kappa.dagster.storage",
+                "class": "KappaPostgresStorage",
+                "config": {"postgres_url": {"env": DAGSTER_PG_URL_ENV}},
+            }
+        },
         "run_coordinator": {
             "module": "dagster._core.run_coordinator",
             "class": "QueuedRunCoordinator",

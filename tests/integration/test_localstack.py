@@ -276,8 +276,9 @@ def test_dagster_instance_loads_from_the_written_yaml(
 
     instance = DagsterInstance.from_config(str(tmp_path))
     try:
-        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+        # dagster-postgres's storages, remembering the migrated columns they found.
+        assert type(instance.run_storage).__name__ == "KappaPostgresRunStorage"
+        assert type(instance.event_log_storage).__name__ == "KappaPostgresEventLogStorage"
         assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
         # Runs go to the Celery workers, on the same database by default.
         assert type(instance.run_launcher).__name__ == "KappaCeleryRunLauncher"

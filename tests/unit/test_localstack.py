@@ -34,7 +34,13 @@ def test_dagster_yaml_has_every_section(tmp_path: Path) -> None:
 
     assert path == tmp_path / "dagster_home" / "dagster.yaml"
     config = yaml.safe_load(path.read_text())
-    assert config["storage"] == {"postgres": {"postgres_url": {"env": DAGSTER_PG_URL_ENV}}}
+    assert config["storage"] == {
+        "custom": {
+            "module": "kappa.dagster.storage",
+            "class": "KappaPostgresStorage",
+            "config": {"postgres_url": {"env": DAGSTER_PG_URL_ENV}},
+        }
+    }
     coordinator = config["run_coordinator"]
     assert coordinator["class"] == "QueuedRunCoordinator"
     assert coordinator["module"] == "dagster._core.run_coordinator"
@@ -96,7 +102,15 @@ def test_dagster_yaml_matches_the_dagster_schema(
     result = process_config(dagster_instance_config_schema(), yaml.safe_load(path.read_text()))
     assert result.success, [e.message for e in result.errors or []]
     assert result.value is not None
-    assert result.value["storage"]["postgres"]["postgres_url"].startswith("postgresql://kappa:")
+    # The storage's own config (what the instance validates when it builds the class).
+    from kappa.dagster.storage import KappaPostgresStorage
+
+    custom = result.value["storage"]["custom"]
+    assert (custom["module"], custom["class"]) == ("kappa.dagster.storage", "KappaPostgresStorage")
+    storage = process_config(KappaPostgresStorage.config_type(), custom["config"])
+    assert storage.success, [e.message for e in storage.errors or []]
+    assert storage.value is not None
+    assert storage.value["postgres_url"].startswith("postgresql://kappa:")
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -231,3 +245,18 @@ def test_supervisor_rejects_duplicate_names_and_bad_commands() -> None:
         with pytest.raises(Exception, match="cannot start missing"):
             sup.start("missing", ["/nonexistent/kappa-binary"])
         assert sup.names == ["one"]
+
+
+def test_a_storage_column_found_is_remembered_and_one_missing_is_asked_again() -> None:
+    from kappa.dagster.storage import _Present
+
+    present = _Present()
+    answers = iter([False, False, True])
+    asked = []
+
+    def look() -> bool:
+        asked.append(1)
+        return next(answers)
+
+    assert [present.check("c", look) for _ in range(5)] == [False, False, True, True, True]
+    assert len(asked) == 3
