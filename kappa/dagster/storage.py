@@ -59,18 +59,24 @@ def _storage_args(config_value: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-class KappaPostgresRunStorage(PostgresRunStorage):
-    """Dagster's PostgreSQL run storage, remembering the migrated columns it found."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._present = _Present()
-        super().__init__(*args, **kwargs)
+class _FromConfig:
+    """Built from dagster.yaml's config as dagster-postgres builds its own class."""
 
     @classmethod
     def from_config_value(
         cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
-    ) -> KappaPostgresRunStorage:
-        return cls(inst_data=inst_data, **_storage_args(config_value))
+    ) -> Any:
+        return cls(inst_data=inst_data, **_storage_args(config_value))  # type: ignore[call-arg]
+
+
+class _RemembersColumns(_FromConfig):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._present = _Present()
+        super().__init__(*args, **kwargs)
+
+
+class KappaPostgresRunStorage(_RemembersColumns, PostgresRunStorage):
+    """Dagster's PostgreSQL run storage, remembering the migrated columns it found."""
 
     def has_run_stats_index_cols(self) -> bool:
         return self._present.check("run_stats", super().has_run_stats_index_cols)
@@ -88,26 +94,16 @@ class KappaPostgresRunStorage(PostgresRunStorage):
         return self._present.check("backfill_tags", super().has_backfill_tags_table)
 
 
-class KappaPostgresEventLogStorage(PostgresEventLogStorage):
+class KappaPostgresEventLogStorage(_RemembersColumns, PostgresEventLogStorage):
     """Dagster's PostgreSQL event log storage, remembering the asset key table's migrated
     columns it found."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._present = _Present()
-        super().__init__(*args, **kwargs)
-
-    @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
-    ) -> KappaPostgresEventLogStorage:
-        return cls(inst_data=inst_data, **_storage_args(config_value))
 
     def _has_asset_key_col_on_connection(self, conn: Connection, column_name: str) -> bool:
         look = super()._has_asset_key_col_on_connection
         return self._present.check(column_name, lambda: look(conn, column_name))
 
 
-class KappaPostgresStorage(DagsterPostgresStorage):
+class KappaPostgresStorage(_FromConfig, DagsterPostgresStorage):
     """``DagsterPostgresStorage`` with the run and event log storages above (an instance's
     reference names this class, so run workers rebuild the same)."""
 
@@ -128,9 +124,3 @@ class KappaPostgresStorage(DagsterPostgresStorage):
         self._event_log_storage = KappaPostgresEventLogStorage(*args, token_provider=token_provider)
         self._schedule_storage = PostgresScheduleStorage(*args, token_provider=token_provider)
         DagsterStorage.__init__(self)  # type: ignore[arg-type]
-
-    @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
-    ) -> KappaPostgresStorage:
-        return cls(inst_data=inst_data, **_storage_args(config_value))
