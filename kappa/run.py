@@ -276,9 +276,9 @@ def run_micro_batches(
     batch exactly once (:func:`kappa.ingest.topic.run_batch`), while the batches being
     loaded hold at most ``memory_records`` records together (``KAPPA_RUN_MEMORY_RECORDS``):
     a batch read, decoded, stepped and written is in memory whole, so a run holds at most
-    that or one batch, not the backlog (a larger batch loads alone). A batch another run committed first
-    is logged and left out; a failing batch does not stop the others: its error is returned
-    in ``failures`` for the caller to fail the run with.
+    that or one batch, not the backlog (a larger batch loads alone). A batch another run
+    committed first is logged and left out; a failing batch does not stop the others: its
+    error is returned in ``failures`` for the caller to fail the run with.
     """
     versions = VersionCache()  # dimension versions, shared by the partitions of the run
     budget = RecordBudget(memory_records)
