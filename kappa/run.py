@@ -15,10 +15,9 @@ so what it measures is the path a run takes:
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -32,6 +31,7 @@ from kappa.edw.connection import connect
 from kappa.edw.types import LedgerHead, Schemas
 from kappa.exceptions import BatchSupersededError, KappaError
 from kappa.heal import heal_positions
+from kappa.ingest.budget import RUN_MEMORY_RECORDS, RecordBudget
 from kappa.ingest.outcome import BatchOutcome, WindowOutcome
 from kappa.ingest.plan import OffsetRange, TopicIngest, locate_windows, plan_ranges
 from kappa.ingest.reprocess import reprocess_window
@@ -46,8 +46,6 @@ from kappa.steps.warehouse import VersionCache, WarehouseLookups
 
 #: Partitions of one run loaded at the same time (each with its own consumer and connection).
 PARALLEL_PARTITIONS = 4
-#: Records the batches of one run hold together (``KAPPA_RUN_MEMORY_RECORDS``'s default).
-RUN_MEMORY_RECORDS = 20_000
 
 _LOG = logging.getLogger(__name__)
 
@@ -332,35 +330,6 @@ def run_micro_batches(
     result.outcomes.sort(key=lambda o: o.partition)
     result.peak_records = budget.peak
     return result
-
-
-class RecordBudget:
-    """Records the batches of one run may hold in memory together: :meth:`hold` waits until
-    the batches held leave room for another's, or none is held (a batch larger than the
-    whole budget then goes alone)."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"a record budget must be at least 1, got {capacity}")
-        self.capacity = capacity
-        self.held = 0
-        #: The most records held at once.
-        self.peak = 0
-        self._changed = threading.Condition()
-
-    @contextmanager
-    def hold(self, records: int) -> Iterator[None]:
-        records = max(records, 0)
-        with self._changed:
-            self._changed.wait_for(lambda: self.held == 0 or self.held + records <= self.capacity)
-            self.held += records
-            self.peak = max(self.peak, self.held)
-        try:
-            yield
-        finally:
-            with self._changed:
-                self.held -= records
-                self._changed.notify_all()
 
 
 # -- a backfill run -------------------------------------------------------------------------------------

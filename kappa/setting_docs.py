@@ -77,7 +77,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_RUN_MAX_RECORDS", "200000", "Upper bound of one run, over all its partitions."),
     Setting(
         "KAPPA_RUN_MEMORY_RECORDS",
-        "20000",  # kappa.run.RUN_MEMORY_RECORDS
+        "20000",  # kappa.ingest.budget.RUN_MEMORY_RECORDS
         "Records the batches of a micro-batch run hold in memory together while it loads its "
         "partitions in parallel; a batch waits while the others hold too many, and a larger "
         "batch loads alone, so a run holds at most this or one batch bound.",

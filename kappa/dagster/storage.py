@@ -2,8 +2,9 @@
 
 dagster-postgres asks SQLAlchemy's inspector whether a migrated column exists on every call
 that depends on it: ``has_run_stats_index_cols`` when a run event is handled and when run
-records are read, ``has_backfill_id_column`` when a run is added, the asset key table's columns when an asset event is stored. Each asks
-PostgreSQL's catalogue over a new connection (the storage uses no connection pool), and
+records are read, ``has_backfill_id_column`` when a run is added, the asset key table's
+columns when an asset event is stored. Each asks PostgreSQL's catalogue over a new
+connection (the storage uses no connection pool), and
 sampling ``pg_stat_activity`` on the running local stack found about a fifth of the
 active statements to be these lookups. A column a migration added does not go away while
 the processes run, so the storages here remember a column once it is found; one not found

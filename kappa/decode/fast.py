@@ -17,7 +17,7 @@ path accepts, with the same values (tests/unit/test_decode_fast.py compares both
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import compress
 from operator import attrgetter
@@ -31,6 +31,7 @@ import pandas as pd
 from kappa.catalog.fields import INTEGER_RANGES, PayloadField
 from kappa.catalog.streams import EventContract
 from kappa.decode.columns import Reasons, check_field
+from kappa.decode.shapes import iso_shaped, lengths, no_nul, uuid_shaped
 from kappa.exact import NumericType, check_doubles, long_literals
 from kappa.sources.base import RawBatch
 
@@ -49,12 +50,8 @@ _TYPED: dict[str, type] = {
     "boolean": bool,
 }
 
-_HEX_POSITIONS = [i for i in range(36) if i not in (8, 13, 18, 23)]
-_DATE_TIME_DIGITS = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18]
 #: A number literal this long may be one a double does not carry exactly (kappa/exact.py).
 _LONG_LITERAL = 16
-#: The longest event_time the fast path reads: ``YYYY-MM-DDTHH:MM:SS.ffffff+HH:MM``.
-_LONGEST_TIME = 32
 
 
 @dataclass(frozen=True)
@@ -136,79 +133,6 @@ def _build_plan(contract: EventContract) -> _Plan | None:
     )
 
 
-def _lengths(values: Sequence[Sized]) -> np.ndarray:
-    return np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-
-
-def _no_nul(values: list[str]) -> np.ndarray:
-    """Which strings hold no U+0000: one scan of the joined column when none does."""
-    if "\x00" not in "".join(values):
-        return np.ones(len(values), dtype=bool)
-    return np.fromiter(("\x00" not in v for v in values), dtype=bool, count=len(values))
-
-
-def _codes(values: Sequence[str], width: int) -> np.ndarray:
-    """Strings of exactly ``width`` characters as a (rows, width) array of code points."""
-    return np.array(values, dtype=f"U{width}").view(np.uint32).reshape(len(values), width)
-
-
-def _uuid_shaped(values: list[str]) -> np.ndarray:
-    """Which strings are 8-4-4-4-12 ASCII hex digits (what ``UUID_PATTERN`` matches)."""
-    ok = _lengths(values) == 36
-    if not ok.any():
-        return ok
-    codes = _codes(values if ok.all() else list(compress(values, ok)), 36)
-    hexes = codes[:, _HEX_POSITIONS]
-    lower = hexes | 0x20  # folds A-F onto a-f; no other code point lands in a-f or 0-9
-    digits = ((hexes >= 0x30) & (hexes <= 0x39)) | ((lower >= 0x61) & (lower <= 0x66))
-    dashes = codes[:, [8, 13, 18, 23]] == 0x2D
-    ok[ok] = digits.all(axis=1) & dashes.all(axis=1)
-    return ok
-
-
-def _fraction(codes: np.ndarray, digit: np.ndarray, end: int) -> np.ndarray | bool:
-    """Whether characters 19..end are empty or a dot and 1 to 6 ASCII digits."""
-    if end == 19:
-        return True
-    if not 21 <= end <= 26:
-        return False
-    return (codes[:, 19] == 0x2E) & digit[:, 20:end].all(axis=1)
-
-
-def _iso_shaped(values: list[str]) -> np.ndarray:
-    """Which strings are ``YYYY-MM-DDTHH:MM:SS[.f{1,6}](Z|±HH:MM)`` in ASCII digits: a subset
-    of what ``ISO_WITH_ZONE`` matches (others are left to the general path)."""
-    lengths = _lengths(values)
-    ok = np.zeros(len(values), dtype=bool)
-    for width in np.unique(lengths).tolist():
-        if not 20 <= width <= _LONGEST_TIME:
-            continue
-        rows = np.flatnonzero(lengths == width)
-        picked = values if len(rows) == len(values) else [values[i] for i in rows.tolist()]
-        codes = _codes(picked, width)
-        digit = (codes >= 0x30) & (codes <= 0x39)
-        shaped = (
-            digit[:, _DATE_TIME_DIGITS].all(axis=1)
-            & (codes[:, 4] == 0x2D)
-            & (codes[:, 7] == 0x2D)
-            & (codes[:, 10] == 0x54)
-            & (codes[:, 13] == 0x3A)
-            & (codes[:, 16] == 0x3A)
-        )
-        zulu = (codes[:, width - 1] == 0x5A) & _fraction(codes, digit, width - 1)
-        offset: np.ndarray | bool = False
-        if width >= 25:
-            sign = codes[:, width - 6]
-            offset = (
-                ((sign == 0x2B) | (sign == 0x2D))
-                & digit[:, [width - 5, width - 4, width - 2, width - 1]].all(axis=1)
-                & (codes[:, width - 3] == 0x3A)
-                & _fraction(codes, digit, width - 6)
-            )
-        ok[rows] = shaped & (zulu | offset)
-    return ok
-
-
 def _in(values: list, allowed: Iterable[object]) -> np.ndarray:
     """Membership by equality, as ``Series.isin`` decides it for these values."""
     allowed_set = frozenset(allowed)
@@ -226,8 +150,8 @@ def _fullmatch(values: list[str], pattern: str) -> np.ndarray:
 
 def _text(f: PayloadField, values: list[str]) -> tuple[np.ndarray, Any]:
     kind = f.type
-    ok = _no_nul(values)
-    length = _lengths(values)
+    ok = no_nul(values)
+    length = lengths(values)
     if kind.kind == "text":
         ok &= length >= kind.min_length
         if kind.max_length is not None:
@@ -237,7 +161,7 @@ def _text(f: PayloadField, values: list[str]) -> tuple[np.ndarray, Any]:
     elif kind.kind == "enum":
         ok &= _in(values, kind.values)
     elif kind.kind == "uuid":
-        ok &= _uuid_shaped(values)
+        ok &= uuid_shaped(values)
     if kind.pattern is not None:
         ok &= _fullmatch(values, kind.pattern)
     return ok, pd.array(values, dtype="string")
@@ -264,7 +188,7 @@ def _number(f: PayloadField, values: list[msgspec.Raw]) -> tuple[np.ndarray, Any
         parsed = orjson.loads(b"[" + b",".join(values) + b"]")
     except orjson.JSONDecodeError:
         parsed = [_loads_number(v) for v in values]
-    ok = _lengths(values) < _LONG_LITERAL
+    ok = lengths(values) < _LONG_LITERAL
     types = list(map(type, parsed))
     if set(types) <= _NUMBERS and ok.all():
         doubles = np.array(parsed, dtype=np.float64)
@@ -409,11 +333,11 @@ def decode_fast(batch: RawBatch, contract: EventContract) -> FastRows | None:
     versions = list(map(attrgetter("schema_version"), decoded))
     ok &= _in(versions, contract.schema_versions)
     event_id = list(map(attrgetter("event_id"), decoded))
-    ok &= _uuid_shaped(event_id)
+    ok &= uuid_shaped(event_id)
     source = list(map(attrgetter("source"), decoded))
-    ok &= (_lengths(source) > 0) & _no_nul(source)
+    ok &= (lengths(source) > 0) & no_nul(source)
     raw_time = list(map(attrgetter("event_time"), decoded))
-    ok &= _iso_shaped(raw_time)
+    ok &= iso_shaped(raw_time)
 
     payloads = list(map(attrgetter("payload"), decoded))
     converted: dict[str, Any] = {}

@@ -147,7 +147,8 @@ def copy_chunks(frame: pd.DataFrame, rows: int = COPY_CHUNK_ROWS) -> Iterator[st
     those. Every column is judged whole before the first piece, so a COPY that starts in
     this format ends in it."""
     kinds = [_text_kind(frame[name]) for name in frame.columns]
-    if any(kind is None for kind in kinds):
+    checked = [kind for kind in kinds if kind is not None]
+    if len(checked) < len(kinds):
         return None
 
     def pieces() -> Iterator[str]:
@@ -155,8 +156,7 @@ def copy_chunks(frame: pd.DataFrame, rows: int = COPY_CHUNK_ROWS) -> Iterator[st
             part = frame.iloc[lo : lo + rows]
             columns = [
                 _text_fields(part[name], kind)
-                for name, kind in zip(frame.columns, kinds, strict=True)
-                if kind is not None
+                for name, kind in zip(frame.columns, checked, strict=True)
             ]
             lines = ["\t".join(fields) for fields in zip(*columns, strict=True)]
             lines.append("")

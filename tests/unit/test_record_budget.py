@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from kappa.run import RecordBudget
+from kappa.ingest.budget import RecordBudget
 
 
 def _load(budget: RecordBudget, sizes: list[int], hold_s: float = 0.02) -> list[int]:

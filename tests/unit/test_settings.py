@@ -77,7 +77,7 @@ def test_broker_storage_is_memory_unless_durable_is_asked_for():
 
 
 def test_a_runs_memory_bound_is_its_own_setting():
-    from kappa.run import RUN_MEMORY_RECORDS
+    from kappa.ingest.budget import RUN_MEMORY_RECORDS
 
     assert Settings.from_env({}).run_memory_records == RUN_MEMORY_RECORDS == 20_000
     # Below the batch bound: a larger batch loads alone, the bound limits what loads beside it.
