@@ -9,7 +9,9 @@ offset the log no longer holds is an error).
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
+from operator import itemgetter
 from types import TracebackType
 from typing import Any
 
@@ -22,6 +24,7 @@ from kappa.exceptions import (
     KappaError,
     OffsetOutOfRangeError,
 )
+from kappa.sources import records
 from kappa.sources.base import NO_TIMESTAMP, OFFSETS, LogBounds, RawBatch
 
 #: What kafka-python raises when no broker answers: 3.x times out bootstrapping, older
@@ -84,6 +87,9 @@ class EventStore:
             raise ConfigurationError(
                 setting, f"no broker answered at {bootstrap_servers} within {timeout_s:g} s"
             ) from None
+        #: Whether polls return ``(offset, timestamp, key, value)`` rows (kappa.sources.records)
+        #: rather than kafka-python's ConsumerRecord objects.
+        self.rows = records.install(self._consumer)
         self._admin: Any = None
 
     def __enter__(self) -> EventStore:
@@ -316,14 +322,17 @@ class EventStore:
                 # No more records than the range holds: the client parses what it returns,
                 # and a fetch returns up to max_partition_fetch_bytes past the range.
                 wanted = min(50_000, end - position)
-                records = consumer.poll(timeout_ms=200, max_records=wanted).get(tp, [])
-                for record in records:
-                    if record.offset >= end:
-                        break
-                    batch.offsets.append(record.offset)
-                    batch.timestamps.append(record.timestamp)
-                    batch.keys.append(record.key)
-                    batch.values.append(record.value)
+                rows = consumer.poll(timeout_ms=200, max_records=wanted).get(tp, [])
+                if rows and not self.rows:
+                    rows = [(r.offset, r.timestamp, r.key, r.value) for r in rows]
+                if rows and rows[-1][0] >= end:
+                    rows = rows[: bisect_left(rows, end, key=itemgetter(0))]
+                if rows:
+                    offsets, timestamps, keys, values = zip(*rows, strict=True)
+                    batch.offsets.extend(offsets)
+                    batch.timestamps.extend(timestamps)
+                    batch.keys.extend(keys)
+                    batch.values.extend(values)
                 new_position = consumer.position(tp, timeout_ms=int(self.timeout_s * 1000))
                 if new_position is not None and new_position > position:
                     position = new_position
