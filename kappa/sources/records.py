@@ -43,8 +43,9 @@ _HEADER = ">qiibIhiqqqhii"
 def batch_rows(batch: DefaultRecordBatch, data: bytes, pos: int) -> list[Row]:
     """The records of one v2 batch whose (uncompressed) record bytes start at ``data[pos]``.
 
-    Varints are zigzag-encoded; the one- and two-byte forms (every length below 8 KiB) are
-    decoded inline, longer ones by kafka-python's ``decode_varint``.
+    Varints are zigzag-encoded; the one-byte form (values -64 to 63) is decoded inline, a
+    function call per field being most of a record's cost, longer ones by kafka-python's
+    ``decode_varint``.
     """
     header = batch._header_data
     base_offset = header[0]
@@ -57,9 +58,6 @@ def batch_rows(batch: DefaultRecordBatch, data: bytes, pos: int) -> list[Row]:
             b = data[pos]
             if b < 0x80:
                 length, pos = (b >> 1) ^ -(b & 1), pos + 1
-            elif data[pos + 1] < 0x80:
-                v = (b & 0x7F) | (data[pos + 1] << 7)
-                length, pos = (v >> 1) ^ -(v & 1), pos + 2
             else:
                 length, pos = decode_varint(data, pos)
             start = pos
@@ -67,17 +65,11 @@ def batch_rows(batch: DefaultRecordBatch, data: bytes, pos: int) -> list[Row]:
             b = data[pos]
             if b < 0x80:
                 timestamp_delta, pos = (b >> 1) ^ -(b & 1), pos + 1
-            elif data[pos + 1] < 0x80:
-                v = (b & 0x7F) | (data[pos + 1] << 7)
-                timestamp_delta, pos = (v >> 1) ^ -(v & 1), pos + 2
             else:
                 timestamp_delta, pos = decode_varint(data, pos)
             b = data[pos]
             if b < 0x80:
                 offset_delta, pos = (b >> 1) ^ -(b & 1), pos + 1
-            elif data[pos + 1] < 0x80:
-                v = (b & 0x7F) | (data[pos + 1] << 7)
-                offset_delta, pos = (v >> 1) ^ -(v & 1), pos + 2
             else:
                 offset_delta, pos = decode_varint(data, pos)
             b = data[pos]
@@ -91,9 +83,6 @@ def batch_rows(batch: DefaultRecordBatch, data: bytes, pos: int) -> list[Row]:
             b = data[pos]
             if b < 0x80:
                 size, pos = (b >> 1) ^ -(b & 1), pos + 1
-            elif data[pos + 1] < 0x80:
-                v = (b & 0x7F) | (data[pos + 1] << 7)
-                size, pos = (v >> 1) ^ -(v & 1), pos + 2
             else:
                 size, pos = decode_varint(data, pos)
             value = None
@@ -171,10 +160,11 @@ class RowPartitionRecords(Fetcher.PartitionRecords):
                 self.next_fetch_offset = batch.next_offset
             else:
                 iter(batch)  # decompresses the records in place
+                rows = batch_rows(batch, bytes(batch._buffer), batch._pos)
                 self.bytes_read += batch.size_in_bytes
-                for row in batch_rows(batch, bytes(batch._buffer), batch._pos):
-                    self.records_read += 1
-                    self.next_fetch_offset = row[0] + 1
+                self.records_read += len(rows)
+                for row in rows:
+                    self.next_fetch_offset = row[0] + 1  # a take() may stop inside the batch
                     yield row
             batch = records.next_batch()
         if last is not None and last.magic >= 2:
