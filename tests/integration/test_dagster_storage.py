@@ -4,6 +4,7 @@ and the run workers' instances, rebuilt from its reference, on the same classes.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any
 
@@ -11,11 +12,14 @@ import dagster as dg
 import pytest
 import sqlalchemy
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import Pool
 
 from kappa.dagster.storage import (
     KappaPostgresEventLogStorage,
     KappaPostgresRunStorage,
+    KappaPostgresScheduleStorage,
     KappaPostgresStorage,
+    shared_engine,
 )
 
 
@@ -105,3 +109,79 @@ def test_a_run_worker_rebuilds_the_same_storage_from_the_reference(
         assert isinstance(worker.run_storage, KappaPostgresRunStorage)
         assert isinstance(worker.event_log_storage, KappaPostgresEventLogStorage)
         assert len(worker.get_run_records()) == 1
+
+
+def _sessions_per_run(ref: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(database connections opened, table listings) by each of four runs, each on an
+    instance rebuilt from ``ref`` as the daemon, a code server or a run worker builds one."""
+    opened: Counter[str] = Counter()
+    inspect = sqlalchemy.inspect
+
+    def counting(subject: Any, *args: Any, **kwargs: Any) -> Any:
+        inspector = inspect(subject, *args, **kwargs)
+        get_table_names = inspector.get_table_names
+
+        def table_names(*a: Any, **k: Any) -> Any:
+            opened["listings"] += 1
+            return get_table_names(*a, **k)
+
+        inspector.get_table_names = table_names  # type: ignore[method-assign]
+        return inspector
+
+    def connected(*_: Any) -> None:
+        opened["connections"] += 1
+
+    counts = []
+    sqlalchemy.event.listen(Pool, "connect", connected)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(sqlalchemy, "inspect", counting)
+            for _ in range(4):
+                before = opened.copy()
+                with dg.DagsterInstance.from_ref(ref) as fresh:
+                    assert dg.materialize([counted], instance=fresh).success
+                    assert fresh.get_run_records(limit=1)
+                after = opened - before
+                counts.append((after["connections"], after["listings"]))
+    finally:
+        sqlalchemy.event.remove(Pool, "connect", connected)
+    return counts
+
+
+def test_instances_of_a_process_share_one_pool_and_check_their_tables_once(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _instance(database_url, "dagster-postgres") as stock:
+        stock_counts = _sessions_per_run(stock.get_ref(), monkeypatch)
+    with _instance(database_url, "kappa") as instance:
+        assert isinstance(instance.get_ref().storage_data, dg._serdes.ConfigurableClassData)
+        assert isinstance(instance.schedule_storage, KappaPostgresScheduleStorage)
+        counts = _sessions_per_run(instance.get_ref(), monkeypatch)
+    # dagster-postgres connects anew for every statement and lists the tables for every
+    # instance; here the first run may fill the pool, the later ones connect no more.
+    assert min(c for c, _ in stock_counts) >= 10, stock_counts
+    assert min(n for _, n in stock_counts) >= 3, stock_counts
+    assert counts[1:] == [(0, 0)] * 3, (counts, stock_counts)
+
+
+def test_a_forked_child_takes_connections_of_its_own(database_url: str) -> None:
+    url = make_url(database_url).set(drivername="postgresql+psycopg2")
+    engine = shared_engine(url.render_as_string(hide_password=False))
+    backend = "SELECT pg_backend_pid()"
+    with engine.connect() as conn:
+        parent = conn.exec_driver_sql(backend).scalar()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: the pooled connection is the parent's, never to be touched
+        try:
+            with engine.connect() as conn:
+                os.write(write, str(conn.exec_driver_sql(backend).scalar()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        in_child = int(answer.read() or 0)
+    os.waitpid(child, 0)
+    with engine.connect() as conn:  # the parent's kept connection is intact
+        assert conn.exec_driver_sql(backend).scalar() == parent
+    assert in_child and in_child != parent
