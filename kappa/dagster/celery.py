@@ -40,7 +40,12 @@ from dagster_celery.launcher import CeleryRunLauncher
 from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG, DAGSTER_CELERY_TASK_ID_TAG
 from kombu import Exchange, Queue
 
+from kappa.dagster import celery_transport
 from kappa.dagster.celery_storage import CLEAN_EVERY_S, clean_celery_storage
+
+# Every process holding this launcher (daemon, webserver, workers) polls the SQLAlchemy
+# broker at the shorter interval.
+celery_transport.install()
 
 _LOG = logging.getLogger(__name__)
 

@@ -279,7 +279,7 @@ def test_dagster_instance_loads_from_the_written_yaml(
         # dagster-postgres's storages, remembering the migrated columns they found.
         assert type(instance.run_storage).__name__ == "KappaPostgresRunStorage"
         assert type(instance.event_log_storage).__name__ == "KappaPostgresEventLogStorage"
-        assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
+        assert type(instance.schedule_storage).__name__ == "KappaPostgresScheduleStorage"
         # Runs go to the Celery workers, on the same database by default.
         assert type(instance.run_launcher).__name__ == "KappaCeleryRunLauncher"
         queue = instance.get_concurrency_config().run_queue_config

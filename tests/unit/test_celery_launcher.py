@@ -190,3 +190,16 @@ def test_the_launcher_cleans_the_celery_tables_at_most_every_ten_minutes(
     monkeypatch.setattr(launcher_module, "clean_celery_storage", broken)
     clock[0] += 601.0
     launcher._clean_storage()  # logged, never raised into a launch
+
+
+def test_the_sqlalchemy_broker_is_polled_five_times_a_second_and_redis_untouched() -> None:
+    from kombu import Connection
+
+    from kappa.dagster.celery_transport import POLLING_INTERVAL_S, Transport
+
+    url = Settings.from_env({"KAPPA_DAGSTER_PG_URL": "postgresql://u@db:5432/dg"})
+    with Connection(url.resolved_celery_broker_url) as broker:  # no connection is opened
+        assert isinstance(broker.transport, Transport)
+        assert broker.transport.polling_interval == POLLING_INTERVAL_S < 1.0
+    with Connection("redis://127.0.0.1:6379/0") as redis:
+        assert not isinstance(redis.transport, Transport)
