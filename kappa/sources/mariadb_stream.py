@@ -27,6 +27,8 @@ from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
+from kappa.sources.mariadb_server import Connection
+
 #: The events a read needs: transaction boundaries, DDL statements and row changes.
 EVENTS = [MariadbGtidEvent, QueryEvent, XidEvent, WriteRowsEvent, UpdateRowsEvent, DeleteRowsEvent]
 
@@ -53,8 +55,9 @@ def is_dump_request(data: bytes) -> bool:
     return len(data) > 4 and data[4] == COM_BINLOG_DUMP
 
 
-class _StreamConnection(pymysql.connections.Connection):
-    """A pymysql connection whose dump requests are framed right and counted."""
+class _StreamConnection(Connection):
+    """A pymysql connection whose dump requests are framed right and counted (with the
+    shared default TLS context)."""
 
     def __init__(self, dumps: Dumps, **settings: Any) -> None:
         self._dumps = dumps  # before connecting: the handshake writes already

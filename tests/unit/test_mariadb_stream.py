@@ -56,3 +56,20 @@ def test_other_packets_and_a_right_dump_request_pass_unchanged():
     right = struct.pack("<I", 15)[:3] + b"\0" + bytes([COM_BINLOG_DUMP]) + bytes(14)
     assert frame_dump_request(right) == right
     assert frame_dump_request(b"\x01\0\0") == b"\x01\0\0"
+
+
+def test_connections_without_tls_options_share_one_default_tls_context() -> None:
+    import pymysql
+
+    from kappa.sources.mariadb_server import Connection
+
+    def unconnected(kind: type, **tls: object) -> pymysql.connections.Connection:
+        return kind(host="127.0.0.1", defer_connect=True, **tls)
+
+    first, second = unconnected(Connection), unconnected(Connection)
+    assert first.ssl and not first._ssl_required  # TLS preferred, as pymysql's default
+    assert first.ctx is second.ctx
+    own = unconnected(Connection, ssl_verify_cert=True)  # options of its own: its own context
+    assert own.ctx is not first.ctx and own._ssl_required
+    stock = unconnected(pymysql.connections.Connection), unconnected(pymysql.connections.Connection)
+    assert stock[0].ctx is not stock[1].ctx  # what pymysql does: a new context each time
