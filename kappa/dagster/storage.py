@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import sqlalchemy
 from dagster._core.storage.base_storage import DagsterStorage
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres import DagsterPostgresStorage
@@ -56,11 +58,14 @@ from dagster_postgres.utils import (
 from sqlalchemy.engine import Connection, Engine
 
 # A pool per process and URL: two connections kept open (the daemon's and a worker's usual
-# concurrency), more opened on demand and closed when returned. A kept connection is tested
-# before use (the server may have restarted) and replaced after half an hour.
+# concurrency), more opened on demand and closed when returned. A kept connection idle for
+# longer than PING_AFTER_IDLE_S is tested before use (the server may have restarted
+# meanwhile; a test on every use was a round trip per statement) and one is replaced after
+# half an hour.
 POOL_SIZE = 2
 POOL_OVERFLOW = 16
 POOL_RECYCLE_S = 1800
+PING_AFTER_IDLE_S = 10.0
 
 _ENGINES: dict[str, Engine] = {}
 _CHECKED: set[tuple[type, str]] = set()
@@ -79,10 +84,31 @@ def shared_engine(postgres_url: str) -> Engine:
                 isolation_level="AUTOCOMMIT",
                 pool_size=POOL_SIZE,
                 max_overflow=POOL_OVERFLOW,
-                pool_pre_ping=True,
                 pool_recycle=POOL_RECYCLE_S,
             )
+            sqlalchemy.event.listen(engine, "checkin", _returned)
+            sqlalchemy.event.listen(engine, "checkout", _ping_if_idle)
         return engine
+
+
+def _returned(_dbapi: Any, record: Any) -> None:
+    record.info["returned_at"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi: Any, record: Any, _proxy: Any) -> None:
+    """Test a connection idle for longer than :data:`PING_AFTER_IDLE_S`; a dead one makes the
+    pool open a new one (SQLAlchemy retries a checkout refused with ``DisconnectionError``)."""
+    returned = record.info.get("returned_at")
+    if returned is None or time.monotonic() - returned <= PING_AFTER_IDLE_S:
+        return
+    try:
+        cursor = dbapi.cursor()
+        try:
+            cursor.execute("SELECT 1")
+        finally:
+            cursor.close()
+    except Exception as exc:
+        raise sqlalchemy.exc.DisconnectionError(str(exc)) from exc
 
 
 def _after_fork_in_child() -> None:

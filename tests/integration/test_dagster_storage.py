@@ -188,3 +188,23 @@ def test_a_forked_child_takes_connections_of_its_own(database_url: str) -> None:
     with engine.connect() as conn:  # the parent's kept connection is intact
         assert conn.exec_driver_sql(backend).scalar() == parent
     assert in_child and in_child != parent
+
+
+def test_a_pooled_connection_that_died_while_idle_is_replaced_before_use(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    from kappa.dagster import storage
+
+    url = make_url(database_url).set(drivername="postgresql+psycopg2")
+    engine = shared_engine(url.render_as_string(hide_password=False))
+    backend = "SELECT pg_backend_pid()"
+    with engine.connect() as conn:
+        killed = conn.exec_driver_sql(backend).scalar()
+    with psycopg.connect(database_url, autocommit=True) as admin:  # as a server restart would
+        admin.execute("SELECT pg_terminate_backend(%s)", (killed,))
+    monkeypatch.setattr(storage, "PING_AFTER_IDLE_S", 0.0)  # it has been idle long enough
+    with engine.connect() as conn:
+        replacement = conn.exec_driver_sql(backend).scalar()
+    assert replacement and replacement != killed
