@@ -147,8 +147,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KAPPA_UI_PORT", "3000", "Port of the Dagster webserver (bound to 127.0.0.1)."),
     Setting(
         "KAPPA_ENRICH_MAX_WAIT_S",
-        "5",
-        "How long a batch of events waits for change capture to cover its event times.",
+        "1",
+        "How long a batch of events waits for change capture to cover its event times; rows "
+        "still newer are `provisional` and healed later.",
     ),
     Setting(
         "KAPPA_BACKFILL_MAX_WAIT_S",
