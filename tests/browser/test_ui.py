@@ -43,10 +43,83 @@ def materialised(stack: Stack, *assets: str) -> bool:
     return set(assets) <= done
 
 
-def check_status(stack: Stack, asset: str, check: str) -> str | None:
+SENSOR_ID = """
+query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor { id } } }
+"""
+STOP_SENSOR = """
+mutation($id: String!) {
+  stopSensor(id: $id) {
+    __typename
+    ... on StopSensorMutationResult { instigationState { status } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def stop_sensor(stack: Stack, name: str) -> None:
+    """Stop one of the stack's sensors through the UI's GraphQL API (as its toggle does)."""
+    selector = {
+        "repositoryLocationName": LOCATION,
+        "repositoryName": "__repository__",
+        "sensorName": name,
+    }
+    sensor = stack.graphql(SENSOR_ID, {"s": selector})["sensorOrError"]
+    assert "id" in sensor, sensor
+    result = stack.graphql(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
+    assert result.get("instigationState", {}).get("status") == "STOPPED", result
+
+
+START_SENSOR = """
+mutation($s: SensorSelector!) {
+  startSensor(sensorSelector: $s) {
+    __typename
+    ... on Sensor { sensorState { status } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def start_sensor(stack: Stack, name: str) -> None:
+    """Start one of the stack's sensors through the UI's GraphQL API (as its toggle does)."""
+    selector = {
+        "repositoryLocationName": LOCATION,
+        "repositoryName": "__repository__",
+        "sensorName": name,
+    }
+    result = stack.graphql(START_SENSOR, {"s": selector})["startSensor"]
+    assert result.get("sensorState", {}).get("status") == "RUNNING", result
+
+
+def check_status(
+    stack: Stack, asset: str, check: str, *, latest_materialisation: bool = False
+) -> str | None:
     """The status of the check's latest execution, whichever materialisation it followed (a
-    check attached to the latest materialisation would be None again as soon as the next
-    micro-batch materialises the asset, every few seconds)."""
+    live asset is materialised every few seconds, so one attached to the latest
+    materialisation is soon None again), or, with ``latest_materialisation``, of the one
+    attached to the asset's latest materialisation (what the UI shows)."""
+    if latest_materialisation:
+        data = stack.graphql(
+            """
+            query($key: AssetKeyInput!) {
+              assetNodeOrError(assetKey: $key) {
+                ... on AssetNode {
+                  assetChecksOrError {
+                    ... on AssetChecks {
+                      checks { name executionForLatestMaterialization { status } }
+                    }
+                  }
+                }
+              }
+            }
+            """,
+            {"key": {"path": asset.split("/")}},
+        )
+        for found in data["assetNodeOrError"]["assetChecksOrError"].get("checks", []):
+            if found["name"] == check and found["executionForLatestMaterialization"]:
+                return found["executionForLatestMaterialization"]["status"]
+        return None
     data = stack.graphql(
         """
         query($key: AssetKeyInput!, $check: String!) {
@@ -157,13 +230,25 @@ def test_asset_checks_show_on_the_assets(stack: Stack, page: Page) -> None:
             lambda a=asset: check_status(stack, a, "freshness"),
             timeout_s=120,
         )
-    page.goto("/assets/fact_order?view=checks")
-    for check in ("freshness", "reconciliation", "replay_equivalence"):
-        expect(page.get_by_text(check, exact=True).first).to_be_visible()
-    page.get_by_text("freshness", exact=True).first.click()
-    expect(page.get_by_text("KAPPA_FRESHNESS_MAX_LAG_S").first).to_be_visible()
-    expect(page.get_by_text(re.compile(r"^(Passed|Failed)$")).first).to_be_visible()
-    screenshot(page, "checks-fact-order")
+    # The UI shows a check's status for the asset's latest materialisation, and a live
+    # micro-batch materialises fact_order every few seconds, between freshness evaluations.
+    # Its sensor is stopped until an evaluation follows the last materialisation.
+    stop_sensor(stack, "fact_order_sensor")
+    try:
+        stack.wait_until(
+            "a freshness evaluation of fact_order's latest materialisation",
+            lambda: check_status(stack, "fact_order", "freshness", latest_materialisation=True),
+            timeout_s=120,
+        )
+        page.goto("/assets/fact_order?view=checks")
+        for check in ("freshness", "reconciliation", "replay_equivalence"):
+            expect(page.get_by_text(check, exact=True).first).to_be_visible()
+        page.get_by_text("freshness", exact=True).first.click()
+        expect(page.get_by_text("KAPPA_FRESHNESS_MAX_LAG_S").first).to_be_visible()
+        expect(page.get_by_text(re.compile(r"^(Passed|Failed)$")).first).to_be_visible()
+        screenshot(page, "checks-fact-order")
+    finally:
+        start_sensor(stack, "fact_order_sensor")
 
     page.goto("/assets/dim_customer?view=checks")
     expect(page.get_by_text("freshness", exact=True).first).to_be_visible()

@@ -50,7 +50,7 @@ from kappa.edw.connection import connect
 from kappa.edw.types import Schemas
 from kappa.health import ASSET_TAG, recent_failures
 from tests.browser.conftest import ARTIFACTS, Stack, screenshot, wait_for
-from tests.browser.test_ui import LOCATION, check_status, materialised
+from tests.browser.test_ui import check_status, materialised, stop_sensor
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -82,33 +82,6 @@ query($key: AssetKeyInput!, $check: String!) {
   assetCheckExecutions(assetKey: $key, checkName: $check, limit: 1000) { id }
 }
 """
-
-
-SENSOR_ID = """
-query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor { id } } }
-"""
-STOP_SENSOR = """
-mutation($id: String!) {
-  stopSensor(id: $id) {
-    __typename
-    ... on StopSensorMutationResult { instigationState { status } }
-    ... on PythonError { message }
-  }
-}
-"""
-
-
-def stop_sensor(stack: Stack, name: str) -> None:
-    """Stop one of the stack's sensors through the UI's GraphQL API (as its toggle does)."""
-    selector = {
-        "repositoryLocationName": LOCATION,
-        "repositoryName": "__repository__",
-        "sensorName": name,
-    }
-    sensor = stack.graphql(SENSOR_ID, {"s": selector})["sensorOrError"]
-    assert "id" in sensor, sensor
-    result = stack.graphql(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
-    assert result.get("instigationState", {}).get("status") == "STOPPED", result
 
 
 class Observed:
