@@ -57,14 +57,18 @@ mutation($id: String!) {
 """
 
 
-def stop_sensor(stack: Stack, name: str) -> None:
-    """Stop one of the stack's sensors through the UI's GraphQL API (as its toggle does)."""
-    selector = {
+def _sensor(name: str) -> dict[str, str]:
+    """The GraphQL selector of one of the code location's sensors."""
+    return {
         "repositoryLocationName": LOCATION,
         "repositoryName": "__repository__",
         "sensorName": name,
     }
-    sensor = stack.graphql(SENSOR_ID, {"s": selector})["sensorOrError"]
+
+
+def stop_sensor(stack: Stack, name: str) -> None:
+    """Stop one of the stack's sensors through the UI's GraphQL API (as its toggle does)."""
+    sensor = stack.graphql(SENSOR_ID, {"s": _sensor(name)})["sensorOrError"]
     assert "id" in sensor, sensor
     result = stack.graphql(STOP_SENSOR, {"id": sensor["id"]})["stopSensor"]
     assert result.get("instigationState", {}).get("status") == "STOPPED", result
@@ -83,12 +87,7 @@ mutation($s: SensorSelector!) {
 
 def start_sensor(stack: Stack, name: str) -> None:
     """Start one of the stack's sensors through the UI's GraphQL API (as its toggle does)."""
-    selector = {
-        "repositoryLocationName": LOCATION,
-        "repositoryName": "__repository__",
-        "sensorName": name,
-    }
-    result = stack.graphql(START_SENSOR, {"s": selector})["startSensor"]
+    result = stack.graphql(START_SENSOR, {"s": _sensor(name)})["startSensor"]
     assert result.get("sensorState", {}).get("status") == "RUNNING", result
 
 
